@@ -1,0 +1,1 @@
+"""torch.compile entry points: the "smoothce" backend, Inductor pass registration, inspection."""
