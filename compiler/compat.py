@@ -1,0 +1,198 @@
+"""Every private PyTorch API smoothce touches, in one place, for torch 2.11 and 2.13.
+
+What differs between the two (read from their sources):
+
+- ``torch._inductor.config.pre_grad_custom_pass``: 2.11 types it as ONE callable (or None) and
+  calls it as ``config.pre_grad_custom_pass(gm.graph)``. 2.13 also accepts a list or tuple of
+  callables and runs each in order (``custom_graph_pass.get_custom_graph_passes``).
+- When the pre-grad pass runs relative to the FX graph cache: 2.11 runs pre-grad passes before
+  the cache lookup, so the key is computed from the already rewritten graph and the pass runs on
+  every compile, hit or miss. 2.13 runs them after the lookup ("late") when every pass is a
+  ``CustomGraphPass`` whose ``uuid()`` is not None; the uuid then enters the cache key and the
+  pass does NOT run on a hit. A pass without a uuid makes 2.13 fall back to running early.
+- ``CustomGraphPass`` exists in both (2.13 adds a ``CustomPassBase`` above it).
+
+Everything else used here (``compile_fx(config_patches=)``, ``list_mode_options``,
+``lookup_backend``, ``fresh_cache``, ``run_and_get_code``) has the same shape in both.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch._inductor import config as inductor_config
+from torch._inductor import custom_graph_pass as _custom_graph_pass
+
+CustomGraphPass = _custom_graph_pass.CustomGraphPass
+
+# Feature test rather than a version compare: the list form arrived together with this helper.
+PRE_GRAD_PASS_ACCEPTS_LIST: bool = hasattr(_custom_graph_pass, "get_custom_graph_passes")
+
+
+
+def pre_grad_pass_runs_on_cache_hit() -> bool:
+    """Whether a pre-grad ``CustomGraphPass`` with a uuid still runs when the graph cache hits."""
+    from torch._inductor import codecache
+
+    # 2.13 decides "early"/"late" here; 2.11 has no such notion and always runs passes early.
+    return not hasattr(codecache, "resolve_pre_grad_pass_timing")
+
+
+# --- the pre-grad hook -------------------------------------------------------------------------
+
+
+def get_pre_grad_pass() -> Any:
+    return inductor_config.pre_grad_custom_pass
+
+
+def set_pre_grad_pass(value: Any) -> None:
+    inductor_config.pre_grad_custom_pass = value
+
+
+def pre_grad_passes(value: Any) -> tuple[Callable, ...]:
+    """The callables a ``pre_grad_custom_pass`` value stands for, in the order Inductor runs them."""
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    if isinstance(value, ChainedPass):
+        return value.passes
+    return (value,)
+
+
+class ChainedPass(CustomGraphPass):
+    """Several pre-grad passes behind the one callable that torch 2.11's hook accepts.
+
+    Its uuid combines the parts' uuids, and is None (no caching) if any part has none, which is
+    what 2.13 itself decides for a list holding such a pass.
+    """
+
+    def __init__(self, passes: tuple[Callable, ...]) -> None:
+        self.passes = tuple(passes)
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        for p in self.passes:
+            p(graph)
+
+    def uuid(self) -> Any:
+        ids = []
+        for p in self.passes:
+            uid = p.uuid() if isinstance(p, CustomGraphPass) else None
+            if uid is None:
+                return None
+            ids.append(uid)
+        return tuple(ids)
+
+    def __repr__(self) -> str:
+        return f"ChainedPass({', '.join(map(repr, self.passes))})"
+
+
+def _compose(passes: tuple[Callable, ...], accepts_list: bool) -> Any:
+    if not passes:
+        return None
+    if len(passes) == 1:
+        return passes[0]
+    return list(passes) if accepts_list else ChainedPass(passes)
+
+
+def chain_pre_grad_pass(existing: Any, new_pass: Callable, *, accepts_list: bool | None = None) -> Any:
+    """The hook value that runs ``existing`` (whatever the user installed) and then ``new_pass``."""
+    if accepts_list is None:
+        accepts_list = PRE_GRAD_PASS_ACCEPTS_LIST
+    passes = pre_grad_passes(existing)
+    if isinstance(existing, (list, tuple)) and not accepts_list:
+        raise TypeError(
+            f"torch {torch.__version__} takes one callable as pre_grad_custom_pass, got {existing!r}"
+        )
+    return _compose(passes + (new_pass,), accepts_list)
+
+
+def unchain_pre_grad_pass(current: Any, old_pass: Callable) -> Any:
+    """The hook value ``current`` without ``old_pass``; ``current`` itself when it does not hold it.
+
+    A plain callable the user installed keeps its identity, so "restore what was there" holds.
+    """
+    passes = pre_grad_passes(current)
+    if not any(p is old_pass for p in passes):
+        return current
+    rest = tuple(p for p in passes if p is not old_pass)
+    # Keep the user's own container type when they installed a list themselves.
+    if isinstance(current, (list, tuple)) and len(rest) > 1:
+        return type(current)(rest)
+    return _compose(rest, accepts_list=isinstance(current, (list, tuple)))
+
+
+# --- backends ----------------------------------------------------------------------------------
+
+
+def compile_fx(gm: torch.fx.GraphModule, example_inputs, config_patches: dict[str, Any]):
+    from torch._inductor.compile_fx import compile_fx as _compile_fx
+
+    return _compile_fx(gm, example_inputs, config_patches=config_patches)
+
+
+def lookup_backend(name: str) -> Callable:
+    from torch._dynamo.backends.registry import lookup_backend as _lookup
+
+    return _lookup(name)
+
+
+def inductor_config_patches(mode: str | None, options: dict[str, Any] | None) -> dict[str, Any]:
+    """What ``torch.compile(mode=, options=)`` turns into for Inductor, checked the way torch checks it.
+
+    A mode expands to its options first (``torch._inductor.list_mode_options``); explicit options
+    win over the mode's. Unknown option names and wrongly typed values are errors naming them.
+    """
+    patches: dict[str, Any] = {}
+    if mode is not None and mode != "default":
+        from torch._inductor import list_mode_options
+
+        patches.update(list_mode_options(mode))
+    if options:
+        known = inductor_config.get_config_copy()
+        for key, value in options.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise RuntimeError(
+                    f"smoothce: unknown Inductor option {key!r} in options={options!r}"
+                )
+            expected = inductor_config.get_type(name)
+            # Generic annotations (Optional[...], list[...]) cannot be checked with isinstance.
+            if getattr(expected, "__origin__", None) is None and isinstance(expected, type):
+                if not isinstance(value, expected):
+                    raise RuntimeError(
+                        f"smoothce: Inductor option {key!r} takes {expected.__name__}, "
+                        f"got {value!r} ({type(value).__name__})"
+                    )
+            patches[name] = value
+    return patches
+
+
+# --- test and inspection helpers ---------------------------------------------------------------
+
+
+def fresh_inductor_cache():
+    """Context manager: Inductor's on-disk caches in a fresh temporary directory."""
+    from torch._inductor.utils import fresh_cache
+
+    return fresh_cache()
+
+
+def run_and_get_code(fn: Callable, *args, **kwargs):
+    """``(result, [generated source, ...])`` of running ``fn`` with Inductor compiling inside it."""
+    from torch._inductor.utils import run_and_get_code as _run_and_get_code
+
+    return _run_and_get_code(fn, *args, **kwargs)
+
+
+def cache_counters() -> dict[str, int]:
+    """Inductor's FX graph cache and AOTAutograd cache hit/miss counters so far."""
+    from torch._dynamo.utils import counters
+
+    return {
+        "fxgraph_cache_miss": counters["inductor"]["fxgraph_cache_miss"],
+        "fxgraph_cache_hit": counters["inductor"]["fxgraph_cache_hit"],
+        "autograd_cache_miss": counters["aot_autograd"]["autograd_cache_miss"],
+        "autograd_cache_hit": counters["aot_autograd"]["autograd_cache_hit"],
+    }

@@ -1,0 +1,91 @@
+"""The cross-entropy rewrite as one graph pass object, shared by the backends and the Inductor hook."""
+
+from __future__ import annotations
+
+import hashlib
+import pathlib
+
+import torch
+
+from smoothce.compiler import compat
+
+_PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# What decides the rewritten graph: the detector, the functions it inserts (their argument checks,
+# fake kernels and autograd formulas are traced into the compiled graph) and this file.
+_SOURCE_DIRS = ("patterns", "kernels")
+
+
+def _source_files() -> list[pathlib.Path]:
+    files = [pathlib.Path(__file__).resolve()]
+    for folder in _SOURCE_DIRS:
+        files.extend(sorted((_PACKAGE_ROOT / folder).glob("*.py")))
+    return files
+
+
+def source_hash() -> str:
+    """sha256 over the relative paths and contents of the files the rewrite depends on."""
+    hasher = hashlib.sha256()
+    for path in _source_files():
+        hasher.update(path.relative_to(_PACKAGE_ROOT).as_posix().encode())
+        hasher.update(b"\0")
+        hasher.update(path.read_bytes())
+        hasher.update(b"\0")
+    return hasher.hexdigest()
+
+
+class CrossEntropyPass(compat.CustomGraphPass):
+    """Finds cross-entropy losses in a Dynamo torch-IR graph and replaces them with smoothce ops.
+
+    Usable as Inductor's ``pre_grad_custom_pass`` (called with a ``torch.fx.Graph``) and directly
+    by a backend through :meth:`rewrite`. Every run appends its ``RewriteResult`` to
+    :attr:`results`, so tests and tools can read what was found; :meth:`clear` forgets them.
+    On torch 2.13 Inductor does not run the pass when its FX graph cache hits, so a cached
+    graph adds no result.
+    """
+
+    def __init__(self) -> None:
+        self.results: list = []  # one RewriteResult per graph this pass ran on
+        self._uuid: str | None = None
+
+    def rewrite(self, gm: torch.fx.GraphModule):
+        # The detector is imported on first use: importing smoothce must stay cheap and inert.
+        from smoothce.patterns.cross_entropy import rewrite_cross_entropy
+
+        result = rewrite_cross_entropy(gm)
+        self.results.append(result)
+        return result
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        gm = graph.owning_module
+        if gm is None:
+            raise ValueError(f"smoothce: the graph handed to the pass has no owning module: {graph}")
+        self.rewrite(gm)
+
+    def uuid(self) -> str:
+        # Source hashing is done once per pass object: the files do not change under a process.
+        if self._uuid is None:
+            self._uuid = f"smoothce.CrossEntropyPass:{source_hash()}"
+        return self._uuid
+
+    @property
+    def matches(self) -> list:
+        return [m for r in self.results for m in r.matches]
+
+    @property
+    def near_misses(self) -> list:
+        return [n for r in self.results for n in r.near_misses]
+
+    @property
+    def match_count(self) -> int:
+        return sum(len(r.matches) for r in self.results)
+
+    @property
+    def last_result(self):
+        return self.results[-1] if self.results else None
+
+    def clear(self) -> None:
+        self.results.clear()
+
+    def __repr__(self) -> str:
+        return f"CrossEntropyPass(graphs={len(self.results)}, matches={self.match_count})"

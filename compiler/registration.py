@@ -1,0 +1,64 @@
+"""Install the cross-entropy rewrite into Inductor itself, for code that compiles with the default backend.
+
+    import smoothce
+    smoothce.register_patterns()          # torch.compile(m) now rewrites cross-entropy losses
+    smoothce.unregister_patterns()        # back to what was there before
+
+The rewrite goes into ``torch._inductor.config.pre_grad_custom_pass`` as a ``CustomGraphPass``
+whose ``uuid()`` hashes the rewrite's source files, so Inductor's FX graph cache keys on it and
+keeps hitting. A pass the user installed before stays and runs first. Registering twice is a
+no-op; unregistering puts back the exact value that was there, unless the hook was changed
+since, in which case only the smoothce pass is taken out of it.
+"""
+
+from __future__ import annotations
+
+from smoothce.compiler import compat
+from smoothce.compiler.passes import CrossEntropyPass
+
+_UNSET = object()
+
+_registered: CrossEntropyPass | None = None
+_previous = _UNSET  # the hook value before register_patterns()
+_installed = _UNSET  # the hook value register_patterns() set
+
+
+def registered_pass() -> CrossEntropyPass | None:
+    """The pass object currently installed by :func:`register_patterns`, or None."""
+    if _registered is None:
+        return None
+    # Someone may have overwritten the hook since; then it is no longer installed.
+    if not any(p is _registered for p in compat.pre_grad_passes(compat.get_pre_grad_pass())):
+        return None
+    return _registered
+
+
+def register_patterns() -> CrossEntropyPass:
+    """Make every Inductor compile rewrite cross-entropy losses; returns the installed pass.
+
+    Its ``results`` / ``match_count`` say what each compiled graph contained.
+    """
+    global _registered, _previous, _installed
+    current = registered_pass()
+    if current is not None:
+        return current
+    new_pass = CrossEntropyPass()
+    previous = compat.get_pre_grad_pass()
+    installed = compat.chain_pre_grad_pass(previous, new_pass)
+    compat.set_pre_grad_pass(installed)
+    _registered, _previous, _installed = new_pass, previous, installed
+    return new_pass
+
+
+def unregister_patterns() -> bool:
+    """Remove the pass installed by :func:`register_patterns`; returns whether one was installed."""
+    global _registered, _previous, _installed
+    ours = registered_pass()
+    if ours is not None:
+        current = compat.get_pre_grad_pass()
+        if current is _installed:
+            compat.set_pre_grad_pass(_previous)
+        else:
+            compat.set_pre_grad_pass(compat.unchain_pre_grad_pass(current, ours))
+    _registered, _previous, _installed = None, _UNSET, _UNSET
+    return ours is not None
