@@ -1,0 +1,478 @@
+"""Fused linear cross-entropy: an LM head (hidden @ weight.T + bias) and its (smoothed) cross-entropy
+in one op that never holds the full N x V logits.
+
+Loss semantics are those of ``torch.ops.smoothce.cross_entropy`` (see kernels/cross_entropy.py), applied
+to ``x = softcap((hidden @ weight.T + bias) * logit_scale)``. For each non-ignored row i with target
+y_i, class weights w (ones when None), lse_i = logsumexp_j x_ij:
+
+    q_ij   = a * w[y_i] * [j == y_i] + b * w_j
+    loss_i = sum_j q_ij * (lse_i - x_ij) + c + z * lse_i^2
+
+Rows are processed in chunks (see :func:`chunk_rows`). Per chunk the forward computes the chunk's
+logits in fp32, the per-row loss and, in the same buffer, d(loss)/d(logits); two matmuls turn that into
+the chunk's rows of grad_hidden and its contribution to grad_weight (accumulated in fp32). For
+'sum' / 'mean' the loss is a scalar, so backward only scales the stored gradients by grad_output. For
+'none' every row has its own grad_output, which cannot be folded into a precomputed grad_weight:
+forward then computes the loss only and backward recomputes the chunks with the per-row grad_output
+(one extra head matmul per chunk, still no full logits).
+
+Layout, low to high: chunk rule -> per-chunk math -> chunk loops -> ``smoothce::`` custom ops (with
+fakes) -> autograd -> the public functional.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["chunk_rows", "fused_linear_cross_entropy"]
+
+_REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ------------------------------------------------------------------------------------------------
+# chunk rule
+# ------------------------------------------------------------------------------------------------
+def chunk_rows(n: int, v: int, d: int) -> int:
+    """Rows per chunk for an (n, d) x (d, v) head.
+
+    The op must hold a (v, d) fp32 gradient accumulator for the weight anyway. A chunk of ``d`` rows
+    has fp32 logits of exactly that size (d * v * 4 bytes), so chunking at most doubles the op's own
+    unavoidable state, whatever n is. Two more reasons for ``d``: across the loop the accumulator is
+    read and written once per chunk, n / d times, i.e. n * v * 8 bytes -- the same traffic as one
+    pass over the full logits; and every matmul is at least d x d x v, large enough to stay
+    compute-bound. Rounded up to a multiple of 8 (vector-friendly row blocks) and capped at n.
+    """
+    if n <= 0:
+        return 1
+    rows = max(8, -(-d // 8) * 8)
+    return min(n, rows)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ------------------------------------------------------------------------------------------------
+# per-chunk math (torch; runs on any device)
+# ------------------------------------------------------------------------------------------------
+def _chunk_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], logit_scale: float) -> Tensor:
+    # (C, D) x (D, V) -> (C, V) in the accumulation dtype; logit_scale folded into the matmul.
+    if bias is None:
+        out = torch.mm(h, weight.t())
+        if logit_scale != 1.0:
+            out.mul_(logit_scale)
+        return out
+    return torch.addmm(bias, h, weight.t(), beta=logit_scale, alpha=logit_scale)
+
+
+def _chunk_ce(
+    logits: Tensor,  # (C, V) acc dtype, overwritten with d(loss)/d(raw logits) when grad_ce is given
+    y: Tensor,  # (C, 1) int64, ignored rows already replaced by 0
+    wy: Tensor,  # (C,) w[y_i], 0 on ignored rows
+    valid: Tensor,  # (C,) bool
+    class_weight: Optional[Tensor],  # (V,) acc dtype
+    w_sum: float | Tensor,  # sum_j w_j
+    a: float,
+    b: float,
+    c: float,
+    z: float,
+    softcap: float,
+    grad_ce: Optional[Tensor],  # (C,) d(result)/d(ce_i), 0 on ignored rows; None: no gradient
+    grad_z: Optional[Tensor],  # (C,) d(result)/d(z_i)
+    logit_scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Per-row cross-entropy part ce_i (incl. c) and z part z_i of one chunk; 0 on ignored rows.
+
+    With x shifted by the row max m (x' = x - m, s = sum_j exp(x'_j), lse = m + log s) and
+    Q_i = sum_j q_ij = a w[y] + b sum_j w_j:
+        ce_i = Q_i log s - a w[y] x'_y - b sum_j w_j x'_j + c       (shift-invariant, well conditioned)
+    Gradient, with p = softmax(x):
+        d ce_i / d x_ij = Q_i p_ij - q_ij,        d z_i / d x_ij = 2 z lse_i p_ij
+    so  g_ij = (gce_i Q_i + 2 z lse_i gz_i) p_ij - gce_i b w_j - gce_i a w[y] [j == y],
+    then the chain through softcap (x = cap tanh(u / cap): dx/du = 1 - (x / cap)^2) and logit_scale.
+    """
+    if softcap:
+        # Keep t = tanh(u / cap) for the softcap derivative; the shifted exponentials go to a second buffer.
+        t = logits.div_(softcap).tanh_()
+        x = torch.mul(t, softcap)
+    else:
+        t = None
+        x = logits
+    m = x.amax(dim=1, keepdim=True)
+    x.sub_(m)
+    x_y = x.gather(1, y).squeeze(1)
+    sx = x.sum(dim=1) if class_weight is None else torch.mv(x, class_weight)
+    x.exp_()
+    s = x.sum(dim=1)
+    log_s = s.log()
+    lse = m.squeeze(1) + log_s
+    q_sum = a * wy + b * w_sum
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    ce = torch.where(valid, q_sum * log_s - a * wy * x_y - b * sx + c, zero)
+    z_rows = torch.where(valid, z * lse * lse, zero) if z else torch.zeros_like(ce)
+    if grad_ce is None:
+        return ce, z_rows
+
+    gce = grad_ce * logit_scale
+    p_coef = gce * q_sum
+    if z:
+        p_coef = p_coef + (2.0 * z * logit_scale) * lse * grad_z
+    x.mul_((p_coef / s).unsqueeze(1))  # exp(x') * coef / s = coef * p
+    if b:
+        if class_weight is None:
+            x.sub_((gce * b).unsqueeze(1))
+        else:
+            x.addr_(gce * b, class_weight, alpha=-1.0)
+    if a:
+        x.scatter_add_(1, y, (-a * gce * wy).unsqueeze(1))
+    if t is not None:
+        # g *= 1 - t^2, written back into the logits buffer.
+        t.square_()
+        torch.addcmul(x, x, t, value=-1.0, out=logits)
+    return ce, z_rows
+
+
+def _prepare_targets(target: Tensor, class_weight: Optional[Tensor], ignore_index: int, acc: torch.dtype):
+    valid = target != ignore_index
+    y = torch.where(valid, target, torch.zeros_like(target)).long()
+    if class_weight is None:
+        wy = valid.to(acc)
+        w_sum: float | Tensor = 0.0  # filled by caller (V)
+    else:
+        wy = torch.where(valid, class_weight[y], torch.zeros((), dtype=acc, device=target.device))
+        w_sum = class_weight.sum()
+    return valid, y, wy, w_sum
+
+
+def _row_scales(valid: Tensor, wy: Tensor, reduction: int, acc: torch.dtype):
+    """d(reduced loss)/d(ce_i) and d(reduced loss)/d(z_i), known before the chunk loop (no host sync).
+
+    'mean' divides the cross-entropy part by sum_i w[y_i] and the z part by the count of non-ignored
+    rows; when every row is ignored these are 0 and the loss is nan (as in PyTorch) while the
+    gradient stays 0 (the where() keeps 1/0 off the ignored rows).
+    """
+    ones = valid.to(acc)
+    if reduction != 2:
+        return ones, ones
+    zero = torch.zeros((), dtype=acc, device=valid.device)
+    ce_scale = torch.where(valid, 1.0 / wy.sum(), zero)
+    z_scale = torch.where(valid, 1.0 / ones.sum(), zero)
+    return ce_scale, z_scale
+
+
+# ------------------------------------------------------------------------------------------------
+# chunk loops
+# ------------------------------------------------------------------------------------------------
+def _chunk_loop(hidden, weight, bias, valid, y, wy, class_weight, w_sum, a, b, c, z, softcap, logit_scale,
+                row_grads, rows):
+    """Per-row ce_i / z_i over all chunks; with ``row_grads = (gce, gz)`` (N,) also the gradients of
+    sum_i gce_i ce_i + gz_i z_i with respect to hidden, weight and bias."""
+    n, d = hidden.shape
+    v = weight.shape[0]
+    acc = _acc_dtype(hidden.dtype)
+    dev = hidden.device
+    w_acc = weight.to(acc)  # no copy unless the weight is half precision
+    b_acc = None if bias is None else bias.to(acc)
+    ce_rows = torch.empty(n, dtype=acc, device=dev)
+    z_rows = torch.empty(n, dtype=acc, device=dev)
+    grad_h = grad_w = grad_b = None
+    if row_grads is not None:
+        gce, gz = row_grads
+        grad_h = torch.empty(n, d, dtype=hidden.dtype, device=dev)
+        # Weight (and bias) gradients accumulate over chunks in fp32 even for half-precision weights.
+        grad_w = torch.zeros(v, d, dtype=acc, device=dev)
+        grad_b = torch.zeros(v, dtype=acc, device=dev) if bias is not None else None
+
+    rows = rows if rows > 0 else chunk_rows(n, v, d)
+    for start in range(0, n, rows):
+        end = min(start + rows, n)
+        h = hidden[start:end].to(acc)
+        logits = _chunk_logits(h, w_acc, b_acc, logit_scale)
+        ce, zr = _chunk_ce(
+            logits, y[start:end, None], wy[start:end], valid[start:end], class_weight, w_sum, a, b, c, z,
+            softcap, None if row_grads is None else gce[start:end],
+            None if row_grads is None else gz[start:end], logit_scale,
+        )
+        ce_rows[start:end] = ce
+        z_rows[start:end] = zr
+        if row_grads is not None:
+            # logits now holds d(result)/d(hidden @ weight.T + bias) for the chunk.
+            if grad_h.dtype == acc:
+                torch.mm(logits, w_acc, out=grad_h[start:end])
+            else:
+                grad_h[start:end].copy_(torch.mm(logits, w_acc))
+            grad_w.addmm_(logits.t(), h)
+            if grad_b is not None:
+                grad_b += logits.sum(dim=0)
+        del logits
+    return ce_rows, z_rows, grad_h, grad_w, grad_b
+
+
+def _targets(hidden, weight, target, class_weight, ignore_index):
+    acc = _acc_dtype(hidden.dtype)
+    cw = None if class_weight is None else class_weight.to(acc)
+    valid = target != ignore_index
+    y = torch.where(valid, target, torch.zeros_like(target)).long()
+    if cw is None:
+        wy = valid.to(acc)
+        w_sum = float(weight.shape[0])
+    else:
+        wy = torch.where(valid, cw[y], torch.zeros((), dtype=acc, device=target.device))
+        w_sum = cw.sum()
+    return acc, cw, valid, y, wy, w_sum
+
+
+def _forward(hidden, weight, bias, target, class_weight, ignore_index, reduction, a, b, c, z, softcap,
+             logit_scale, compute_grad, rows):
+    acc, cw, valid, y, wy, w_sum = _targets(hidden, weight, target, class_weight, ignore_index)
+    row_grads = None
+    # 'none' cannot use forward-time gradients (see module docstring): its backward recomputes.
+    if compute_grad and reduction != 0:
+        ones = valid.to(acc)
+        if reduction == 1:
+            row_grads = (ones, ones)
+        else:
+            # 'mean' scales, known before the chunk loop without a host sync. where() keeps 1/0 off
+            # ignored rows so an all-ignored batch has zero gradient, as in PyTorch.
+            zero = torch.zeros((), dtype=acc, device=hidden.device)
+            row_grads = (torch.where(valid, 1.0 / wy.sum(), zero), torch.where(valid, 1.0 / ones.sum(), zero))
+    ce_rows, z_rows, grad_h, grad_w, grad_b = _chunk_loop(
+        hidden, weight, bias, valid, y, wy, cw, w_sum, a, b, c, z, softcap, logit_scale, row_grads, rows)
+
+    out_dtype = hidden.dtype
+    if reduction == 0:
+        loss, z_term = ce_rows + z_rows, z_rows
+    elif reduction == 1:
+        z_term = z_rows.sum()
+        loss = ce_rows.sum() + z_term
+    else:
+        # Divisors as PyTorch: every row ignored -> 0 / 0 = nan.
+        z_term = z_rows.sum() / valid.sum()
+        loss = ce_rows.sum() / wy.sum() + z_term
+    loss, z_term = loss.to(out_dtype), z_term.to(out_dtype)
+    if row_grads is None:
+        return loss, z_term, hidden.new_empty(0), weight.new_empty(0), weight.new_empty(0)
+    gb = weight.new_empty(0) if grad_b is None else grad_b.to(bias.dtype)
+    return loss, z_term, grad_h, grad_w.to(weight.dtype), gb
+
+
+def _backward_rows(grad_loss, hidden, weight, bias, target, class_weight, ignore_index, a, b, z, softcap,
+                   logit_scale, rows):
+    acc, cw, valid, y, wy, w_sum = _targets(hidden, weight, target, class_weight, ignore_index)
+    g = torch.where(valid, grad_loss.to(acc), torch.zeros((), dtype=acc, device=hidden.device))
+    _, _, grad_h, grad_w, grad_b = _chunk_loop(
+        hidden, weight, bias, valid, y, wy, cw, w_sum, a, b, 0.0, z, softcap, logit_scale, (g, g), rows)
+    gb = weight.new_empty(0) if grad_b is None else grad_b.to(bias.dtype)
+    return grad_h, grad_w.to(weight.dtype), gb
+
+
+# ------------------------------------------------------------------------------------------------
+# smoothce:: custom ops
+# ------------------------------------------------------------------------------------------------
+@torch.library.custom_op("smoothce::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy_op(
+    hidden: Tensor,  # (N, D)
+    weight: Tensor,  # (V, D)
+    bias: Optional[Tensor],  # (V,)
+    target: Tensor,  # (N,) int
+    class_weight: Optional[Tensor],  # (V,)
+    ignore_index: int,
+    reduction: int,  # 0 none, 1 sum, 2 mean
+    target_coef: float,
+    uniform_coef: float,
+    constant: float,
+    z_loss: float,
+    softcap: float,  # 0.0 = off
+    logit_scale: float = 1.0,
+    compute_grad: bool = True,
+    chunk_size: int = 0,  # rows per chunk; 0 = chunk_rows(N, V, D)
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, z_term, grad_hidden, grad_weight, grad_bias); gradients for grad_output = 1, empty when
+    compute_grad is False or reduction is 'none' (its backward recomputes), grad_bias empty without bias."""
+    return _forward(hidden, weight, bias, target, class_weight, ignore_index, reduction, target_coef,
+                    uniform_coef, constant, z_loss, softcap, logit_scale, compute_grad, chunk_size)
+
+
+@linear_cross_entropy_op.register_fake
+def _(hidden, weight, bias, target, class_weight, ignore_index, reduction, target_coef, uniform_coef,
+      constant, z_loss, softcap, logit_scale=1.0, compute_grad=True, chunk_size=0):
+    n = hidden.shape[0]
+    loss = hidden.new_empty((n,) if reduction == 0 else ())
+    z_term = hidden.new_empty((n,) if reduction == 0 else ())
+    if not compute_grad or reduction == 0:
+        return loss, z_term, hidden.new_empty(0), weight.new_empty(0), weight.new_empty(0)
+    gb = weight.new_empty(0) if bias is None else torch.empty_like(bias)
+    return loss, z_term, torch.empty_like(hidden), torch.empty_like(weight), gb
+
+
+@torch.library.custom_op("smoothce::linear_cross_entropy_backward", mutates_args=())
+def linear_cross_entropy_backward_op(
+    grad_loss: Tensor,  # (N,) per-row grad_output of reduction 'none'
+    hidden: Tensor,  # (N, D)
+    weight: Tensor,  # (V, D)
+    bias: Optional[Tensor],  # (V,)
+    target: Tensor,  # (N,)
+    class_weight: Optional[Tensor],  # (V,)
+    ignore_index: int,
+    target_coef: float,
+    uniform_coef: float,
+    z_loss: float,
+    softcap: float,
+    logit_scale: float = 1.0,
+    chunk_size: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_hidden, grad_weight, grad_bias) of sum_i grad_loss_i * loss_i, recomputing chunk by chunk."""
+    return _backward_rows(grad_loss, hidden, weight, bias, target, class_weight, ignore_index, target_coef,
+                          uniform_coef, z_loss, softcap, logit_scale, chunk_size)
+
+
+@linear_cross_entropy_backward_op.register_fake
+def _(grad_loss, hidden, weight, bias, target, class_weight, ignore_index, target_coef, uniform_coef,
+      z_loss, softcap, logit_scale=1.0, chunk_size=0):
+    gb = weight.new_empty(0) if bias is None else torch.empty_like(bias)
+    return torch.empty_like(hidden), torch.empty_like(weight), gb
+
+
+# ------------------------------------------------------------------------------------------------
+# autograd
+# ------------------------------------------------------------------------------------------------
+def _setup_context(ctx, inputs, output):
+    (hidden, weight, bias, target, class_weight, ignore_index, reduction, a, b, c, z, softcap,
+     logit_scale, compute_grad, chunk_size) = inputs
+    ctx.has_bias = bias is not None
+    ctx.reduction = reduction
+    ctx.compute_grad = compute_grad
+    if reduction == 0:
+        ctx.save_for_backward(hidden, weight, bias, target, class_weight)
+        ctx.params = (ignore_index, a, b, z, softcap, logit_scale, chunk_size)
+    else:
+        ctx.save_for_backward(*output[2:])
+
+
+def _backward(ctx, grad_loss, grad_z_term, *_unused):
+    if ctx.reduction == 0:
+        hidden, weight, bias, target, class_weight = ctx.saved_tensors
+        grad_h, grad_w, grad_b = torch.ops.smoothce.linear_cross_entropy_backward(
+            grad_loss, hidden, weight, bias, target, class_weight, *ctx.params)
+    else:
+        if not ctx.compute_grad:
+            raise RuntimeError(
+                "smoothce::linear_cross_entropy was called with compute_grad=False; "
+                "call it with compute_grad=True to differentiate it")
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        grad_h = grad_h * grad_loss.to(grad_h.dtype)
+        grad_w = grad_w * grad_loss.to(grad_w.dtype)
+        grad_b = grad_b * grad_loss.to(grad_b.dtype)
+    return (grad_h, grad_w, grad_b if ctx.has_bias else None) + (None,) * 12
+
+
+linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------
+# public functional
+# ------------------------------------------------------------------------------------------------
+def _check_float(name: str, value, *, positive: bool = False, nonneg: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a Python float, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if value != value or value in (math.inf, -math.inf):  # math.isfinite does not trace under dynamic=True
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    if nonneg and value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return value
+
+
+def fused_linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    target: Tensor,
+    class_weight: Optional[Tensor] = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    target_coef: float = 1.0,
+    uniform_coef: float = 0.0,
+    constant: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    return_z_loss: bool = False,
+    chunk_size: Optional[int] = None,
+):
+    """Cross-entropy of ``softcap((hidden @ weight.T + bias) * logit_scale)`` without the full logits.
+
+    hidden (..., D), weight (V, D), bias (V,) or None, target (...) class indices, class_weight (V,)
+    or None. The loss is that of ``fused_cross_entropy`` in kernels/cross_entropy.py with the same
+    coefficients: ``F.cross_entropy(label_smoothing=eps)`` is target_coef = 1 - eps,
+    uniform_coef = eps / V. ``reduction='none'`` returns a loss with target's shape.
+    ``chunk_size`` overrides the rows per chunk (default :func:`chunk_rows`). With
+    ``return_z_loss`` returns ``(loss, z_term)``, z_term being the (non-differentiable) z-loss part.
+    """
+    if not isinstance(hidden, Tensor) or not isinstance(weight, Tensor) or not isinstance(target, Tensor):
+        raise TypeError("hidden, weight and target must be tensors, got "
+                        f"{type(hidden).__name__}, {type(weight).__name__}, {type(target).__name__}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of 'none', 'sum', 'mean', got {reduction!r}")
+    if hidden.dim() < 1:
+        raise ValueError(f"hidden must have shape (..., D), got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape (V, D), got {tuple(weight.shape)}")
+    v, d = weight.shape
+    if hidden.shape[-1] != d:
+        raise ValueError(f"hidden's last dim must equal weight's D = {d}: hidden {tuple(hidden.shape)}, "
+                         f"weight {tuple(weight.shape)}")
+    if target.shape != hidden.shape[:-1]:
+        raise ValueError(f"target must have shape {tuple(hidden.shape[:-1])} (hidden without its last dim), "
+                         f"got {tuple(target.shape)}")
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"hidden must be float16, bfloat16, float32 or float64, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"target must hold class indices as int64 or int32, got {target.dtype}")
+    if bias is not None:
+        if not isinstance(bias, Tensor) or bias.shape != (v,):
+            raise ValueError(f"bias must have shape ({v},), got "
+                             f"{tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must equal hidden dtype {hidden.dtype}")
+    if class_weight is not None:
+        if not isinstance(class_weight, Tensor) or class_weight.shape != (v,):
+            raise ValueError(f"class_weight must have shape ({v},), got "
+                             f"{tuple(class_weight.shape) if isinstance(class_weight, Tensor) else class_weight!r}")
+        if not class_weight.is_floating_point():
+            raise TypeError(f"class_weight must be floating point, got {class_weight.dtype}")
+    tensors = [hidden, weight, target] + [t for t in (bias, class_weight) if t is not None]
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    a = _check_float("target_coef", target_coef)
+    b = _check_float("uniform_coef", uniform_coef)
+    c = _check_float("constant", constant)
+    z = _check_float("z_loss", z_loss, nonneg=True)
+    cap = 0.0 if softcap is None else _check_float("softcap", softcap, positive=True)
+    scale = _check_float("logit_scale", logit_scale, positive=True)
+    if chunk_size is None:
+        chunk_size = 0
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+    compute_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (hidden, weight, bias) if t is not None)
+    loss, z_term, *_ = torch.ops.smoothce.linear_cross_entropy(
+        hidden.reshape(-1, d), weight, bias, target.reshape(-1), class_weight, ignore_index,
+        _REDUCTIONS[reduction], a, b, c, z, cap, scale, compute_grad, chunk_size)
+    if reduction == "none":
+        loss = loss.view(target.shape)
+        z_term = z_term.view(target.shape)
+    return (loss, z_term.detach()) if return_z_loss else loss

@@ -1,0 +1,336 @@
+"""smoothce::linear_cross_entropy against eager PyTorch (F.linear + cross-entropy) in float64."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from smoothce.kernels.linear_cross_entropy import chunk_rows, fused_linear_cross_entropy
+
+N, D, V = 13, 8, 11  # 13 rows: not a multiple of the forced chunk sizes below
+CHUNK = 4  # forced small chunk: 13 = 4 + 4 + 4 + 1
+
+
+def reference(h, w, bias, target, class_weight=None, *, ignore_index=-100, reduction="mean", a=1.0, b=0.0,
+              c=0.0, z=0.0, softcap=None, logit_scale=1.0):
+    """The op's math written out with full logits (the general a, b, c form), differentiable."""
+    x = F.linear(h, w, bias) * logit_scale
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    lse = torch.logsumexp(x, dim=-1)
+    logp = x - lse.unsqueeze(-1)
+    valid = target != ignore_index
+    y = torch.where(valid, target, 0)
+    cw = torch.ones(x.shape[-1], dtype=x.dtype) if class_weight is None else class_weight.to(x.dtype)
+    wy = cw[y] * valid
+    ce = -(a * cw[y] * logp.gather(-1, y.unsqueeze(-1)).squeeze(-1) + b * (logp * cw).sum(-1)) + c
+    ce = torch.where(valid, ce, 0.0)
+    zr = torch.where(valid, z * lse * lse, 0.0)
+    if reduction == "none":
+        return ce + zr
+    if reduction == "sum":
+        return ce.sum() + zr.sum()
+    return ce.sum() / wy.sum() + zr.sum() / valid.sum()
+
+
+def make(dtype=torch.float64, bias=True, ignore=True, seed=0, n=N, d=D, v=V):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    w = (torch.randn(v, d, generator=g, dtype=torch.float64) / math.sqrt(d) * 3).to(dtype).requires_grad_()
+    b = torch.randn(v, generator=g, dtype=torch.float64).to(dtype).requires_grad_() if bias else None
+    t = torch.randint(0, v, (n,), generator=g)
+    if ignore:
+        t[[1, 5, n - 1]] = -100  # one ignored row inside the last, ragged chunk too
+    return h, w, b, t
+
+
+def grads(loss, params, seed=1):
+    """Gradients for a random, non-unit grad_output (per row for reduction='none')."""
+    g = torch.Generator().manual_seed(seed)
+    go = (torch.rand(loss.shape, generator=g, dtype=torch.float64) * 2 + 0.5).to(loss.dtype)
+    return torch.autograd.grad(loss, [p for p in params if p is not None], go)
+
+
+def assert_same(h, w, b, t, kwargs_ours, loss_ref, rtol=1e-10, atol=1e-12):
+    loss = fused_linear_cross_entropy(h, w, b, t, **kwargs_ours)
+    assert loss.shape == loss_ref.shape and loss.dtype == h.dtype
+    torch.testing.assert_close(loss.double(), loss_ref.double(), rtol=rtol, atol=atol)
+    for ours, ref in zip(grads(loss, (h, w, b)), grads(loss_ref, (h, w, b))):
+        assert ours.dtype == ref.dtype
+        torch.testing.assert_close(ours.double(), ref.double(), rtol=rtol, atol=atol)
+
+
+# ---------------------------------------------------------------------------------------------------
+# against F.cross_entropy itself
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_f_cross_entropy(reduction, eps, weighted, bias):
+    h, w, b, t = make(bias=bias)
+    cw = torch.rand(V, dtype=torch.float64) + 0.5 if weighted else None
+    ref = F.cross_entropy(F.linear(h, w, b), t, weight=cw, reduction=reduction, label_smoothing=eps)
+    ours = dict(class_weight=cw, reduction=reduction, target_coef=1 - eps, uniform_coef=eps / V,
+                chunk_size=CHUNK)
+    assert_same(h, w, b, t, ours, ref)
+
+
+def test_reference_matches_f_cross_entropy():
+    # Anchors the general-form reference used below on PyTorch itself.
+    h, w, b, t = make()
+    cw = torch.rand(V, dtype=torch.float64) + 0.5
+    for reduction in ("none", "sum", "mean"):
+        ref = F.cross_entropy(F.linear(h, w, b), t, weight=cw, reduction=reduction, label_smoothing=0.2)
+        ours = reference(h, w, b, t, cw, reduction=reduction, a=0.8, b=0.2 / V)
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the general (a, b, c) form, z-loss, softcap, logit_scale
+# ---------------------------------------------------------------------------------------------------
+EPS = 0.1
+CASES = {
+    # eps spread over the other V - 1 classes
+    "eps_over_v_minus_1": dict(a=1 - EPS - EPS / (V - 1), b=EPS / (V - 1)),
+    # KL divergence against the smoothed distribution: c = sum_j p_j log p_j
+    "kl_constant": dict(a=1 - EPS, b=EPS / V, c=(1 - EPS + EPS / V) * math.log(1 - EPS + EPS / V)
+                        + (V - 1) * (EPS / V) * math.log(EPS / V)),
+    "z_loss": dict(a=1 - EPS, b=EPS / V, z=1e-2),
+    "softcap": dict(a=1 - EPS, b=EPS / V, softcap=2.5),
+    "softcap_z_scale": dict(a=1.0, b=0.0, z=0.1, softcap=3.0, logit_scale=0.7),
+    "uniform_only": dict(a=0.0, b=1.0 / V),
+}
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("weighted", [False, True])
+def test_general_form(case, reduction, weighted):
+    p = CASES[case]
+    h, w, b, t = make(seed=3)
+    cw = torch.rand(V, dtype=torch.float64) + 0.5 if weighted else None
+    ref = reference(h, w, b, t, cw, reduction=reduction, **p)
+    ours = dict(class_weight=cw, reduction=reduction, target_coef=p["a"], uniform_coef=p["b"],
+                constant=p.get("c", 0.0), z_loss=p.get("z", 0.0), softcap=p.get("softcap"),
+                logit_scale=p.get("logit_scale", 1.0), chunk_size=CHUNK)
+    assert_same(h, w, b, t, ours, ref)
+
+
+def test_return_z_loss():
+    h, w, b, t = make()
+    for reduction in ("none", "mean"):
+        loss, z_term = fused_linear_cross_entropy(h, w, b, t, reduction=reduction, z_loss=0.05,
+                                                  return_z_loss=True, chunk_size=CHUNK)
+        ref_z = reference(h, w, b, t, reduction=reduction, a=0.0, z=0.05)
+        torch.testing.assert_close(z_term, ref_z.detach(), rtol=1e-12, atol=1e-12)
+        assert not z_term.requires_grad
+        torch.testing.assert_close(loss, reference(h, w, b, t, reduction=reduction, z=0.05), rtol=1e-12,
+                                   atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------
+# chunking
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("chunk", [1, 5, N - 1, N, N + 3, None])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_chunk_boundaries(chunk, reduction):
+    h, w, b, t = make(seed=4)
+    ref = reference(h, w, b, t, reduction=reduction, a=0.9, b=0.1 / V, z=1e-3)
+    ours = dict(reduction=reduction, target_coef=0.9, uniform_coef=0.1 / V, z_loss=1e-3, chunk_size=chunk)
+    assert_same(h, w, b, t, ours, ref)
+
+
+def test_chunk_rows_rule():
+    # Rows per chunk = D (fp32 chunk logits as large as the fp32 weight gradient), multiple of 8, <= N.
+    assert chunk_rows(4096, 32768, 256) == 256
+    assert chunk_rows(4096, 128256, 4096) == 4096
+    assert chunk_rows(100, 50000, 4096) == 100
+    assert chunk_rows(4096, 1000, 250) == 256
+    assert chunk_rows(4096, 1000, 3) == 8
+
+
+# ---------------------------------------------------------------------------------------------------
+# edge cases, dtypes, autograd composition
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_all_ignored_mean_is_nan_with_zero_grad(eps):
+    h, w, b, t = make()
+    t[:] = -100
+    loss = fused_linear_cross_entropy(h, w, b, t, target_coef=1 - eps, uniform_coef=eps / V, chunk_size=CHUNK)
+    ref = F.cross_entropy(F.linear(h, w, b), t, label_smoothing=eps)
+    assert torch.isnan(loss) and torch.isnan(ref)
+    for ours, theirs in zip(torch.autograd.grad(loss, (h, w, b)), torch.autograd.grad(ref, (h, w, b))):
+        torch.testing.assert_close(ours, theirs)
+        assert not ours.abs().sum()
+
+
+def test_custom_ignore_index_and_int32_target():
+    h, w, b, t = make(ignore=False)
+    t[[0, 7]] = 3
+    ref = F.cross_entropy(F.linear(h, w, b), t, ignore_index=3, label_smoothing=0.1)
+    ours = dict(ignore_index=3, target_coef=0.9, uniform_coef=0.1 / V, chunk_size=CHUNK)
+    assert_same(h, w, b, t.int(), ours, ref)
+
+
+def test_leading_dims_reduction_none():
+    h, w, b, t = make(n=12)
+    h3 = h.detach().view(3, 4, D).requires_grad_()
+    t3 = t.view(3, 4)
+    loss = fused_linear_cross_entropy(h3, w, b, t3, reduction="none", target_coef=0.9, uniform_coef=0.1 / V,
+                                      chunk_size=5)
+    assert loss.shape == (3, 4)
+    ref = F.cross_entropy(F.linear(h3, w, b).transpose(1, 2), t3, reduction="none", label_smoothing=0.1)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    for ours, theirs in zip(grads(loss, (h3, w, b)), grads(ref, (h3, w, b))):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
+def test_tied_embedding_accumulates_both_uses():
+    # An embedding and an LM head sharing one weight: autograd sums the embedding's scatter gradient and
+    # the op's grad_weight.
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(V, D, dtype=torch.float64)
+    tokens = torch.randint(0, V, (2, 7))
+    target = torch.roll(tokens, -1, dims=1)
+    target[:, -1] = -100
+
+    def step(loss_fn):
+        emb.zero_grad(set_to_none=True)
+        h = torch.tanh(emb(tokens))
+        loss = loss_fn(h, emb.weight, target)
+        loss.backward()
+        return loss.detach(), emb.weight.grad.clone()
+
+    ours = step(lambda h, w, t: fused_linear_cross_entropy(h, w, None, t, target_coef=0.9, uniform_coef=0.1 / V,
+                                                           chunk_size=CHUNK))
+    ref = step(lambda h, w, t: F.cross_entropy(F.linear(h, w).flatten(0, 1), t.flatten(), label_smoothing=0.1))
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype,rtol,atol", [(torch.float32, 1e-4, 1e-5), (torch.bfloat16, 2e-2, 2e-2)])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_low_precision(dtype, rtol, atol, reduction):
+    # Reference: the same rounded inputs in float64. bf16 gradients keep their dtype; the weight
+    # gradient is accumulated in fp32 over the chunks and rounded once.
+    h, w, b, t = make(dtype=dtype, n=40, d=16, v=50)
+    h64, w64, b64 = (x.detach().double().requires_grad_() for x in (h, w, b))
+    kw = dict(reduction=reduction, target_coef=0.9, uniform_coef=0.1 / 50, z_loss=1e-3)
+    loss = fused_linear_cross_entropy(h, w, b, t, chunk_size=8, **kw)
+    ref = reference(h64, w64, b64, t, reduction=reduction, a=0.9, b=0.1 / 50, z=1e-3)
+    assert loss.dtype == dtype
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=rtol, atol=atol)
+    for ours, theirs, p in zip(grads(loss, (h, w, b)), grads(ref, (h64, w64, b64)), (h, w, b)):
+        assert ours.dtype == p.dtype
+        torch.testing.assert_close(ours.double(), theirs, rtol=rtol, atol=atol)
+
+
+def test_no_grad_returns_no_gradients():
+    h, w, b, t = make()
+    with torch.no_grad():
+        out = torch.ops.smoothce.linear_cross_entropy(h, w, b, t, None, -100, 2, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0,
+                                                      False, CHUNK)
+        loss = fused_linear_cross_entropy(h, w, b, t, chunk_size=CHUNK)
+    assert [x.numel() for x in out[2:]] == [0, 0, 0]
+    torch.testing.assert_close(loss, F.cross_entropy(F.linear(h, w, b), t).detach())
+
+
+def test_backward_without_compute_grad_raises():
+    h, w, b, t = make()
+    loss = torch.ops.smoothce.linear_cross_entropy(h, w, b, t, None, -100, 2, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0,
+                                                   False, CHUNK)[0]
+    with pytest.raises(RuntimeError, match="compute_grad=False"):
+        loss.backward()
+
+
+# ---------------------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("change,error,match", [
+    (dict(reduction="avg"), ValueError, "reduction must be one of .* got 'avg'"),
+    (dict(hidden=torch.randn(N, D + 1)), ValueError, r"weight's D = 8: hidden \(13, 9\)"),
+    (dict(weight=torch.randn(V)), ValueError, r"weight must have shape \(V, D\), got \(11,\)"),
+    (dict(target=torch.zeros(N + 1, dtype=torch.long)), ValueError, r"target must have shape \(13,\).*\(14,\)"),
+    (dict(target=torch.zeros(N)), TypeError, "int64 or int32, got torch.float32"),
+    (dict(weight=torch.randn(V, D, dtype=torch.float64)), TypeError, "weight dtype torch.float64"),
+    (dict(hidden=torch.zeros(N, D, dtype=torch.long)), TypeError, "got torch.int64"),
+    (dict(bias=torch.randn(V + 1)), ValueError, r"bias must have shape \(11,\), got \(12,\)"),
+    (dict(class_weight=torch.ones(3)), ValueError, r"class_weight must have shape \(11,\), got \(3,\)"),
+    (dict(z_loss=-1e-4), ValueError, "z_loss must be >= 0, got -0.0001"),
+    (dict(softcap=0.0), ValueError, "softcap must be > 0, got 0.0"),
+    (dict(logit_scale=float("inf")), ValueError, "logit_scale must be finite, got inf"),
+    (dict(uniform_coef=float("nan")), ValueError, "uniform_coef must be finite, got nan"),
+    (dict(target_coef="0.9"), TypeError, "target_coef must be a Python float, got str '0.9'"),
+    (dict(ignore_index=1.5), TypeError, "ignore_index must be an int, got 1.5"),
+    (dict(chunk_size=0), ValueError, "chunk_size must be a positive int or None, got 0"),
+])
+def test_validation(change, error, match):
+    args = dict(hidden=torch.randn(N, D), weight=torch.randn(V, D), bias=None,
+                target=torch.zeros(N, dtype=torch.long))
+    kwargs = {k: change.pop(k) for k in list(change) if k not in args}
+    args.update(change)
+    with pytest.raises(error, match=match):
+        fused_linear_cross_entropy(args["hidden"], args["weight"], args["bias"], args["target"], **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# custom-op registration and torch.compile
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("bias", [False, True])
+def test_opcheck(reduction, bias):
+    h, w, b, t = make(dtype=torch.float32, bias=bias)
+    cw = torch.rand(V) + 0.5
+    args = (h, w, b, t, cw, -100, reduction, 0.9, 0.1 / V, 0.0, 1e-3, 4.0, 1.0, True, CHUNK)
+    torch.library.opcheck(torch.ops.smoothce.linear_cross_entropy.default, args)
+    go = torch.rand(N)
+    bw_args = (go, h.detach(), w.detach(), b if b is None else b.detach(), t, cw, -100, 0.9, 0.1 / V, 1e-3,
+               4.0, 1.0, CHUNK)
+    torch.library.opcheck(torch.ops.smoothce.linear_cross_entropy_backward.default, bw_args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def _compiled_step(backend, reduction, dynamic=None):
+    def step(h, w, b, t):
+        loss = fused_linear_cross_entropy(h, w, b, t, reduction=reduction, target_coef=0.9,
+                                          uniform_coef=0.1 / V, z_loss=1e-3, chunk_size=CHUNK)
+        return loss
+
+    return torch.compile(step, backend=backend, fullgraph=True, dynamic=dynamic)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_compile(backend, reduction):
+    h, w, b, t = make(dtype=torch.float32)
+    ref = fused_linear_cross_entropy(h, w, b, t, reduction=reduction, target_coef=0.9, uniform_coef=0.1 / V,
+                                     z_loss=1e-3, chunk_size=CHUNK)
+    loss = _compiled_step(backend, reduction)(h, w, b, t)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    for ours, theirs in zip(grads(loss, (h, w, b)), grads(ref, (h, w, b))):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+def _check_against_reference(loss, h, w, b, t, reduction, rtol=1e-5, atol=1e-5):
+    p64 = [x.detach().double().requires_grad_() for x in (h, w, b)]
+    ref = reference(*p64, t, reduction=reduction, a=0.9, b=0.1 / V, z=1e-3)
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=rtol, atol=atol)
+    for ours, theirs in zip(grads(loss, (h, w, b)), grads(ref, p64)):
+        torch.testing.assert_close(ours.double(), theirs, rtol=rtol, atol=atol)
+
+
+def test_compile_dynamic_shapes():
+    step = _compiled_step("aot_eager", "none", dynamic=True)
+    for n in (13, 21):
+        h, w, b, t = make(dtype=torch.float32, n=n)
+        loss = step(h, w, b, t)
+        assert loss.shape == (n,)
+        _check_against_reference(loss, h, w, b, t, "none")
+
+
+@pytest.mark.inductor
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_inductor(reduction):
+    h, w, b, t = make(dtype=torch.float32)
+    loss = _compiled_step("inductor", reduction)(h, w, b, t)
+    _check_against_reference(loss, h, w, b, t, reduction)
