@@ -58,9 +58,9 @@ def _cross_entropy_kernel(
     x_ptr,  # (N, C, S) logits, any strides
     y_ptr,  # (N, S) labels
     w_ptr,  # (C,) class weights; read only when HAS_WEIGHT
-    scale_ptr,  # (2,) fp32 gradient scales: [cross-entropy part, z part]
-    loss_ptr,  # (N * S,) fp32 per-row cross-entropy part
-    z_ptr,  # (N * S,) fp32 per-row z part; written only when HAS_ZLOSS
+    scale_ptr,  # (2,) gradient scales in ACC: [cross-entropy part, z part]
+    loss_ptr,  # (N * S,) per-row cross-entropy part, in ACC
+    z_ptr,  # (N * S,) per-row z part, in ACC; written only when HAS_ZLOSS
     g_ptr,  # (N, C, S) gradient, any strides; written only when COMPUTE_GRAD
     # shapes
     C,
@@ -138,15 +138,17 @@ def _cross_entropy_kernel(
         ce += b * (sum_w * lse - sum_wx)
     # 0 for ignored rows, nan for labels out of range (as loud as we can be without a sync).
     row_mask = tl.where(ignored, 0.0, tl.where(in_range, 1.0, float("nan")))
-    tl.store(loss_ptr + row, (ce * row_mask).to(tl.float32))
+    tl.store(loss_ptr + row, ce * row_mask)
     if HAS_ZLOSS:
-        tl.store(z_ptr + row, (zc * lse * lse * row_mask).to(tl.float32))
+        tl.store(z_ptr + row, zc * lse * lse * row_mask)
 
     if COMPUTE_GRAD:
-        ce_scale = tl.load(scale_ptr).to(ACC) * row_mask
+        # Ignored rows get an exact 0 gradient even when 'mean' found no row (1 / 0 scale), as in
+        # PyTorch, whose loss is nan there but whose gradient is 0.
+        ce_scale = tl.where(ignored, 0.0, tl.load(scale_ptr) * row_mask)
         coef_p = ce_scale * q_sum
         if HAS_ZLOSS:
-            coef_p += tl.load(scale_ptr + 1).to(ACC) * row_mask * 2.0 * zc * lse
+            coef_p += tl.where(ignored, 0.0, tl.load(scale_ptr + 1) * row_mask) * 2.0 * zc * lse
         coef_y = ce_scale * a * w_y
         coef_w = ce_scale * b
         g_row = g_ptr + n * stride_gn + s * stride_gs
@@ -207,7 +209,7 @@ def _torch_rows(x3, y2, weight, scales, ce_rows, z_rows, grad3, ignore_index, a,
     rows_per_chunk = max(1, _TORCH_CHUNK_ELEMENTS // max(C * S, 1))
     w3 = weight.to(acc).view(1, C, 1) if weight is not None else None
     sum_w = w3.sum() if w3 is not None else float(C)
-    ce_scale, z_scale = scales[0].to(acc), scales[1].to(acc)
+    ce_scale, z_scale = scales[0], scales[1]
     for n0 in range(0, N, rows_per_chunk):
         n1 = min(N, n0 + rows_per_chunk)
         y = y2[n0:n1].unsqueeze(1).long()  # (n, 1, S)
@@ -232,25 +234,27 @@ def _torch_rows(x3, y2, weight, scales, ce_rows, z_rows, grad3, ignore_index, a,
         d = work.sum(1, keepdim=True)
         lse = m + d.log()
         ce = (ce + q_sum * lse) * row_mask
-        ce_rows.view(N, 1, S)[n0:n1] = ce.float()
+        ce_rows.view(N, 1, S)[n0:n1] = ce
         if zc != 0.0:
-            z_rows.view(N, 1, S)[n0:n1] = (zc * lse * lse * row_mask).float()
+            z_rows.view(N, 1, S)[n0:n1] = zc * lse * lse * row_mask
         if grad3 is None:
             continue
 
-        coef_p = ce_scale * row_mask * q_sum
+        # Ignored rows: exactly 0 even when 'mean' found no row at all (1 / 0 scale), as PyTorch.
+        live_ce = torch.where(ignored, 0.0, ce_scale * row_mask)
+        coef_p = live_ce * q_sum
         if zc != 0.0:
-            coef_p = coef_p + z_scale * row_mask * 2.0 * zc * lse
+            coef_p = coef_p + torch.where(ignored, 0.0, z_scale * row_mask) * 2.0 * zc * lse
         work.mul_(coef_p / d)  # (Q + 2 z lse) * softmax
-        work.scatter_add_(1, y_safe, -(ce_scale * row_mask * a * w_y).expand_as(y_safe).to(acc))
+        work.scatter_add_(1, y_safe, -(live_ce * a * w_y).expand_as(y_safe).to(acc))
         if b != 0.0:
-            coef_w = ce_scale * row_mask * b
+            coef_w = live_ce * b
             if w3 is not None:
                 work.addcmul_(coef_w, w3, value=-1.0)
             else:
                 work.sub_(coef_w)
         if cap > 0.0:
-            t = x3[n0:n1].to(acc).div_(cap).tanh_()
+            t = x3[n0:n1].to(acc, copy=True).div_(cap).tanh_()  # never in place on the input
             work.mul_(t.mul_(t).neg_().add_(1.0))
         grad3[n0:n1] = work
 
@@ -296,13 +300,13 @@ def _as_rows(logits, target):
     return x3, y2
 
 
-def _divisors(y2, weight, ignore_index, C):
+def _divisors(y2, weight, ignore_index, C, acc):
     """Mean divisors from the labels alone: sum of w[y] and count over non-ignored rows."""
     valid = y2 != ignore_index
-    count = valid.sum(dtype=torch.float32)
+    count = valid.sum(dtype=acc)
     if weight is None:
         return count, count
-    w_y = weight.float()[torch.where(valid & (y2 >= 0) & (y2 < C), y2, 0).long()]
+    w_y = weight.to(acc)[torch.where(valid & (y2 >= 0) & (y2 < C), y2, 0).long()]
     return torch.where(valid, w_y, 0.0).sum(), count
 
 
@@ -324,11 +328,13 @@ def _cross_entropy_op(
     N, C, S = x3.shape
     if logits.device.type == "cpu":
         _check_labels_on_cpu(y2, C, ignore_index)
-    ce_div, z_div = _divisors(y2, weight, ignore_index, C)
-    one = torch.ones((), device=logits.device)
+    # Per-row results and scales in the accumulation dtype: fp32, or fp64 for fp64 input.
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    ce_div, z_div = _divisors(y2, weight, ignore_index, C, acc)
+    one = torch.ones((), device=logits.device, dtype=acc)
     scales = torch.stack([one / ce_div, one / z_div]) if reduction == 2 else torch.stack([one, one])
-    ce_rows = torch.empty(N * S, device=logits.device, dtype=torch.float32)
-    z_rows = torch.zeros(N * S, device=logits.device, dtype=torch.float32)
+    ce_rows = torch.empty(N * S, device=logits.device, dtype=acc)
+    z_rows = torch.zeros(N * S, device=logits.device, dtype=acc)
     grad = torch.empty_like(logits) if compute_grad else None
     grad3 = grad.view(N, C, S) if grad is not None else None
     run = _launch_triton if _kernel_choice(logits) == "triton" else _torch_rows
