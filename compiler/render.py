@@ -60,22 +60,28 @@ def _cell_lines(text: str, width: int, mode: str) -> list[str]:
     return lines
 
 
-def _fit(natural: list[int], columns: list[Column], width: int) -> list[int]:
-    """Column widths whose sum (with gaps) is at most `width`, shrinking the widest first."""
+def _fit(natural: list[int], words: list[int], columns: list[Column], width: int) -> list[int]:
+    """Column widths whose sum (with gaps) is at most `width`, shrinking the widest first.
+
+    Columns first give way down to their `min_width` (or their longest word, which should not be
+    broken); on a terminal too narrow even for that they
+    go on down to a few characters (wrapped text stays readable, just long)."""
     widths = list(natural)
     budget = width - len(_GAP) * (len(widths) - 1)
-    floors = [
-        w if c.mode == "fixed" else min(w, max(c.min_width, len(c.header)))
-        for w, c in zip(natural, columns)
+    soft = [
+        w if c.mode == "fixed" else min(w, max(c.min_width, len(c.header), word if c.mode == "wrap" else 0))
+        for w, word, c in zip(natural, words, columns)
     ]
-    while sum(widths) > budget:
-        # Shrink the widest column still above its floor, one character at a time: long text
-        # columns give way first and end up about equally wide.
-        shrinkable = [k for k in range(len(widths)) if widths[k] > floors[k]]
-        if not shrinkable:
-            break  # cannot fit: lines will be longer than the terminal, nothing is lost
-        widths[max(shrinkable, key=lambda k: widths[k])] -= 1
-    return widths
+    hard = [w if c.mode == "fixed" else min(w, 6) for w, c in zip(natural, columns)]
+    for floors in (soft, hard):
+        while sum(widths) > budget:
+            # Shrink the widest column still above its floor, one character at a time: long text
+            # columns give way first and end up about equally wide.
+            shrinkable = [k for k in range(len(widths)) if widths[k] > floors[k]]
+            if not shrinkable:
+                break
+            widths[max(shrinkable, key=lambda k: widths[k])] -= 1
+    return widths  # may still exceed `width` when fixed columns alone do; nothing is lost
 
 
 def paragraph(text: str, width: int) -> str:
@@ -90,7 +96,8 @@ def table(columns: list[Column], rows: list[list[str]], width: int, indent: int 
         max([len(col.header)] + [max((len(l) for l in row[i].splitlines()), default=0) for row in cells])
         for i, col in enumerate(columns)
     ]
-    widths = _fit(natural, columns, width - indent)
+    words = [max([len(word) for row in cells for word in row[i].split()], default=0) for i in range(len(columns))]
+    widths = _fit(natural, words, columns, width - indent)
     pad = " " * indent
 
     def emit(parts: list[list[str]]) -> list[str]:

@@ -1,0 +1,218 @@
+"""Report rendering and JSON, from constructed detector results (no tracing), and backend logging
+through TORCH_LOGS / TORCH_TRACE in fresh processes (the env vars are read at `import torch`)."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import expecttest
+import torch
+
+from smoothce.compiler.inspect import GraphBreak, GraphRecord, Report, format_params
+from smoothce.compiler.render import Column, table
+from smoothce.patterns.report import Match, NearMiss, RewriteResult
+
+_BREAK_REASON = (
+    "Failed to trace builtin operator\n"
+    "  Explanation: Dynamo does not know how to trace builtin operator `print` with argument types "
+    "['str'] (has_kwargs False)\n"
+    "  Hint: Avoid calling builtin `print` with argument types ['str'].\n"
+)
+
+
+def _report() -> Report:
+    hand = Match(
+        "hand-written eps/V",
+        "train.py:42",
+        {
+            "eps": 0.1,
+            "convention": "eps/C",
+            "ignore_index": 0,
+            "reduction": "mean",
+            "weight": None,
+            "z_loss": 1e-4,
+            "softcap": None,
+            "dtype": torch.bfloat16,
+        },
+        ("log_softmax", "gather", "squeeze", "neg", "mean", "neg_1", "mul", "mul_1", "add"),
+    )
+    plain = Match("cross_entropy", "model.py:7", {"eps": 0.0, "reduction": "sum"}, ("cross_entropy",))
+    miss = NearMiss("log_softmax_1", "train.py:50", "log-probs also read at train.py:53")
+    graphs = [
+        GraphRecord(0, "forward", RewriteResult([hand], [miss]), "before0", "after0", 14, 6),
+        GraphRecord(1, "torch_dynamo_resume_in_loss_fn_at_12", RewriteResult([plain], []), "b1", "a1", 3, 3),
+    ]
+    brk = GraphBreak(0, "train.py:12", _BREAK_REASON, "loss at model.py:7 (graph 1) reads `logits` from graph 0")
+    return Report(graphs, [brk])
+
+
+class TestRender(expecttest.TestCase):
+    def test_wide(self):
+        self.assertExpectedInline(
+            _report().render(width=100),
+            """\
+smoothce: 2 losses rewritten, 1 near miss, 2 graphs, 1 graph break (1 between a loss and its logits)
+
+Rewritten losses:
+  #  location     family              parameters                                            replaces
+  1  train.py:42  hand-written eps/V  eps=0.1 (eps/C), ignore_index=0, reduction=mean,      9 nodes
+                                      weight=none, z_loss=0.0001, softcap=none,
+                                      dtype=bfloat16
+  2  model.py:7   cross_entropy       eps=0, reduction=sum                                  1 node
+
+Near misses:
+  #  location     node           reason
+  1  train.py:50  log_softmax_1  log-probs also read at train.py:53
+
+Graph breaks:
+  #  location     reason                                    between a loss and its logits
+  1  train.py:12  Failed to trace builtin operator: Dynamo  loss at model.py:7 (graph 1) reads
+                  does not know how to trace builtin        `logits` from graph 0
+                  operator `print` with argument types
+                  ['str'] (has_kwargs False)
+
+Graphs:
+  graph  traced from              nodes    losses  near misses
+  0      forward                  14 -> 6  1       1
+  1      loss_fn (after line 12)  3 -> 3   1       0""",
+        )
+
+    def test_narrow_lines_fit(self):
+        text = _report().render(width=60)
+        self.assertEqual([l for l in text.splitlines() if len(l) > 60], [])
+        self.assertExpectedInline(
+            text.split("\n\nNear misses")[0],
+            """\
+smoothce: 2 losses rewritten, 1 near miss, 2 graphs, 1 graph
+break (1 between a loss and its logits)
+
+Rewritten losses:
+  #  location     family         parameters         replaces
+  1  train.py:42  hand-written   eps=0.1 (eps/C),   9 nodes
+                  eps/V          ignore_index=0,
+                                 reduction=mean,
+                                 weight=none,
+                                 z_loss=0.0001,
+                                 softcap=none,
+                                 dtype=bfloat16
+  2  model.py:7   cross_entropy  eps=0,             1 node
+                                 reduction=sum""",
+        )
+
+    def test_empty(self):
+        self.assertExpectedInline(
+            Report().render(width=80),
+            """\
+smoothce: 0 losses rewritten, 0 near misses, 0 graphs, 0 graph breaks
+
+Rewritten losses: none
+
+Near misses: none""",
+        )
+
+    def test_code_and_detector_error(self):
+        g = GraphRecord(0, "f", RewriteResult(), "def forward(x): ...", "def forward(x): ...", 2, 2,
+                        error="RuntimeError: boom")
+        text = Report([g]).render(width=80, code=True)
+        self.assertIn("detector error", text)
+        self.assertIn("RuntimeError: boom", text)
+        self.assertIn("--- graph 0 after: unchanged ---", text)
+        self.assertEqual(Report([g]).errors, ["graph 0: RuntimeError: boom"])
+
+    def test_path_column_keeps_the_end(self):
+        loc = "/very/long/directory/name/that/does/not/fit/model_file.py:77"
+        text = table([Column("location", "path", 10), Column("x", "fixed")], [[loc, "y"]], width=30)
+        self.assertExpectedInline(
+            text,
+            """\
+  location                   x
+  ...t/fit/model_file.py:77  y""",
+        )
+
+
+class TestToDict(expecttest.TestCase):
+    def test_json_round_trip(self):
+        d = json.loads(json.dumps(_report().to_dict()))
+        self.assertEqual(d["summary"], {"graphs": 2, "matches": 2, "near_misses": 1, "graph_breaks": 1,
+                                        "loss_splitting_breaks": 1, "errors": 0})
+        self.assertEqual(d["matches"][0]["params"]["dtype"], "bfloat16")
+        self.assertEqual([m["graph"] for m in d["matches"]], [0, 1])
+        self.assertEqual(d["graphs"][1]["after"], "a1")
+        self.assertEqual(d["graph_breaks"][0]["reason"], _BREAK_REASON)
+
+    def test_non_finite_and_odd_values_become_strings(self):
+        m = Match("x", "a.py:1", {"eps": float("nan"), "weight": torch.float16, "t": (1, 2.5)}, ())
+        d = json.loads(json.dumps(Report([GraphRecord(0, "f", RewriteResult([m]), "", "", 0, 0)]).to_dict(),
+                                  allow_nan=False))
+        self.assertEqual(d["matches"][0]["params"], {"eps": "nan", "weight": "float16", "t": [1, 2.5]})
+
+    def test_format_params_order(self):
+        self.assertEqual(
+            format_params({"softcap": 30.0, "zeta": 1, "reduction": "none", "convention": "eps/(C-1)", "eps": 0.2}),
+            "eps=0.2 (eps/(C-1)), reduction=none, softcap=30, zeta=1",
+        )
+
+
+_LOG_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from smoothce.compiler.inspect import log_rewrite
+    from smoothce.patterns.report import Match, RewriteResult
+    m = Match("cross_entropy", "m.py:3", {"eps": 0.1, "convention": "eps/C"}, ("cross_entropy",))
+    log_rewrite("forward", RewriteResult([m], []), "BEFORE-CODE", "AFTER-CODE")
+    log_rewrite("other", RewriteResult())
+    """
+)
+
+
+def _run_logged(tmp_path, **env_vars):
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCH_LOGS", "TORCH_TRACE")}
+    env.update(env_vars, COLUMNS="100")
+    proc = subprocess.run([sys.executable, "-c", _LOG_SCRIPT], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def _strip_prefix(output: str) -> str:
+    # torch's log prefix: "I1122 18:25:31.352000 9801 /path/inspect.py:459] "
+    return "\n".join(line.split("] ", 1)[-1] for line in output.splitlines())
+
+
+def test_torch_logs_smoothce_prints_the_table(tmp_path):
+    out = _strip_prefix(_run_logged(tmp_path, TORCH_LOGS="smoothce"))
+    assert out == textwrap.dedent(
+        """\
+        smoothce rewrite of forward
+        smoothce: 1 loss rewritten, 0 near misses, 1 graph, 0 graph breaks
+
+        Rewritten losses:
+          #  location  family         parameters       replaces
+          1  m.py:3    cross_entropy  eps=0.1 (eps/C)  1 node
+
+        Near misses: none
+        smoothce rewrite of other: no cross-entropy found"""
+    ), out
+
+
+def test_torch_logs_plus_smoothce_adds_graph_code(tmp_path):
+    out = _run_logged(tmp_path, TORCH_LOGS="+smoothce")
+    assert "BEFORE-CODE" in out and "AFTER-CODE" in out and "1 loss rewritten" in out
+
+
+def test_no_torch_logs_is_silent(tmp_path):
+    assert _run_logged(tmp_path) == ""
+
+
+def test_torch_trace_gets_the_report_artifact(tmp_path):
+    _run_logged(tmp_path, TORCH_TRACE=str(tmp_path / "trace"))
+    lines = [l for f in glob.glob(str(tmp_path / "trace" / "*")) for l in open(f)]
+    reports = [i for i, l in enumerate(lines) if '"name": "smoothce_report"' in l]
+    assert len(reports) == 2, lines
+    # The payload follows its metadata line, one tab-indented line per payload line.
+    payload = json.loads(lines[reports[0] + 1].strip())
+    assert payload["graph"] == "forward" and payload["matches"][0]["params"]["eps"] == 0.1
+    assert any('"name": "smoothce_graph_after"' in l for l in lines)
