@@ -46,7 +46,7 @@ _PARAM_ORDER = ("eps", "ignore_index", "reduction", "weight", "z_loss", "softcap
 class GraphBreak:
     """A Dynamo graph break: where, why, and whether a loss lost its logits to it."""
 
-    graph: int  # index of the graph the break ended
+    graph: int | None  # index of the graph the break ended; None when nothing was traced before it
     location: str  # "file.py:42" of the statement Dynamo could not trace
     reason: str  # Dynamo's reason, verbatim
     splits_loss: str | None = None  # e.g. "loss at m.py:9 (graph 1) reads `logits` from graph 0"
@@ -159,7 +159,7 @@ def format_params(params: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-_RESUME = re.compile(r"torch_dynamo_resume_in_(.+)_at_(\d+)$")
+_RESUME = re.compile(r"torch_dynamo_resume_in_(.+)_at_(\w+)$")
 
 
 def _frame_label(frame: str) -> str:
@@ -341,20 +341,28 @@ def _frame_of(reason) -> str:
     return stack[-1].name if stack else "<unknown>"
 
 
-def _graph_breaks(facts: list[_GraphFacts]) -> list[GraphBreak]:
-    breaks = []
-    for i, f in enumerate(facts):
-        reason = f.break_reason
-        if reason is None or not getattr(reason, "graph_break", False):
+def _graph_breaks(facts: list[_GraphFacts], reasons: list) -> list[GraphBreak]:
+    """One GraphBreak per break Dynamo reported, in order, joined to the graph it ended.
+
+    `reasons` are all break reasons Dynamo recorded during the trace: a break before anything
+    was traced ends no graph (no backend call), so only that list sees it."""
+    ended = {id(f.break_reason): i for i, f in enumerate(facts) if f.break_reason is not None}
+    breaks, seen = [], set()
+    for reason in reasons:
+        if not getattr(reason, "graph_break", False):
             continue
         stack = reason.user_stack or []
         location = f"{stack[-1].filename}:{stack[-1].lineno}" if stack else "<unknown>"
+        i = ended.get(id(reason))
+        if (location, reason.reason, i) in seen:  # Dynamo may record a break again on restart
+            continue
+        seen.add((location, reason.reason, i))
         splits = None
         # A loss in the next graph whose logits are a graph input shaped like one of this
         # graph's outputs: the logits were computed here and crossed the break.
-        if i + 1 < len(facts):
+        if i is not None and i + 1 < len(facts):
             for loc, name, shape in facts[i + 1].losses_on_inputs:
-                if shape in f.output_shapes:
+                if shape in facts[i].output_shapes:
                     splits = (
                         f"loss at {short_location(loc)} (graph {i + 1}) reads "
                         f"`{_local_name(name)}` from graph {i}"
@@ -362,6 +370,16 @@ def _graph_breaks(facts: list[_GraphFacts]) -> list[GraphBreak]:
                     break
         breaks.append(GraphBreak(i, location, reason.reason, splits))
     return breaks
+
+
+def _break_reasons() -> list:
+    # Dynamo appends every GraphCompileReason with graph_break=True to this list (private;
+    # present on 2.11 and 2.13). Without it, breaks are read from the graphs they ended.
+    try:
+        from torch._dynamo.utils import graph_break_reasons
+    except ImportError:
+        return []
+    return graph_break_reasons
 
 
 def _local_name(placeholder: str) -> str:
@@ -424,8 +442,14 @@ def inspect(model_or_fn: Callable, *example_args, **example_kwargs) -> Report:
         )
         return gm.forward
 
+    all_reasons = _break_reasons()
+    start = len(all_reasons)
     torch.compile(model_or_fn, backend=capture)(*example_args, **example_kwargs)
-    return Report(records, _graph_breaks(facts))
+    reasons = list(all_reasons[start:]) if all_reasons is _break_reasons() else []
+    # Breaks the list missed (it was reset meanwhile, or is not there) still show from their graphs.
+    known = {id(r) for r in reasons}
+    reasons += [f.break_reason for f in facts if f.break_reason is not None and id(f.break_reason) not in known]
+    return Report(records, _graph_breaks(facts, reasons))
 
 
 # --------------------------------------------------------------------------------------------
