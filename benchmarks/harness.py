@@ -1,0 +1,253 @@
+"""Problems, inputs, timing and peak-memory measurement shared by every benchmark case.
+
+Every measurement is of one training step of the loss: forward AND backward, gradients of the
+inputs that require grad written (``.grad`` cleared first, so each step allocates its gradients
+the way a real step does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+import threading
+import time
+import warnings
+from typing import Callable
+
+import torch
+
+# Cases:
+#   ce    logits (N, V) leaf requiring grad -> loss; grad = d loss / d logits
+#   head  hidden (N, D), weight (V, D) leaves -> logits = hidden @ weight.T -> loss
+#   step  the ce step, restricted to the comparison the op promises on CPU (smoothce vs Inductor)
+CASES = ("ce", "head", "step")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Rows of the gradients kept for the correctness check (the full gradient of an LLM-sized step
+# is tens of GB: a slice is enough to catch a wrong kernel).
+CHECK_ROWS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    case: str
+    n: int
+    v: int
+    d: int | None  # hidden size, head case only
+    dtype: str
+    smoothing: float
+    device: str
+
+    def __post_init__(self):
+        if self.case not in CASES:
+            raise ValueError(f"case must be one of {CASES}, got {self.case!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if (self.case == "head") != (self.d is not None):
+            raise ValueError(f"hidden size d is for the head case only, got case={self.case!r} d={self.d!r}")
+        if not 0.0 <= self.smoothing <= 1.0:
+            raise ValueError(f"label smoothing must be in [0, 1], got {self.smoothing!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.torch_dtype).element_size()
+
+    @property
+    def logits_bytes(self) -> int:
+        return self.n * self.v * self.itemsize
+
+    def bytes_moved(self) -> int | None:
+        """Effective traffic of an ideal fused loss+gradient kernel: one read of the logits and
+        one write of their gradient. Only meaningful where the logits are an input (ce, step)."""
+        return 2 * self.logits_bytes if self.case in ("ce", "step") else None
+
+    def flops(self) -> int | None:
+        """Head case: logits = h W^T (2NDV), dh = g W (2NDV), dW = g^T h (2NDV)."""
+        return 6 * self.n * self.d * self.v if self.case == "head" else None
+
+    def label(self) -> str:
+        shape = f"N={self.n} V={self.v}" + (f" D={self.d}" if self.d else "")
+        return f"{self.case} {shape} {self.dtype} ls={self.smoothing:g}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Inputs:
+    args: tuple  # positional arguments of the loss function
+    leaves: list  # tensors whose .grad the step writes
+
+    def clear_grads(self) -> None:
+        for t in self.leaves:
+            t.grad = None
+
+
+def make_inputs(p: Problem, seed: int = 0) -> Inputs:
+    """Deterministic inputs built on the target device (no host round trip for GPU-sized ones)."""
+    g = torch.Generator(device=p.device).manual_seed(seed)
+    target = torch.randint(0, p.v, (p.n,), device=p.device, generator=g)
+    if p.case in ("ce", "step"):
+        # Logit scale ~2 gives a softmax that is neither uniform nor one-hot.
+        logits = torch.randn(p.n, p.v, device=p.device, generator=g).mul_(2.0).to(p.torch_dtype)
+        logits.requires_grad_()
+        return Inputs((logits, target), [logits])
+    hidden = torch.randn(p.n, p.d, device=p.device, generator=g).to(p.torch_dtype).requires_grad_()
+    weight = torch.randn(p.v, p.d, device=p.device, generator=g).mul_(2.0 / p.d**0.5)
+    weight = weight.to(p.torch_dtype).requires_grad_()
+    return Inputs((hidden, weight, target), [hidden, weight])
+
+
+def make_step(loss_fn: Callable, inputs: Inputs) -> Callable[[], torch.Tensor]:
+    def step():
+        inputs.clear_grads()
+        loss = loss_fn(*inputs.args)
+        if isinstance(loss, tuple):  # some peers return (loss, z_loss)
+            loss = loss[0]
+        loss.backward()
+        return loss
+
+    return step
+
+
+def first_call(step: Callable) -> tuple[torch.Tensor, list[str]]:
+    """Run the step once (compiles, autotunes), returning the loss and the warnings it raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss = step()
+    return loss.detach(), [str(w.message) for w in caught]
+
+
+# ---------------------------------------------------------------------------------------------
+# Correctness guard: a broken method must not look fast.
+
+
+@dataclasses.dataclass
+class Reference:
+    loss: float
+    grads: list  # first CHECK_ROWS rows of each leaf's gradient, float32 on CPU
+
+
+def snapshot(loss: torch.Tensor, inputs: Inputs) -> Reference:
+    return Reference(
+        float(loss.float()),
+        [t.grad[:CHECK_ROWS].float().cpu().clone() for t in inputs.leaves],
+    )
+
+
+def compare(ref: Reference, got: Reference, dtype: str) -> str | None:
+    """None when ``got`` matches ``ref`` within the dtype's tolerance, else what differs."""
+    # Low-precision outputs round each gradient entry to 8 (bf16) / 11 (fp16) bits; accumulation
+    # order differs between methods, so compare against the reference's scale, not entrywise.
+    rtol = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 5e-3}[dtype]
+    if not abs(got.loss - ref.loss) <= rtol * max(abs(ref.loss), 1.0):
+        return f"loss {got.loss:.6g} != {ref.loss:.6g}"
+    for i, (r, g) in enumerate(zip(ref.grads, got.grads)):
+        scale = r.abs().max().item() or 1.0
+        err = (r - g).abs().max().item()
+        if not err <= 10 * rtol * scale:
+            return f"grad[{i}] max err {err:.3g} (scale {scale:.3g})"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+
+def time_step(step: Callable, device: str, min_run_time: float) -> tuple[float, float]:
+    """(median, interquartile range) of one step, in milliseconds. The step has run once."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        # do_bench flushes L2 between calls and synchronizes; quantiles give median and IQR.
+        q20, q50, q80 = do_bench(step, warmup=25, rep=int(min_run_time * 1000), quantiles=[0.25, 0.5, 0.75])
+        return q50, q80 - q20
+    from torch.utils.benchmark import Timer
+
+    step()  # one more warm-up: the first call compiled, this one warms caches and allocator
+    timer = Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=min_run_time)
+    return m.median * 1e3, m.iqr * 1e3
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory
+#
+# GPU: torch.cuda.max_memory_allocated() during one step, minus what was allocated before it
+#      (inputs, compiled code's constants; gradients cleared). Exact, allocator-level.
+# CPU: resident set size of a fresh process (one per method and shape): VmHWM (the kernel's
+#      high-water mark, reset through /proc/self/clear_refs) during one step, minus the resident
+#      size just before it. The process runs with a fixed glibc mmap threshold, so every tensor
+#      above 128 KiB is its own mapping that is returned to the OS when freed: RSS then follows
+#      live tensors instead of a heap that keeps freed memory. Where clear_refs cannot be written
+#      a thread samples /proc/self/statm every 0.2 ms instead (can miss a very short peak).
+
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
+def peak_cuda(step: Callable, inputs: Inputs) -> int:
+    inputs.clear_grads()
+    gc.collect()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+def _hwm() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_cpu(step: Callable, inputs: Inputs) -> tuple[int, str]:
+    """(peak resident bytes above the pre-step baseline, how it was measured)."""
+    inputs.clear_grads()
+    gc.collect()
+    base = _rss()
+    if _reset_hwm() and _hwm() <= base + 16 * _PAGE:
+        step()
+        # HWM was reset to the resident size at the reset, a page or two under `base` at most.
+        return max(_hwm() - base, 0), "VmHWM"
+    peak = [base]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.0002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    step()
+    peak[0] = max(peak[0], _rss())
+    stop.set()
+    sampler.join()
+    return peak[0] - base, "statm sampled"

@@ -1,0 +1,86 @@
+"""What a benchmarked method is, and the availability checks the cases share.
+
+A method builds, for one problem, a loss function of the case's positional inputs. It may be
+unavailable (a module not installed, a config this torch lacks, a kernel that needs CUDA): then
+it reports why, and the row says so instead of a number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from typing import Callable
+
+import torch
+
+from benchmarks.harness import Problem
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str  # the --methods key and the JSON "method"
+    label: str  # legend text
+    build: Callable[[Problem], Callable]  # problem -> loss_fn(*inputs.args)
+    unavailable: Callable[[Problem], str | None] = lambda p: None  # why it cannot run, or None
+    # Given the warnings of the first call, a note to attach to the row (e.g. "falls back").
+    diagnose: Callable[[Problem, list[str]], str | None] = lambda p, warnings: None
+    # After the first call: a note from the method's own bookkeeping (e.g. rewrites found).
+    inspect: Callable[[Problem], str | None] = lambda p: None
+
+
+def has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def needs_cuda(p: Problem) -> str | None:
+    return None if p.device == "cuda" else "needs CUDA"
+
+
+def liger_unavailable(p: Problem) -> str | None:
+    if not has_module("liger_kernel"):
+        return "not installed"
+    return needs_cuda(p)
+
+
+def smoothce_backend_unavailable(p: Problem) -> str | None:
+    return None if has_module("smoothce.compiler.backend") else "n/a (backend not built)"
+
+
+def auto_chunker_key() -> str | None:
+    """Inductor's opt-in chunking pass: ``auto_chunker.enable`` on 2.13; older trees spelled the
+    section ``AutoChunker``. None when this torch has neither."""
+    import torch._inductor.config as inductor_config
+
+    keys = getattr(inductor_config, "_config", {})
+    for key in ("auto_chunker.enable", "AutoChunker.enable"):
+        if key in keys:
+            return key
+    return None
+
+
+def auto_chunker_unavailable(p: Problem) -> str | None:
+    return None if auto_chunker_key() else f"n/a (no auto_chunker in torch {torch.__version__})"
+
+
+def compile_module(module: torch.nn.Module, backend: str, options: dict | None = None) -> Callable:
+    # dynamic=False: every shape gets its own specialised code, as a training run with fixed
+    # shapes would (and automatic-dynamic recompiles do not leak between rows).
+    return torch.compile(module, backend=backend, dynamic=False, options=options)
+
+
+def smoothce_rewrites(p: Problem) -> str | None:
+    """How many cross-entropy losses the smoothce backend rewrote (0 means the row measured
+    plain Inductor)."""
+    try:
+        from smoothce.compiler.backend import rewrite_pass
+    except ImportError:
+        return None
+    results = getattr(rewrite_pass, "results", None)
+    if not results:
+        return "no graph rewritten"
+    n = sum(len(r.matches) for r in results)
+    rewrite_pass.clear()
+    return None if n else "0 rewrites: measured plain Inductor"

@@ -1,0 +1,123 @@
+"""Measurements that need a fresh process: CPU peak memory and cold compile time.
+
+Invoked by the runner as ``python -m benchmarks.worker '<json>'``; prints one JSON object per line.
+    {"job": "memory", "method": ..., "problems": [...], "threads": k}
+        -> per problem {"peak_bytes": int, "memory_method": str} or {"error": str}
+    {"job": "compile", "backend": ..., "device": ..., "threads": k}
+        -> {"first_call_s": float, "steady_ms": float, "rewrites": int | None} or {"error": str}
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import sys
+import time
+import traceback
+
+
+def _error(exc: BaseException) -> dict:
+    lines = str(exc).strip().splitlines()
+    return {"error": f"{type(exc).__name__}: {lines[0] if lines else ''}"[:200]}
+
+
+def memory_job(job: dict) -> None:
+    from benchmarks.harness import Problem, first_call, make_inputs, make_step, peak_cpu
+    from benchmarks.runner import find_method
+
+    for spec in job["problems"]:
+        p = Problem(**spec)
+        try:
+            method = find_method(p.case, job["method"])
+            inputs = make_inputs(p)
+            step = make_step(method.build(p), inputs)
+            first_call(step)  # compile and warm up before the baseline is taken
+            peak, how = peak_cpu(step, inputs)
+            out = {"peak_bytes": peak, "memory_method": how}
+        except Exception as exc:  # reported in the row, the next problem still runs
+            out = _error(exc)
+        print(json.dumps(out), flush=True)
+        inputs = step = None
+        gc.collect()
+
+
+class TinyLM:
+    """Embedding -> pre-norm MLP block -> LM head -> label-smoothed cross-entropy (V=8192, D=256)."""
+
+    V, D, BATCH, SEQ, SMOOTHING = 8192, 256, 4, 256, 0.1
+
+    @classmethod
+    def build(cls, device):
+        import torch
+        import torch.nn.functional as F
+
+        class Model(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.embed = torch.nn.Embedding(cls.V, cls.D)
+                self.norm = torch.nn.LayerNorm(cls.D)
+                self.up = torch.nn.Linear(cls.D, 4 * cls.D)
+                self.down = torch.nn.Linear(4 * cls.D, cls.D)
+                self.head = torch.nn.Linear(cls.D, cls.V, bias=False)
+
+            def forward(self, idx, target):
+                h = self.embed(idx)
+                h = h + self.down(F.gelu(self.up(self.norm(h))))
+                logits = self.head(h)
+                return F.cross_entropy(logits.flatten(0, 1), target.flatten(), label_smoothing=cls.SMOOTHING)
+
+        g = torch.Generator().manual_seed(0)
+        idx = torch.randint(0, cls.V, (cls.BATCH, cls.SEQ), generator=g).to(device)
+        target = torch.randint(0, cls.V, (cls.BATCH, cls.SEQ), generator=g).to(device)
+        return Model().to(device), idx, target
+
+
+def compile_job(job: dict) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    model, idx, target = TinyLM.build(job["device"])
+    compiled = torch.compile(model, backend=job["backend"], dynamic=False)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = compiled(idx, target)
+        loss.backward()
+        if job["device"] == "cuda":
+            torch.cuda.synchronize()
+
+    try:
+        t0 = time.perf_counter()
+        step()
+        first = time.perf_counter() - t0
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        out = {"first_call_s": first, "steady_ms": statistics.median(times) * 1e3, "rewrites": None}
+        if job["backend"] == "smoothce":
+            from smoothce.compiler.backend import rewrite_pass
+
+            out["rewrites"] = sum(len(r.matches) for r in rewrite_pass.results)
+    except Exception as exc:
+        out = _error(exc)
+    print(json.dumps(out), flush=True)
+
+
+def main(argv: list[str]) -> int:
+    job = json.loads(argv[1])
+    import torch
+
+    torch.set_num_threads(job["threads"])
+    try:
+        {"memory": memory_job, "compile": compile_job}[job["job"]](job)
+    except Exception:
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv))
