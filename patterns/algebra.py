@@ -167,9 +167,17 @@ class RowV:
 @dataclasses.dataclass(frozen=True)
 class ScalarV:
     row: RowV
-    kind: Any  # "sum" | "mean" | ("mean_valid", weight node or None)
+    kind: Any  # "sum" | "mean" | ("mean_valid", weight node or None) | ("div", count node): sum / count
     rows: Optional[int]  # number of rows reduced (static), for mixing 'mean' and 'sum'
     seeds: frozenset = dataclasses.field(default=frozenset(), compare=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class DivisorV:
+    """factor * node for a one-element tensor node (a token count): what sums get divided by."""
+
+    node: Node
+    factor: Fraction
 
 
 CARRYING = (RowV, ScalarV)
@@ -222,7 +230,7 @@ def add(v1, v2, s: Fraction = Q(1)):
         k1, k2, r1, r2 = v1.kind, v2.kind, v1.row, v2.row
         if k1 != k2:
             # mean = sum / rows when the row count is a static number
-            if {k1, k2} != {"sum", "mean"} or v1.rows is None or v2.rows is None:
+            if not {k1, k2} <= {"sum", "mean"} or v1.rows is None or v2.rows is None:
                 raise Reject(f"cannot add a {k1} and a {k2} reduction")
             if k1 == "mean":
                 r1 = scale(r1, Q(1, v1.rows))

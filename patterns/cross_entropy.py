@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from fractions import Fraction
 from typing import Any, Optional
 
@@ -60,6 +61,7 @@ class Plan:
     logits: Optional[Node] = None  # what the op reads (x, or x's input when the softcap is absorbed)
     softcap_nodes: tuple = ()
     softcap_view: Optional[Node] = None  # a view between the softcap and the loss, replayed on x0
+    divisor: Optional[Node] = None  # the op's sum is divided by this count tensor
 
     @property
     def classes(self) -> int:
@@ -137,6 +139,8 @@ def _finalize(value, sink: Node) -> Plan:
         reduction = "none"
     elif kind == "sum":
         reduction = "sum"
+    elif isinstance(kind, tuple) and kind[0] == "div":
+        reduction = "sum"
     elif kind == "mean":
         # a plain mean over all rows is the op's mean only when no row is dropped and unweighted
         reduction, mean_after = ("mean", False) if not row.conds and weight is None else ("none", True)
@@ -149,8 +153,11 @@ def _finalize(value, sink: Node) -> Plan:
             raise Reject("a weighted mean with a z-loss term")
     if fake(x) is None or not fake(x).dtype.is_floating_point:
         raise Reject("the logits are not a floating-point tensor")
-    return Plan(sink, x, cd, dtype, label, weight, a, b, c, z, row.conds, reduction, mean_after,
+    plan = Plan(sink, x, cd, dtype, label, weight, a, b, c, z, row.conds, reduction, mean_after,
                 value.seeds if isinstance(value, ScalarV) else row.seeds)
+    if isinstance(kind, tuple) and kind[0] == "div":
+        plan.divisor = kind[1]
+    return plan
 
 
 # ------------------------------------------------------------------------------------------------
@@ -167,12 +174,13 @@ def _what(value) -> str:
 
 
 def _cone(interp: Interpretation, sink: Node) -> list[Node]:
-    """Nodes with logit-reading values that the sink's value is computed from (sink included)."""
+    """Nodes with logit-reading values that the sink's value is computed from (sink included),
+    and the in-place ops that changed them."""
     seen, stack, order = {sink}, [sink], []
     while stack:
         n = stack.pop()
         order.append(n)
-        for a in n.all_input_nodes:
+        for a in [*n.all_input_nodes, *interp.inplace.get(n, ())]:
             if a not in seen and carries_logits(interp.values.get(a)):
                 seen.add(a)
                 stack.append(a)
@@ -181,7 +189,24 @@ def _cone(interp: Interpretation, sink: Node) -> list[Node]:
 
 def analyze_cross_entropy(gm: torch.fx.GraphModule) -> tuple[list[Plan], list[NearMiss]]:
     """Plans for the losses that can be rewritten, near misses for the rest. Changes nothing."""
+    plans, misses, _ = _analyze(gm)
+    return plans, misses
+
+
+def _mutations(gm) -> dict:
+    """node -> in-place ops (Tensor methods ending in '_') that change it."""
+    out: dict = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_method" and n.target.endswith("_") and not n.target.endswith("__") and n.args:
+            if isinstance(n.args[0], Node):
+                out.setdefault(n.args[0], []).append(n)
+    return out
+
+
+def _analyze(gm: torch.fx.GraphModule):
     interp = Interpretation(gm.graph)
+    mutated = _mutations(gm)
+    understood = {m for ms in interp.inplace.values() for m in ms}
     values = interp.values
     plans: list[Plan] = []
     misses: dict[tuple, NearMiss] = {}
@@ -198,6 +223,7 @@ def analyze_cross_entropy(gm: torch.fx.GraphModule) -> tuple[list[Plan], list[Ne
     work = [n for n in gm.graph.nodes if carries_logits(values.get(n))
             and any(not carries_logits(values.get(u)) for u in n.users)]
     queued = set(work)
+    handed_down: set = set()
     while work:
         node = work.pop(0)
         value = values[node]
@@ -205,8 +231,8 @@ def analyze_cross_entropy(gm: torch.fx.GraphModule) -> tuple[list[Plan], list[Ne
         try:
             plan = _finalize(value, node)
         except Reject as err:
-            if has_seed:
-                u = next((u for u in node.users if not carries_logits(values.get(u))), node.next)
+            if has_seed and node not in handed_down:
+                u = next(u for u in node.users if not carries_logits(values.get(u)))
                 reason = interp.why.get(u) or (
                     f"{_what(value)} also read at {location(u)} ({describe(u).split(' at ')[0]})"
                     if u.op != "output" else f"{_what(value)} returned from the graph: {err}")
@@ -215,11 +241,21 @@ def analyze_cross_entropy(gm: torch.fx.GraphModule) -> tuple[list[Plan], list[Ne
             for a in node.all_input_nodes:
                 if carries_logits(values.get(a)) and a not in queued:
                     queued.add(a)
+                    handed_down.add(a)
                     work.append(a)
             continue
         plan.cone = _cone(interp, node)
         inside = set(plan.cone)
         bad = None
+        # the op runs at the sink: an in-place change of what it reads would be seen differently
+        reads = [plan.x, plan.label.base, plan.weight, plan.divisor, *(c.node for c in plan.conds)]
+        changed = [(r, m) for r in reads if r is not None for m in mutated.get(r, ()) if m not in understood]
+        if changed:
+            r, m = changed[0]
+            s = first_seed(value, node)
+            reason = f"{r.name} is changed in place by {describe(m)}"
+            misses.setdefault((s, reason), NearMiss(s.name, location(s), reason))
+            continue
         for n in plan.cone:
             if n is node:
                 continue
@@ -245,7 +281,7 @@ def analyze_cross_entropy(gm: torch.fx.GraphModule) -> tuple[list[Plan], list[Ne
                 misses.setdefault((s, reason), NearMiss(s.name, location(s), reason))
     # drop near misses of seeds that a plan rewrote (e.g. an unrelated rejected reader elsewhere)
     done = {s for p in plans for s in p.seeds}
-    return plans, [m for (s, _), m in misses.items() if s not in done]
+    return plans, [m for (s, _), m in misses.items() if s not in done], understood
 
 
 # ------------------------------------------------------------------------------------------------
@@ -429,6 +465,8 @@ def _emit(gm: torch.fx.GraphModule, plan: Plan, fake_mode) -> Node:
             loss = call("call_method", "reshape", (loss, *shape(sink)))
         if plan.mean_after:
             loss = call("call_method", "mean", (loss,))
+        if plan.divisor is not None:
+            loss = call("call_function", operator.truediv, (loss, plan.divisor))
         want = fake(sink).dtype if fake(sink) is not None else None
         if want is not None and fake(loss) is not None and fake(loss).dtype != want:
             loss = call("call_method", "to", (loss, want))
@@ -436,8 +474,9 @@ def _emit(gm: torch.fx.GraphModule, plan: Plan, fake_mode) -> Node:
     return ignore
 
 
-def _erase_dead(gm: torch.fx.GraphModule, candidates: list[Node]) -> list[str]:
-    """Erase candidates (and their inputs) that nothing reads any more; pure ops only."""
+def _erase_dead(gm: torch.fx.GraphModule, candidates: list[Node], inplace=frozenset()) -> list[str]:
+    """Erase candidates (and their inputs) that nothing reads any more: pure ops, and the in-place
+    ops the interpretation understood (they only changed the nodes being erased)."""
     erased = []
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     pending = set(candidates)
@@ -447,7 +486,7 @@ def _erase_dead(gm: torch.fx.GraphModule, candidates: list[Node]) -> list[str]:
         if n.users or n.op not in ("call_function", "call_method") or n.graph is not gm.graph:
             continue
         name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
-        if name.endswith("_") and not name.endswith("__") or n.is_impure():
+        if n not in inplace and (name.endswith("_") and not name.endswith("__") or n.is_impure()):
             continue  # in-place ops and side effects stay
         inputs = n.all_input_nodes
         erased.append(n.name)
@@ -458,7 +497,7 @@ def _erase_dead(gm: torch.fx.GraphModule, candidates: list[Node]) -> list[str]:
 
 def rewrite_cross_entropy(gm: torch.fx.GraphModule) -> RewriteResult:
     """Rewrite every provable cross-entropy loss in ``gm`` into one fused op call (in place)."""
-    plans, near_misses = analyze_cross_entropy(gm)
+    plans, near_misses, inplace = _analyze(gm)
     result = RewriteResult(near_misses=list(near_misses))
     if not plans:
         return result
@@ -474,7 +513,7 @@ def rewrite_cross_entropy(gm: torch.fx.GraphModule) -> RewriteResult:
         except Reject as err:
             result.near_misses.append(NearMiss(plan.sink.name, location(plan.sink), str(err)))
             continue
-        erased = _erase_dead(gm, [plan.sink, *plan.cone, *plan.softcap_nodes])
+        erased = _erase_dead(gm, [plan.sink, *plan.cone, *plan.softcap_nodes], inplace)
         params = {
             **extra,
             "target_coef": float(plan.a), "uniform_coef": float(plan.b), "constant": float(plan.c),

@@ -21,7 +21,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from smoothce.patterns.algebra import (
-    CondAtom, CondV, ElemV, LabelV, Q, Reject, RowV, ScalarV, WeightAtV, add, carries_logits,
+    CondAtom, CondV, DivisorV, ElemV, LabelV, Q, Reject, RowV, ScalarV, WeightAtV, add, carries_logits,
     elem_class_sum, elem_gather, elem_mul, elem_times_weight, row_times_row, row_times_weight_at,
     scale, with_conds,
 )
@@ -75,6 +75,14 @@ _METHODS = {
 }
 
 
+# In-place methods understood when they mutate a fresh loss intermediate (HF's LabelSmoother
+# masks its per-row terms with masked_fill_): the mutated node takes the new value from then on.
+INPLACE = {"masked_fill_": "masked_fill", "mul_": "mul", "div_": "div", "neg_": "neg"}
+# Ops whose result never aliases its input, so an in-place change of it affects nothing else.
+FRESH = {"gather", "sum", "mean", "mul", "add", "sub", "div", "neg", "log_softmax", "cross_entropy",
+         "nll_loss", "masked_fill", "where", "logsumexp", "pow", "square"}
+
+
 def op_name(node: Node) -> Optional[str]:
     if node.op == "call_function":
         try:
@@ -82,7 +90,7 @@ def op_name(node: Node) -> Optional[str]:
         except TypeError:  # unhashable target
             return None
     if node.op == "call_method":
-        return _METHODS.get(node.target)
+        return _METHODS.get(node.target) or INPLACE.get(node.target)
     return None
 
 
@@ -260,6 +268,7 @@ class Interpretation:
         self.graph = graph
         self.values: dict[Node, Any] = {}
         self.why: dict[Node, str] = {}
+        self.inplace: dict[Node, list[Node]] = {}  # mutated node -> the in-place ops on it
         for node in graph.nodes:
             try:
                 value = self._eval(node)
@@ -308,7 +317,18 @@ class Interpretation:
         if handler is None:
             return None
         first, kw = bind(node, op)
-        return handler(node, first, kw)
+        value = handler(node, first, kw)
+        if node.op == "call_method" and node.target in INPLACE:
+            if not carries_logits(self.values.get(first)):
+                return None
+            if op_name(first) not in FRESH:
+                raise Reject(f"in-place {node.target} on {first.name}, which may alias other tensors")
+            if value is None:
+                raise Reject(f"in-place {node.target} on a loss value ({describe(node)})")
+            # readers after this point see the mutated value
+            self.values[first] = value
+            self.inplace.setdefault(first, []).append(node)
+        return value
 
     # log-probabilities and their pieces
 
@@ -650,6 +670,10 @@ class Interpretation:
         if isinstance(vb, Fraction):
             if isinstance(va, (RowV, ElemV, ScalarV)):
                 return scale(va, vb)
+            if isinstance(va, DivisorV):
+                return DivisorV(va.node, va.factor * vb)
+            if va is None and _is_scalar_tensor(a):
+                return DivisorV(a, vb)
             return None
         if isinstance(va, ElemV):
             if isinstance(vb, ElemV):
@@ -705,7 +729,18 @@ class Interpretation:
             return va / vb
         if isinstance(vb, Fraction) and vb != 0 and isinstance(va, (RowV, ElemV, ScalarV)):
             return scale(va, 1 / vb)
-        return None  # e.g. a sum divided by a token count: kept as user arithmetic
+        if isinstance(va, ScalarV) and (isinstance(vb, DivisorV) or vb is None and _is_scalar_tensor(b)):
+            # a sum divided by a count tensor (times a constant): the op's sum, then the same
+            # division; terms divided by the same count may still be combined
+            d = vb if isinstance(vb, DivisorV) else DivisorV(b, Q(1))
+            if d.factor == 0:
+                return None
+            if va.kind == "mean" and va.rows is not None:
+                va = ScalarV(scale(va.row, Q(1, va.rows)), "sum", va.rows, va.seeds)
+            if va.kind != "sum":
+                raise Reject(f"a {va.kind} reduction is divided by {b.name}")
+            return ScalarV(scale(va.row, 1 / d.factor), ("div", d.node), va.rows, va.seeds)
+        return None
 
     def _op_pow(self, node, a, kw):
         v = self.val(a)
@@ -900,6 +935,11 @@ class Interpretation:
         if carries_logits(v):
             raise Reject(f"the loss is detached ({describe(node)})")
         return None
+
+
+def _is_scalar_tensor(node) -> bool:
+    t = fake(node)
+    return t is not None and t.numel() == 1 and t.dim() <= 1
 
 
 def _keep(shp, cd):
