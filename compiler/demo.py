@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _validate(args) -> None:
-    from smoothce.__main__ import CliError
+    from smoothce.compiler.cli import CliError
 
     for name in ("steps", "vocab", "dim", "seq", "batch"):
         if getattr(args, name) < 1:
@@ -195,7 +195,7 @@ def _device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        from smoothce.__main__ import CliError
+        from smoothce.compiler.cli import CliError
 
         raise CliError("--device cuda, but torch sees no CUDA device")
     return name
