@@ -49,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--smoothing", type=_floats, default=None, help="override label smoothing values (default 0,0.1)")
     ap.add_argument("--min-run-time", type=float, default=None,
                     help="seconds of timed runs per row (default 1.0, --quick 0.3; GPU: do_bench rep)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for torch (default: torch's default). On a shared machine 1 "
+                         "avoids OpenMP workers spinning against other processes")
     ap.add_argument("--note", action="append", default=[], help="free text stored in the JSON (repeatable)")
     ap.add_argument("--list", action="store_true", help="list cases and methods, then exit")
     return ap.parse_args(argv)
@@ -88,6 +91,11 @@ def main(argv=None) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
         return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
     min_run_time = args.min_run_time or (0.3 if args.quick else 1.0)
     opts = runner.Options(
         device=device,
@@ -103,7 +111,7 @@ def main(argv=None) -> int:
     record = runner.run(opts)
     record["config"] = {
         "cases": list(args.case), "methods": list(args.methods) if args.methods else None, "quick": args.quick,
-        "min_run_time_s": min_run_time, "argv": sys.argv[1:] if argv is None else list(argv),
+        "min_run_time_s": min_run_time, "threads": torch.get_num_threads(), "argv": sys.argv[1:] if argv is None else list(argv),
     }
     record["notes"] = args.note
     print(report.table(record))

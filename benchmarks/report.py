@@ -167,6 +167,7 @@ def plot(record: dict, out_dir: str, stem: str) -> list[str]:
         ax.set_xlabel("vocabulary size V")
         ax.grid(True, which="both", alpha=0.3)
 
+    os.makedirs(out_dir, exist_ok=True)
     dev = record["device"]
     subtitle = (f"{dev['name']} ({dev['type']}), torch {record['torch']}, triton {record['triton']}, "
                 f"{record['date'][:10]}")

@@ -203,7 +203,8 @@ def base_row(p: Problem, m: Method) -> dict:
 def time_problem(p: Problem, methods: list[Method], opts: Options, progress: Progress, peak_bw) -> list[dict]:
     inputs = make_inputs(p)
     # Reference: eager PyTorch on the same inputs (loss and the first gradient rows).
-    ref_step = make_step(methods_for(p.case)["eager"].build(p), inputs)
+    eager = (linear_cross_entropy if p.case == "head" else cross_entropy).METHODS["eager"]
+    ref_step = make_step(eager.build(p), inputs)
     reference = snapshot(ref_step().detach(), inputs)
     inputs.clear_grads()
     rows = []
