@@ -22,7 +22,7 @@ from smoothce.compiler.passes import CrossEntropyPass
 
 # The pass both backends run. ``rewrite_pass.results`` holds one RewriteResult per compiled graph
 # (forward graphs only: the rewrite happens before autograd), ``rewrite_pass.clear()`` resets it.
-rewrite_pass = CrossEntropyPass()
+rewrite_pass = CrossEntropyPass(label="smoothce backend graph")
 
 
 def smoothce_backend(

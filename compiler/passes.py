@@ -44,15 +44,17 @@ class CrossEntropyPass(compat.CustomGraphPass):
     graph adds no result.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, label: str = "graph") -> None:
+        self.label = label  # names the graphs in TORCH_LOGS=smoothce output
         self.results: list = []  # one RewriteResult per graph this pass ran on
         self._uuid: str | None = None
 
     def rewrite(self, gm: torch.fx.GraphModule):
-        # The detector is imported on first use: importing smoothce must stay cheap and inert.
+        # Imported on first use: importing smoothce must stay cheap and inert.
+        from smoothce.compiler.inspect import rewrite_and_log
         from smoothce.patterns.cross_entropy import rewrite_cross_entropy
 
-        result = rewrite_cross_entropy(gm)
+        result = rewrite_and_log(gm, rewrite_cross_entropy, name=self.label)
         self.results.append(result)
         return result
 

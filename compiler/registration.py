@@ -42,7 +42,7 @@ def register_patterns() -> CrossEntropyPass:
     current = registered_pass()
     if current is not None:
         return current
-    new_pass = CrossEntropyPass()
+    new_pass = CrossEntropyPass(label="Inductor pre-grad graph")
     previous = compat.get_pre_grad_pass()
     installed = compat.chain_pre_grad_pass(previous, new_pass)
     compat.set_pre_grad_pass(installed)
