@@ -178,6 +178,29 @@ def _section(title: str, columns: list[Column], rows: list[list[str]], width: in
     return [f"{title}:", table(columns, rows, width)]
 
 
+def _loss_sections(matches: list[Match], near_misses: list[NearMiss], width: int) -> list[str]:
+    rows = [
+        [str(i), short_location(m.location), m.family, format_params(m.params), _plural(len(m.replaced), "node")]
+        for i, m in enumerate(matches, 1)
+    ]
+    out = _section(
+        "Rewritten losses",
+        [Column("#", "fixed"), Column("location", "path", 18), Column("family", min_width=12),
+         Column("parameters", min_width=20), Column("replaces", "fixed")],
+        rows,
+        width,
+    )
+    rows = [[str(i), short_location(n.location), n.node, n.reason] for i, n in enumerate(near_misses, 1)]
+    out += [""] + _section(
+        "Near misses",
+        [Column("#", "fixed"), Column("location", "path", 18), Column("node", min_width=14),
+         Column("reason", min_width=20)],
+        rows,
+        width,
+    )
+    return out
+
+
 def _render(report: Report, width: int, code: bool) -> str:
     breaks = report.graph_breaks
     splitting = sum(b.splits_loss is not None for b in breaks)
@@ -187,26 +210,7 @@ def _render(report: Report, width: int, code: bool) -> str:
         f"{_plural(len(report.graphs), 'graph')}, {_plural(len(breaks), 'graph break')}"
         + (f" ({splitting} between a loss and its logits)" if splitting else "")
     )
-    out = [paragraph(head, width), ""]
-    rows = [
-        [str(i), short_location(m.location), m.family, format_params(m.params), _plural(len(m.replaced), "node")]
-        for i, m in enumerate(report.matches, 1)
-    ]
-    out += _section(
-        "Rewritten losses",
-        [Column("#", "fixed"), Column("location", "path", 18), Column("family", min_width=12),
-         Column("parameters", min_width=20), Column("replaces", "fixed")],
-        rows,
-        width,
-    )
-    rows = [[str(i), short_location(n.location), n.node, n.reason] for i, n in enumerate(report.near_misses, 1)]
-    out += [""] + _section(
-        "Near misses",
-        [Column("#", "fixed"), Column("location", "path", 18), Column("node", min_width=14),
-         Column("reason", min_width=20)],
-        rows,
-        width,
-    )
+    out = [paragraph(head, width), ""] + _loss_sections(report.matches, report.near_misses, width)
     if breaks:
         rows = [
             [str(i), short_location(b.location), _short_reason(b.reason), b.splits_loss or "-"]
@@ -472,15 +476,15 @@ def log_rewrite(gm_name: str, result: RewriteResult, before_code: str | None = N
     """Report one backend rewrite: ``TORCH_LOGS=smoothce`` logs its table, ``+smoothce`` also
     the code before/after; with TORCH_TRACE the JSON lands in tlparse as ``smoothce_report``.
     Costs nothing beyond two checks when neither is on."""
-    cid = _compile_id()
-    label = f"[{cid}] {gm_name}" if cid else gm_name
+    # torch's log format already shows the compile id ([0/0]) on every line.
+    label = gm_name
     if log.isEnabledFor(logging.INFO):
         if result.matches or result.near_misses:
-            record = GraphRecord(0, gm_name, result, before_code or "", after_code or "", 0, 0)
-            text = _render(Report([record]), terminal_width(), code=False)
-            # The graphs table says nothing new for one graph: keep the losses and near misses.
-            text = text.split("\n\nGraphs:")[0]
-            log.info("smoothce rewrite of %s\n%s", label, text)
+            text = "\n".join(_loss_sections(result.matches, result.near_misses, terminal_width()))
+            log.info(
+                "smoothce rewrite of %s: %s rewritten, %s\n%s", label, _plural(len(result.matches), "loss"),
+                _plural(len(result.near_misses), "near miss"), text,
+            )
         else:
             log.info("smoothce rewrite of %s: no cross-entropy found", label)
     if log.isEnabledFor(logging.DEBUG):
