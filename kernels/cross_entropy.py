@@ -199,7 +199,7 @@ def _launch_triton(x3, y2, weight, scales, ce_rows, z_rows, grad3, ignore_index,
 
 # Rows are processed in chunks of about this many elements: a chunk's fp32 working copy stays in
 # cache while the dozen elementwise passes run over it, and no N x C temporary ever exists.
-_TORCH_CHUNK_ELEMENTS = 1 << 17
+_TORCH_CHUNK_ELEMENTS = 1 << 18
 
 
 def _torch_rows(x3, y2, weight, scales, ce_rows, z_rows, grad3, ignore_index, a, b, c, zc, cap):
@@ -207,18 +207,29 @@ def _torch_rows(x3, y2, weight, scales, ce_rows, z_rows, grad3, ignore_index, a,
     N, C, S = x3.shape
     acc = torch.float64 if x3.dtype == torch.float64 else torch.float32
     rows_per_chunk = max(1, _TORCH_CHUNK_ELEMENTS // max(C * S, 1))
-    w3 = weight.to(acc).view(1, C, 1) if weight is not None else None
+    # Work on (N, C) when S == 1: a trailing size-1 dim sends reductions over dim 1 down a slow
+    # strided path (about 20x slower on CPU). Everything below reduces over dim 1 either way.
+    if S == 1:
+        x3, y3, grad3 = x3.view(N, C), y2, grad3.view(N, C) if grad3 is not None else None
+        row_shape, w_shape = (N, 1), (1, C)
+    else:
+        y3 = y2.unsqueeze(1)
+        row_shape, w_shape = (N, 1, S), (1, C, 1)
+    w3 = weight.to(acc).view(w_shape) if weight is not None else None
     sum_w = w3.sum() if w3 is not None else float(C)
     ce_scale, z_scale = scales[0], scales[1]
     for n0 in range(0, N, rows_per_chunk):
         n1 = min(N, n0 + rows_per_chunk)
-        y = y2[n0:n1].unsqueeze(1).long()  # (n, 1, S)
+        y = y3[n0:n1].long()  # (n, 1, S) or (n, 1)
         ignored = y == ignore_index
         in_range = (y >= 0) & (y < C)
         y_safe = torch.where(in_range, y, 0)
         row_mask = torch.where(ignored, 0.0, torch.where(in_range, 1.0, float("nan"))).to(acc)
 
-        work = x3[n0:n1].to(acc, copy=True)  # (n, C, S)
+        # The chunk's working copy: the gradient rows themselves when they are in acc already
+        # (fp32 input with grad), so the finished gradient needs no final copy.
+        in_place = grad3 is not None and grad3.dtype == acc
+        work = grad3[n0:n1].copy_(x3[n0:n1]) if in_place else x3[n0:n1].to(acc, copy=True)
         if cap > 0.0:
             work.div_(cap).tanh_().mul_(cap)
         x_y = work.gather(1, y_safe)
@@ -234,9 +245,9 @@ def _torch_rows(x3, y2, weight, scales, ce_rows, z_rows, grad3, ignore_index, a,
         d = work.sum(1, keepdim=True)
         lse = m + d.log()
         ce = (ce + q_sum * lse) * row_mask
-        ce_rows.view(N, 1, S)[n0:n1] = ce
+        ce_rows.view(row_shape)[n0:n1] = ce
         if zc != 0.0:
-            z_rows.view(N, 1, S)[n0:n1] = zc * lse * lse * row_mask
+            z_rows.view(row_shape)[n0:n1] = zc * lse * lse * row_mask
         if grad3 is None:
             continue
 
@@ -256,7 +267,8 @@ def _torch_rows(x3, y2, weight, scales, ce_rows, z_rows, grad3, ignore_index, a,
         if cap > 0.0:
             t = x3[n0:n1].to(acc, copy=True).div_(cap).tanh_()  # never in place on the input
             work.mul_(t.mul_(t).neg_().add_(1.0))
-        grad3[n0:n1] = work
+        if not in_place:
+            grad3[n0:n1] = work
 
 
 def _check_labels_on_cpu(y2, C, ignore_index):
@@ -380,7 +392,15 @@ def _backward(ctx, grad_loss, grad_z, grad_grad):
         )
     (grad,) = ctx.saved_tensors
     scale = grad_loss.unsqueeze(1) if ctx.reduction == 0 else grad_loss
-    return (grad * scale,) + (None,) * 10
+    if type(grad) is not torch.Tensor or torch.compiler.is_compiling():
+        # Traced (fake / functional tensors) or a tensor subclass: out of place, since the
+        # partitioner rejects a mutated saved tensor; Inductor may still reuse the saved buffer,
+        # which is donated to backward.
+        return (grad * scale,) + (None,) * 10
+    # Eager: in place, so the stored gradient becomes the logits' gradient and backward allocates
+    # no second N x C buffer. A second backward through the same graph raises (version counter)
+    # instead of scaling twice.
+    return (grad.mul_(scale),) + (None,) * 10
 
 
 _cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)

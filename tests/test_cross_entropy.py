@@ -280,10 +280,13 @@ class RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.calls = []
+        self.outputs = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
         self.calls.append((func, args))
-        return func(*args, **(kwargs or {}))
+        self.outputs.append(out)
+        return out
 
 
 @pytest.mark.parametrize("grad_mode", [False, True])
@@ -444,3 +447,25 @@ def test_cuda_grid(dtype):
         grad_output=torch.tensor(1.0, dtype=torch.float64, device="cuda"),
     )
     check(out, ref, [g], [gr], dtype)
+
+
+def test_eager_backward_reuses_the_stored_gradient():
+    # The gradient written in forward becomes x.grad: no second N x C buffer in backward.
+    x = torch.randn(4, 10, requires_grad=True)
+    y = torch.randint(0, 10, (4,))
+    with RecordOps() as rec:
+        loss = smoothce.cross_entropy(x, y, label_smoothing=0.1)
+    (stored_ptr,) = [o[2].data_ptr() for (f, _), o in zip(rec.calls, rec.outputs) if f is torch.ops.smoothce.cross_entropy.default]
+    del rec
+    loss.backward()
+    assert x.grad.data_ptr() == stored_ptr
+    torch.testing.assert_close(x.grad, torch.autograd.grad(F.cross_entropy(x, y, label_smoothing=0.1), x)[0])
+
+
+def test_second_backward_refuses_instead_of_scaling_twice():
+    # Backward scaled the stored buffer in place, so a retained graph cannot be replayed.
+    x = torch.randn(4, 10, requires_grad=True)
+    loss = smoothce.cross_entropy(x, torch.randint(0, 10, (4,)), label_smoothing=0.1)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
