@@ -29,7 +29,7 @@ import torch.fx
 
 from smoothce.patterns.algebra import CondAtom, ElemV, LabelV, Q, Reject, RowV, ScalarV, carries_logits
 from smoothce.patterns.interpret import (
-    Interpretation, describe, exact, fake, location, op_name, shape, static_shape,
+    SEED_OPS, Interpretation, describe, exact, fake, location, op_name, shape, static_shape,
 )
 from smoothce.patterns.report import Match, NearMiss, RewriteResult
 
@@ -274,14 +274,21 @@ def _analyze(gm: torch.fx.GraphModule):
         plans.append(plan)
     # a node whose value reads log-probs feeds an op the algebra rejected, with no sink downstream
     for node, reason in interp.why.items():
+        if op_name(node) in SEED_OPS and not any(carries_logits(values.get(a)) for a in node.all_input_nodes):
+            misses.setdefault((node, reason), NearMiss(node.name, location(node), reason))
         srcs = [a for a in node.all_input_nodes if carries_logits(values.get(a))]
         for a in srcs:
             s = first_seed(values[a], a)
             if getattr(values[a], "seeds", None):
                 misses.setdefault((s, reason), NearMiss(s.name, location(s), reason))
     # drop near misses of seeds that a plan rewrote (e.g. an unrelated rejected reader elsewhere)
+    # one reason per candidate: the first found, which is the most upstream
     done = {s for p in plans for s in p.seeds}
-    return plans, [m for (s, _), m in misses.items() if s not in done], understood
+    first: dict = {}
+    for (s, _), m in misses.items():
+        if s not in done:
+            first.setdefault(s, m)
+    return plans, list(first.values()), understood
 
 
 # ------------------------------------------------------------------------------------------------
@@ -405,7 +412,18 @@ def _meta(node: Node, fake_mode, like: Node) -> None:
         pass
 
 
-def _emit(gm: torch.fx.GraphModule, plan: Plan, fake_mode) -> Node:
+def _emit(gm: torch.fx.GraphModule, plan: Plan, fake_mode) -> int:
+    """Insert the op for a plan at its sink; returns the ignore_index used."""
+    added: list[Node] = []
+    try:
+        return _emit_nodes(gm, plan, fake_mode, added)
+    except Reject:
+        for n in reversed(added):
+            gm.graph.erase_node(n)
+        raise
+
+
+def _emit_nodes(gm: torch.fx.GraphModule, plan: Plan, fake_mode, added: list) -> int:
     from smoothce.kernels.cross_entropy import fused_cross_entropy
 
     g = gm.graph
@@ -414,7 +432,6 @@ def _emit(gm: torch.fx.GraphModule, plan: Plan, fake_mode) -> Node:
     xs = shape(plan.x)
     nd = len(xs)
     rows = tuple(d for i, d in enumerate(xs) if i != cd)
-    added = []
 
     def call(kind, target, args, kwargs=None):
         n = g.create_node(kind, target, tuple(args), kwargs or {})
@@ -432,11 +449,12 @@ def _emit(gm: torch.fx.GraphModule, plan: Plan, fake_mode) -> Node:
         flatten = cd == nd - 1 and nd > 2
         if flatten:  # (..., V) with classes last -> (rows, V); the op wants classes at dim 1
             logits = call("call_method", "reshape", (logits, -1, V))
-            op_rows = (-1,)
-        else:
-            op_rows = rows
+        if not all(isinstance(d, int) for d in rows[1:]):
+            raise Reject(f"the rows {rows} have symbolic sizes past the first")
+        # -1 for the leading size keeps the graph valid under dynamic shapes
+        op_rows = (-1,) if flatten else (-1, *rows[1:])
         target = plan.label.base
-        if shape(target) != (tuple(rows) if not flatten else None):
+        if flatten or shape(target) != tuple(rows):
             target = call("call_method", "reshape", (target, *op_rows))
         keys = [atom for atom in plan.conds if atom.key[0] == "ne" and atom.key[1] is plan.label.base]
         ks = sorted({atom.key[2] for atom in keys})
@@ -461,8 +479,11 @@ def _emit(gm: torch.fx.GraphModule, plan: Plan, fake_mode) -> Node:
             softcap=plan.softcap,
         )
         loss = call("call_function", fused_cross_entropy, (logits, target, plan.weight), kwargs)
-        if plan.reduction == "none" and shape(sink) != shape(loss):
-            loss = call("call_method", "reshape", (loss, *shape(sink)))
+        if plan.reduction == "none" and not plan.mean_after and shape(sink) != shape(loss):
+            out = shape(sink)
+            if not all(isinstance(d, int) for d in out[1:]):
+                raise Reject(f"the per-row loss of shape {out} has symbolic sizes past the first")
+            loss = call("call_method", "reshape", (loss, -1, *out[1:]) if out else (loss, ()))
         if plan.mean_after:
             loss = call("call_method", "mean", (loss,))
         if plan.divisor is not None:

@@ -83,6 +83,10 @@ FRESH = {"gather", "sum", "mean", "mul", "add", "sub", "div", "neg", "log_softma
          "nll_loss", "masked_fill", "where", "logsumexp", "pow", "square"}
 
 
+# Calls that are a loss by themselves: their rejection is a near miss even without log-probs.
+SEED_OPS = {"cross_entropy", "nll_loss", "kl_div"}
+
+
 def op_name(node: Node) -> Optional[str]:
     if node.op == "call_function":
         try:
@@ -274,7 +278,7 @@ class Interpretation:
                 value = self._eval(node)
             except Reject as err:
                 value = None
-                if self._reads_logprobs(node):
+                if self._reads_logprobs(node) or op_name(node) in SEED_OPS:
                     self.why[node] = str(err)
             self.values[node] = value
 
@@ -388,9 +392,15 @@ class Interpretation:
                     and fake(src).dtype.is_floating_point:
                 return WeightAtV(src, idx)
             return None
-        # indexing with only full slices, None and Ellipsis is a relayout
+        # indexing with full slices, None, Ellipsis and 0 at size-1 dims only is a relayout
         parts = index if isinstance(index, tuple) else (index,)
-        if all(p is None or p is Ellipsis or p == slice(None) for p in parts):
+        if Ellipsis not in parts and all(p is None or p == slice(None) or isinstance(p, int) for p in parts):
+            dims = [p for p in parts if p is not None]
+            shp = shape(src)
+            if shp is not None and all(not isinstance(p, int) or (p in (0, -1) and shp[i] == 1)
+                                       for i, p in enumerate(dims)):
+                return self._relayout(node, src)
+        elif all(p is None or p is Ellipsis or p == slice(None) for p in parts) and parts.count(Ellipsis) <= 1:
             return self._relayout(node, src)
         return None
 

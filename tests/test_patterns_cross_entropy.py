@@ -1,0 +1,723 @@
+"""The cross-entropy detector, family by family.
+
+Every case is compiled through a local backend (rewrite_cross_entropy, then aot_eager: no code
+generation) and checked three ways: loss and gradients against eager PyTorch in float64, the fused
+op present and the original log-prob ops gone, and (for one case per family) the rewritten graph as
+a golden. Negative cases check that the graph is unchanged and that the near miss says why.
+Shapes are tiny (N=6 rows, V=11 classes: odd, so eps/V and eps/(V-1) differ visibly).
+"""
+
+import os
+
+os.environ.setdefault("SMOOTHCE_KERNEL", "torch")  # the op's CPU torch path: no Triton interpreter
+
+import copy  # noqa: E402
+import inspect  # noqa: E402
+import re  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from expecttest import TestCase  # noqa: E402
+from torch._dynamo.backends.common import aot_autograd  # noqa: E402
+from torch._dynamo.backends.debugging import aot_eager  # noqa: E402
+from torch._functorch.aot_autograd import make_boxed_func  # noqa: E402
+
+from smoothce.kernels.cross_entropy import fused_cross_entropy  # noqa: E402
+from smoothce.patterns.cross_entropy import rewrite_cross_entropy  # noqa: E402
+from smoothce.patterns.interpret import op_name  # noqa: E402
+
+N, V = 6, 11
+B, T = 2, 4
+EPS = 0.1
+FILE = os.path.basename(__file__)
+
+# ops that must be gone once a loss is rewritten
+ORIGINAL_OPS = {"log_softmax", "nll_loss", "cross_entropy", "kl_div", "gather", "logsumexp", "one_hot",
+                "scatter", "full_like"}
+
+
+class Recorder:
+    """A torch.compile backend: the detector, then aot_eager. Keeps each graph and result."""
+
+    def __init__(self):
+        self.graphs, self.results = [], []
+
+    def __call__(self, gm, example_inputs):
+        self.results.append(rewrite_cross_entropy(gm))
+        self.graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    @property
+    def result(self):
+        assert len(self.results) == 1, f"expected one graph, got {len(self.results)}"
+        return self.results[0]
+
+    @property
+    def gm(self):
+        return self.graphs[0]
+
+
+def normalize(code: str) -> str:
+    lines = [line.rstrip() for line in code.strip().splitlines() if line.strip()]
+    return "\n".join(lines)
+
+
+def fused_calls(gm) -> int:
+    return sum(n.op == "call_function" and n.target is fused_cross_entropy for n in gm.graph.nodes)
+
+
+def left_ops(gm) -> set:
+    return {op_name(n) for n in gm.graph.nodes} & ORIGINAL_OPS
+
+
+def _cast(t, dtype):
+    return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+
+def check(fn, *inputs, grad=(0,), dtype=torch.float32, atol=1e-5, rtol=1e-5, no_grad=False, matches=1,
+          reference=None, kept=frozenset()):
+    """Compile fn with the detector, compare with float64 eager; returns the Recorder.
+
+    inputs: float tensors are cast to `dtype` (compiled) and float64 (eager, from the same rounded
+    values); the ones at positions `grad` require grad. A fixed random cotangent weights each output
+    so reduction='none' gradients are checked row by row.
+    """
+    ours = [_cast(t, dtype) for t in inputs]
+    ref = [_cast(t, torch.float64) for t in ours]
+    for i in grad:
+        ours[i] = ours[i].detach().requires_grad_(not no_grad)
+        ref[i] = ref[i].detach().requires_grad_(not no_grad)
+    rec = Recorder()
+    compiled = torch.compile(fn, backend=rec, fullgraph=True)
+    with torch.set_grad_enabled(not no_grad):
+        out_ref = (reference or fn)(*ref)
+        out = compiled(*ours)
+        with torch.no_grad():
+            out_same = fn(*ours)  # eager at the compiled precision: the dtypes to expect
+    out_ref = out_ref if isinstance(out_ref, tuple) else (out_ref,)
+    out = out if isinstance(out, tuple) else (out,)
+    out_same = out_same if isinstance(out_same, tuple) else (out_same,)
+    gen = torch.Generator().manual_seed(7)
+    loss_ref, loss = 0, 0
+    for o, r, e in zip(out, out_ref, out_same):
+        if not r.is_floating_point():
+            torch.testing.assert_close(o, r)
+            continue
+        assert o.dtype == e.dtype and o.shape == e.shape, (o, e)
+        torch.testing.assert_close(o.double(), r.double(), atol=atol, rtol=rtol)
+        if r.requires_grad:
+            cot = torch.randn(r.shape, generator=gen, dtype=torch.float64)
+            loss_ref = loss_ref + (r * cot).sum()
+            loss = loss + (o * cot.to(o.dtype)).sum()
+    if not no_grad and grad:
+        loss_ref.backward()
+        loss.backward()
+        for i in grad:
+            torch.testing.assert_close(ours[i].grad.double(), ref[i].grad.double(), atol=atol, rtol=rtol)
+    assert len(rec.result.matches) == matches, rec.result
+    if matches:
+        assert fused_calls(rec.gm) == matches, rec.gm.code
+        assert left_ops(rec.gm) == set(kept), rec.gm.code
+    return rec
+
+
+def logits(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+def labels(*shape, seed=1, ignore=None, where=(0,)):
+    y = torch.randint(0, V, shape, generator=torch.Generator().manual_seed(seed))
+    if ignore is not None:
+        flat = y.view(-1)
+        for i in where:
+            flat[i] = ignore
+    return y
+
+
+WEIGHT = torch.rand(V, generator=torch.Generator().manual_seed(3)) + 0.5
+
+
+# ------------------------------------------------------------------------------------------------
+# F.cross_entropy / nn.CrossEntropyLoss
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("ignore_index", [-100, 3])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_cross_entropy_arguments(eps, weighted, ignore_index, reduction):
+    def fn(x, y, w):
+        return F.cross_entropy(x, y, weight=w, ignore_index=ignore_index, reduction=reduction,
+                               label_smoothing=eps)
+
+    y = labels(N, ignore=ignore_index, where=(1, 4))
+    rec = check(fn, logits(N, V), y, WEIGHT if weighted else None)
+    (m,) = rec.result.matches
+    assert m.family == "cross_entropy"
+    assert m.params["eps"] == eps
+    assert m.params["ignore_index"] == ignore_index
+    assert m.params["reduction"] == reduction
+    assert (m.params["weight"] is not None) == weighted
+    assert m.location.startswith(FILE + ":")
+
+
+class CrossEntropyLossModule(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(5, V)
+        self.loss = nn.CrossEntropyLoss(weight=WEIGHT, label_smoothing=0.2, ignore_index=0)
+
+    def forward(self, h, y):
+        return self.loss(self.head(h), y)
+
+
+class Goldens(TestCase):
+    maxDiff = None
+
+    def test_module_golden(self):
+        torch.manual_seed(0)
+        model = CrossEntropyLossModule()
+        h = torch.randn(N, 5)
+        y = labels(N, ignore=0, where=(2,))
+        rec = check(model, h, y, reference=copy.deepcopy(model).double())
+        (m,) = rec.result.matches
+        self.assertEqual(m.params["eps"], 0.2)
+        self.assertEqual(m.params["convention"], "eps/V")
+        self.assertExpectedInline(normalize(rec.gm.code), """\
+def forward(self, L_self_modules_head_parameters_weight_ : torch.nn.parameter.Parameter, L_self_modules_head_parameters_bias_ : torch.nn.parameter.Parameter, L_h_ : torch.Tensor, L_self_modules_loss_buffers_weight_ : torch.Tensor, L_y_ : torch.Tensor):
+    l_self_modules_head_parameters_weight_ = L_self_modules_head_parameters_weight_
+    l_self_modules_head_parameters_bias_ = L_self_modules_head_parameters_bias_
+    l_h_ = L_h_
+    l_self_modules_loss_buffers_weight_ = L_self_modules_loss_buffers_weight_
+    l_y_ = L_y_
+    linear = torch._C._nn.linear(l_h_, l_self_modules_head_parameters_weight_, l_self_modules_head_parameters_bias_);  l_h_ = l_self_modules_head_parameters_weight_ = l_self_modules_head_parameters_bias_ = None
+    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(linear, l_y_, l_self_modules_loss_buffers_weight_, ignore_index = 0, reduction = 'mean', target_coef = 0.8, uniform_coef = 0.018181818181818184, constant = 0.0, z_loss = 0.0, softcap = None);  linear = l_y_ = l_self_modules_loss_buffers_weight_ = None
+    return (fused_cross_entropy,)""")
+
+
+# ------------------------------------------------------------------------------------------------
+# log_softmax + nll_loss, every spelling
+# ------------------------------------------------------------------------------------------------
+
+_log_softmax_module = nn.LogSoftmax(dim=1)
+_nll_module = nn.NLLLoss(ignore_index=2, reduction="sum")
+
+NLL_SPELLINGS = {
+    "functional": lambda x, y: F.nll_loss(F.log_softmax(x, dim=1), y, ignore_index=2, reduction="sum"),
+    "torch": lambda x, y: F.nll_loss(torch.log_softmax(x, -1), y, ignore_index=2, reduction="sum"),
+    "method": lambda x, y: F.nll_loss(x.log_softmax(dim=-1), y, ignore_index=2, reduction="sum"),
+    "modules": lambda x, y: _nll_module(_log_softmax_module(x), y),
+    "by hand": lambda x, y: F.nll_loss(x - x.logsumexp(1, keepdim=True), y, ignore_index=2, reduction="sum"),
+}
+
+
+@pytest.mark.parametrize("spelling", sorted(NLL_SPELLINGS))
+def test_log_softmax_nll_spellings(spelling):
+    rec = check(NLL_SPELLINGS[spelling], logits(N, V), labels(N, ignore=2, where=(0, 5)))
+    (m,) = rec.result.matches
+    assert m.family == "log_softmax+nll"
+    assert (m.params["ignore_index"], m.params["reduction"], m.params["eps"]) == (2, "sum", 0.0)
+
+
+def test_log_softmax_nll_weighted_mean():
+    def fn(x, y, w):
+        return F.nll_loss(F.log_softmax(x, 1), y, weight=w)
+
+    check(fn, logits(N, V), labels(N, ignore=-100, where=(3,)), WEIGHT)
+
+
+# ------------------------------------------------------------------------------------------------
+# K-dimensional inputs: classes along dim 1
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_k_dim_cross_entropy(reduction):
+    def fn(x, y):
+        return F.cross_entropy(x, y, label_smoothing=0.05, reduction=reduction)
+
+    rec = check(fn, logits(B, V, T), labels(B, T, ignore=-100, where=(2,)))
+    assert rec.result.matches[0].params["classes"] == V
+
+
+def test_k_dim_log_softmax_nll():
+    def fn(x, y):
+        return F.nll_loss(F.log_softmax(x, 1), y)
+
+    check(fn, logits(B, V, 3, 2), labels(B, 3, 2))
+
+
+def test_classes_last_hand_written_3d():
+    # (B, T, V) log-probs over the last dim, no view: the op sees (B*T, V) rows
+    def fn(x, y):
+        lp = x.log_softmax(-1)
+        return -lp.gather(-1, y.unsqueeze(-1)).squeeze(-1).mean()
+
+    check(fn, logits(B, T, V), labels(B, T))
+
+
+# ------------------------------------------------------------------------------------------------
+# Language-model losses
+# ------------------------------------------------------------------------------------------------
+
+
+def lm_loss_token_mean(x, y):
+    # transformers' ForCausalLMLoss shape: upcast, shift, flatten, sum, divide by the token count
+    logits_ = x.float()
+    shift_logits = logits_[..., :-1, :].contiguous()
+    shift_labels = y[..., 1:].contiguous()
+    loss = F.cross_entropy(shift_logits.view(-1, V), shift_labels.view(-1), ignore_index=-100,
+                           reduction="sum")
+    return loss / (shift_labels != -100).sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lm_loss_divided_by_token_count(dtype):
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    rec = check(lm_loss_token_mean, logits(B, T + 1, V), labels(B, T + 1, ignore=-100, where=(3, 7)),
+                dtype=dtype, **tol)
+    (m,) = rec.result.matches
+    assert m.params["dtype"] == "float32"  # the op reads the upcast logits
+    assert m.params["reduction"] == "sum"
+
+
+class GoldensLM(TestCase):
+    maxDiff = None
+
+    def test_lm_golden(self):
+        rec = check(lm_loss_token_mean, logits(B, T + 1, V), labels(B, T + 1, ignore=-100, where=(3,)))
+        self.assertExpectedInline(normalize(rec.gm.code), """\
+def forward(self, L_x_ : torch.Tensor, L_y_ : torch.Tensor):
+    l_x_ = L_x_
+    l_y_ = L_y_
+    logits_ = l_x_.float();  l_x_ = None
+    getitem = logits_[(Ellipsis, slice(None, -1, None), slice(None, None, None))];  logits_ = None
+    shift_logits = getitem.contiguous();  getitem = None
+    getitem_1 = l_y_[(Ellipsis, slice(1, None, None))];  l_y_ = None
+    shift_labels = getitem_1.contiguous();  getitem_1 = None
+    view = shift_logits.view(-1, 11);  shift_logits = None
+    ne = shift_labels != -100
+    sum_1 = ne.sum();  ne = None
+    reshape = shift_labels.reshape(-1);  shift_labels = None
+    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(view, reshape, None, ignore_index = -100, reduction = 'sum', target_coef = 1.0, uniform_coef = 0.0, constant = 0.0, z_loss = 0.0, softcap = None);  view = reshape = None
+    truediv_1 = fused_cross_entropy / sum_1;  fused_cross_entropy = sum_1 = None
+    return (truediv_1,)""")
+
+    def test_hf_label_smoother_golden(self):
+        trainer_pt_utils = pytest.importorskip("transformers.trainer_pt_utils")
+        smoother = trainer_pt_utils.LabelSmoother(epsilon=0.1)
+
+        def fn(x, y):
+            return smoother((x,), y, shift_labels=True)
+
+        rec = check(fn, logits(B, T + 1, V), labels(B, T + 1, ignore=-100, where=(2, 6)))
+        (m,) = rec.result.matches
+        self.assertEqual((m.family, m.params["eps"], m.params["convention"]), ("hand-written eps/V", 0.1, "eps/V"))
+        self.assertExpectedInline(normalize(rec.gm.code), """\
+def forward(self, L_x_ : torch.Tensor, L_y_ : torch.Tensor):
+    l_x_ = L_x_
+    l_y_ = L_y_
+    getitem = l_x_[(Ellipsis, slice(None, -1, None), slice(None, None, None))];  l_x_ = None
+    logits = getitem.contiguous();  getitem = None
+    getitem_1 = l_y_[(Ellipsis, slice(1, None, None))];  l_y_ = None
+    labels = getitem_1.contiguous();  getitem_1 = None
+    labels_1 = labels.unsqueeze(-1)
+    padding_mask = labels_1.eq(-100);  labels_1 = None
+    long = padding_mask.long();  padding_mask = None
+    sum_2 = long.sum();  long = None
+    denominator = 8 - sum_2;  sum_2 = None
+    reshape = logits.reshape(-1, 11);  logits = None
+    reshape_1 = labels.reshape(-1);  labels = None
+    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(reshape, reshape_1, None, ignore_index = -100, reduction = 'sum', target_coef = 0.9, uniform_coef = 0.009090909090909092, constant = 0.0, z_loss = 0.0, softcap = None);  reshape = reshape_1 = None
+    truediv_2 = fused_cross_entropy / denominator;  fused_cross_entropy = denominator = None
+    return (truediv_2,)""")
+
+
+# ------------------------------------------------------------------------------------------------
+# Hand-written label smoothing
+# ------------------------------------------------------------------------------------------------
+
+
+def smooth_masked_mul(x, y):
+    lp = F.log_softmax(x, dim=-1)
+    nll = -lp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    smooth = -lp.mean(dim=-1)
+    mask = (y != -100).float()
+    loss = ((1 - EPS) * nll + EPS * smooth) * mask
+    return loss.sum() / mask.sum()
+
+
+def smooth_masked_fill(x, y):
+    lp = torch.log_softmax(x, -1)
+    pad = y == 0
+    nll = -torch.gather(lp, 1, y[:, None])[:, 0]
+    smooth = -lp.sum(-1) / V
+    loss = (1.0 - EPS) * nll + EPS * smooth
+    return loss.masked_fill(pad, 0.0).sum() / (~pad).sum()
+
+
+def smooth_where_mean(x, y):
+    # a mean over ALL rows of a masked loss: the op's per-row result, then .mean()
+    lp = x.log_softmax(1)
+    keep = y != -100
+    nll = -lp.gather(1, torch.where(keep, y, 0).unsqueeze(1)).squeeze(1)
+    loss = (1 - EPS) * nll - EPS * lp.mean(1)
+    return torch.where(keep, loss, 0.0).mean()
+
+
+def smooth_reduced_first(x, y):
+    # every term reduced on its own, then combined, then normalised by the non-pad count
+    lp = F.log_softmax(x, -1)
+    mask = y != -100
+    safe_y = y.masked_fill(~mask, 0)
+    nll = (-lp.gather(-1, safe_y[:, None]).squeeze(-1) * mask).sum()
+    smooth = (-lp.sum(-1) * mask).sum() / V
+    return ((1 - EPS) * nll + EPS * smooth) / mask.sum()
+
+
+def smooth_lse_by_hand(x, y):
+    # log-probs spelled as x - logsumexp(x)
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    lp = x - lse
+    return ((EPS - 1) * lp.gather(-1, y[:, None]) - EPS / V * lp.sum(-1, keepdim=True)).mean()
+
+
+HAND_EPS_V = [smooth_masked_mul, smooth_masked_fill, smooth_where_mean, smooth_reduced_first, smooth_lse_by_hand]
+
+
+@pytest.mark.parametrize("fn", HAND_EPS_V, ids=lambda f: f.__name__)
+def test_hand_written_eps_over_v(fn):
+    ignore = 0 if fn is smooth_masked_fill else -100
+    rec = check(fn, logits(N, V), labels(N, ignore=ignore, where=(1, 2)) if fn is not smooth_lse_by_hand
+                else labels(N))
+    (m,) = rec.result.matches
+    assert m.family == "hand-written eps/V", m
+    assert (m.params["eps"], m.params["convention"]) == (EPS, "eps/V"), m.params
+
+
+def smooth_other_classes(x, y):
+    # 1 - eps on the label, eps / (V - 1) on each other class
+    lp = F.log_softmax(x, -1)
+    nll = -lp.gather(1, y.unsqueeze(1)).squeeze(1)
+    others = -lp.sum(-1) - nll
+    mask = y != 0
+    loss = (1 - EPS) * nll + EPS / (V - 1) * others
+    return (loss * mask).sum() / mask.sum()
+
+
+class GoldensHand(TestCase):
+    maxDiff = None
+
+    def test_eps_over_v_golden(self):
+        rec = check(smooth_masked_mul, logits(N, V), labels(N, ignore=-100, where=(1, 2)))
+        self.assertExpectedInline(normalize(rec.gm.code), """\
+def forward(self, L_x_ : torch.Tensor, L_y_ : torch.Tensor):
+    l_x_ = L_x_
+    l_y_ = L_y_
+    ne = l_y_ != -100
+    mask = ne.float();  ne = None
+    sum_2 = mask.sum();  mask = None
+    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(l_x_, l_y_, None, ignore_index = -100, reduction = 'sum', target_coef = 0.9, uniform_coef = 0.009090909090909092, constant = 0.0, z_loss = 0.0, softcap = None);  l_x_ = l_y_ = None
+    truediv_1 = fused_cross_entropy / sum_2;  fused_cross_entropy = sum_2 = None
+    return (truediv_1,)""")
+
+    def test_eps_over_v_minus_one_golden(self):
+        rec = check(smooth_other_classes, logits(N, V), labels(N, ignore=0, where=(0, 3)))
+        (m,) = rec.result.matches
+        self.assertEqual((m.family, m.params["eps"]), ("hand-written eps/(V-1)", EPS))
+        # the constants the op gets are the user's: a = 1 - eps - eps/(V-1), b = eps/(V-1)
+        self.assertEqual(m.params["uniform_coef"], EPS / (V - 1))
+        self.assertExpectedInline(normalize(rec.gm.code), """\
+def forward(self, L_x_ : torch.Tensor, L_y_ : torch.Tensor):
+    l_x_ = L_x_
+    l_y_ = L_y_
+    mask = l_y_ != 0
+    sum_3 = mask.sum();  mask = None
+    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(l_x_, l_y_, None, ignore_index = 0, reduction = 'sum', target_coef = 0.89, uniform_coef = 0.01, constant = 0.0, z_loss = 0.0, softcap = None);  l_x_ = l_y_ = None
+    truediv_1 = fused_cross_entropy / sum_3;  fused_cross_entropy = sum_3 = None
+    return (truediv_1,)""")
+
+
+def test_hand_written_weighted():
+    def fn(x, y, w):
+        lp = F.log_softmax(x, -1)
+        nll = -lp.gather(1, y[:, None]).squeeze(1) * w[y]
+        smooth = -(lp * w).sum(-1)
+        return ((1 - EPS) * nll + EPS / V * smooth).sum() / w[y].sum()
+
+    rec = check(fn, logits(N, V), labels(N), WEIGHT)
+    assert rec.result.matches[0].params["weight"] is not None
+
+
+def test_eps_round_trips_exactly():
+    # eps = 0.3 is not exact in binary; the op gets the graph's own constants, bit for bit
+    def fn(x, y):
+        lp = x.log_softmax(-1)
+        return ((1 - 0.3) * -lp.gather(-1, y[:, None]).squeeze(-1) + 0.3 * -lp.mean(-1)).sum()
+
+    rec = check(fn, logits(N, V), labels(N))
+    (m,) = rec.result.matches
+    assert m.params["eps"] == 0.3
+    assert m.params["target_coef"] == 1 - 0.3
+    assert m.params["uniform_coef"] == 0.3 / V  # 0.3 * (1/V) as an exact rational, rounded once
+
+
+# ------------------------------------------------------------------------------------------------
+# Smoothed target distributions
+# ------------------------------------------------------------------------------------------------
+
+
+def target_one_hot(x, y):
+    t = F.one_hot(y, V).float() * (1 - EPS) + EPS / V
+    return (-(t * F.log_softmax(x, -1)).sum(-1)).mean()
+
+
+def target_scatter(x, y):
+    t = torch.full_like(x, EPS / (V - 1)).scatter(1, y.unsqueeze(1), 1 - EPS)
+    return torch.sum(-t * x.log_softmax(1), dim=1).sum()
+
+
+def target_soft_cross_entropy(x, y):
+    # probability targets built from the labels, through F.cross_entropy itself
+    t = F.one_hot(y, V).to(x.dtype)
+    return F.cross_entropy(x, t, label_smoothing=EPS)
+
+
+@pytest.mark.parametrize("fn", [target_one_hot, target_scatter, target_soft_cross_entropy],
+                         ids=lambda f: f.__name__)
+def test_smoothed_targets(fn):
+    rec = check(fn, logits(N, V), labels(N))
+    (m,) = rec.result.matches
+    expected = "cross_entropy" if fn is target_soft_cross_entropy else "smoothed-target"
+    assert m.family == expected
+    assert m.params["eps"] == EPS
+    assert m.params["convention"] == ("eps/(V-1)" if fn is target_scatter else "eps/V")
+
+
+# ------------------------------------------------------------------------------------------------
+# KL divergence against a smoothed distribution
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:reduction. .mean. divides")
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean"])
+def test_kl_div(reduction):
+    def fn(x, y):
+        p = torch.full_like(x, EPS / (V - 1)).scatter(1, y[:, None], 1 - EPS)
+        return F.kl_div(F.log_softmax(x, 1), p, reduction=reduction)
+
+    rec = check(fn, logits(N, V), labels(N))
+    (m,) = rec.result.matches
+    assert m.family == "kl_div"
+    assert m.params["constant"] != 0.0  # sum p log p
+
+
+def test_kl_div_module_one_hot_target():
+    # a one-hot target (eps = 0): p log p = 0 everywhere
+    kl = nn.KLDivLoss(reduction="batchmean")
+
+    def fn(x, y):
+        return kl(x.log_softmax(-1), F.one_hot(y, V).float())
+
+    rec = check(fn, logits(N, V), labels(N))
+    assert rec.result.matches[0].params["constant"] == 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# reduction='none', masked and averaged afterwards
+# ------------------------------------------------------------------------------------------------
+
+
+def test_none_reduction_masked_by_labels():
+    def fn(x, y):
+        ce = F.cross_entropy(x, y, reduction="none", label_smoothing=EPS)
+        mask = y != 0
+        return (ce * mask).sum() / mask.sum()
+
+    rec = check(fn, logits(N, V), labels(N, ignore=0, where=(1, 3)))
+    assert rec.result.matches[0].params["reduction"] == "sum"
+
+
+def test_none_reduction_masked_by_attention_mask():
+    # a mask that is not a label comparison: folded into the target as ignore_index rows
+    def fn(x, y, attn):
+        ce = F.cross_entropy(x.view(-1, V), y.view(-1), reduction="none")
+        keep = attn.view(-1)
+        return ce.masked_fill(~keep, 0.0).sum() / keep.sum()
+
+    attn = torch.tensor([[True, True, False, True], [True, False, True, True]])
+    check(fn, logits(B, T, V), labels(B, T, ignore=-100, where=(0,)), attn)
+
+
+def test_none_reduction_kept_per_row():
+    def fn(x, y):
+        return F.cross_entropy(x, y, reduction="none").view(2, 3)
+
+    check(fn, logits(N, V), labels(N))
+
+
+# ------------------------------------------------------------------------------------------------
+# z-loss and softcap
+# ------------------------------------------------------------------------------------------------
+
+
+def test_z_loss_by_hand():
+    def fn(x, y):
+        lse = torch.logsumexp(x, dim=-1)
+        ce = F.cross_entropy(x, y, reduction="none", label_smoothing=EPS)
+        mask = y != -100
+        return ((ce + 1e-4 * lse.pow(2)) * mask).sum() / mask.sum()
+
+    rec = check(fn, logits(N, V), labels(N, ignore=-100, where=(2,)))
+    assert rec.result.matches[0].params["z_loss"] == 1e-4
+
+
+def test_z_loss_with_different_mask_is_left_apart():
+    # the z term covers ignored rows too: not the op's z-loss; the cross-entropy alone is fused
+    def fn(x, y):
+        return F.cross_entropy(x, y, reduction="sum") + 1e-4 * (torch.logsumexp(x, -1) ** 2).sum()
+
+    rec = check(fn, logits(N, V), labels(N, ignore=-100, where=(2,)), kept={"logsumexp"})
+    assert rec.result.matches[0].params["z_loss"] == 0.0
+
+
+def test_softcap():
+    def fn(x, y):
+        capped = 30.0 * torch.tanh(x / 30.0)
+        return F.cross_entropy(capped.view(-1, V), y.view(-1))
+
+    rec = check(fn, logits(B, T, V) * 10, labels(B, T))
+    (m,) = rec.result.matches
+    assert m.params["softcap"] == 30.0
+    assert not any(op_name(n) == "tanh" for n in rec.gm.graph.nodes)
+
+
+# ------------------------------------------------------------------------------------------------
+# Left alone, with a reason
+# ------------------------------------------------------------------------------------------------
+
+
+def _unchanged(fn, *inputs, grad=(0,)):
+    rec = check(fn, *inputs, grad=grad, matches=0)
+    assert fused_calls(rec.gm) == 0
+    return [nm.reason for nm in rec.result.near_misses]
+
+
+def test_dense_targets_are_left_alone():
+    def fn(x, p):  # mixup: the target distribution is an input
+        return -(p * F.log_softmax(x, -1)).sum(-1).mean()
+
+    p = torch.softmax(logits(N, V, seed=5), -1)
+    assert _unchanged(fn, logits(N, V), p) == ["targets are a dense input (l_p_), not built from the labels"]
+
+
+def test_dense_targets_to_cross_entropy_are_left_alone():
+    def fn(x, p):
+        return F.cross_entropy(x, p)
+
+    p = torch.softmax(logits(N, V, seed=5), -1)
+    assert _unchanged(fn, logits(N, V), p) == ["targets are a dense input (l_p_), not built from the labels"]
+
+
+def test_log_probs_read_elsewhere_are_left_alone():
+    def fn(x, y):
+        lp = x.log_softmax(-1)
+        return F.nll_loss(lp, y), lp.argmax(-1)
+
+    reasons = _unchanged(fn, logits(N, V), labels(N))
+    line = inspect.getsourcelines(fn)[1] + 2
+    assert reasons == [f"log-probs also read at {FILE}:{line} (argmax)"]
+
+
+def test_log_softmax_over_dim_0_is_left_alone():
+    def fn(x, y):
+        return F.nll_loss(F.log_softmax(x, 0), y)
+
+    assert _unchanged(fn, logits(N, V), labels(N)) == [
+        "log_softmax over dim 0, but nll_loss reads classes along dim 1"]
+
+
+def test_per_row_factor_stays_user_arithmetic():
+    # a per-row factor that is not a mask: the op gives the per-row loss, the rest stays as written
+    def fn(x, y):
+        lp = F.log_softmax(x, -1)
+        return -(lp.gather(1, y[:, None]).squeeze(1) * torch.sigmoid(x[:, 0])).mean()
+
+    rec = check(fn, logits(N, V), labels(N))
+    assert rec.result.matches[0].params["reduction"] == "none"
+    assert any(op_name(n) is None and n.target is torch.sigmoid for n in rec.gm.graph.nodes)
+
+
+def test_unknown_op_is_left_alone():
+    def fn(x, y):  # entropy regulariser: exp of the log-probs is not part of the form
+        lp = F.log_softmax(x, -1)
+        return F.nll_loss(lp, y) - 0.1 * (lp.exp() * lp).sum(-1).mean()
+
+    reasons = _unchanged(fn, logits(N, V), labels(N))
+    line = inspect.getsourcelines(fn)[1] + 2
+    assert reasons == [f"log-probs also read at {FILE}:{line} (exp)"], reasons
+
+
+def test_labels_changed_in_place_are_left_alone():
+    def fn(x, y):
+        loss = F.cross_entropy(x, y, reduction="none")
+        y.clamp_(max=V - 2)  # the op would run at .sum() and read the changed labels
+        return loss.sum()
+
+    rec = check(fn, logits(N, V), labels(N).clamp(min=V - 3), no_grad=True, matches=0)
+    reasons = [nm.reason for nm in rec.result.near_misses]
+    assert len(reasons) == 1 and reasons[0].startswith("l_y_ is changed in place by clamp_"), reasons
+
+
+# ------------------------------------------------------------------------------------------------
+# Inference graphs and memory
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fn", [lm_loss_token_mean, smooth_masked_mul, target_scatter], ids=lambda f: f.__name__)
+def test_inference(fn):
+    x = logits(B, T + 1, V) if fn is lm_loss_token_mean else logits(N, V)
+    y = labels(*x.shape[:-1], ignore=-100, where=(1,)) if fn is not target_scatter else labels(N)
+    check(fn, x, y, no_grad=True)
+
+
+@pytest.mark.parametrize("fn", [target_one_hot, smooth_masked_mul], ids=lambda f: f.__name__)
+def test_bf16(fn):
+    y = labels(N, ignore=-100, where=(1,)) if fn is smooth_masked_mul else labels(N)
+    check(fn, logits(N, V), y, dtype=torch.bfloat16, atol=2e-2, rtol=2e-2)
+
+
+def test_only_the_gradient_is_saved():
+    """Training: the forward graph saves exactly one (N, V) tensor for backward, the op's gradient."""
+    saved = []
+
+    def fw(gm, inputs):
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        saved.extend(a.meta["val"].shape for a in out.args[0][1:] if isinstance(a, torch.fx.Node))
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=fw, bw_compiler=lambda gm, _: make_boxed_func(gm.forward))
+
+    def be(gm, inputs):
+        rewrite_cross_entropy(gm)
+        return backend(gm, inputs)
+
+    x = logits(N, V).requires_grad_()
+    torch.compile(smooth_masked_mul, backend=be)(x, labels(N, ignore=-100, where=(1,))).backward()
+    assert [tuple(s) for s in saved if len(s) == 2] == [(N, V)], saved
+
+
+def test_dynamic_batch():
+    """A symbolic batch size: the inserted reshapes use -1, one graph serves two batch sizes."""
+    rec = Recorder()
+    compiled = torch.compile(lm_loss_token_mean, backend=rec)
+    for batch in (2, 3):
+        x, y = logits(batch, T + 1, V), labels(batch, T + 1, ignore=-100, where=(1,))
+        torch._dynamo.mark_dynamic(x, 0)
+        torch._dynamo.mark_dynamic(y, 0)
+        torch.testing.assert_close(compiled(x, y), lm_loss_token_mean(x, y))
+    assert len(rec.results) == 1
+    assert rec.results and all(len(r.matches) == 1 for r in rec.results), rec.results
