@@ -214,3 +214,32 @@ def test_torch_trace_gets_the_report_artifact(tmp_path):
     payload = json.loads(lines[reports[0] + 1].strip())
     assert payload["graph"] == "forward" and payload["matches"][0]["params"]["eps"] == 0.1
     assert any('"name": "smoothce_graph_after"' in l for l in lines)
+
+
+_COMPILE_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    import torch.nn.functional as F
+
+    def f(x, w, y):
+        return F.cross_entropy(x @ w, y, label_smoothing=0.1)
+
+    x, w, y = torch.randn(6, 8), torch.randn(8, 16, requires_grad=True), torch.randint(0, 16, (6,))
+    torch.compile(f, backend="smoothce_aot_eager")(x, w, y).backward()
+    """
+)
+
+
+def test_torch_logs_while_compiling_with_the_backend(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCH_LOGS", "TORCH_TRACE")}
+    env.update(TORCH_LOGS="smoothce", TORCH_TRACE=str(tmp_path / "trace"), COLUMNS="100")
+    (tmp_path / "train.py").write_text(_COMPILE_SCRIPT)
+    proc = subprocess.run([sys.executable, "train.py"], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = _strip_prefix(proc.stderr)
+    assert ": 1 loss rewritten, 0 near misses" in out, out
+    assert "train.py:6" in out and "eps=0.1 (eps/V)" in out, out
+    lines = [l for f in glob.glob(str(tmp_path / "trace" / "*")) for l in open(f)]
+    (i,) = [i for i, l in enumerate(lines) if '"name": "smoothce_report"' in l]
+    assert json.loads(lines[i + 1].strip())["matches"][0]["family"] == "cross_entropy"
