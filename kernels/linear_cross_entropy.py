@@ -22,6 +22,7 @@ fakes) -> autograd -> the public functional.
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -57,204 +58,229 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ------------------------------------------------------------------------------------------------
-# per-chunk math (torch; runs on any device)
+# per-chunk cross-entropy: torch (CPU) and the Triton kernel of kernels/cross_entropy.py (CUDA)
 # ------------------------------------------------------------------------------------------------
-def _chunk_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], logit_scale: float) -> Tensor:
-    # (C, D) x (D, V) -> (C, V) in the accumulation dtype; logit_scale folded into the matmul.
-    if bias is None:
-        out = torch.mm(h, weight.t())
-        if logit_scale != 1.0:
-            out.mul_(logit_scale)
-        return out
-    return torch.addmm(bias, h, weight.t(), beta=logit_scale, alpha=logit_scale)
+
+# The torch path runs its elementwise passes over blocks of about this many logits (16 MiB in fp32,
+# half a typical L3): a block stays in cache across its four passes (log_softmax, sum, exp, grad).
+_CE_BLOCK_ELEMENTS = 1 << 22
 
 
-def _chunk_ce(
-    logits: Tensor,  # (C, V) acc dtype, overwritten with d(loss)/d(raw logits) when grad_ce is given
-    y: Tensor,  # (C, 1) int64, ignored rows already replaced by 0
-    wy: Tensor,  # (C,) w[y_i], 0 on ignored rows
-    valid: Tensor,  # (C,) bool
-    class_weight: Optional[Tensor],  # (V,) acc dtype
+def _block_ce(
+    x: Tensor,  # (R, V) logits in the acc dtype; overwritten with the gradient when gce is given
+    y: Tensor,  # (R, 1) int64 labels, ignored / bad ones replaced by 0
+    wy: Tensor,  # (R,) w[y_i]
+    row_mask: Tensor,  # (R,) 1, 0 for ignored rows, nan for labels out of range
+    class_weight: Optional[Tensor],  # (V,) acc dtype or None
     w_sum: float | Tensor,  # sum_j w_j
-    a: float,
-    b: float,
-    c: float,
-    z: float,
-    softcap: float,
-    grad_ce: Optional[Tensor],  # (C,) d(result)/d(ce_i), 0 on ignored rows; None: no gradient
-    grad_z: Optional[Tensor],  # (C,) d(result)/d(z_i)
-    logit_scale: float,
+    a: float, b: float, c: float, z: float, softcap: float,
+    gce: Optional[Tensor],  # (R,) d(result)/d(ce_i) incl. logit_scale, 0 on ignored rows; None: no gradient
+    gz: Optional[Tensor],  # (R,) d(result)/d(z_i) incl. logit_scale
 ) -> tuple[Tensor, Tensor]:
-    """Per-row cross-entropy part ce_i (incl. c) and z part z_i of one chunk; 0 on ignored rows.
+    """Per-row cross-entropy part ce_i (incl. c) and z part z_i of a block of rows.
 
-    With x shifted by the row max m (x' = x - m, s = sum_j exp(x'_j), lse = m + log s) and
-    Q_i = sum_j q_ij = a w[y] + b sum_j w_j:
-        ce_i = Q_i log s - a w[y] x'_y - b sum_j w_j x'_j + c       (shift-invariant, well conditioned)
-    Gradient, with p = softmax(x):
+    With logp = log_softmax(x), lse = x_y - logp_y and Q_i = sum_j q_ij = a w[y] + b sum_j w_j:
+        ce_i = -a w[y] logp_iy - b sum_j w_j logp_ij + c            (PyTorch's own formula)
+    Gradient, with p = softmax(x) = exp(logp):
         d ce_i / d x_ij = Q_i p_ij - q_ij,        d z_i / d x_ij = 2 z lse_i p_ij
     so  g_ij = (gce_i Q_i + 2 z lse_i gz_i) p_ij - gce_i b w_j - gce_i a w[y] [j == y],
-    then the chain through softcap (x = cap tanh(u / cap): dx/du = 1 - (x / cap)^2) and logit_scale.
+    times dx/du = 1 - (x / cap)^2 under a softcap x = cap tanh(u / cap).
+    The block is rewritten in place: x -> logp -> p -> g, one elementwise pass each.
     """
+    out = x
+    t = None
     if softcap:
-        # Keep t = tanh(u / cap) for the softcap derivative; the shifted exponentials go to a second buffer.
-        t = logits.div_(softcap).tanh_()
+        # Keep t = tanh(u / cap) for the softcap derivative; log_softmax works on a copy.
+        t = x.div_(softcap).tanh_()
         x = torch.mul(t, softcap)
+    x_y = x.gather(1, y).squeeze(1) if z else None
+    torch.log_softmax(x, dim=1, out=x)  # in place: the row kernel reads a row before writing it
+    lp_y = x.gather(1, y).squeeze(1)
+    slp = x.sum(dim=1) if class_weight is None else torch.mv(x, class_weight)
+    ce = (c - a * wy * lp_y - b * slp) * row_mask
+    if z:
+        lse = x_y - lp_y
+        z_rows = z * lse * lse * row_mask
     else:
-        t = None
-        x = logits
-    m = x.amax(dim=1, keepdim=True)
-    x.sub_(m)
-    x_y = x.gather(1, y).squeeze(1)
-    sx = x.sum(dim=1) if class_weight is None else torch.mv(x, class_weight)
-    x.exp_()
-    s = x.sum(dim=1)
-    log_s = s.log()
-    lse = m.squeeze(1) + log_s
-    q_sum = a * wy + b * w_sum
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    ce = torch.where(valid, q_sum * log_s - a * wy * x_y - b * sx + c, zero)
-    z_rows = torch.where(valid, z * lse * lse, zero) if z else torch.zeros_like(ce)
-    if grad_ce is None:
+        z_rows = torch.zeros_like(ce)
+    if gce is None:
         return ce, z_rows
 
-    gce = grad_ce * logit_scale
-    p_coef = gce * q_sum
+    p_coef = gce * (a * wy + b * w_sum)
     if z:
-        p_coef = p_coef + (2.0 * z * logit_scale) * lse * grad_z
-    x.mul_((p_coef / s).unsqueeze(1))  # exp(x') * coef / s = coef * p
-    if b:
-        if class_weight is None:
-            x.sub_((gce * b).unsqueeze(1))
-        else:
+        p_coef = p_coef + (2.0 * z) * lse * gz
+    p_coef = p_coef.unsqueeze(1)
+    x.exp_()
+    if b and class_weight is None:
+        torch.addcmul((gce * -b).unsqueeze(1), x, p_coef, out=x)  # coef p - gce b in one pass
+    else:
+        x.mul_(p_coef)
+        if b:
             x.addr_(gce * b, class_weight, alpha=-1.0)
     if a:
         x.scatter_add_(1, y, (-a * gce * wy).unsqueeze(1))
     if t is not None:
-        # g *= 1 - t^2, written back into the logits buffer.
         t.square_()
-        torch.addcmul(x, x, t, value=-1.0, out=logits)
+        torch.addcmul(x, x, t, value=-1.0, out=out)  # g * (1 - t^2), back into the logits buffer
     return ce, z_rows
 
 
-def _prepare_targets(target: Tensor, class_weight: Optional[Tensor], ignore_index: int, acc: torch.dtype):
-    valid = target != ignore_index
-    y = torch.where(valid, target, torch.zeros_like(target)).long()
-    if class_weight is None:
-        wy = valid.to(acc)
-        w_sum: float | Tensor = 0.0  # filled by caller (V)
-    else:
-        wy = torch.where(valid, class_weight[y], torch.zeros((), dtype=acc, device=target.device))
-        w_sum = class_weight.sum()
-    return valid, y, wy, w_sum
+def _chunk_ce_torch(logits, start, tg, ce_rows, z_rows, a, b, c, z, softcap, gce, gz):
+    """_block_ce over cache-sized blocks of the chunk whose first row is ``start``; writes the
+    per-row results into ce_rows / z_rows."""
+    rows, v = logits.shape
+    step = max(1, _CE_BLOCK_ELEMENTS // max(v, 1))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        i0, i1 = start + r0, start + r1
+        ce, zr = _block_ce(
+            logits[r0:r1], tg.y[i0:i1, None], tg.wy[i0:i1], tg.row_mask[i0:i1], tg.class_weight, tg.w_sum,
+            a, b, c, z, softcap, None if gce is None else gce[i0:i1], None if gz is None else gz[i0:i1])
+        ce_rows[i0:i1] = ce
+        z_rows[i0:i1] = zr
 
 
-def _row_scales(valid: Tensor, wy: Tensor, reduction: int, acc: torch.dtype):
-    """d(reduced loss)/d(ce_i) and d(reduced loss)/d(z_i), known before the chunk loop (no host sync).
+class _Targets:
+    """Label-derived per-row quantities, computed once before the chunk loop (no host sync)."""
 
-    'mean' divides the cross-entropy part by sum_i w[y_i] and the z part by the count of non-ignored
-    rows; when every row is ignored these are 0 and the loss is nan (as in PyTorch) while the
-    gradient stays 0 (the where() keeps 1/0 off the ignored rows).
-    """
-    ones = valid.to(acc)
-    if reduction != 2:
-        return ones, ones
-    zero = torch.zeros((), dtype=acc, device=valid.device)
-    ce_scale = torch.where(valid, 1.0 / wy.sum(), zero)
-    z_scale = torch.where(valid, 1.0 / ones.sum(), zero)
-    return ce_scale, z_scale
+    def __init__(self, target, class_weight, ignore_index, v, acc):
+        self.target = target
+        self.valid = target != ignore_index
+        in_range = (target >= 0) & (target < v)
+        self.y = torch.where(self.valid & in_range, target, 0).long()
+        # 1 for counted rows, 0 for ignored ones, nan for labels out of range (a loud loss without a
+        # sync; on CPU those raise before we get here).
+        self.row_mask = torch.where(self.valid, torch.where(in_range, 1.0, math.nan), 0.0).to(acc)
+        self.class_weight = None if class_weight is None else class_weight.to(acc)
+        if self.class_weight is None:
+            self.wy = self.valid.to(acc)
+            self.w_sum = float(v)
+        else:
+            self.wy = torch.where(self.valid, self.class_weight[self.y], 0.0)
+            self.w_sum = self.class_weight.sum()
+        self.count = self.valid.sum(dtype=acc)
+        self.wy_sum = self.wy.sum() if class_weight is not None else self.count
+
+
+def _check_labels_on_cpu(target, v, ignore_index):
+    # On CPU a data check costs no device sync: bad labels raise like F.cross_entropy.
+    bad = (target != ignore_index) & ((target < 0) | (target >= v))
+    if bool(bad.any()):
+        raise IndexError(f"target {int(target[bad][0])} is out of bounds for {v} classes "
+                         f"(expected 0 <= target < {v}, or ignore_index={ignore_index})")
+
+
+def _use_triton(hidden: Tensor) -> bool:
+    if hidden.device.type != "cuda" and not os.environ.get("SMOOTHCE_KERNEL"):
+        return False  # the common CPU case, without importing triton
+    from smoothce.kernels.cross_entropy import _kernel_choice
+
+    return _kernel_choice(hidden) == "triton"
 
 
 # ------------------------------------------------------------------------------------------------
 # chunk loops
 # ------------------------------------------------------------------------------------------------
-def _chunk_loop(hidden, weight, bias, valid, y, wy, class_weight, w_sum, a, b, c, z, softcap, logit_scale,
-                row_grads, rows):
-    """Per-row ce_i / z_i over all chunks; with ``row_grads = (gce, gz)`` (N,) also the gradients of
-    sum_i gce_i ce_i + gz_i z_i with respect to hidden, weight and bias."""
+def _chunk_loop(hidden, weight, bias, tg, ignore_index, a, b, c, z, softcap, logit_scale, scales, row_grad,
+                rows):
+    """Per-row ce_i / z_i over all chunks. With ``scales`` ((2,) tensor: d(result)/d(ce_i) and
+    d(result)/d(z_i) for counted rows, times ``row_grad`` (N,) if given) also the gradients of the
+    result with respect to hidden, weight and bias."""
     n, d = hidden.shape
     v = weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
     dev = hidden.device
-    w_acc = weight.to(acc)  # no copy unless the weight is half precision
-    b_acc = None if bias is None else bias.to(acc)
+    triton_path = _use_triton(hidden)
+    # Chunk logits: fp32 (fp64 for fp64 input) for the torch path; the Triton kernel reads half
+    # precision logits and does its math in fp32, so there the matmuls stay in the input dtype.
+    work = hidden.dtype if triton_path else acc
+    w_work = weight.to(work)  # no copy unless a half-precision weight meets the torch path
+    b_work = None if bias is None else bias.to(work)
     ce_rows = torch.empty(n, dtype=acc, device=dev)
-    z_rows = torch.empty(n, dtype=acc, device=dev)
+    z_rows = torch.zeros(n, dtype=acc, device=dev)
+    grads = scales is not None
     grad_h = grad_w = grad_b = None
-    if row_grads is not None:
-        gce, gz = row_grads
+    if grads:
         grad_h = torch.empty(n, d, dtype=hidden.dtype, device=dev)
         # Weight (and bias) gradients accumulate over chunks in fp32 even for half-precision weights.
         grad_w = torch.zeros(v, d, dtype=acc, device=dev)
         grad_b = torch.zeros(v, dtype=acc, device=dev) if bias is not None else None
+        scales = scales * logit_scale  # chain through logits = logit_scale * (hidden @ weight.T + bias)
+        if not triton_path:
+            gce = torch.where(tg.valid, scales[0] * tg.row_mask, 0.0)
+            gz = torch.where(tg.valid, scales[1] * tg.row_mask, 0.0)
+            if row_grad is not None:
+                gce, gz = gce * row_grad, gz * row_grad
 
     rows = rows if rows > 0 else chunk_rows(n, v, d)
+    buf = torch.empty(min(rows, n), v, dtype=work, device=dev)  # reused by every chunk
     for start in range(0, n, rows):
         end = min(start + rows, n)
-        h = hidden[start:end].to(acc)
-        logits = _chunk_logits(h, w_acc, b_acc, logit_scale)
-        ce, zr = _chunk_ce(
-            logits, y[start:end, None], wy[start:end], valid[start:end], class_weight, w_sum, a, b, c, z,
-            softcap, None if row_grads is None else gce[start:end],
-            None if row_grads is None else gz[start:end], logit_scale,
-        )
-        ce_rows[start:end] = ce
-        z_rows[start:end] = zr
-        if row_grads is not None:
+        h = hidden[start:end].to(work)
+        logits = buf[: end - start]
+        # (C, D) x (D, V) -> (C, V), logit_scale folded into the matmul
+        if b_work is None:
+            torch.mm(h, w_work.t(), out=logits)
+            if logit_scale != 1.0:
+                logits.mul_(logit_scale)
+        else:
+            torch.addmm(b_work, h, w_work.t(), beta=logit_scale, alpha=logit_scale, out=logits)
+        if triton_path:
+            from smoothce.kernels.cross_entropy import _launch_triton
+
+            x3 = logits.view(end - start, v, 1)
+            _launch_triton(x3, tg.target[start:end].view(-1, 1), tg.class_weight,
+                           scales if grads else torch.ones(2, dtype=acc, device=dev),
+                           ce_rows[start:end], z_rows[start:end], x3 if grads else None,
+                           ignore_index, a, b, c, z, softcap)
+            if grads and row_grad is not None:
+                logits.mul_(row_grad[start:end, None].to(work))
+        else:
+            _chunk_ce_torch(logits, start, tg, ce_rows, z_rows, a, b, c, z, softcap,
+                            gce if grads else None, gz if grads else None)
+        if grads:
             # logits now holds d(result)/d(hidden @ weight.T + bias) for the chunk.
-            if grad_h.dtype == acc:
-                torch.mm(logits, w_acc, out=grad_h[start:end])
+            if work == hidden.dtype:
+                torch.mm(logits, w_work, out=grad_h[start:end])
             else:
-                grad_h[start:end].copy_(torch.mm(logits, w_acc))
-            grad_w.addmm_(logits.t(), h)
+                grad_h[start:end].copy_(torch.mm(logits, w_work))
+            if work == acc:
+                grad_w.addmm_(logits.t(), h)
+            else:
+                grad_w += torch.mm(logits.t(), h)
             if grad_b is not None:
-                grad_b += logits.sum(dim=0)
-        del logits
+                grad_b += logits.sum(dim=0, dtype=acc)
     return ce_rows, z_rows, grad_h, grad_w, grad_b
-
-
-def _targets(hidden, weight, target, class_weight, ignore_index):
-    acc = _acc_dtype(hidden.dtype)
-    cw = None if class_weight is None else class_weight.to(acc)
-    valid = target != ignore_index
-    y = torch.where(valid, target, torch.zeros_like(target)).long()
-    if cw is None:
-        wy = valid.to(acc)
-        w_sum = float(weight.shape[0])
-    else:
-        wy = torch.where(valid, cw[y], torch.zeros((), dtype=acc, device=target.device))
-        w_sum = cw.sum()
-    return acc, cw, valid, y, wy, w_sum
 
 
 def _forward(hidden, weight, bias, target, class_weight, ignore_index, reduction, a, b, c, z, softcap,
              logit_scale, compute_grad, rows):
-    acc, cw, valid, y, wy, w_sum = _targets(hidden, weight, target, class_weight, ignore_index)
-    row_grads = None
+    n, v = hidden.shape[0], weight.shape[0]
+    acc = _acc_dtype(hidden.dtype)
+    if hidden.device.type == "cpu":
+        _check_labels_on_cpu(target, v, ignore_index)
+    tg = _Targets(target, class_weight, ignore_index, v, acc)
+    scales = None
     # 'none' cannot use forward-time gradients (see module docstring): its backward recomputes.
     if compute_grad and reduction != 0:
-        ones = valid.to(acc)
-        if reduction == 1:
-            row_grads = (ones, ones)
-        else:
-            # 'mean' scales, known before the chunk loop without a host sync. where() keeps 1/0 off
-            # ignored rows so an all-ignored batch has zero gradient, as in PyTorch.
-            zero = torch.zeros((), dtype=acc, device=hidden.device)
-            row_grads = (torch.where(valid, 1.0 / wy.sum(), zero), torch.where(valid, 1.0 / ones.sum(), zero))
+        one = torch.ones((), dtype=acc, device=hidden.device)
+        # 'mean' divisors come from the labels alone, before the chunk loop. All rows ignored: 1 / 0,
+        # kept off the gradient by the valid mask (0 gradient, nan loss, as PyTorch).
+        scales = torch.stack([one / tg.wy_sum, one / tg.count]) if reduction == 2 else torch.stack([one, one])
     ce_rows, z_rows, grad_h, grad_w, grad_b = _chunk_loop(
-        hidden, weight, bias, valid, y, wy, cw, w_sum, a, b, c, z, softcap, logit_scale, row_grads, rows)
+        hidden, weight, bias, tg, ignore_index, a, b, c, z, softcap, logit_scale, scales, None, rows)
 
-    out_dtype = hidden.dtype
     if reduction == 0:
         loss, z_term = ce_rows + z_rows, z_rows
     elif reduction == 1:
         z_term = z_rows.sum()
         loss = ce_rows.sum() + z_term
     else:
-        # Divisors as PyTorch: every row ignored -> 0 / 0 = nan.
-        z_term = z_rows.sum() / valid.sum()
-        loss = ce_rows.sum() / wy.sum() + z_term
-    loss, z_term = loss.to(out_dtype), z_term.to(out_dtype)
-    if row_grads is None:
+        z_term = z_rows.sum() / tg.count if z else z_rows.sum()
+        loss = ce_rows.sum() / tg.wy_sum + z_term  # every row ignored: 0 / 0 = nan, as PyTorch
+    dtype = hidden.dtype
+    loss, z_term = loss.to(dtype), z_term.to(dtype)
+    if scales is None:
         return loss, z_term, hidden.new_empty(0), weight.new_empty(0), weight.new_empty(0)
     gb = weight.new_empty(0) if grad_b is None else grad_b.to(bias.dtype)
     return loss, z_term, grad_h, grad_w.to(weight.dtype), gb
@@ -262,10 +288,13 @@ def _forward(hidden, weight, bias, target, class_weight, ignore_index, reduction
 
 def _backward_rows(grad_loss, hidden, weight, bias, target, class_weight, ignore_index, a, b, z, softcap,
                    logit_scale, rows):
-    acc, cw, valid, y, wy, w_sum = _targets(hidden, weight, target, class_weight, ignore_index)
-    g = torch.where(valid, grad_loss.to(acc), torch.zeros((), dtype=acc, device=hidden.device))
+    v = weight.shape[0]
+    acc = _acc_dtype(hidden.dtype)
+    tg = _Targets(target, class_weight, ignore_index, v, acc)
+    one = torch.ones((), dtype=acc, device=hidden.device)
     _, _, grad_h, grad_w, grad_b = _chunk_loop(
-        hidden, weight, bias, valid, y, wy, cw, w_sum, a, b, 0.0, z, softcap, logit_scale, (g, g), rows)
+        hidden, weight, bias, tg, ignore_index, a, b, 0.0, z, softcap, logit_scale, torch.stack([one, one]),
+        grad_loss.to(acc), rows)
     gb = weight.new_empty(0) if grad_b is None else grad_b.to(bias.dtype)
     return grad_h, grad_w.to(weight.dtype), gb
 
