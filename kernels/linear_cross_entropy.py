@@ -375,6 +375,7 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
     ctx.reduction = reduction
     ctx.compute_grad = compute_grad
+    ctx.mark_non_differentiable(*output[1:])  # z_term is for logging; the gradients are results
     if reduction == 0:
         ctx.save_for_backward(hidden, weight, bias, target, class_weight)
         ctx.params = (ignore_index, a, b, z, softcap, logit_scale, chunk_size)

@@ -141,6 +141,21 @@ def test_chunk_boundaries(chunk, reduction):
     assert_same(h, w, b, t, ours, ref)
 
 
+@pytest.mark.parametrize("block_rows", [1, 3])
+def test_cache_block_boundaries(monkeypatch, block_rows):
+    # The torch path's elementwise blocks inside a chunk: 3 rows per block splits a 5-row chunk 3 + 2.
+    import smoothce.kernels.linear_cross_entropy as lce
+
+    monkeypatch.setattr(lce, "_CE_BLOCK_ELEMENTS", block_rows * V)
+    h, w, b, t = make(seed=6)
+    cw = torch.rand(V, dtype=torch.float64) + 0.5
+    for reduction in ("none", "mean"):
+        ref = reference(h, w, b, t, cw, reduction=reduction, a=0.9, b=0.1 / V, z=1e-3, softcap=4.0)
+        ours = dict(class_weight=cw, reduction=reduction, target_coef=0.9, uniform_coef=0.1 / V, z_loss=1e-3,
+                    softcap=4.0, chunk_size=5)
+        assert_same(h, w, b, t, ours, ref)
+
+
 def test_chunk_rows_rule():
     # Rows per chunk = D (fp32 chunk logits as large as the fp32 weight gradient), multiple of 8, <= N.
     assert chunk_rows(4096, 32768, 256) == 256
@@ -241,6 +256,51 @@ def test_backward_without_compute_grad_raises():
                                                    False, CHUNK)[0]
     with pytest.raises(RuntimeError, match="compute_grad=False"):
         loss.backward()
+
+
+def test_out_of_range_label_raises_on_cpu():
+    h, w, b, t = make()
+    t[4] = V
+    with pytest.raises(IndexError, match=f"target {V} is out of bounds for {V} classes"):
+        fused_linear_cross_entropy(h, w, b, t)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the Triton kernel of kernels/cross_entropy.py per chunk (the CUDA path), here through the interpreter
+# ---------------------------------------------------------------------------------------------------
+TRITON_CASES = {
+    "smoothing": dict(a=0.9, b=0.1 / V),
+    "weight_z_softcap": dict(a=0.9, b=0.1 / V, z=1e-2, softcap=3.0, weighted=True),
+    "kl_scale": dict(a=0.8, b=0.2 / V, c=-0.3, logit_scale=0.6),
+}
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("case", list(TRITON_CASES))
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_triton_chunks(monkeypatch, case, reduction, dtype, tol):
+    import smoothce.kernels.cross_entropy as ce_kernels
+
+    monkeypatch.setenv("SMOOTHCE_KERNEL", "triton")
+    launches = []
+    launch = ce_kernels._launch_triton
+    monkeypatch.setattr(ce_kernels, "_launch_triton", lambda *args: launches.append(1) or launch(*args))
+    p = dict(TRITON_CASES[case])
+    cw = torch.rand(V, dtype=torch.float64) + 0.5 if p.pop("weighted", False) else None
+    h, w, b, t = make(dtype=dtype, seed=7)
+    p64 = [x.detach().double().requires_grad_() for x in (h, w, b)]
+    ref = reference(*p64, t, cw, reduction=reduction, **p)
+    loss = fused_linear_cross_entropy(
+        h, w, b, t, cw, reduction=reduction, target_coef=p["a"], uniform_coef=p["b"], constant=p.get("c", 0.0),
+        z_loss=p.get("z", 0.0), softcap=p.get("softcap"), logit_scale=p.get("logit_scale", 1.0),
+        chunk_size=CHUNK)
+    assert loss.dtype == dtype
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=tol, atol=tol)
+    for ours, theirs, param in zip(grads(loss, (h, w, b)), grads(ref, p64), (h, w, b)):
+        assert ours.dtype == param.dtype
+        torch.testing.assert_close(ours.double(), theirs, rtol=tol, atol=tol)
+    # one launch per chunk (13 rows in chunks of 4), twice for 'none' (its backward recomputes)
+    assert len(launches) == 4 * (2 if reduction == "none" else 1)
 
 
 # ---------------------------------------------------------------------------------------------------
