@@ -153,6 +153,10 @@ def _finalize(value, sink: Node) -> Plan:
             raise Reject("a weighted mean with a z-loss term")
     if fake(x) is None or not fake(x).dtype.is_floating_point:
         raise Reject("the logits are not a floating-point tensor")
+    if weight is not None and (fake(weight) is None or fake(weight).requires_grad):
+        raise Reject(f"the class weight {weight.name} requires grad (the op does not differentiate it)")
+    if fake(label.base) is None or fake(label.base).dtype not in (torch.int64, torch.int32):
+        raise Reject(f"the labels {label.base.name} are not int64 or int32")
     plan = Plan(sink, x, cd, dtype, label, weight, a, b, c, z, row.conds, reduction, mean_after,
                 value.seeds if isinstance(value, ScalarV) else row.seeds)
     if isinstance(kind, tuple) and kind[0] == "div":
@@ -248,7 +252,8 @@ def _analyze(gm: torch.fx.GraphModule):
         inside = set(plan.cone)
         bad = None
         # the op runs at the sink: an in-place change of what it reads would be seen differently
-        reads = [plan.x, plan.label.base, plan.weight, plan.divisor, *(c.node for c in plan.conds)]
+        reads = [plan.x, plan.label.base, plan.weight, plan.divisor, *(c.node for c in plan.conds),
+                 *plan.x.all_input_nodes]
         changed = [(r, m) for r in reads if r is not None for m in mutated.get(r, ()) if m not in understood]
         if changed:
             r, m = changed[0]

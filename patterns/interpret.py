@@ -688,12 +688,13 @@ class Interpretation:
         if isinstance(va, ElemV):
             if isinstance(vb, ElemV):
                 out = elem_mul(self._align(va, vb), self._align(vb, va))
-                if shape(node) != shape(a) and shape(node) != shape(b):
+                if not shape(node) == shape(a) == shape(b):
                     raise Reject(f"factors of shapes {shape(a)} and {shape(b)} broadcast")
                 return out
             c = self.cond(b)
             if c is not None and va.key is not None:
-                if shape(node) != shape(a) or shape(b) not in (shape(a), _keep(shape(a), va.cd)):
+                # a row mask broadcast over the classes: (N, 1) against (N, V)
+                if shape(node) != shape(a) or shape(b) != _keep(shape(a), va.cd):
                     raise Reject(f"a mask of shape {shape(b)} does not select rows of {shape(a)}")
                 return with_conds(va, c.atoms)
             if vb is None and isinstance(b, Node) and va.cd == len(shape(a)) - 1 and va.key is not None \
@@ -839,8 +840,8 @@ class Interpretation:
         for kept, v, other, vo, c_kept in ((a, va, b, vb, cond), (b, vb, a, va, None)):
             if isinstance(v, (RowV, ElemV)) and v is not None and vo == 0:
                 cc = c_kept if c_kept is not None else cond.invert()
-                if shape(node) != shape(kept):
-                    raise Reject("torch.where broadcasts the loss")
+                if shape(node) != shape(kept) or shape(c) != _row_mask_shape(v, kept):
+                    raise Reject("torch.where with a mask that is not one value per row")
                 return with_conds(v, cc.atoms)
         # where(c, y, k): a label changed where c fails
         for kept, other, c_kept in ((a, b, cond), (b, a, None)):
@@ -865,8 +866,8 @@ class Interpretation:
         if isinstance(v, (RowV, ElemV)) and carries_logits(v) or isinstance(v, RowV):
             if exact(value) != 0:
                 raise Reject(f"masked_fill fills loss rows with {value!r}, not 0")
-            if shape(node) != shape(a) or shape(kw["mask"]) not in (shape(a), _keep(shape(a), getattr(v, "cd", -1))):
-                raise Reject("masked_fill broadcasts the loss")
+            if shape(node) != shape(a) or shape(kw["mask"]) != _row_mask_shape(v, a):
+                raise Reject("masked_fill with a mask that is not one value per row")
             return with_conds(v, mask.invert().atoms)
         lab = self.label(a)
         if lab is not None and isinstance(value, int) and shape(node) == shape(a):
@@ -950,6 +951,12 @@ class Interpretation:
 def _is_scalar_tensor(node) -> bool:
     t = fake(node)
     return t is not None and t.numel() == 1 and t.dim() <= 1
+
+
+def _row_mask_shape(v, node):
+    """The shape a mask of rows must have to multiply v (per-row: the same; per-class: size 1
+    along the classes, so the mask cannot differ between classes of a row)."""
+    return _keep(shape(node), v.cd) if isinstance(v, ElemV) else shape(node)
 
 
 def _keep(shp, cd):

@@ -721,3 +721,32 @@ def test_dynamic_batch():
         torch.testing.assert_close(compiled(x, y), lm_loss_token_mean(x, y))
     assert len(rec.results) == 1
     assert rec.results and all(len(r.matches) == 1 for r in rec.results), rec.results
+
+
+def test_mask_that_differs_between_classes_is_left_alone():
+    def fn(x, y, keep):  # keep is (N, V): not a mask of rows
+        lp = F.log_softmax(x, -1)
+        return -(lp.masked_fill(~keep, 0.0) * F.one_hot(y, V)).sum()
+
+    keep = torch.rand(N, V, generator=torch.Generator().manual_seed(4)) > 0.3
+    reasons = _unchanged(fn, logits(N, V), labels(N), keep)
+    assert reasons == ["masked_fill with a mask that is not one value per row"], reasons
+
+
+def test_learned_class_weight_stays_user_arithmetic():
+    def fn(x, y, w):  # a class weight that is trained: the op must not absorb it (no weight grad)
+        lp = F.log_softmax(x, -1)
+        return -(lp.gather(1, y[:, None]).squeeze(1) * w[y]).sum()
+
+    rec = check(fn, logits(N, V), labels(N), WEIGHT, grad=(0, 2))
+    (m,) = rec.result.matches
+    assert (m.params["weight"], m.params["reduction"]) == (None, "none")
+
+
+def test_log_softmax_dtype_upcast():
+    def fn(x, y):
+        return F.nll_loss(F.log_softmax(x, -1, dtype=torch.float32), y)
+
+    rec = check(fn, logits(N, V), labels(N), dtype=torch.bfloat16, atol=1e-2, rtol=1e-2)
+    assert rec.result.matches[0].params["dtype"] == "bfloat16"
+    assert any(n.target == "to" for n in rec.gm.graph.nodes)
