@@ -1,18 +1,18 @@
 """``python -m smoothce demo``: a tiny language model trained with a hand-written label-smoothed
 loss, compiled with ``backend="smoothce"`` and with plain Inductor, side by side.
 
-Each backend trains in a fresh Python process (same seed, same data), so compile caches and the
-memory high-water mark of one run cannot leak into the other. Peak memory is, on CUDA, the peak
-of ``torch.cuda.max_memory_allocated`` above the allocation at the start of the timed steps; on
-CPU, the growth of the process's peak resident set size (VmHWM, reset through
-/proc/self/clear_refs after the compiling first step) over the timed steps, which includes the
-allocator's caching. Where the high-water mark cannot be reset, the whole process's peak
-(getrusage, compile included) is shown and labelled as such.
+Each backend trains in a fresh Python process (same seed, same data), so compile caches and
+memory of one run cannot leak into the other. Peak memory is the peak of tensor memory allocated
+during one training step above what was allocated when it started: on CUDA from
+``torch.cuda.max_memory_allocated``, on CPU from the allocation events of the torch profiler
+(``profile_memory=True``; allocator caching and Python objects are not counted), measured in an
+extra step after the timed ones so the profiler does not slow those.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -163,25 +163,33 @@ class Progress:
         self._draw("\r" if self.tty else "", "\n")
 
 
-def _rss_kib(field: str) -> int | None:
+@contextlib.contextmanager
+def _quiet_stderr_fd():
+    # The profiler's C++ side prints start/stop lines straight to fd 2; keep the terminal clean.
+    sys.stderr.flush()
+    saved = os.dup(2)
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
-def _reset_peak_rss() -> bool:
-    # Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0).
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return _rss_kib("VmHWM") is not None
+def _cpu_step_peak(step) -> int:
+    """Peak bytes of CPU tensor memory allocated during `step()` above its start."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr_fd(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        if e.device_type().name == "CPU":
+            live += e.nbytes()  # negative on free
+            peak = max(peak, live)
+    return peak
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,24 +219,19 @@ def run_worker(args) -> dict:
     step_fn = torch.compile(make_loss_fn(args.eps), backend=args.worker)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
-    losses, times = [], []
-    memory, memory_kind, base = None, None, 0
-    bar = Progress(args.steps, args.worker)
-    for step in range(args.steps):
-        if step == 1:  # the first step compiled; measure the steady state from here
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                memory_kind = "CUDA peak allocated above the step start"
-            elif _reset_peak_rss():
-                base = _rss_kib("VmRSS") * 1024
-                memory_kind = "CPU peak RSS growth over the steps"
-        sync()
-        t0 = time.perf_counter()
+    def step():
         loss = step_fn(model, inputs, targets)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss
+
+    losses, times = [], []
+    bar = Progress(args.steps, args.worker)
+    for _ in range(args.steps):
+        sync()
+        t0 = time.perf_counter()
+        loss = step()
         sync()
         times.append(time.perf_counter() - t0)
         losses.append(loss.detach().double().cpu().item())  # after timing: one sync per step is fine here
@@ -236,14 +239,15 @@ def run_worker(args) -> dict:
     bar.close()
 
     if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
         memory = torch.cuda.max_memory_allocated() - base
-    elif memory_kind is not None:
-        memory = _rss_kib("VmHWM") * 1024 - base
+        memory_kind = "CUDA peak allocated during one step above its start (max_memory_allocated)"
     else:
-        import resource
-
-        memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        memory_kind = "CPU peak RSS of the whole process, compile included"
+        memory = _cpu_step_peak(step)
+        memory_kind = "CPU tensor memory allocated during one step above its start (torch profiler)"
     return {
         "backend": args.worker,
         "device": device,

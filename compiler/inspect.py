@@ -62,8 +62,8 @@ class GraphRecord:
     index: int
     frame: str  # Python function the graph was traced from
     result: RewriteResult
-    before: str  # readable graph code before the rewrite
-    after: str  # ... and after (same as before when nothing matched)
+    before: str = dataclasses.field(repr=False)  # readable graph code before the rewrite
+    after: str = dataclasses.field(repr=False)  # ... and after (same as before when nothing matched)
     nodes_before: int
     nodes_after: int
     error: str | None = None  # the detector's exception, when it raised on this graph
@@ -122,6 +122,12 @@ class Report:
             "graph_breaks": [b.to_dict() for b in self.graph_breaks],
             "graphs": [g.to_dict(code=code) for g in self.graphs],
         }
+
+    def __repr__(self) -> str:
+        return (
+            f"Report(matches={len(self.matches)}, near_misses={len(self.near_misses)}, "
+            f"graphs={len(self.graphs)}, graph_breaks={len(self.graph_breaks)})"
+        )
 
     def render(self, width: int | None = None, code: bool = False) -> str:
         """The report as text at most `width` columns wide (default: the terminal's)."""

@@ -243,3 +243,9 @@ def test_torch_logs_while_compiling_with_the_backend(tmp_path):
     lines = [l for f in glob.glob(str(tmp_path / "trace" / "*")) for l in open(f)]
     (i,) = [i for i, l in enumerate(lines) if '"name": "smoothce_report"' in l]
     assert json.loads(lines[i + 1].strip())["matches"][0]["family"] == "cross_entropy"
+
+
+def test_repr_is_short():
+    # A REPL shows repr(report): counts, not pages of graph code.
+    assert repr(_report()) == "Report(matches=2, near_misses=1, graphs=2, graph_breaks=1)"
+    assert "before0" not in repr(_report().graphs[0])
