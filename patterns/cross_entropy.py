@@ -62,6 +62,7 @@ class Plan:
     softcap_nodes: tuple = ()
     softcap_view: Optional[Node] = None  # a view between the softcap and the loss, replayed on x0
     divisor: Optional[Node] = None  # the op's sum is divided by this count tensor
+    head: Optional[tuple] = None  # (hidden, weight, bias, transforms, scale, nodes) for the linear op
 
     @property
     def classes(self) -> int:
@@ -333,6 +334,100 @@ def _softcap_source(plan: Plan) -> None:
     plan.softcap_nodes = tuple(n for n in (view, x, t, div) if n is not None)
 
 
+# ------------------------------------------------------------------------------------------------
+# Stage 2: logits straight from an LM head -> the fused linear cross-entropy
+# ------------------------------------------------------------------------------------------------
+
+
+def _head_call(node: Node):
+    """(hidden, weight (V, D), bias, extra nodes) when node is F.linear or hidden @ W.t()."""
+    if node.op != "call_function":
+        return None
+    if node.target in (torch._C._nn.linear, torch.nn.functional.linear):
+        args = list(node.args) + [None] * 3
+        h, w = args[0], node.kwargs.get("weight", args[1])
+        b = node.kwargs.get("bias", args[2])
+        if isinstance(h, Node) and isinstance(w, Node) and (b is None or isinstance(b, Node)):
+            return h, w, b, ()
+        return None
+    if node.target in (torch.matmul, operator.matmul) and len(node.args) == 2 and not node.kwargs:
+        h, wt = node.args
+        if not isinstance(h, Node) or not isinstance(wt, Node) or len(wt.users) != 1:
+            return None
+        transposed = (wt.op == "call_method" and wt.target == "t" and len(wt.args) == 1) or (
+            wt.op == "call_function" and wt.target is getattr and wt.args[1:] == ("T",))
+        if transposed and isinstance(wt.args[0], Node) and shape(wt.args[0]) is not None \
+                and len(shape(wt.args[0])) == 2:
+            return h, wt.args[0], None, (wt,)
+    return None
+
+
+def _reader(u: Node) -> str:
+    return "returned to the caller" if u.op == "output" else f"also read at {location(u)} ({describe(u).split(' at ')[0]})"
+
+
+def _linear_source(plan: Plan) -> Optional[str]:
+    """Find an LM head behind the logits; set plan.head, or return why not (None: no head)."""
+    if plan.dtype is not None or plan.cd != len(shape(plan.x)) - 1:
+        return None
+    cone = set(plan.cone) | set(plan.softcap_nodes)
+    start = plan.logits if plan.logits is not None else plan.x
+    transforms = [plan.softcap_view] if plan.softcap_view is not None else []
+    outside = [u for u in start.users if u not in cone]
+    V = plan.classes
+    scale = Q(1)
+    n, chain = start, []
+    while True:
+        head = _head_call(n)
+        if head is not None:
+            break
+        op = op_name(n)
+        if not n.args or not isinstance(n.args[0], Node):
+            return None
+        if op == "reshape" and n.args[-1] == V and all(isinstance(a, int) for a in n.args[1:]):
+            transforms.append(n)
+        elif op == "getitem" and isinstance(n.args[1], tuple) and n.args[1] and n.args[1][-1] == slice(None):
+            transforms.append(n)
+        elif op == "cast" and (n.target in ("contiguous", "float") or (
+                n.target == "to" and len(n.args) == 2 and n.args[1] in (torch.float32, torch.float64))):
+            pass
+        elif op in ("mul", "div") and len(n.args) == 2 and exact(n.args[1]) and not n.kwargs:
+            scale = scale * exact(n.args[1]) if op == "mul" else scale / exact(n.args[1])
+        elif op == "mul" and len(n.args) == 2 and exact(n.args[0]) and isinstance(n.args[1], Node):
+            scale *= exact(n.args[0])
+            chain.append(n)
+            n = n.args[1]
+            if len(n.users) != 1:
+                return f"logits {_reader(next(u for u in n.users if u is not chain[-1]))}"
+            continue
+        else:
+            return None
+        chain.append(n)
+        n = n.args[0]
+        if len(n.users) != 1:
+            return f"logits {_reader(next(u for u in n.users if u is not chain[-1]))}"
+    if outside:
+        return f"logits {_reader(outside[0])}"
+    hidden, weight, bias, extra = head
+    if shape(weight) is None or len(shape(weight)) != 2 or shape(weight)[0] != V:
+        return None
+    plan.head = (hidden, weight, bias, list(reversed(transforms)), float(scale), [n, *chain, *extra])
+    return ""
+
+
+def _emit_linear_input(plan: Plan, call) -> Node:
+    """hidden with the logits' row transforms replayed (reshape(..., V) -> reshape(..., D))."""
+    hidden, weight, _, transforms, _, _ = plan.head
+    D = shape(weight)[1]
+    h = hidden
+    for t in transforms:
+        if op_name(t) == "reshape":  # reshape, not view: a slice before it may be non-contiguous
+            h = call("call_method", "reshape", (h, *t.args[1:-1], D))
+        else:
+            h = call(t.op, t.target, (h, *t.args[1:]), dict(t.kwargs))
+    return h
+
+
 def _eps(b: Fraction, n: int) -> float:
     """eps with eps / n == b in float: the shortest decimal that reproduces the graph's constant."""
     raw = float(b * n)
@@ -446,13 +541,17 @@ def _emit_nodes(gm: torch.fx.GraphModule, plan: Plan, fake_mode, added: list) ->
 
     with g.inserting_before(sink):
         logits = plan.logits if plan.logits is not None else plan.x
-        if plan.softcap_view is not None:
+        if plan.head is not None:
+            logits = _emit_linear_input(plan, call)
+        elif plan.softcap_view is not None:
             v = plan.softcap_view
             logits = call(v.op, v.target, (logits, *v.args[1:]), dict(v.kwargs))
         if plan.dtype is not None:
             logits = call("call_method", "to", (logits, plan.dtype))
         flatten = cd == nd - 1 and nd > 2
-        if flatten:  # (..., V) with classes last -> (rows, V); the op wants classes at dim 1
+        if flatten and plan.head is not None:
+            logits = call("call_method", "reshape", (logits, -1, shape(plan.head[1])[1]))
+        elif flatten:  # (..., V) with classes last -> (rows, V); the op wants classes at dim 1
             logits = call("call_method", "reshape", (logits, -1, V))
         if not all(isinstance(d, int) for d in rows[1:]):
             raise Reject(f"the rows {rows} have symbolic sizes past the first")
@@ -483,7 +582,15 @@ def _emit_nodes(gm: torch.fx.GraphModule, plan: Plan, fake_mode, added: list) ->
             uniform_coef=float(plan.b), constant=float(plan.c), z_loss=float(plan.z),
             softcap=plan.softcap,
         )
-        loss = call("call_function", fused_cross_entropy, (logits, target, plan.weight), kwargs)
+        if plan.head is not None:
+            from smoothce.kernels.linear_cross_entropy import fused_linear_cross_entropy
+
+            _, head_weight, bias, _, scale, _ = plan.head
+            kwargs["logit_scale"] = scale
+            loss = call("call_function", fused_linear_cross_entropy,
+                        (logits, head_weight, bias, target, plan.weight), kwargs)
+        else:
+            loss = call("call_function", fused_cross_entropy, (logits, target, plan.weight), kwargs)
         if plan.reduction == "none" and not plan.mean_after and shape(sink) != shape(loss):
             out = shape(sink)
             if not all(isinstance(d, int) for d in out[1:]):
@@ -521,8 +628,22 @@ def _erase_dead(gm: torch.fx.GraphModule, candidates: list[Node], inplace=frozen
     return erased
 
 
-def rewrite_cross_entropy(gm: torch.fx.GraphModule) -> RewriteResult:
-    """Rewrite every provable cross-entropy loss in ``gm`` into one fused op call (in place)."""
+def _has_linear_op() -> bool:
+    try:
+        from smoothce.kernels.linear_cross_entropy import fused_linear_cross_entropy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def rewrite_cross_entropy(gm: torch.fx.GraphModule, *, fuse_linear: bool = False) -> RewriteResult:
+    """Rewrite every provable cross-entropy loss in ``gm`` into one fused op call (in place).
+
+    With ``fuse_linear``, a loss whose logits come only from an LM head (F.linear or
+    hidden @ W.t(), through .float(), slicing, views and constant scaling) becomes one
+    ``fused_linear_cross_entropy`` call that never materialises the logits; a head whose logits
+    are also read elsewhere keeps the plain op and gets a near miss saying where.
+    """
     plans, near_misses, inplace = _analyze(gm)
     result = RewriteResult(near_misses=list(near_misses))
     if not plans:
@@ -530,6 +651,7 @@ def rewrite_cross_entropy(gm: torch.fx.GraphModule) -> RewriteResult:
     fake_mode = _fake_mode(gm)
     for plan in plans:
         _softcap_source(plan)
+        why_not = _linear_source(plan) if fuse_linear and _has_linear_op() else None
         try:
             family, extra = _family(plan)
             seed = min(plan.seeds, key=lambda n: list(gm.graph.nodes).index(n)) if plan.seeds else plan.sink
@@ -539,11 +661,17 @@ def rewrite_cross_entropy(gm: torch.fx.GraphModule) -> RewriteResult:
         except Reject as err:
             result.near_misses.append(NearMiss(plan.sink.name, location(plan.sink), str(err)))
             continue
-        erased = _erase_dead(gm, [plan.sink, *plan.cone, *plan.softcap_nodes], inplace)
+        head_nodes = plan.head[5] if plan.head is not None else []
+        erased = _erase_dead(gm, [plan.sink, *plan.cone, *plan.softcap_nodes, *head_nodes], inplace)
+        if plan.head is not None:
+            family = "linear+" + family
+        elif why_not:
+            result.near_misses.append(NearMiss(seed.name, loc, f"not fused with its LM head: {why_not}"))
         params = {
             **extra,
             "target_coef": float(plan.a), "uniform_coef": float(plan.b), "constant": float(plan.c),
             "z_loss": float(plan.z), "softcap": plan.softcap,
+            **({"logit_scale": plan.head[4]} if plan.head is not None else {}),
             "ignore_index": ignore, "reduction": plan.reduction + (" then mean" if plan.mean_after else ""),
             "weight": plan.weight.name if plan.weight is not None else None,
             "classes": plan.classes, "dtype": str(fake(plan.x).dtype).replace("torch.", ""),

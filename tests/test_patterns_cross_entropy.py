@@ -25,6 +25,7 @@ from torch._dynamo.backends.debugging import aot_eager  # noqa: E402
 from torch._functorch.aot_autograd import make_boxed_func  # noqa: E402
 
 from smoothce.kernels.cross_entropy import fused_cross_entropy  # noqa: E402
+from smoothce.kernels.linear_cross_entropy import fused_linear_cross_entropy  # noqa: E402
 from smoothce.patterns.cross_entropy import rewrite_cross_entropy  # noqa: E402
 from smoothce.patterns.interpret import op_name  # noqa: E402
 
@@ -41,11 +42,11 @@ ORIGINAL_OPS = {"log_softmax", "nll_loss", "cross_entropy", "kl_div", "gather", 
 class Recorder:
     """A torch.compile backend: the detector, then aot_eager. Keeps each graph and result."""
 
-    def __init__(self):
-        self.graphs, self.results = [], []
+    def __init__(self, **options):
+        self.graphs, self.results, self.options = [], [], options
 
     def __call__(self, gm, example_inputs):
-        self.results.append(rewrite_cross_entropy(gm))
+        self.results.append(rewrite_cross_entropy(gm, **self.options))
         self.graphs.append(gm)
         return aot_eager(gm, example_inputs)
 
@@ -65,7 +66,8 @@ def normalize(code: str) -> str:
 
 
 def fused_calls(gm) -> int:
-    return sum(n.op == "call_function" and n.target is fused_cross_entropy for n in gm.graph.nodes)
+    ops = (fused_cross_entropy, fused_linear_cross_entropy)
+    return sum(n.op == "call_function" and n.target in ops for n in gm.graph.nodes)
 
 
 def left_ops(gm) -> set:
@@ -77,7 +79,7 @@ def _cast(t, dtype):
 
 
 def check(fn, *inputs, grad=(0,), dtype=torch.float32, atol=1e-5, rtol=1e-5, no_grad=False, matches=1,
-          reference=None, kept=frozenset()):
+          reference=None, kept=frozenset(), fuse_linear=False):
     """Compile fn with the detector, compare with float64 eager; returns the Recorder.
 
     inputs: float tensors are cast to `dtype` (compiled) and float64 (eager, from the same rounded
@@ -89,7 +91,7 @@ def check(fn, *inputs, grad=(0,), dtype=torch.float32, atol=1e-5, rtol=1e-5, no_
     for i in grad:
         ours[i] = ours[i].detach().requires_grad_(not no_grad)
         ref[i] = ref[i].detach().requires_grad_(not no_grad)
-    rec = Recorder()
+    rec = Recorder(fuse_linear=fuse_linear)
     compiled = torch.compile(fn, backend=rec, fullgraph=True)
     with torch.set_grad_enabled(not no_grad):
         out_ref = (reference or fn)(*ref)
@@ -182,8 +184,10 @@ class Goldens(TestCase):
         model = CrossEntropyLossModule()
         h = torch.randn(N, 5)
         y = labels(N, ignore=0, where=(2,))
-        rec = check(model, h, y, reference=copy.deepcopy(model).double())
+        rec = check(model, h, y, reference=copy.deepcopy(model).double(), fuse_linear=True)
         (m,) = rec.result.matches
+        # the head's logits feed nothing else: one fused linear cross-entropy, no logits at all
+        self.assertEqual(m.family, "linear+cross_entropy")
         self.assertEqual(m.params["eps"], 0.2)
         self.assertEqual(m.params["convention"], "eps/V")
         self.assertExpectedInline(normalize(rec.gm.code), """\
@@ -193,9 +197,8 @@ def forward(self, L_self_modules_head_parameters_weight_ : torch.nn.parameter.Pa
     l_h_ = L_h_
     l_self_modules_loss_buffers_weight_ = L_self_modules_loss_buffers_weight_
     l_y_ = L_y_
-    linear = torch._C._nn.linear(l_h_, l_self_modules_head_parameters_weight_, l_self_modules_head_parameters_bias_);  l_h_ = l_self_modules_head_parameters_weight_ = l_self_modules_head_parameters_bias_ = None
-    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(linear, l_y_, l_self_modules_loss_buffers_weight_, ignore_index = 0, reduction = 'mean', target_coef = 0.8, uniform_coef = 0.018181818181818184, constant = 0.0, z_loss = 0.0, softcap = None);  linear = l_y_ = l_self_modules_loss_buffers_weight_ = None
-    return (fused_cross_entropy,)""")
+    fused_linear_cross_entropy = smoothce_kernels_linear_cross_entropy_fused_linear_cross_entropy(l_h_, l_self_modules_head_parameters_weight_, l_self_modules_head_parameters_bias_, l_y_, l_self_modules_loss_buffers_weight_, ignore_index = 0, reduction = 'mean', target_coef = 0.8, uniform_coef = 0.018181818181818184, constant = 0.0, z_loss = 0.0, softcap = None, logit_scale = 1.0);  l_h_ = l_self_modules_head_parameters_weight_ = l_self_modules_head_parameters_bias_ = l_y_ = l_self_modules_loss_buffers_weight_ = None
+    return (fused_linear_cross_entropy,)""")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -750,3 +753,74 @@ def test_log_softmax_dtype_upcast():
     rec = check(fn, logits(N, V), labels(N), dtype=torch.bfloat16, atol=1e-2, rtol=1e-2)
     assert rec.result.matches[0].params["dtype"] == "bfloat16"
     assert any(n.target == "to" for n in rec.gm.graph.nodes)
+
+
+# ------------------------------------------------------------------------------------------------
+# LM head + cross-entropy -> fused linear cross-entropy
+# ------------------------------------------------------------------------------------------------
+
+D = 5
+
+
+class TinyLM(nn.Module):
+    """An LM head and the loss of transformers' causal LMs, with a logit temperature."""
+
+    def __init__(self, matmul=False, return_logits=False):
+        super().__init__()
+        self.head = nn.Linear(D, V, bias=False)
+        self.matmul, self.return_logits = matmul, return_logits
+
+    def forward(self, h, y):
+        logits = h @ self.head.weight.t() if self.matmul else self.head(h)
+        logits = logits.float() / 2.0
+        shift_logits = logits[..., :-1, :].contiguous()
+        shift_labels = y[..., 1:].contiguous()
+        loss = F.cross_entropy(shift_logits.view(-1, V), shift_labels.view(-1), label_smoothing=EPS)
+        return (loss, logits) if self.return_logits else loss
+
+
+def check_head(model, **kwargs):
+    """check() plus the head weight's gradient against a float64 copy of the model."""
+    h = logits(B, T + 1, D, seed=9)
+    y = labels(B, T + 1, ignore=-100, where=(2, 6))
+    reference = copy.deepcopy(model).double()
+    rec = check(model, h, y, reference=reference, fuse_linear=True, **kwargs)
+    torch.testing.assert_close(model.head.weight.grad.double(), reference.head.weight.grad, atol=1e-5, rtol=1e-5)
+    return rec
+
+
+@pytest.mark.parametrize("matmul", [False, True], ids=["linear", "matmul"])
+def test_linear_cross_entropy(matmul):
+    torch.manual_seed(0)
+    rec = check_head(TinyLM(matmul=matmul))
+    (m,) = rec.result.matches
+    assert m.family == "linear+cross_entropy"
+    assert m.params["logit_scale"] == 0.5
+    assert not any(op_name(n) == "reshape" and shape_of(n)[-1] == V for n in rec.gm.graph.nodes)
+
+
+def shape_of(node):
+    return tuple(node.meta["example_value"].shape) if "example_value" in node.meta else (None,)
+
+
+def test_logits_returned_keep_the_plain_op():
+    torch.manual_seed(0)
+    rec = check_head(TinyLM(return_logits=True))
+    (m,) = rec.result.matches
+    assert m.family == "cross_entropy"
+    assert [nm.reason for nm in rec.result.near_misses] == [
+        "not fused with its LM head: logits returned to the caller"]
+
+
+def test_linear_fusion_is_opt_in():
+    torch.manual_seed(0)
+    model = TinyLM()
+    h, y = logits(B, T + 1, D, seed=9), labels(B, T + 1)
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(rewrite_cross_entropy(gm))
+        return aot_eager(gm, inputs)
+
+    torch.testing.assert_close(torch.compile(model, backend=backend)(h, y), model(h, y))
+    assert [m.family for m in graphs[0].matches] == ["cross_entropy"]
