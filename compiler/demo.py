@@ -307,9 +307,13 @@ def _comparison(results: list[dict], width: int) -> str:
     if kinds:
         out.append("  peak memory: " + "; ".join(kinds))
     if len(ok) >= 2:
-        diff = max(abs(a - b) for a, b in zip(ok[0]["losses"], ok[1]["losses"]))
-        out.append(f"  max |loss difference| over {len(ok[0]['losses'])} steps, "
-                   f"{ok[0]['backend']} vs {ok[1]['backend']}: {diff:.2e}")
+        a, b = ok[0], ok[1]
+        diff = max(abs(x - y) for x, y in zip(a["losses"], b["losses"]))
+        out.append(f"  max |loss difference| over {len(a['losses'])} steps, "
+                   f"{a['backend']} vs {b['backend']}: {diff:.2e}")
+        if b["peak_bytes"] > 0 and b["step_ms"] > 0:
+            out.append(f"  {a['backend']} / {b['backend']}: peak memory {a['peak_bytes'] / b['peak_bytes']:.2f}x, "
+                       f"step time {a['step_ms'] / b['step_ms']:.2f}x")
     return "\n".join(out)
 
 

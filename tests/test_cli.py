@@ -160,3 +160,25 @@ def test_demo_rejects_bad_steps():
     assert proc.stderr.splitlines() == [
         "smoothce demo: error: --steps must be at least 2 (the first step compiles), got 1"
     ]
+
+
+def test_demo_comparison_table():
+    from smoothce.compiler.demo import _comparison
+
+    results = [
+        {"backend": "smoothce", "losses": [7.0, 6.9], "first_step_s": 60.0, "step_ms": 150.0,
+         "peak_bytes": 5 * 2**20, "peak_kind": "CPU tensor memory"},
+        {"backend": "inductor", "losses": [7.0, 6.9000014], "first_step_s": 16.0, "step_ms": 100.0,
+         "peak_bytes": 10 * 2**20, "peak_kind": "CPU tensor memory"},
+        {"backend": "broken", "error": "worker exited with status 1"},
+    ]
+    assert _comparison(results, 100) == textwrap.dedent(
+        """\
+          backend   loss first  loss last  compile+step 1  step (median)  peak memory
+          smoothce  7.00000     6.90000    60.0 s          150.0 ms       5.0 MiB
+          inductor  7.00000     6.90000    16.0 s          100.0 ms       10.0 MiB
+          broken    -           -          -               -              worker exited with status 1
+          peak memory: CPU tensor memory
+          max |loss difference| over 2 steps, smoothce vs inductor: 1.40e-06
+          smoothce / inductor: peak memory 0.50x, step time 1.50x"""
+    )
