@@ -172,7 +172,7 @@ def test_demo_comparison_table():
          "peak_bytes": 10 * 2**20, "peak_kind": "CPU tensor memory"},
         {"backend": "broken", "error": "worker exited with status 1"},
     ]
-    assert _comparison(results, 100) == textwrap.dedent(
+    assert _comparison(results, 100) == textwrap.indent(textwrap.dedent(
         """\
           backend   loss first  loss last  compile+step 1  step (median)  peak memory
           smoothce  7.00000     6.90000    60.0 s          150.0 ms       5.0 MiB
@@ -181,4 +181,4 @@ def test_demo_comparison_table():
           peak memory: CPU tensor memory
           max |loss difference| over 2 steps, smoothce vs inductor: 1.40e-06
           smoothce / inductor: peak memory 0.50x, step time 1.50x"""
-    )
+    ), "  ")
