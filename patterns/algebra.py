@@ -180,7 +180,20 @@ class DivisorV:
     factor: Fraction
 
 
-CARRYING = (RowV, ScalarV)
+@dataclasses.dataclass(frozen=True)
+class ColV:
+    """A per-class vector: a per-class value already reduced over its rows, e.g.
+    ``(t * lp).mean(0)``. Summing it over the classes gives ``scalar``."""
+
+    scalar: ScalarV
+    classes: int
+
+    @property
+    def seeds(self):
+        return self.scalar.seeds
+
+
+CARRYING = (RowV, ScalarV, ColV)
 
 
 def carries_logits(v) -> bool:
@@ -199,6 +212,8 @@ def scale(v, c: Fraction):
         return dataclasses.replace(v, terms=_clean({t: k * c for t, k in v.terms}))
     if isinstance(v, ScalarV):
         return dataclasses.replace(v, row=scale(v.row, c))
+    if isinstance(v, ColV):
+        return dataclasses.replace(v, scalar=scale(v.scalar, c))
     raise Reject("only losses scale")
 
 
@@ -239,6 +254,8 @@ def add(v1, v2, s: Fraction = Q(1)):
             k1 = "sum"
         rows = v1.rows if v1.rows == v2.rows else None
         return ScalarV(add(r1, r2, s), k1, rows, v1.seeds | v2.seeds)
+    if isinstance(v1, ColV):
+        return ColV(add(v1.scalar, v2.scalar, s), v1.classes)
     raise Reject(f"cannot add {type(v1).__name__}s")
 
 

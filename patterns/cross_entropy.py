@@ -27,7 +27,7 @@ from typing import Any, Optional
 import torch
 import torch.fx
 
-from smoothce.patterns.algebra import CondAtom, ElemV, LabelV, Q, Reject, RowV, ScalarV, carries_logits
+from smoothce.patterns.algebra import ColV, CondAtom, ElemV, LabelV, Q, Reject, RowV, ScalarV, carries_logits
 from smoothce.patterns.interpret import (
     SEED_OPS, Interpretation, describe, exact, fake, location, op_name, shape, static_shape,
 )
@@ -81,6 +81,8 @@ def _finalize(value, sink: Node) -> Plan:
         row, kind = value, None
     elif isinstance(value, ElemV):
         raise Reject("log-probs")  # a per-class tensor is never a loss output by itself
+    elif isinstance(value, ColV):
+        raise Reject("a per-class vector (reduced over rows only)")
     else:
         raise Reject("not a loss")
     x, cd, dtype = row.key

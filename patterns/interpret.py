@@ -21,7 +21,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from smoothce.patterns.algebra import (
-    CondAtom, CondV, DivisorV, ElemV, LabelV, Q, Reject, RowV, ScalarV, WeightAtV, add, carries_logits,
+    ColV, CondAtom, CondV, DivisorV, ElemV, LabelV, Q, Reject, RowV, ScalarV, WeightAtV, add, carries_logits,
     elem_class_sum, elem_gather, elem_mul, elem_times_weight, row_times_row, row_times_weight_at,
     scale, with_conds,
 )
@@ -641,7 +641,9 @@ class Interpretation:
         if isinstance(va, RowV) and isinstance(vb, RowV):
             self._same_shape(node, a, b)
             return add(va, vb, s)
-        if isinstance(va, ScalarV) and isinstance(vb, ScalarV):
+        if isinstance(va, (ScalarV, ColV)) and type(va) is type(vb):
+            if isinstance(va, ColV):
+                self._same_shape(node, a, b)
             return add(va, vb, s)
         if isinstance(va, ElemV) and isinstance(vb, RowV) and va.key is not None:
             # a per-row value broadcast over classes (lse or a constant only)
@@ -673,12 +675,12 @@ class Interpretation:
         if isinstance(va, Fraction) and isinstance(vb, Fraction):
             return va * vb
         # order so that the "bigger" value comes first
-        rank = lambda v: 4 if isinstance(v, ScalarV) else 3 if isinstance(v, RowV) else \
+        rank = lambda v: 4 if isinstance(v, (ScalarV, ColV)) else 3 if isinstance(v, RowV) else \
             2 if isinstance(v, ElemV) and v.key is not None else 1 if isinstance(v, ElemV) else 0
         if rank(vb) > rank(va):
             a, b, va, vb = b, a, vb, va
         if isinstance(vb, Fraction):
-            if isinstance(va, (RowV, ElemV, ScalarV)):
+            if isinstance(va, (RowV, ElemV, ScalarV, ColV)):
                 return scale(va, vb)
             if isinstance(va, DivisorV):
                 return DivisorV(va.node, va.factor * vb)
@@ -738,7 +740,7 @@ class Interpretation:
         va, vb = self.val(a), self.val(b)
         if isinstance(va, Fraction) and isinstance(vb, Fraction) and vb != 0:
             return va / vb
-        if isinstance(vb, Fraction) and vb != 0 and isinstance(va, (RowV, ElemV, ScalarV)):
+        if isinstance(vb, Fraction) and vb != 0 and isinstance(va, (RowV, ElemV, ScalarV, ColV)):
             return scale(va, 1 / vb)
         if isinstance(va, ScalarV) and (isinstance(vb, DivisorV) or vb is None and _is_scalar_tensor(b)):
             # a sum divided by a count tensor (times a constant): the op's sum, then the same
@@ -775,6 +777,10 @@ class Interpretation:
 
     def _reduce(self, node, a, kw, mean):
         v = self.val(a)
+        if isinstance(v, ColV):  # the classes left: sum (or mean) over them
+            if kw["keepdim"] or kw["dim"] not in (None, 0, -1, [0], [-1], (0,), (-1,), [], ()):
+                raise Reject("a per-class vector is reduced over something other than its classes")
+            return scale(v.scalar, Q(1, v.classes)) if mean else v.scalar
         if not (isinstance(v, RowV) or (isinstance(v, ElemV) and v.key is not None)):
             return None
         shp = shape(a)
@@ -795,6 +801,12 @@ class Interpretation:
                 full = static_shape(a)
                 rows = math.prod(full) // V if full else None
                 return ScalarV(scale(row, Q(1, V)) if mean else row, "mean" if mean else "sum", rows, row.seeds)
+            if dims == set(range(nd)) - {v.cd} and not keep:
+                # over the rows first, the classes later: (t * lp).mean(0).sum()
+                row = elem_class_sum(v, V)
+                full = static_shape(a)
+                rows = math.prod(full) // V if full else None
+                return ColV(ScalarV(row, "mean" if mean else "sum", rows, row.seeds), V)
             raise Reject(f"log-probs reduced over dims {sorted(dims)} (classes are dim {v.cd})")
         if dims == set(range(nd)) and not keep:
             full = static_shape(a)

@@ -824,3 +824,36 @@ def test_linear_fusion_is_opt_in():
 
     torch.testing.assert_close(torch.compile(model, backend=backend)(h, y), model(h, y))
     assert [m.family for m in graphs[0].matches] == ["cross_entropy"]
+
+
+def test_rows_reduced_before_classes():
+    # mean over the rows first, then the sum over the classes: the same loss
+    def fn(x, y):
+        t = F.one_hot(y, V) * (1 - EPS) + EPS / V
+        return -(t * x.log_softmax(-1)).mean(0).sum()
+
+    rec = check(fn, logits(N, V), labels(N))
+    assert rec.result.matches[0].params["reduction"] == "mean"
+
+
+@pytest.mark.inductor
+def test_rewritten_graph_through_inductor():
+    """The rewritten graph (the op's fake, autograd and the leftover arithmetic) under Inductor."""
+    from torch._inductor.compile_fx import compile_fx
+
+    results = []
+
+    def backend(gm, inputs):
+        results.append(rewrite_cross_entropy(gm))
+        return compile_fx(gm, inputs)
+
+    x = logits(N, V).requires_grad_()
+    y = labels(N, ignore=-100, where=(1,))
+    loss = torch.compile(smooth_masked_mul, backend=backend)(x, y)
+    loss.backward()
+    xr = x.detach().double().requires_grad_()
+    ref = smooth_masked_mul(xr, y)
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double(), xr.grad, atol=1e-5, rtol=1e-5)
+    assert [m.family for r in results for m in r.matches] == ["hand-written eps/V"]
