@@ -86,6 +86,12 @@ def break_before_loss(x, w, y):
     return F.cross_entropy(logits, y)  # L:brk_loss
 
 
+def break_inside_loss(x, w, y):
+    lp = F.log_softmax(x @ w, dim=-1)
+    torch._dynamo.graph_break()  # L:brk_inside
+    return F.nll_loss(lp, y)  # L:nll
+
+
 def break_first(x, w, y):
     torch._dynamo.graph_break()  # L:brk_first
     return F.cross_entropy(x @ w, y)
@@ -212,6 +218,14 @@ Graphs:
         )
         (brk,) = report.graph_breaks
         self.assertIsNotNone(brk.splits_loss)
+
+    def test_graph_break_between_log_softmax_and_nll(self):
+        report = smoothce.inspect(break_inside_loss, *_inputs())
+        (brk,) = report.graph_breaks
+        self.assertEqual(normalize(brk.location), f"{_HERE}:brk_inside")
+        self.assertEqual(normalize(brk.splits_loss), f"loss at {_HERE}:nll (graph 1) reads `lp` from graph 0")
+        self.assertEqual(report.matches, [])
+        self.assertEqual(len(report.near_misses), 1)
 
     def test_graph_break_not_between_logits_and_loss_is_not_flagged(self):
         report = smoothce.inspect(break_elsewhere, *_inputs())
