@@ -25,7 +25,7 @@ _RESULT_MARK = "SMOOTHCE_DEMO_RESULT "
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=20, help="training steps per backend (default 20)")
+    p.add_argument("--steps", type=int, default=10, help="training steps per backend (default 10)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when present; default)")
     p.add_argument("--vocab", type=int, default=1024, help="vocabulary size V (default 1024)")
     p.add_argument("--dim", type=int, default=64, help="model width (default 64)")
