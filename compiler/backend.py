@@ -33,10 +33,10 @@ def smoothce_backend(
 ):
     # Check options before rewriting, so a typo fails before any work is done.
     config_patches = compat.inductor_config_patches(mode, options)
-    rewrite_pass.rewrite(gm)
+    rewrite_pass.rewrite_recursive(gm)
     return compat.compile_fx(gm, example_inputs, config_patches=config_patches)
 
 
 def smoothce_aot_eager(gm: torch.fx.GraphModule, example_inputs: list[Any], **kwargs: Any):
-    rewrite_pass.rewrite(gm)
+    rewrite_pass.rewrite_recursive(gm)
     return compat.lookup_backend("aot_eager")(gm, example_inputs, **kwargs)

@@ -34,6 +34,14 @@ def source_hash() -> str:
     return hasher.hexdigest()
 
 
+def _subgraphs(gm: torch.fx.GraphModule):
+    """Child GraphModules that ``gm``'s graph reads through get_attr (higher-order op bodies)."""
+    used = {n.target for n in gm.graph.find_nodes(op="get_attr")}
+    for name, child in gm.named_children():
+        if name in used and isinstance(child, torch.fx.GraphModule):
+            yield name, child
+
+
 class CrossEntropyPass(compat.CustomGraphPass):
     """Finds cross-entropy losses in a Dynamo torch-IR graph and replaces them with smoothce ops.
 
@@ -57,6 +65,15 @@ class CrossEntropyPass(compat.CustomGraphPass):
         result = rewrite_and_log(gm, rewrite_cross_entropy, name=self.label)
         self.results.append(result)
         return result
+
+    def rewrite_recursive(self, gm: torch.fx.GraphModule) -> list:
+        """:meth:`rewrite` on ``gm``'s subgraphs (bodies of checkpoint and other higher-order ops),
+        innermost first, then on ``gm``: what Inductor does with its own pre-grad passes."""
+        results = []
+        for _, sub in _subgraphs(gm):
+            results += self.rewrite_recursive(sub)
+        results.append(self.rewrite(gm))
+        return results
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         gm = graph.owning_module

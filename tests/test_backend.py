@@ -129,6 +129,47 @@ def test_graph_without_cross_entropy_is_left_alone():
     assert smoothce_calls(graphs[0]) == []
 
 
+class CheckpointedLoss(TinyClassifier):
+    # Chunked-loss code checkpoints the head + loss so the logits are recomputed, not stored.
+    def forward(self, x, y):
+        return torch.utils.checkpoint.checkpoint(
+            lambda x: F.cross_entropy(self.proj(x), y, label_smoothing=self.eps), x, use_reentrant=False
+        )
+
+
+def test_loss_inside_a_checkpointed_region_is_rewritten():
+    torch.manual_seed(0)
+    model = CheckpointedLoss(0.1)
+    x, y = make_inputs()
+    backend, graphs = capturing(smoothce_aot_eager)
+    loss = torch.compile(model, backend=backend, fullgraph=True)(x, y)
+    loss.backward()
+    expected, expected_grads = eager_reference(model, x, y)
+    torch.testing.assert_close(loss.detach().double(), expected, rtol=RTOL, atol=ATOL)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad.double(), expected_grads[name], rtol=RTOL, atol=ATOL)
+    # One result for the checkpoint body (the match), one for the outer graph (nothing).
+    assert [len(r.matches) for r in rewrite_pass.results] == [1, 0]
+    [gm] = graphs
+    [body] = [m for name, m in gm.named_children() if isinstance(m, torch.fx.GraphModule)]
+    assert len(smoothce_calls(body)) == 1 and cross_entropy_calls(body) == []
+
+
+def test_dynamic_batch_size():
+    # After an automatic-dynamic recompile the row count is a SymInt among the graph's inputs.
+    torch.manual_seed(0)
+    model = TinyClassifier(0.1)
+    compiled = torch.compile(model, backend="smoothce_aot_eager")
+    for rows in (12, 7, 5):
+        x, y = make_inputs(rows)
+        loss = compiled(x, y)
+        expected, _ = eager_reference(model, x, y)
+        torch.testing.assert_close(loss.detach().double(), expected, rtol=RTOL, atol=ATOL)
+    # A static graph for 12 rows, then one dynamic graph serving 7 and 5.
+    assert len(rewrite_pass.results) == 2
+    assert rewrite_pass.match_count == 2
+
+
 class TestRewrittenGraph(TestCase):
     def test_golden(self):
         torch.manual_seed(0)
