@@ -19,7 +19,6 @@ left alone, and candidates that were close get a NearMiss with the reason.
 from __future__ import annotations
 
 import dataclasses
-import math
 import operator
 from fractions import Fraction
 from typing import Any, Optional
@@ -27,9 +26,9 @@ from typing import Any, Optional
 import torch
 import torch.fx
 
-from smoothce.patterns.algebra import ColV, CondAtom, ElemV, LabelV, Q, Reject, RowV, ScalarV, carries_logits
+from smoothce.patterns.algebra import ColV, ElemV, LabelV, Q, Reject, RowV, ScalarV, carries_logits
 from smoothce.patterns.interpret import (
-    SEED_OPS, Interpretation, describe, exact, fake, location, op_name, shape, static_shape,
+    SEED_OPS, Interpretation, describe, exact, fake, location, op_name, shape,
 )
 from smoothce.patterns.report import Match, NearMiss, RewriteResult
 

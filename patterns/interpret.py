@@ -583,9 +583,9 @@ class Interpretation:
         if lab is None or shape(kw["index"]) != tuple(want) or tv.cd not in (-1, cd):
             return None
         # writing `value` at the label: T + (value - T[y]) [j == y]
-        A, B = self._target_coefs(dataclasses_replace_cd(tv, cd))
+        A, B = self._target_coefs(_with_cd(tv, cd))
         at_label = A + B
-        out = dict(dataclasses_replace_cd(tv, cd).terms)
+        out = dict(_with_cd(tv, cd).terms)
         for (tp, base) in list(out):
             if tp[0] == "OH" and tp[1] != lab:
                 return None
@@ -632,7 +632,7 @@ class Interpretation:
                     raise Reject("a constant is added to a masked loss")
                 v = scale(v, s_v)
                 if isinstance(v, RowV):
-                    return dataclasses_replace_atoms(v, ("K",), const)
+                    return _plus_atom(v, ("K",), const)
                 return add(v, ElemV(None, v.cd, (((("U",), "K"), const),)))
             return None
         if isinstance(va, ElemV) and isinstance(vb, ElemV):
@@ -660,7 +660,7 @@ class Interpretation:
 
     @staticmethod
     def _align(v: ElemV, other: ElemV) -> ElemV:
-        return dataclasses_replace_cd(v, other.cd) if v.cd == -1 else v
+        return _with_cd(v, other.cd) if v.cd == -1 else v
 
     @staticmethod
     def _same_shape(node, a, b):
@@ -979,15 +979,25 @@ def _keep(shp, cd):
     return tuple(out)
 
 
+_WHAT = {RowV: "a per-row loss", ScalarV: "a reduced loss", ColV: "a per-class vector",
+         LabelV: "labels", CondV: "a mask", WeightAtV: "w[y]", DivisorV: "a count"}
+
+
 def _what(v, raw) -> str:
+    """Words for a value in a near-miss reason."""
     if v is None:
         return getattr(raw, "name", repr(raw))
-    return type(v).__name__
+    if isinstance(v, ElemV):
+        return "log-probs" if v.key is not None else "a target distribution"
+    if isinstance(v, Fraction):
+        return repr(float(v))
+    return _WHAT.get(type(v), type(v).__name__)
 
 
-def dataclasses_replace_cd(v: ElemV, cd: int) -> ElemV:
+def _with_cd(v: ElemV, cd: int) -> ElemV:
+    """A target built without knowing its class dim (full_like) takes the one it is used with."""
     return dataclasses.replace(v, cd=cd)
 
 
-def dataclasses_replace_atoms(v: RowV, atom, c) -> RowV:
+def _plus_atom(v: RowV, atom, c) -> RowV:
     return add(v, RowV.make(v.key, {atom: c}))

@@ -13,7 +13,6 @@ os.environ.setdefault("SMOOTHCE_KERNEL", "torch")  # the op's CPU torch path: no
 
 import copy  # noqa: E402
 import inspect  # noqa: E402
-import re  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
