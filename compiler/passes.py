@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import pathlib
 
@@ -52,27 +53,35 @@ class CrossEntropyPass(compat.CustomGraphPass):
     graph adds no result.
     """
 
-    def __init__(self, label: str = "graph") -> None:
+    def __init__(self, label: str = "graph", *, fuse_linear: bool = False) -> None:
+        if not isinstance(fuse_linear, bool):
+            raise TypeError(f"smoothce: fuse_linear must be a bool, got {fuse_linear!r}")
         self.label = label  # names the graphs in TORCH_LOGS=smoothce output
+        # Also fuse an LM head that only feeds the loss into the loss (the logits never exist).
+        self.fuse_linear = fuse_linear
         self.results: list = []  # one RewriteResult per graph this pass ran on
-        self._uuid: str | None = None
+        self._source_hash: str | None = None
 
-    def rewrite(self, gm: torch.fx.GraphModule):
+    def rewrite(self, gm: torch.fx.GraphModule, *, fuse_linear: bool | None = None):
+        """Rewrite ``gm`` in place; ``fuse_linear`` overrides the pass's setting for this graph."""
         # Imported on first use: importing smoothce must stay cheap and inert.
         from smoothce.compiler.inspect import rewrite_and_log
         from smoothce.patterns.cross_entropy import rewrite_cross_entropy
 
-        result = rewrite_and_log(gm, rewrite_cross_entropy, name=self.label)
+        fuse = self.fuse_linear if fuse_linear is None else fuse_linear
+        result = rewrite_and_log(
+            gm, functools.partial(rewrite_cross_entropy, fuse_linear=fuse), name=self.label
+        )
         self.results.append(result)
         return result
 
-    def rewrite_recursive(self, gm: torch.fx.GraphModule) -> list:
+    def rewrite_recursive(self, gm: torch.fx.GraphModule, *, fuse_linear: bool | None = None) -> list:
         """:meth:`rewrite` on ``gm``'s subgraphs (bodies of checkpoint and other higher-order ops),
         innermost first, then on ``gm``: what Inductor does with its own pre-grad passes."""
         results = []
         for _, sub in _subgraphs(gm):
-            results += self.rewrite_recursive(sub)
-        results.append(self.rewrite(gm))
+            results += self.rewrite_recursive(sub, fuse_linear=fuse_linear)
+        results.append(self.rewrite(gm, fuse_linear=fuse_linear))
         return results
 
     def __call__(self, graph: torch.fx.Graph) -> None:
@@ -82,10 +91,11 @@ class CrossEntropyPass(compat.CustomGraphPass):
         self.rewrite(gm)
 
     def uuid(self) -> str:
-        # Source hashing is done once per pass object: the files do not change under a process.
-        if self._uuid is None:
-            self._uuid = f"smoothce.CrossEntropyPass:{source_hash()}"
-        return self._uuid
+        # Sources are hashed once per pass object: the files do not change under a process.
+        if self._source_hash is None:
+            self._source_hash = source_hash()
+        # The settings change the rewritten graph, so they are part of the id.
+        return f"smoothce.CrossEntropyPass:fuse_linear={self.fuse_linear}:{self._source_hash}"
 
     @property
     def matches(self) -> list:
@@ -107,4 +117,7 @@ class CrossEntropyPass(compat.CustomGraphPass):
         self.results.clear()
 
     def __repr__(self) -> str:
-        return f"CrossEntropyPass(graphs={len(self.results)}, matches={self.match_count})"
+        return (
+            f"CrossEntropyPass(label={self.label!r}, fuse_linear={self.fuse_linear}, "
+            f"graphs={len(self.results)}, matches={self.match_count})"
+        )

@@ -33,16 +33,20 @@ def registered_pass() -> CrossEntropyPass | None:
     return _registered
 
 
-def register_patterns() -> CrossEntropyPass:
+def register_patterns(*, fuse_linear: bool = False) -> CrossEntropyPass:
     """Make every Inductor compile rewrite cross-entropy losses; returns the installed pass.
 
-    Its ``results`` / ``match_count`` say what each compiled graph contained.
+    ``fuse_linear=True`` also fuses an LM head that only feeds the loss into the loss op.
+    Its ``results`` / ``match_count`` say what each compiled graph contained. Calling it again
+    with the same settings returns the installed pass; with other settings it replaces it.
     """
     global _registered, _previous, _installed
     current = registered_pass()
     if current is not None:
-        return current
-    new_pass = CrossEntropyPass(label="Inductor pre-grad graph")
+        if current.fuse_linear == fuse_linear:
+            return current
+        unregister_patterns()
+    new_pass = CrossEntropyPass(label="Inductor pre-grad graph", fuse_linear=fuse_linear)
     previous = compat.get_pre_grad_pass()
     installed = compat.chain_pre_grad_pass(previous, new_pass)
     compat.set_pre_grad_pass(installed)

@@ -206,6 +206,25 @@ def test_mode_and_options_become_inductor_config_patches():
     assert compat.inductor_config_patches(None, {"triton.cudagraphs": True}) == {"triton.cudagraphs": True}
 
 
+def test_fuse_linear_option_reaches_the_rewrite():
+    torch.manual_seed(0)
+    model = TinyClassifier(0.1)
+    x, y = make_inputs()
+    expected, expected_grads = eager_reference(model, x, y)
+    for fuse, replaced in ((False, {"cross_entropy"}), (True, {"cross_entropy", "linear"})):
+        torch._dynamo.reset()
+        rewrite_pass.clear()
+        model.zero_grad()
+        options = {"smoothce.fuse_linear": fuse}
+        loss = torch.compile(model, backend="smoothce_aot_eager", options=options)(x, y)
+        loss.backward()
+        torch.testing.assert_close(loss.detach().double(), expected, rtol=RTOL, atol=ATOL)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad.double(), expected_grads[name], rtol=RTOL, atol=ATOL)
+        [match] = rewrite_pass.matches
+        assert set(match.replaced) == replaced
+
+
 def test_bad_options_fail_before_any_work():
     gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
     with pytest.raises(RuntimeError, match="unknown Inductor option 'max_autotuen'"):
@@ -214,6 +233,12 @@ def test_bad_options_fail_before_any_work():
         smoothce_backend(gm, [], options={"max_autotune": "yes"})
     with pytest.raises(RuntimeError, match="Unrecognized mode=fastest"):
         smoothce_backend(gm, [], mode="fastest")
+    with pytest.raises(RuntimeError, match="unknown option 'smoothce.fuse_lin'; known: smoothce.fuse_linear"):
+        smoothce_backend(gm, [], options={"smoothce.fuse_lin": True})
+    with pytest.raises(RuntimeError, match="'smoothce.fuse_linear' takes bool, got 1"):
+        smoothce_aot_eager(gm, [], options={"smoothce.fuse_linear": 1})
+    with pytest.raises(RuntimeError, match="takes only smoothce.* options, got options={'max_autotune': True}"):
+        smoothce_aot_eager(gm, [], options={"max_autotune": True})
     assert rewrite_pass.results == []
 
 

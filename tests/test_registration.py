@@ -81,6 +81,19 @@ def test_register_installs_one_pass_and_is_idempotent():
     assert registration.unregister_patterns() is False
 
 
+def test_register_with_other_settings_replaces_the_pass(accepts_list):
+    inductor_config.pre_grad_custom_pass = user_function_pass
+    plain = registration.register_patterns()
+    fused = registration.register_patterns(fuse_linear=True)
+    assert fused is not plain and fused.fuse_linear and not plain.fuse_linear
+    assert compat.pre_grad_passes(inductor_config.pre_grad_custom_pass) == (user_function_pass, fused)
+    assert registration.register_patterns(fuse_linear=True) is fused
+    # The setting changes the rewritten graph, so it changes the cache key.
+    assert fused.uuid() != plain.uuid()
+    registration.unregister_patterns()
+    assert inductor_config.pre_grad_custom_pass is user_function_pass
+
+
 @pytest.mark.parametrize("user_pass", [user_function_pass, CountingPass()], ids=["function", "CustomGraphPass"])
 def test_chains_after_a_user_pass_and_restores_it(accepts_list, user_pass):
     inductor_config.pre_grad_custom_pass = user_pass
