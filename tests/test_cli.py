@@ -147,11 +147,13 @@ def test_demo_runs_tiny(tmp_path):
     out = proc.stdout
     assert "smoothce: 1 loss rewritten" in out, out
     assert "hand-written" in out
-    rows = [l.split() for l in out.splitlines() if l.strip().startswith(("smoothce_aot_eager ", "aot_eager "))]
+    rows = [l.split() for l in out.splitlines()
+            if l.strip().startswith(("smoothce_aot_eager ", "aot_eager ")) and " / " not in l]
     assert [r[0] for r in rows] == ["smoothce_aot_eager", "aot_eager"], out
     # Same seed and data: the two backends start from the same loss.
     assert rows[0][1] == rows[1][1]
     assert "max |loss difference| over 2 steps" in out
+    assert "smoothce_aot_eager / aot_eager: peak memory" in out
 
 
 def test_demo_rejects_bad_steps():
