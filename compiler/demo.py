@@ -280,7 +280,7 @@ def _run_backend(args, backend: str) -> dict:
 
 
 def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
 def _comparison(results: list[dict], width: int) -> str:
