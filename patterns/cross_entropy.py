@@ -62,6 +62,7 @@ class Plan:
     softcap_view: Optional[Node] = None  # a view between the softcap and the loss, replayed on x0
     divisor: Optional[Node] = None  # the op's sum is divided by this count tensor
     head: Optional[tuple] = None  # (hidden, weight, bias, transforms, scale, nodes) for the linear op
+    retarget: list = dataclasses.field(default_factory=list)  # (full_like(lp) node, lp): read x instead
 
     @property
     def classes(self) -> int:
@@ -199,6 +200,37 @@ def analyze_cross_entropy(gm: torch.fx.GraphModule) -> tuple[list[Plan], list[Ne
     return plans, misses
 
 
+_GRAD_MODE = {torch._C._set_grad_enabled}
+
+
+_LIKE_OPS = {"full_like", "ones_like", "zeros_like"}
+
+
+def _reads_only_layout(user: Node, n: Node, x: Node) -> bool:
+    """full_like(lp, c) and friends read only the shape, dtype and device of lp: the logits x
+    serve as well when those match, so they do not keep the log-probs alive."""
+    if op_name(user) not in _LIKE_OPS or not user.args or user.args[0] is not n:
+        return False
+    if any(a is n for a in (*user.args[1:], *user.kwargs.values())):
+        return False
+    fn, fx = fake(n), fake(x)
+    return fn is not None and fx is not None and (fn.shape, fn.dtype, fn.device) == (fx.shape, fx.dtype, fx.device)
+
+
+def _grad_modes(gm) -> dict:
+    """node -> grad mode it runs under. Dynamo brackets no_grad/enable_grad regions with
+    _set_grad_enabled calls and restores the outer mode last, so the last call names the outer
+    mode (True when there is none: any single mode is consistent)."""
+    switches = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _GRAD_MODE]
+    mode = bool(switches[-1].args[0]) if switches and switches[-1].args else True
+    out = {}
+    for n in gm.graph.nodes:
+        if n in switches and n.args:
+            mode = bool(n.args[0])
+        out[n] = mode
+    return out
+
+
 def _mutations(gm) -> dict:
     """node -> in-place ops (Tensor methods ending in '_') that change it."""
     out: dict = {}
@@ -212,6 +244,7 @@ def _mutations(gm) -> dict:
 def _analyze(gm: torch.fx.GraphModule):
     interp = Interpretation(gm.graph)
     mutated = _mutations(gm)
+    modes = _grad_modes(gm)
     understood = {m for ms in interp.inplace.values() for m in ms}
     values = interp.values
     plans: list[Plan] = []
@@ -253,6 +286,15 @@ def _analyze(gm: torch.fx.GraphModule):
         plan.cone = _cone(interp, node)
         inside = set(plan.cone)
         bad = None
+        # the op runs at the sink, under the sink's grad mode: log-probs computed under another
+        # grad mode (no_grad around them only) would get gradients they did not have
+        other = next((n for n in plan.cone if modes[n] != modes[node]), None)
+        if other is not None:
+            s = first_seed(value, node)
+            reason = (f"the grad mode changes inside the loss ({describe(other)} runs with grad "
+                      f"{'enabled' if modes[other] else 'disabled'}, the loss without)")
+            misses.setdefault((s, reason), NearMiss(s.name, location(s), reason))
+            continue
         # the op runs at the sink: an in-place change of what it reads would be seen differently
         reads = [plan.x, plan.label.base, plan.weight, plan.divisor, *(c.node for c in plan.conds),
                  *plan.x.all_input_nodes]
@@ -267,9 +309,13 @@ def _analyze(gm: torch.fx.GraphModule):
             if n is node:
                 continue
             for u in n.users:
-                if u not in inside:
-                    bad = (n, u)
-                    break
+                if u in inside:
+                    continue
+                if _reads_only_layout(u, n, plan.x):
+                    plan.retarget.append((u, n))
+                    continue
+                bad = (n, u)
+                break
             if bad:
                 break
         if bad:
@@ -550,6 +596,13 @@ def _emit_nodes(gm: torch.fx.GraphModule, plan: Plan, fake_mode, added: list) ->
         if plan.dtype is not None:
             logits = call("call_method", "to", (logits, plan.dtype))
         flatten = cd == nd - 1 and nd > 2
+        want = fake(sink).dtype if fake(sink) is not None else None
+        have = fake(logits).dtype if fake(logits) is not None else None
+        if plan.head is None and want is not None and have is not None and want.is_floating_point \
+                and torch.finfo(want).bits > torch.finfo(have).bits:
+            # the user's loss came out wider than the logits (autocast, a float32 target): the op
+            # returns the logits' dtype, so it reads them upcast rather than rounding the loss
+            logits = call("call_method", "to", (logits, want))
         if flatten and plan.head is not None:
             logits = call("call_method", "reshape", (logits, -1, shape(plan.head[1])[1]))
         elif flatten:  # (..., V) with classes last -> (rows, V); the op wants classes at dim 1
@@ -601,10 +654,11 @@ def _emit_nodes(gm: torch.fx.GraphModule, plan: Plan, fake_mode, added: list) ->
             loss = call("call_method", "mean", (loss,))
         if plan.divisor is not None:
             loss = call("call_function", operator.truediv, (loss, plan.divisor))
-        want = fake(sink).dtype if fake(sink) is not None else None
         if want is not None and fake(loss) is not None and fake(loss).dtype != want:
             loss = call("call_method", "to", (loss, want))
     sink.replace_all_uses_with(loss)
+    for user, n in plan.retarget:
+        user.replace_input_with(n, plan.x)
     return ignore
 
 

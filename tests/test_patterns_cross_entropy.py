@@ -692,7 +692,14 @@ def test_bf16(fn):
     check(fn, logits(N, V), y, dtype=torch.bfloat16, atol=2e-2, rtol=2e-2)
 
 
-def test_only_the_gradient_is_saved():
+def kl_batchmean(x, y):
+    p = torch.full_like(x, EPS / (V - 1)).scatter(1, y[:, None], 1 - EPS)
+    return F.kl_div(F.log_softmax(x, 1), p, reduction="batchmean")
+
+
+@pytest.mark.parametrize("fn", [smooth_masked_mul, target_scatter, kl_batchmean, smooth_reduced_first],
+                         ids=lambda f: f.__name__)
+def test_only_the_gradient_is_saved(fn):
     """Training: the forward graph saves exactly one (N, V) tensor for backward, the op's gradient."""
     saved = []
 
@@ -708,7 +715,8 @@ def test_only_the_gradient_is_saved():
         return backend(gm, inputs)
 
     x = logits(N, V).requires_grad_()
-    torch.compile(smooth_masked_mul, backend=be)(x, labels(N, ignore=-100, where=(1,))).backward()
+    torch.compile(fn, backend=be)(x, labels(N, ignore=-100, where=(1,)) if fn is not kl_batchmean
+                                  and fn is not target_scatter else labels(N)).backward()
     assert [tuple(s) for s in saved if len(s) == 2] == [(N, V)], saved
 
 
@@ -856,3 +864,38 @@ def test_rewritten_graph_through_inductor():
     torch.testing.assert_close(loss.double(), ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(x.grad.double(), xr.grad, atol=1e-5, rtol=1e-5)
     assert [m.family for r in results for m in r.matches] == ["hand-written eps/V"]
+
+
+def test_grad_mode_switch_inside_the_loss_is_left_alone():
+    def fn(x, y):
+        with torch.no_grad():
+            lp = x.log_softmax(-1)  # log-probs without a gradient ...
+        return F.nll_loss(lp, y) + (x * 0).sum()  # ... in a loss that has one
+
+    reasons = _unchanged(fn, logits(N, V), labels(N))
+    assert len(reasons) == 1 and reasons[0].startswith("the grad mode changes inside the loss"), reasons
+
+
+def test_autocast_style_upcast_reads_the_logits_upcast():
+    # bf16 logits, float32 loss: the op reads float32 logits instead of rounding the loss to bf16
+    def fn(x, y):
+        t = F.one_hot(y, V).float() * (1 - EPS) + EPS / V
+        return -(t * x.log_softmax(-1)).sum(-1).mean()
+
+    rec = check(fn, logits(N, V), labels(N), dtype=torch.bfloat16, atol=1e-2, rtol=1e-2)
+    out = torch.compile(fn, backend=Recorder())(logits(N, V).bfloat16(), labels(N))
+    ref = fn(logits(N, V).bfloat16().double(), labels(N))
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)  # float32 accuracy
+    assert any(n.target == "to" for n in rec.gm.graph.nodes)
+
+
+def test_targets_built_under_no_grad():
+    # the classic recipe: the smoothed distribution is built under no_grad between lp and the loss
+    def fn(x, y):
+        lp = x.log_softmax(-1)
+        with torch.no_grad():
+            t = torch.full_like(lp, EPS / (V - 1)).scatter(1, y[:, None], 1 - EPS)
+        return torch.mean(torch.sum(-t * lp, dim=-1))
+
+    rec = check(fn, logits(N, V), labels(N))
+    assert rec.result.matches[0].family == "smoothed-target"
