@@ -28,10 +28,10 @@ rewrite_pass = CrossEntropyPass(label="smoothce backend graph")
 
 
 # Options of the rewrite itself, given as options={"smoothce.<name>": value}; every other key is
-# Inductor's. name -> (type, default).
-REWRITE_OPTIONS: dict[str, tuple[type, Any]] = {
+# Inductor's. name -> type; each is a keyword of CrossEntropyPass.rewrite.
+REWRITE_OPTIONS: dict[str, type] = {
     # Fuse an LM head whose logits only feed the loss into the loss op (no logits in memory).
-    "fuse_linear": (bool, False),
+    "fuse_linear": bool,
 }
 _PREFIX = "smoothce."
 
@@ -48,7 +48,7 @@ def split_options(options: dict[str, Any] | None) -> tuple[dict[str, Any], dict[
         if name not in REWRITE_OPTIONS:
             known = ", ".join(_PREFIX + k for k in REWRITE_OPTIONS)
             raise RuntimeError(f"smoothce: unknown option {key!r}; known: {known}")
-        expected, _ = REWRITE_OPTIONS[name]
+        expected = REWRITE_OPTIONS[name]
         if not isinstance(value, expected):
             raise RuntimeError(
                 f"smoothce: option {key!r} takes {expected.__name__}, got {value!r} ({type(value).__name__})"
