@@ -9,8 +9,11 @@ y_i, class weights w (ones when None), lse_i = logsumexp_j x_ij:
     loss_i = sum_j q_ij * (lse_i - x_ij) + c + z * lse_i^2
 
 Rows are processed in chunks (see :func:`chunk_rows`). Per chunk the forward computes the chunk's
-logits in fp32, the per-row loss and, in the same buffer, d(loss)/d(logits); two matmuls turn that into
-the chunk's rows of grad_hidden and its contribution to grad_weight (accumulated in fp32). For
+logits into one reused buffer, the per-row loss and, in the same buffer, d(loss)/d(logits); two
+matmuls turn that into the chunk's rows of grad_hidden and its contribution to grad_weight
+(accumulated in fp32). The per-chunk cross-entropy is the Triton kernel of kernels/cross_entropy.py
+on CUDA (chunk logits in the input dtype, math in fp32) and cache-sized blocks of in-place torch
+ops on CPU (chunk logits in fp32). For
 'sum' / 'mean' the loss is a scalar, so backward only scales the stored gradients by grad_output. For
 'none' every row has its own grad_output, which cannot be folded into a precomputed grad_weight:
 forward then computes the loss only and backward recomputes the chunks with the per-row grad_output
@@ -125,6 +128,49 @@ def _block_ce(
     return ce, z_rows
 
 
+def _block_softmax(
+    x: Tensor,  # (R, V) logits in the acc dtype; overwritten with softmax(x)
+    y: Tensor,  # (R, 1) int64 labels, ignored / bad ones replaced by 0
+    wy: Tensor,  # (R,) w[y_i]
+    row_mask: Tensor,  # (R,) 1, 0 for ignored rows, nan for labels out of range
+    class_weight: Optional[Tensor],  # (V,) acc dtype or None
+    w_sum: float | Tensor,  # sum_j w_j
+    sx: Optional[Tensor],  # (R,) sum_j w_j x_ij, needed when b != 0
+    a: float, b: float, c: float, z: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """ce_i, z_i and lse_i of a block of rows without a softcap; the block becomes p = softmax(x).
+
+    Two vectorised reads (row max before and after) and one in-place softmax. lse comes from the
+    largest probability, p_max = exp(m - lse) = 1 / sum_j exp(x_j - m) in [1 / V, 1], so
+    lse = m - log p_max never meets an underflow. Then logp_y = x_y - lse and
+    ce_i = -a w[y] logp_iy - b (sum_j w_j x_ij - lse_i sum_j w_j) + c,
+    with sum_j w_j x_ij = sx_i given by the caller (from the hidden state, no pass over x).
+    """
+    m = x.amax(dim=1)  # max() with indices is not vectorised: two amax passes are cheaper
+    x_y = x.gather(1, y).squeeze(1)
+    torch.softmax(x, dim=1, out=x)  # in place: the row kernel reads a row before writing it
+    lse = m - x.amax(dim=1).log()
+    ce = c - a * wy * (x_y - lse)
+    if b:
+        ce = ce - b * (sx - lse * w_sum)
+    ce = ce * row_mask
+    z_rows = z * lse * lse * row_mask if z else torch.zeros_like(ce)
+    return ce, z_rows, lse
+
+
+def _chunk_softmax_torch(logits, start, tg, ce_rows, z_rows, lse_rows, sx, a, b, c, z):
+    """_block_softmax over cache-sized blocks of the chunk whose first row is ``start``; sx (C,) as
+    there, for the chunk's rows."""
+    rows, v = logits.shape
+    step = max(1, _CE_BLOCK_ELEMENTS // max(v, 1))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        i0, i1 = start + r0, start + r1
+        ce_rows[i0:i1], z_rows[i0:i1], lse_rows[i0:i1] = _block_softmax(
+            logits[r0:r1], tg.y[i0:i1, None], tg.wy[i0:i1], tg.row_mask[i0:i1], tg.class_weight, tg.w_sum,
+            None if sx is None else sx[r0:r1], a, b, c, z)
+
+
 def _chunk_ce_torch(logits, start, tg, ce_rows, z_rows, a, b, c, z, softcap, gce, gz):
     """_block_ce over cache-sized blocks of the chunk whose first row is ``start``; writes the
     per-row results into ce_rows / z_rows."""
@@ -212,6 +258,19 @@ def _chunk_loop(hidden, weight, bias, tg, ignore_index, a, b, c, z, softcap, log
             if row_grad is not None:
                 gce, gz = gce * row_grad, gz * row_grad
 
+    softmax_path = not triton_path and not softcap
+    lse_rows = torch.empty(n, dtype=acc, device=dev) if softmax_path else None
+    u = wb = None
+    if softmax_path and b:
+        # u = sum_j w_j W_j (and w . bias): the uniform (b) part of loss and gradient goes through them.
+        u = w_work.sum(dim=0) if tg.class_weight is None else torch.mv(w_work.t(), tg.class_weight)
+        if b_work is not None:
+            wb = b_work.sum() if tg.class_weight is None else torch.dot(b_work, tg.class_weight)
+    if grads and softmax_path:
+        coef_rows = torch.empty(n, dtype=acc, device=dev)
+        # p W in the accumulation dtype, scaled and corrected once after the loop
+        gh_acc = grad_h if grad_h.dtype == acc else torch.empty(n, d, dtype=acc, device=dev)
+
     rows = rows if rows > 0 else chunk_rows(n, v, d)
     buf = torch.empty(min(rows, n), v, dtype=work, device=dev)  # reused by every chunk
     for start in range(0, n, rows):
@@ -235,9 +294,31 @@ def _chunk_loop(hidden, weight, bias, tg, ignore_index, a, b, c, z, softcap, log
                            ignore_index, a, b, c, z, softcap)
             if grads and row_grad is not None:
                 logits.mul_(row_grad[start:end, None].to(work))
-        else:
+        elif softcap:
             _chunk_ce_torch(logits, start, tg, ce_rows, z_rows, a, b, c, z, softcap,
                             gce if grads else None, gz if grads else None)
+        else:
+            sx = None
+            if b:
+                # sum_j w_j x_ij = logit_scale (h_i . sum_j w_j W_j + sum_j w_j bias_j): (C, D) work
+                # instead of a pass over the (C, V) logits.
+                sx = torch.mv(h, u)
+                if wb is not None:
+                    sx += wb
+                if logit_scale != 1.0:
+                    sx *= logit_scale
+            _chunk_softmax_torch(logits, start, tg, ce_rows, z_rows, lse_rows, sx, a, b, c, z)
+            if grads:
+                # Only the coef_i p_ij part per chunk (see _softmax_grads_finish).
+                coef = gce[start:end] * (a * tg.wy[start:end] + b * tg.w_sum)
+                if z:
+                    coef = coef + (2.0 * z) * lse_rows[start:end] * gz[start:end]
+                coef_rows[start:end] = coef
+                torch.mm(logits, w_work, out=gh_acc[start:end])
+                grad_w.addmm_(logits.t(), h * coef.unsqueeze(1))
+                if grad_b is not None:
+                    grad_b.addmv_(logits.t(), coef)
+            continue
         if grads:
             # logits now holds d(result)/d(hidden @ weight.T + bias) for the chunk.
             if work == hidden.dtype:
@@ -250,7 +331,39 @@ def _chunk_loop(hidden, weight, bias, tg, ignore_index, a, b, c, z, softcap, log
                 grad_w += torch.mm(logits.t(), h)
             if grad_b is not None:
                 grad_b += logits.sum(dim=0, dtype=acc)
+    if grads and softmax_path:
+        _softmax_grads_finish(hidden, gh_acc, grad_w, grad_b, tg, a, b, gce, coef_rows, w_work, u)
+        if gh_acc is not grad_h:
+            grad_h.copy_(gh_acc)
     return ce_rows, z_rows, grad_h, grad_w, grad_b
+
+
+def _softmax_grads_finish(hidden, grad_h, grad_w, grad_b, tg, a, b, gce, coef_rows, w_work, u):
+    """The parts of the softmax path's gradients that are not p, applied once for all rows.
+
+    g_ij = coef_i p_ij - k_i w_j - s_i [j == y_i] with coef_i = gce_i Q_i + 2 z lse_i gz_i,
+    k_i = gce_i b, s_i = gce_i a w[y_i]. Only the coef p part needs the chunk (the chunk loop adds
+    p^T (coef h) to grad_W, p^T coef to grad_b, and leaves p W in grad_h); the rest factors through
+    vectors, so the only pass over a chunk is its softmax:
+        grad_h_i  = coef_i (p W)_i - k_i sum_j w_j W_j - s_i W[y_i]
+        grad_W   -= w (x) sum_i k_i h_i,  and s_i h_i at row y_i
+        grad_b   -= w sum_i k_i,          and s_i at y_i
+    """
+    acc = grad_w.dtype
+    h = hidden.to(acc)
+    grad_h.mul_(coef_rows.unsqueeze(1))
+    if b:
+        w_vec = tg.class_weight if tg.class_weight is not None else torch.ones_like(grad_w[:, 0])
+        grad_h.addr_(gce, u, alpha=-b)
+        grad_w.addr_(w_vec, torch.mv(h.t(), gce), alpha=-b)
+        if grad_b is not None:
+            grad_b.sub_(w_vec * (b * gce.sum()))
+    if a:
+        s_y = a * gce * tg.wy
+        grad_h.addcmul_(s_y.unsqueeze(1), w_work[tg.y], value=-1.0)
+        grad_w.index_add_(0, tg.y, h * s_y.unsqueeze(1), alpha=-1.0)
+        if grad_b is not None:
+            grad_b.index_add_(0, tg.y, s_y, alpha=-1.0)
 
 
 def _forward(hidden, weight, bias, target, class_weight, ignore_index, reduction, a, b, c, z, softcap,

@@ -142,7 +142,8 @@ def test_chunk_boundaries(chunk, reduction):
 
 
 @pytest.mark.parametrize("block_rows", [1, 3])
-def test_cache_block_boundaries(monkeypatch, block_rows):
+@pytest.mark.parametrize("softcap", [None, 4.0])  # softmax-factored gradients / explicit gradient
+def test_cache_block_boundaries(monkeypatch, block_rows, softcap):
     # The torch path's elementwise blocks inside a chunk: 3 rows per block splits a 5-row chunk 3 + 2.
     import smoothce.kernels.linear_cross_entropy as lce
 
@@ -150,9 +151,9 @@ def test_cache_block_boundaries(monkeypatch, block_rows):
     h, w, b, t = make(seed=6)
     cw = torch.rand(V, dtype=torch.float64) + 0.5
     for reduction in ("none", "mean"):
-        ref = reference(h, w, b, t, cw, reduction=reduction, a=0.9, b=0.1 / V, z=1e-3, softcap=4.0)
+        ref = reference(h, w, b, t, cw, reduction=reduction, a=0.9, b=0.1 / V, z=1e-3, softcap=softcap)
         ours = dict(class_weight=cw, reduction=reduction, target_coef=0.9, uniform_coef=0.1 / V, z_loss=1e-3,
-                    softcap=4.0, chunk_size=5)
+                    softcap=softcap, chunk_size=5)
         assert_same(h, w, b, t, ours, ref)
 
 
