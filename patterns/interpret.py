@@ -526,7 +526,16 @@ class Interpretation:
             if not isinstance(n0, int):
                 raise Reject("kl_div batchmean with a symbolic batch size")
             return ScalarV(scale(row, Q(1, n0)), "sum", rows, row.seeds)
-        raise Reject(f"kl_div(reduction={reduction!r}) keeps a per-class tensor")
+        if reduction == "none":
+            # pointwise p log p - p L; p log p is xlogy(A + B) at the label and xlogy(B) elsewhere
+            labels = [tp[1] for (tp, _), _ in p.terms if tp[0] == "OH"]
+            plogp = {(("U",), "K"): Q(xlogy(B))}
+            if labels:
+                plogp[(("OH", labels[0]), "K")] = Q(xlogy(A + B)) - Q(xlogy(B))
+            pl = elem_mul(_with_cd(p, v.cd), v)
+            out = add(ElemV(None, v.cd, tuple(plogp.items())), pl, Q(-1))
+            return dataclasses.replace(out, seeds=v.seeds | {node})
+        raise Reject(f"kl_div(reduction={reduction!r}) is not a constant reduction")
 
     @staticmethod
     def _target_coefs(p: ElemV) -> tuple[Fraction, Fraction]:

@@ -899,3 +899,15 @@ def test_targets_built_under_no_grad():
 
     rec = check(fn, logits(N, V), labels(N))
     assert rec.result.matches[0].family == "smoothed-target"
+
+
+def test_kl_div_none_masked():
+    def fn(x, y):
+        p = F.one_hot(y.clamp(min=0), V) * (1 - EPS) + EPS / V
+        kl = F.kl_div(F.log_softmax(x, -1), p, reduction="none").sum(-1)
+        mask = y != -100
+        return (kl * mask).sum() / mask.sum()
+
+    rec = check(fn, logits(N, V), labels(N, ignore=-100, where=(0, 4)))
+    (m,) = rec.result.matches
+    assert (m.family, m.params["reduction"], m.params["ignore_index"]) == ("kl_div", "sum", -100)
