@@ -269,7 +269,7 @@ def _analyze(gm: torch.fx.GraphModule):
         has_seed = bool(getattr(value, "seeds", None) or (isinstance(value, ScalarV) and value.row.seeds))
         try:
             plan = _finalize(value, node)
-        except Reject as err:
+        except (Reject, TypeError, ValueError, KeyError, IndexError, AttributeError) as err:
             if has_seed and node not in handed_down:
                 u = next(u for u in node.users if not carries_logits(values.get(u)))
                 reason = interp.why.get(u) or (
@@ -560,14 +560,17 @@ def _meta(node: Node, fake_mode, like: Node) -> None:
 
 
 def _emit(gm: torch.fx.GraphModule, plan: Plan, fake_mode) -> int:
-    """Insert the op for a plan at its sink; returns the ignore_index used."""
+    """Insert the op for a plan at its sink; returns the ignore_index used. On any failure the
+    inserted nodes are removed again and the graph is as it was."""
     added: list[Node] = []
     try:
         return _emit_nodes(gm, plan, fake_mode, added)
-    except Reject:
+    except Exception as err:
         for n in reversed(added):
             gm.graph.erase_node(n)
-        raise
+        if isinstance(err, Reject):
+            raise
+        raise Reject(f"the rewrite failed ({type(err).__name__}: {err})") from err
 
 
 def _emit_nodes(gm: torch.fx.GraphModule, plan: Plan, fake_mode, added: list) -> int:

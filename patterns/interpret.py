@@ -280,6 +280,10 @@ class Interpretation:
                 value = None
                 if self._reads_logprobs(node) or op_name(node) in SEED_OPS:
                     self.why[node] = str(err)
+            except Exception as err:  # an argument form no handler expected: opaque, never fatal
+                value = None
+                if self._reads_logprobs(node) or op_name(node) in SEED_OPS:
+                    self.why[node] = f"{describe(node)} is not understood ({type(err).__name__}: {err})"
             self.values[node] = value
 
     # -- reading arguments ---------------------------------------------------------------------

@@ -911,3 +911,15 @@ def test_kl_div_none_masked():
     rec = check(fn, logits(N, V), labels(N, ignore=-100, where=(0, 4)))
     (m,) = rec.result.matches
     assert (m.family, m.params["reduction"], m.params["ignore_index"]) == ("kl_div", "sum", -100)
+
+
+def test_graph_without_a_loss_is_untouched():
+    # attention, a gather of logits, a logsumexp used as a feature: nothing to rewrite, no crash
+    def fn(q, k, idx):
+        att = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1)
+        picked = (q @ k.transpose(-1, -2)).gather(-1, idx[:, None]).squeeze(-1)
+        return att.sum(-1) + picked + torch.logsumexp(q, -1)
+
+    q, k = logits(N, V, seed=11), logits(N, V, seed=12)
+    rec = check(fn, q, k, labels(N), grad=(0, 1), matches=0)
+    assert rec.result.near_misses == []
