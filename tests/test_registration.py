@@ -68,7 +68,11 @@ def user_function_pass(graph):
 
 
 def test_register_installs_one_pass_and_is_idempotent():
-    p = registration.register_patterns()
+    import smoothce
+
+    assert smoothce.register_patterns is registration.register_patterns
+    assert smoothce.unregister_patterns is registration.unregister_patterns
+    p = smoothce.register_patterns()
     assert isinstance(p, CrossEntropyPass)
     assert inductor_config.pre_grad_custom_pass is p
     assert registration.register_patterns() is p
