@@ -291,8 +291,9 @@ def _analyze(gm: torch.fx.GraphModule):
         other = next((n for n in plan.cone if modes[n] != modes[node]), None)
         if other is not None:
             s = first_seed(value, node)
+            on = {True: "enabled", False: "disabled"}
             reason = (f"the grad mode changes inside the loss ({describe(other)} runs with grad "
-                      f"{'enabled' if modes[other] else 'disabled'}, the loss without)")
+                      f"{on[modes[other]]}, the loss with grad {on[modes[node]]})")
             misses.setdefault((s, reason), NearMiss(s.name, location(s), reason))
             continue
         # the op runs at the sink: an in-place change of what it reads would be seen differently

@@ -415,6 +415,10 @@ class GoldensHand(TestCase):
 
     def test_eps_over_v_golden(self):
         rec = check(smooth_masked_mul, logits(N, V), labels(N, ignore=-100, where=(1, 2)))
+        (m,) = rec.result.matches
+        # the location is the user's log_softmax line; the graph nodes it replaced are listed
+        self.assertEqual(m.location, f"{FILE}:{inspect.getsourcelines(smooth_masked_mul)[1] + 1}")
+        self.assertIn("lp", m.replaced)
         self.assertExpectedInline(normalize(rec.gm.code), """\
 def forward(self, L_x_ : torch.Tensor, L_y_ : torch.Tensor):
     l_x_ = L_x_
@@ -923,3 +927,18 @@ def test_graph_without_a_loss_is_untouched():
     q, k = logits(N, V, seed=11), logits(N, V, seed=12)
     rec = check(fn, q, k, labels(N), grad=(0, 1), matches=0)
     assert rec.result.near_misses == []
+
+
+def test_analyze_changes_nothing():
+    from smoothce.patterns.cross_entropy import analyze_cross_entropy
+
+    seen = []
+
+    def backend(gm, inputs):
+        before = gm.code
+        plans, misses = analyze_cross_entropy(gm)
+        seen.append((len(plans), misses, gm.code == before))
+        return aot_eager(gm, inputs)
+
+    torch.compile(smooth_masked_mul, backend=backend)(logits(N, V), labels(N))
+    assert seen == [(1, [], True)]
