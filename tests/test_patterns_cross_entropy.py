@@ -942,3 +942,16 @@ def test_analyze_changes_nothing():
 
     torch.compile(smooth_masked_mul, backend=backend)(logits(N, V), labels(N))
     assert seen == [(1, [], True)]
+
+
+def test_k_dim_hand_written():
+    # classes along dim 1 of (B, V, T), smoothing by hand, padding mask
+    def fn(x, y):
+        lp = x.log_softmax(1)
+        keep = y != 0
+        nll = -lp.gather(1, y.unsqueeze(1)).squeeze(1)
+        loss = (1 - EPS) * nll - EPS * lp.mean(1)
+        return (loss * keep).sum() / keep.sum()
+
+    rec = check(fn, logits(B, V, T), labels(B, T, ignore=0, where=(1, 5)))
+    assert rec.result.matches[0].params["ignore_index"] == 0
