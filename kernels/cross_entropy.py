@@ -199,7 +199,7 @@ def _launch_triton(x3, y2, weight, scales, ce_rows, z_rows, grad3, ignore_index,
 
 # Rows are processed in chunks of about this many elements: a chunk's fp32 working copy stays in
 # cache while the dozen elementwise passes run over it, and no N x C temporary ever exists.
-_TORCH_CHUNK_ELEMENTS = 1 << 18
+_TORCH_CHUNK_ELEMENTS = 1 << 19
 
 
 def _torch_rows(x3, y2, weight, scales, ce_rows, z_rows, grad3, ignore_index, a, b, c, zc, cap):
@@ -226,22 +226,25 @@ def _torch_rows(x3, y2, weight, scales, ce_rows, z_rows, grad3, ignore_index, a,
         y_safe = torch.where(in_range, y, 0)
         row_mask = torch.where(ignored, 0.0, torch.where(in_range, 1.0, float("nan"))).to(acc)
 
-        # The chunk's working copy: the gradient rows themselves when they are in acc already
-        # (fp32 input with grad), so the finished gradient needs no final copy.
+        # The chunk's working buffer: the gradient rows themselves when they are in acc already
+        # (fp32 input with grad), so the finished gradient needs no final copy. Passes over the
+        # (cache-resident) chunk: max, [smoothing sum], x - max, exp, sum, and the gradient's one
+        # multiply-add.
         in_place = grad3 is not None and grad3.dtype == acc
-        work = grad3[n0:n1].copy_(x3[n0:n1]) if in_place else x3[n0:n1].to(acc, copy=True)
+        src = x3[n0:n1]
+        work = grad3[n0:n1] if in_place else torch.empty(src.shape, dtype=acc)
         if cap > 0.0:
-            work.div_(cap).tanh_().mul_(cap)
-        x_y = work.gather(1, y_safe)
+            src = src.to(acc, copy=True).div_(cap).tanh_().mul_(cap)
+        x_y = src.gather(1, y_safe).to(acc)
         w_y = w3.view(-1)[y_safe] if w3 is not None else 1.0
         q_sum = a * w_y
         ce = a * w_y * -x_y + c
         if b != 0.0:
-            sum_wx = (work * w3).sum(1, keepdim=True) if w3 is not None else work.sum(1, keepdim=True)
+            sum_wx = (src * w3).sum(1, keepdim=True) if w3 is not None else src.sum(1, keepdim=True, dtype=acc)
             q_sum = q_sum + b * sum_w
             ce = ce - b * sum_wx
-        m = work.amax(1, keepdim=True)
-        work.sub_(m).exp_()  # work = exp(x - m)
+        m = src.amax(1, keepdim=True).to(acc)
+        torch.sub(src, m, out=work).exp_()  # work = exp(x - m)
         d = work.sum(1, keepdim=True)
         lse = m + d.log()
         ce = (ce + q_sum * lse) * row_mask
@@ -256,14 +259,15 @@ def _torch_rows(x3, y2, weight, scales, ce_rows, z_rows, grad3, ignore_index, a,
         coef_p = live_ce * q_sum
         if zc != 0.0:
             coef_p = coef_p + torch.where(ignored, 0.0, z_scale * row_mask) * 2.0 * zc * lse
-        work.mul_(coef_p / d)  # (Q + 2 z lse) * softmax
-        work.scatter_add_(1, y_safe, -(live_ce * a * w_y).expand_as(y_safe).to(acc))
-        if b != 0.0:
-            coef_w = live_ce * b
-            if w3 is not None:
+        # (Q + 2 z lse) * softmax - b w, in one pass where w is uniform.
+        coef_w = live_ce * b
+        if b != 0.0 and w3 is None:
+            torch.addcmul(-coef_w, work, coef_p / d, out=work)
+        else:
+            work.mul_(coef_p / d)
+            if b != 0.0:
                 work.addcmul_(coef_w, w3, value=-1.0)
-            else:
-                work.sub_(coef_w)
+        work.scatter_add_(1, y_safe, -(live_ce * a * w_y).expand_as(y_safe).to(acc))
         if cap > 0.0:
             t = x3[n0:n1].to(acc, copy=True).div_(cap).tanh_()  # never in place on the input
             work.mul_(t.mul_(t).neg_().add_(1.0))
