@@ -248,9 +248,22 @@ def _analyze(gm: torch.fx.GraphModule):
     understood = {m for ms in interp.inplace.values() for m in ms}
     values = interp.values
     plans: list[Plan] = []
-    misses: dict[tuple, NearMiss] = {}
+    misses: dict[tuple, tuple[int, NearMiss]] = {}
 
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
+
+    def miss(seed: Node, at: Node, reason: str, at_sink: bool = True) -> None:
+        # rank: what stopped a loss output beats an opaque reader on the way; among loss outputs
+        # the latest (the largest expression) wins, among readers the earliest
+        rank = (1, order[at]) if at_sink else (0, -order[at])
+        misses.setdefault((seed, reason), (rank, NearMiss(seed.name, location(seed), reason)))
+
+    def read_by(n: Node, u: Node) -> str:
+        if u.op == "output" and isinstance(values[n], ElemV):
+            return "log-probs returned from the graph: log-probs"  # wording pinned by inspect's goldens
+        if u.op == "output":
+            return f"{_what(values[n])} ({n.name}, {location(n)}) is also returned from the graph"
+        return f"{_what(values[n])} also read at {location(u)} ({describe(u).split(' at ')[0]})"
 
     def first_seed(value, node):
         seeds = getattr(value, "seeds", frozenset()) or (value.row.seeds if isinstance(value, ScalarV) else frozenset())
@@ -273,10 +286,8 @@ def _analyze(gm: torch.fx.GraphModule):
             if has_seed and node not in handed_down:
                 u = next(u for u in node.users if not carries_logits(values.get(u)))
                 reason = interp.why.get(u) or (
-                    f"{_what(value)} also read at {location(u)} ({describe(u).split(' at ')[0]})"
-                    if u.op != "output" else f"{_what(value)} returned from the graph: {err}")
-                s = first_seed(value, node)
-                misses.setdefault((s, reason), NearMiss(s.name, location(s), reason))
+                    read_by(node, u) if u.op != "output" else f"{_what(value)} returned from the graph: {err}")
+                miss(first_seed(value, node), node, reason)
             for a in node.all_input_nodes:
                 if carries_logits(values.get(a)) and a not in queued:
                     queued.add(a)
@@ -294,7 +305,7 @@ def _analyze(gm: torch.fx.GraphModule):
             on = {True: "enabled", False: "disabled"}
             reason = (f"the grad mode changes inside the loss ({describe(other)} runs with grad "
                       f"{on[modes[other]]}, the loss with grad {on[modes[node]]})")
-            misses.setdefault((s, reason), NearMiss(s.name, location(s), reason))
+            miss(s, node, reason)
             continue
         # the op runs at the sink: an in-place change of what it reads would be seen differently
         reads = [plan.x, plan.label.base, plan.weight, plan.divisor, *(c.node for c in plan.conds),
@@ -303,8 +314,7 @@ def _analyze(gm: torch.fx.GraphModule):
         if changed:
             r, m = changed[0]
             s = first_seed(value, node)
-            reason = f"{r.name} is changed in place by {describe(m)}"
-            misses.setdefault((s, reason), NearMiss(s.name, location(s), reason))
+            miss(s, node, f"{r.name} is changed in place by {describe(m)}")
             continue
         for n in plan.cone:
             if n is node:
@@ -321,28 +331,25 @@ def _analyze(gm: torch.fx.GraphModule):
                 break
         if bad:
             n, u = bad
-            reason = interp.why.get(u) or f"{_what(values[n])} also read at {location(u)} ({describe(u).split(' at ')[0]})"
-            s = first_seed(value, node)
-            misses.setdefault((s, reason), NearMiss(s.name, location(s), reason))
+            miss(first_seed(value, node), node, interp.why.get(u) or read_by(n, u))
             continue
         plans.append(plan)
     # a node whose value reads log-probs feeds an op the algebra rejected, with no sink downstream
     for node, reason in interp.why.items():
         if op_name(node) in SEED_OPS and not any(carries_logits(values.get(a)) for a in node.all_input_nodes):
-            misses.setdefault((node, reason), NearMiss(node.name, location(node), reason))
+            miss(node, node, reason, at_sink=False)
         srcs = [a for a in node.all_input_nodes if carries_logits(values.get(a))]
         for a in srcs:
             s = first_seed(values[a], a)
             if getattr(values[a], "seeds", None):
-                misses.setdefault((s, reason), NearMiss(s.name, location(s), reason))
-    # drop near misses of seeds that a plan rewrote (e.g. an unrelated rejected reader elsewhere)
-    # one reason per candidate: the first found, which is the most upstream
+                miss(s, node, reason, at_sink=False)
+    # One reason per candidate (see miss() for which). Candidates a plan rewrote have none.
     done = {s for p in plans for s in p.seeds}
-    first: dict = {}
-    for (s, _), m in misses.items():
-        if s not in done:
-            first.setdefault(s, m)
-    return plans, list(first.values()), understood
+    best: dict = {}
+    for (s, _), (at, m) in misses.items():
+        if s not in done and (s not in best or at > best[s][0]):
+            best[s] = (at, m)
+    return plans, [m for _, m in sorted(best.values(), key=lambda t: t[0])], understood
 
 
 # ------------------------------------------------------------------------------------------------

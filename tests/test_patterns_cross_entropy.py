@@ -955,3 +955,38 @@ def test_k_dim_hand_written():
 
     rec = check(fn, logits(B, V, T), labels(B, T, ignore=0, where=(1, 5)))
     assert rec.result.matches[0].params["ignore_index"] == 0
+
+
+def fairseq_label_smoothed_nll_loss(lprobs, target, epsilon, ignore_index=None):
+    # fairseq's criterion: eps / (V - 1) on the other classes, pads masked in place
+    if target.dim() == lprobs.dim() - 1:
+        target = target.unsqueeze(-1)
+    nll_loss = -lprobs.gather(dim=-1, index=target)
+    smooth_loss = -lprobs.sum(dim=-1, keepdim=True)
+    pad_mask = target.eq(ignore_index)
+    nll_loss.masked_fill_(pad_mask, 0.0)
+    smooth_loss.masked_fill_(pad_mask, 0.0)
+    nll_loss = nll_loss.sum()
+    smooth_loss = smooth_loss.sum()
+    eps_i = epsilon / (lprobs.size(-1) - 1)
+    loss = (1.0 - epsilon - eps_i) * nll_loss + eps_i * smooth_loss
+    return loss, nll_loss
+
+
+def test_fairseq_criterion():
+    def fn(x, y):
+        return fairseq_label_smoothed_nll_loss(F.log_softmax(x, -1), y, EPS, ignore_index=1)[0]
+
+    rec = check(fn, logits(N, V), labels(N, ignore=1, where=(0, 2)))
+    (m,) = rec.result.matches
+    assert (m.family, m.params["eps"], m.params["ignore_index"]) == ("hand-written eps/(V-1)", EPS, 1)
+
+
+def test_fairseq_criterion_returning_nll_is_left_alone():
+    # the nll part is returned too (for logging): one op cannot give both
+    def fn(x, y):
+        return fairseq_label_smoothed_nll_loss(F.log_softmax(x, -1), y, EPS, ignore_index=1)
+
+    reasons = _unchanged(fn, logits(N, V), labels(N, ignore=1, where=(0,)))
+    assert len(reasons) == 1 and reasons[0].startswith("the loss (nll_loss_1, "), reasons
+    assert reasons[0].endswith(") is also returned from the graph")
