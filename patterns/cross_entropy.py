@@ -715,17 +715,17 @@ def rewrite_cross_entropy(gm: torch.fx.GraphModule, *, fuse_linear: bool = False
     if not plans:
         return result
     fake_mode = _fake_mode(gm)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for plan in plans:
         _softcap_source(plan)
         why_not = _linear_source(plan) if fuse_linear and _has_linear_op() else None
+        seed = min(plan.seeds, key=order.__getitem__) if plan.seeds else plan.sink
+        loc = location(seed)
         try:
             family, extra = _family(plan)
-            seed = min(plan.seeds, key=lambda n: list(gm.graph.nodes).index(n)) if plan.seeds else plan.sink
-            loc = location(seed)
-            sink_name = plan.sink.name
             ignore = _emit(gm, plan, fake_mode)
         except Reject as err:
-            result.near_misses.append(NearMiss(plan.sink.name, location(plan.sink), str(err)))
+            result.near_misses.append(NearMiss(seed.name, loc, str(err)))
             continue
         head_nodes = plan.head[5] if plan.head is not None else []
         erased = _erase_dead(gm, [plan.sink, *plan.cone, *plan.softcap_nodes, *head_nodes], inplace)
