@@ -241,6 +241,25 @@ def test_low_precision(dtype, rtol, atol, reduction):
         torch.testing.assert_close(ours.double(), theirs, rtol=rtol, atol=atol)
 
 
+def test_bf16_weight_gradient_accumulates_in_fp32():
+    # 300 identical rows, one per chunk, add the same contribution 300 times to grad_weight. A bf16
+    # running sum (8-bit mantissa) rounds each addition once its ulp nears the increment and ends
+    # percents off (300 x 0.0123 sums to 4.0, not 3.69); an fp32 accumulator does not.
+    # (The Triton path shares the fp32 accumulator; 300 interpreted launches are too slow to test.)
+    n = 300
+    h = torch.randn(1, D, dtype=torch.float64).expand(n, D).to(torch.bfloat16).contiguous().requires_grad_()
+    w = (torch.randn(V, D, dtype=torch.float64) / math.sqrt(D)).to(torch.bfloat16).requires_grad_()
+    t = torch.full((n,), 3)
+    loss = fused_linear_cross_entropy(h, w, None, t, reduction="sum", target_coef=0.9, uniform_coef=0.1 / V,
+                                      chunk_size=1)
+    (gw,) = torch.autograd.grad(loss, w)
+    w64 = w.detach().double().requires_grad_()
+    ref = reference(h.detach().double(), w64, None, t, reduction="sum", a=0.9, b=0.1 / V)
+    (gw_ref,) = torch.autograd.grad(ref, w64)
+    assert gw.dtype == torch.bfloat16
+    torch.testing.assert_close(gw.double(), gw_ref, rtol=2e-2, atol=1e-2 * gw_ref.abs().max().item())
+
+
 def test_no_grad_returns_no_gradients():
     h, w, b, t = make()
     with torch.no_grad():
