@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
+import statistics
 import threading
 import time
 import warnings
@@ -28,6 +29,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Rows of the gradients kept for the correctness check (the full gradient of an LLM-sized step
 # is tens of GB: a slice is enough to catch a wrong kernel).
 CHECK_ROWS = 64
+
+# CPU timing takes at least this many samples, so the interquartile range is not empty.
+MIN_SAMPLES = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,8 +176,12 @@ def time_step(step: Callable, device: str, min_run_time: float) -> tuple[float, 
 
     step()  # one more warm-up: the first call compiled, this one warms caches and allocator
     timer = Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
-    m = timer.blocked_autorange(min_run_time=min_run_time)
-    return m.median * 1e3, m.iqr * 1e3
+    times = list(timer.blocked_autorange(min_run_time=min_run_time).times)  # seconds per call, per block
+    # A step slower than min_run_time gives one block: add single calls until an IQR means something.
+    while len(times) < MIN_SAMPLES:
+        times += timer.timeit(number=1).times
+    q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return median * 1e3, (q3 - q1) * 1e3
 
 
 # ---------------------------------------------------------------------------------------------

@@ -72,15 +72,19 @@ def compile_module(module: torch.nn.Module, backend: str, options: dict | None =
 
 
 def smoothce_rewrites(p: Problem) -> str | None:
-    """How many cross-entropy losses the smoothce backend rewrote (0 means the row measured
-    plain Inductor)."""
+    """What the smoothce backend rewrote in the graphs compiled since the last call (no rewrite
+    means the row measured plain Inductor)."""
     try:
         from smoothce.compiler.backend import rewrite_pass
     except ImportError:
         return None
-    results = getattr(rewrite_pass, "results", None)
-    if not results:
-        return "no graph rewritten"
-    n = sum(len(r.matches) for r in results)
+    results = list(getattr(rewrite_pass, "results", None) or [])
     rewrite_pass.clear()
-    return None if n else "0 rewrites: measured plain Inductor"
+    matches = [m for r in results for m in r.matches]
+    if not matches:
+        return "0 rewrites: measured plain Inductor"
+    # A loss on a linear head's output may be rewritten together with the matmul (fused linear
+    # cross-entropy): say so, since it changes what the row measures.
+    head = any(str(name).startswith("linear") for m in matches for name in m.replaced)
+    families = ", ".join(sorted({m.family for m in matches}))
+    return f"rewrote {families}" + (" + head matmul" if head else "")
