@@ -28,7 +28,7 @@ import torch.fx
 
 from smoothce.patterns.algebra import ColV, ElemV, LabelV, Q, Reject, RowV, ScalarV, carries_logits
 from smoothce.patterns.interpret import (
-    SEED_OPS, Interpretation, describe, exact, fake, location, op_name, shape,
+    SEED_OPS, Interpretation, _mutates, describe, exact, fake, location, op_name, shape,
 )
 from smoothce.patterns.report import Match, NearMiss, RewriteResult
 
@@ -235,9 +235,8 @@ def _mutations(gm) -> dict:
     """node -> in-place ops (Tensor methods ending in '_') that change it."""
     out: dict = {}
     for n in gm.graph.nodes:
-        if n.op == "call_method" and n.target.endswith("_") and not n.target.endswith("__") and n.args:
-            if isinstance(n.args[0], Node):
-                out.setdefault(n.args[0], []).append(n)
+        if _mutates(n):
+            out.setdefault(n.args[0], []).append(n)
     return out
 
 

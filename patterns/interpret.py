@@ -273,6 +273,7 @@ class Interpretation:
         self.values: dict[Node, Any] = {}
         self.why: dict[Node, str] = {}
         self.inplace: dict[Node, list[Node]] = {}  # mutated node -> the in-place ops on it
+        self.changed_by: dict[Node, Node] = {}  # node -> an in-place op the algebra does not follow
         for node in graph.nodes:
             try:
                 value = self._eval(node)
@@ -319,6 +320,16 @@ class Interpretation:
         if node.op not in ("call_function", "call_method"):
             return None
         op = op_name(node)
+        if _mutates(node) and not (node.op == "call_method" and node.target in INPLACE):
+            # an in-place change the algebra does not follow (t.scatter_, t[m] = v, y.clamp_):
+            # later readers of the tensor must not see its old value
+            changed = node.args[0]
+            old = self.values.get(changed)
+            self.values[changed] = None
+            self.changed_by[changed] = node
+            if carries_logits(old):
+                raise Reject(f"a loss value is changed in place by {describe(node)}")
+            return None
         if op is None:
             return None
         handler = getattr(self, "_op_" + op, None)
@@ -328,6 +339,8 @@ class Interpretation:
         value = handler(node, first, kw)
         if node.op == "call_method" and node.target in INPLACE:
             if not carries_logits(self.values.get(first)):
+                self.values[first] = None  # a target, label or mask changed in place: opaque from here
+                self.changed_by[first] = node
                 return None
             if op_name(first) not in FRESH:
                 raise Reject(f"in-place {node.target} on {first.name}, which may alias other tensors")
@@ -739,9 +752,10 @@ class Interpretation:
             raise Reject(f"the loss is multiplied by {_what(vb, b)} ({describe(node)})")
         return None
 
-    @staticmethod
-    def _dense_reason(b, vb, per_row=False):
+    def _dense_reason(self, b, vb, per_row=False):
         name = getattr(b, "name", repr(b))
+        if b in self.changed_by:
+            return f"{name} is changed in place by {describe(self.changed_by[b])}"
         if per_row:
             return f"the per-row loss is multiplied by {name}, which is not a boolean mask of rows"
         return f"targets are a dense input ({name}), not built from the labels"
@@ -971,6 +985,15 @@ class Interpretation:
         if carries_logits(v):
             raise Reject(f"the loss is detached ({describe(node)})")
         return None
+
+
+def _mutates(node: Node) -> bool:
+    """In-place Tensor methods (name ending in '_') and item assignment change their first argument."""
+    if not node.args or not isinstance(node.args[0], Node):
+        return False
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    return node.op == "call_function" and node.target is operator.setitem
 
 
 def _is_scalar_tensor(node) -> bool:
