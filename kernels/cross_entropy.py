@@ -386,6 +386,9 @@ def _setup_context(ctx, inputs, output):
     ctx.compute_grad = inputs[10]
     ctx.save_for_backward(grad)
     ctx.mark_non_differentiable(output[1], output[2])
+    # Otherwise autograd hands backward a zeros((N, C)) "gradient" for the unused grad output:
+    # a whole extra logits-sized buffer.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, grad_z, grad_grad):

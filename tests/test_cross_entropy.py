@@ -469,3 +469,14 @@ def test_second_backward_refuses_instead_of_scaling_twice():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_backward_allocates_no_logits_sized_buffer():
+    # Regression: autograd used to materialise a zeros((N, C)) gradient for the op's unused
+    # gradient output before calling backward.
+    x = torch.randn(64, 512, requires_grad=True)
+    loss = smoothce.cross_entropy(x, torch.randint(0, 512, (64,)), label_smoothing=0.1)
+    with torch.profiler.profile(profile_memory=True) as prof:
+        loss.backward()
+    allocated = sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
+    assert allocated < x.numel() * x.element_size() // 4, allocated
