@@ -491,6 +491,9 @@ def _setup_context(ctx, inputs, output):
     ctx.reduction = reduction
     ctx.compute_grad = compute_grad
     ctx.mark_non_differentiable(*output[1:])  # z_term is for logging; the gradients are results
+    # Otherwise autograd hands backward zero "gradients" for those outputs: a (V, D) and an (N, D)
+    # buffer allocated only to be ignored.
+    ctx.set_materialize_grads(False)
     if reduction == 0:
         ctx.save_for_backward(hidden, weight, bias, target, class_weight)
         ctx.params = (ignore_index, a, b, z, softcap, logit_scale, chunk_size)
@@ -499,6 +502,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, grad_z_term, *_unused):
+    if grad_loss is None:  # only the non-differentiable outputs were used
+        return (None,) * 15
     if ctx.reduction == 0:
         hidden, weight, bias, target, class_weight = ctx.saved_tensors
         grad_h, grad_w, grad_b = torch.ops.smoothce.linear_cross_entropy_backward(
