@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "cross_entropy": ("smoothce.kernels.cross_entropy", "cross_entropy"),
     "CrossEntropyLoss": ("smoothce.kernels.cross_entropy", "CrossEntropyLoss"),
+    "fused_linear_cross_entropy": ("smoothce.kernels.linear_cross_entropy", "fused_linear_cross_entropy"),
     "register_patterns": ("smoothce.compiler.registration", "register_patterns"),
     "unregister_patterns": ("smoothce.compiler.registration", "unregister_patterns"),
     "inspect": ("smoothce.compiler.inspect", "inspect"),

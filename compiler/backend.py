@@ -4,7 +4,8 @@
     ``torch.compile(m, backend="smoothce", mode=..., options={...})`` takes the same ``mode`` and
     ``options`` as the ``"inductor"`` backend; they reach Inductor as config patches. Keys starting
     with ``"smoothce."`` set the rewrite instead (:data:`REWRITE_OPTIONS`), e.g.
-    ``options={"smoothce.fuse_linear": True}``.
+    ``options={"smoothce.fuse_linear": False}`` keeps an LM head out of the loss op (it is fused by
+    default when nothing else reads its logits).
 ``"smoothce_aot_eager"``: the same rewrite, then AOTAutograd with eager kernels (no code
     generation). It exercises the same rewritten graph and the op's autograd in a fraction of the
     time, which is what most tests use.

@@ -53,7 +53,7 @@ class CrossEntropyPass(compat.CustomGraphPass):
     graph adds no result.
     """
 
-    def __init__(self, label: str = "graph", *, fuse_linear: bool = False) -> None:
+    def __init__(self, label: str = "graph", *, fuse_linear: bool = True) -> None:
         if not isinstance(fuse_linear, bool):
             raise TypeError(f"smoothce: fuse_linear must be a bool, got {fuse_linear!r}")
         self.label = label  # names the graphs in TORCH_LOGS=smoothce output

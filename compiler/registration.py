@@ -33,10 +33,11 @@ def registered_pass() -> CrossEntropyPass | None:
     return _registered
 
 
-def register_patterns(*, fuse_linear: bool = False) -> CrossEntropyPass:
+def register_patterns(*, fuse_linear: bool = True) -> CrossEntropyPass:
     """Make every Inductor compile rewrite cross-entropy losses; returns the installed pass.
 
-    ``fuse_linear=True`` also fuses an LM head that only feeds the loss into the loss op.
+    With ``fuse_linear`` (the default) an LM head that only feeds the loss is fused into it, so
+    its logits are never materialised; ``fuse_linear=False`` keeps the head as it is.
     Its ``results`` / ``match_count`` say what each compiled graph contained. Calling it again
     with the same settings returns the installed pass; with other settings it replaces it.
     """

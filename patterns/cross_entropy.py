@@ -701,7 +701,7 @@ def _has_linear_op() -> bool:
     return True
 
 
-def rewrite_cross_entropy(gm: torch.fx.GraphModule, *, fuse_linear: bool = False) -> RewriteResult:
+def rewrite_cross_entropy(gm: torch.fx.GraphModule, *, fuse_linear: bool = True) -> RewriteResult:
     """Rewrite every provable cross-entropy loss in ``gm`` into one fused op call (in place).
 
     With ``fuse_linear``, a loss whose logits come only from an LM head (F.linear or

@@ -188,9 +188,8 @@ class GraphModule(torch.nn.Module):
         l_x_ = L_x_
         l_y_ = L_y_
 
-        linear: "f32[12, 10]" = torch._C._nn.linear(l_x_, l_self_modules_proj_parameters_weight_, l_self_modules_proj_parameters_bias_);  l_x_ = l_self_modules_proj_parameters_weight_ = l_self_modules_proj_parameters_bias_ = None
-        fused_cross_entropy: "f32[]" = smoothce_kernels_cross_entropy_fused_cross_entropy(linear, l_y_, None, ignore_index = -100, reduction = 'mean', target_coef = 0.9, uniform_coef = 0.01, constant = 0.0, z_loss = 0.0, softcap = None);  linear = l_y_ = None
-        return (fused_cross_entropy,)
+        fused_linear_cross_entropy: "f32[]" = smoothce_kernels_linear_cross_entropy_fused_linear_cross_entropy(l_x_, l_self_modules_proj_parameters_weight_, l_self_modules_proj_parameters_bias_, l_y_, None, ignore_index = -100, reduction = 'mean', target_coef = 0.9, uniform_coef = 0.01, constant = 0.0, z_loss = 0.0, softcap = None, logit_scale = 1.0);  l_x_ = l_self_modules_proj_parameters_weight_ = l_self_modules_proj_parameters_bias_ = l_y_ = None
+        return (fused_linear_cross_entropy,)
 """,
         )
         # A rewritten graph is a fixed point: with register_patterns() active as well, Inductor's
@@ -334,12 +333,13 @@ def test_inductor_training_and_inference_match_eager():
     torch.testing.assert_close(inference.double(), expected, rtol=RTOL, atol=ATOL)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad.double(), expected_grads[name], rtol=RTOL, atol=ATOL)
-    # One training graph and one inference graph were rewritten, and the op is what runs.
+    # One training graph and one inference graph were rewritten, and the op is what runs: the
+    # head's linear only feeds the loss, so it is fused into it by default.
     assert rewrite_pass.match_count == 2
-    assert "torch.ops.smoothce.cross_entropy" in "\n".join(codes)
-    assert "torch.ops.smoothce.cross_entropy" in "\n".join(inference_codes)
+    assert "torch.ops.smoothce.linear_cross_entropy" in "\n".join(codes)
+    assert "torch.ops.smoothce.linear_cross_entropy" in "\n".join(inference_codes)
     # options= reached Inductor: the spy ran on the forward and backward graphs.
-    assert len(spy.graphs) == 2 and "smoothce.cross_entropy" in spy.graphs[0]
+    assert len(spy.graphs) == 2 and "smoothce.linear_cross_entropy" in spy.graphs[0]
 
 
 @pytest.mark.inductor

@@ -824,18 +824,20 @@ def test_logits_returned_keep_the_plain_op():
         "not fused with its LM head: logits returned to the caller"]
 
 
-def test_linear_fusion_is_opt_in():
+@pytest.mark.parametrize("fuse_linear, family", [(None, "linear+cross_entropy"), (False, "cross_entropy")])
+def test_linear_fusion_is_the_default_and_can_be_turned_off(fuse_linear, family):
     torch.manual_seed(0)
     model = TinyLM()
     h, y = logits(B, T + 1, D, seed=9), labels(B, T + 1)
     graphs = []
 
     def backend(gm, inputs):
-        graphs.append(rewrite_cross_entropy(gm))
+        kwargs = {} if fuse_linear is None else {"fuse_linear": fuse_linear}
+        graphs.append(rewrite_cross_entropy(gm, **kwargs))
         return aot_eager(gm, inputs)
 
     torch.testing.assert_close(torch.compile(model, backend=backend)(h, y), model(h, y))
-    assert [m.family for m in graphs[0].matches] == ["cross_entropy"]
+    assert [m.family for m in graphs[0].matches] == [family]
 
 
 def test_rows_reduced_before_classes():
