@@ -98,24 +98,26 @@ def train(loss_fn, backend):
     return torch.stack(losses)
 
 
-# (loss, eps and reduction the rewrite must recover). The LabelSmoother divides by the token
-# count itself, so what it hands the fused op is a sum.
+# (loss, eps, reduction and family the rewrite must recover). The LabelSmoother divides by the
+# token count itself, so what it hands the fused op is a sum. Where the step returns only the
+# loss, the LM head has no other reader and is fused with it: the logits are never materialised.
 LOSSES = [
-    pytest.param(hf_loss, 0.0, "mean", id="hf-labels-mean"),
-    pytest.param(hf_loss_num_items, 0.0, "sum", id="hf-labels-num-items"),
-    pytest.param(user_smoothed_loss, 0.1, "mean", id="user-label-smoothing"),
-    pytest.param(trainer_label_smoother, 0.1, "sum", id="trainer-label-smoother"),
+    pytest.param(hf_loss, 0.0, "mean", "linear+cross_entropy", id="hf-labels-mean"),
+    pytest.param(hf_loss_num_items, 0.0, "sum", "linear+cross_entropy", id="hf-labels-num-items"),
+    pytest.param(user_smoothed_loss, 0.1, "mean", "cross_entropy", id="user-label-smoothing"),
+    pytest.param(trainer_label_smoother, 0.1, "sum", "linear+hand-written eps/V", id="trainer-label-smoother"),
 ]
 
 
-@pytest.mark.parametrize("loss_fn, eps, reduction", LOSSES)
-def test_loss_curve_equals_eager(loss_fn, eps, reduction):
+@pytest.mark.parametrize("loss_fn, eps, reduction, family", LOSSES)
+def test_loss_curve_equals_eager(loss_fn, eps, reduction, family):
     expected = train(loss_fn, None)
     got = train(loss_fn, "smoothce_aot_eager")
     torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
     # The loss was found (one graph, one loss: Dynamo compiles the step once for fixed shapes).
     assert rewrite_pass.match_count == 1, rewrite_pass.near_misses
     [match] = rewrite_pass.matches
+    assert match.family == family
     assert match.params["eps"] == pytest.approx(eps, abs=1e-12)
     assert (match.params["reduction"], match.params["ignore_index"], match.params["classes"]) == (
         reduction,
