@@ -172,6 +172,13 @@ def inductor_config_patches(mode: str | None, options: dict[str, Any] | None) ->
 # --- test and inspection helpers ---------------------------------------------------------------
 
 
+def inductor_cache_dir() -> str:
+    """Inductor's default on-disk cache directory (TORCHINDUCTOR_CACHE_DIR or its default)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return cache_dir()
+
+
 def fresh_inductor_cache():
     """Context manager: Inductor's on-disk caches in a fresh temporary directory."""
     from torch._inductor.utils import fresh_cache

@@ -48,12 +48,17 @@ def chunk_rows(n: int, v: int, d: int) -> int:
     unavoidable state, whatever n is. Two more reasons for ``d``: across the loop the accumulator is
     read and written once per chunk, n / d times, i.e. n * v * 8 bytes -- the same traffic as one
     pass over the full logits; and every matmul is at least d x d x v, large enough to stay
-    compute-bound. Rounded up to a multiple of 8 (vector-friendly row blocks) and capped at n.
+    compute-bound. A small head gets at least _MIN_CHUNK_LOGITS logits per chunk (4 MiB in fp32),
+    affordable anywhere, so it is not cut into many tiny chunks whose fixed per-chunk cost would
+    dominate. Rounded up to a multiple of 8 (vector-friendly row blocks) and capped at n.
     """
     if n <= 0:
         return 1
-    rows = max(8, -(-d // 8) * 8)
-    return min(n, rows)
+    rows = max(8, d, -(-_MIN_CHUNK_LOGITS // max(v, 1)))
+    return min(n, -(-rows // 8) * 8)
+
+
+_MIN_CHUNK_LOGITS = 1 << 20
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:

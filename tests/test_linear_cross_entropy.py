@@ -158,12 +158,15 @@ def test_cache_block_boundaries(monkeypatch, block_rows, softcap):
 
 
 def test_chunk_rows_rule():
-    # Rows per chunk = D (fp32 chunk logits as large as the fp32 weight gradient), multiple of 8, <= N.
+    # Rows per chunk = D (fp32 chunk logits as large as the fp32 weight gradient), at least 2^20
+    # logits per chunk, a multiple of 8, <= N.
     assert chunk_rows(4096, 32768, 256) == 256
     assert chunk_rows(4096, 128256, 4096) == 4096
     assert chunk_rows(100, 50000, 4096) == 100
-    assert chunk_rows(4096, 1000, 250) == 256
-    assert chunk_rows(4096, 1000, 3) == 8
+    assert chunk_rows(4096, 100000, 250) == 256
+    assert chunk_rows(4096, 1000, 250) == 1056  # 2^20 / 1000 = 1048.6 rows, rounded up to 8
+    assert chunk_rows(4096, 1000, 3) == 1056
+    assert chunk_rows(1024, 1024, 64) == 1024  # a small head is one chunk
 
 
 # ---------------------------------------------------------------------------------------------------
