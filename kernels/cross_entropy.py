@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from smoothce.kernels.checks import check_labels_on_cpu
+
 REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -275,18 +277,6 @@ def _torch_rows(x3, y2, weight, scales, ce_rows, z_rows, grad3, ignore_index, a,
             grad3[n0:n1] = work
 
 
-def _check_labels_on_cpu(y2, C, ignore_index):
-    # On CPU a data check costs no device sync, so bad labels raise like F.cross_entropy does
-    # instead of only poisoning the loss with nan.
-    bad = (y2 != ignore_index) & ((y2 < 0) | (y2 >= C))
-    if bool(bad.any()):
-        value = int(y2[bad][0])
-        raise IndexError(
-            f"smoothce.cross_entropy: target {value} is out of bounds for {C} classes "
-            f"(expected 0 <= target < {C}, or ignore_index={ignore_index})"
-        )
-
-
 def _kernel_choice(logits: torch.Tensor) -> str:
     forced = os.environ.get("SMOOTHCE_KERNEL", "").strip().lower()
     if forced not in ("", "auto", "triton", "torch"):
@@ -343,7 +333,7 @@ def _cross_entropy_op(
     x3, y2 = _as_rows(logits, target)
     N, C, S = x3.shape
     if logits.device.type == "cpu":
-        _check_labels_on_cpu(y2, C, ignore_index)
+        check_labels_on_cpu(y2, C, ignore_index)
     # Per-row results and scales in the accumulation dtype: fp32, or fp64 for fp64 input.
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     ce_div, z_div = _divisors(y2, weight, ignore_index, C, acc)

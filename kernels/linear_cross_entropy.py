@@ -31,6 +31,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from smoothce.kernels.checks import check_labels_on_cpu
+
 __all__ = ["chunk_rows", "fused_linear_cross_entropy"]
 
 _REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
@@ -215,14 +217,6 @@ class _Targets:
         self.wy_sum = self.wy.sum() if class_weight is not None else self.count
 
 
-def _check_labels_on_cpu(target, v, ignore_index):
-    # On CPU a data check costs no device sync: bad labels raise like F.cross_entropy.
-    bad = (target != ignore_index) & ((target < 0) | (target >= v))
-    if bool(bad.any()):
-        raise IndexError(f"target {int(target[bad][0])} is out of bounds for {v} classes "
-                         f"(expected 0 <= target < {v}, or ignore_index={ignore_index})")
-
-
 def _use_triton(hidden: Tensor) -> bool:
     if hidden.device.type != "cuda" and not os.environ.get("SMOOTHCE_KERNEL"):
         return False  # the common CPU case, without importing triton
@@ -378,7 +372,7 @@ def _forward(hidden, weight, bias, target, class_weight, ignore_index, reduction
     n, v = hidden.shape[0], weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
     if hidden.device.type == "cpu":
-        _check_labels_on_cpu(target, v, ignore_index)
+        check_labels_on_cpu(target, v, ignore_index)
     tg = _Targets(target, class_weight, ignore_index, v, acc)
     scales = None
     # 'none' cannot use forward-time gradients (see module docstring): its backward recomputes.
