@@ -1,0 +1,263 @@
+"""The fused LM head's chunk loop in torch ops: CPU, and float64 anywhere.
+
+Chunk logits are computed in the accumulation dtype (fp32; fp64 for fp64 input) and processed in
+cache-sized blocks of in-place elementwise ops. Without a softcap the gradient is factored through
+the softmax (:func:`_softmax_chunk_grads`): a chunk costs one softmax pass and the label and
+smoothing terms go through (R, D)-sized vectors. Weight and bias gradients accumulate in the
+accumulation dtype, which is the weight's own on CPU's usual fp32.
+
+Layout, low to high: per-block math -> per-chunk drivers -> the chunk loop -> a chunk's gradients
+from its softmax.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["torch_chunks"]
+
+# Elementwise passes run over blocks of about this many logits (16 MiB in fp32,
+# half a typical L3), so a block stays in cache across its passes (amax, softmax, amax without a
+# softcap; log_softmax, sum, exp, gradient with one). Blocks much smaller than this lose more to
+# per-op thread synchronisation than they gain in cache hits on a busy 2-core machine.
+_CE_BLOCK_ELEMENTS = 1 << 22
+
+
+def _block_ce(
+    x: Tensor,  # (R, V) logits in the acc dtype; overwritten with the gradient when gce is given
+    y: Tensor,  # (R, 1) int64 labels, ignored / bad ones replaced by 0
+    wy: Tensor,  # (R,) w[y_i]
+    row_mask: Tensor,  # (R,) 1, 0 for ignored rows, nan for labels out of range
+    class_weight: Optional[Tensor],  # (V,) acc dtype or None
+    w_sum: float | Tensor,  # sum_j w_j
+    a: float, b: float, c: float, z: float, softcap: float,
+    gce: Optional[Tensor],  # (R,) d(result)/d(ce_i) incl. logit_scale, 0 on ignored rows; None: no gradient
+    gz: Optional[Tensor],  # (R,) d(result)/d(z_i) incl. logit_scale
+) -> tuple[Tensor, Tensor]:
+    """Per-row cross-entropy part ce_i (incl. c) and z part z_i of a block of rows.
+
+    With logp = log_softmax(x), lse = x_y - logp_y and Q_i = sum_j q_ij = a w[y] + b sum_j w_j:
+        ce_i = -a w[y] logp_iy - b sum_j w_j logp_ij + c            (PyTorch's own formula)
+    Gradient, with p = softmax(x) = exp(logp):
+        d ce_i / d x_ij = Q_i p_ij - q_ij,        d z_i / d x_ij = 2 z lse_i p_ij
+    so  g_ij = (gce_i Q_i + 2 z lse_i gz_i) p_ij - gce_i b w_j - gce_i a w[y] [j == y],
+    times dx/du = 1 - (x / cap)^2 under a softcap x = cap tanh(u / cap).
+    The block is rewritten in place: x -> logp -> p -> g, one elementwise pass each.
+    """
+    out = x
+    t = None
+    if softcap:
+        # Keep t = tanh(u / cap) for the softcap derivative; log_softmax works on a copy.
+        t = x.div_(softcap).tanh_()
+        x = torch.mul(t, softcap)
+    x_y = x.gather(1, y).squeeze(1) if z else None
+    torch.log_softmax(x, dim=1, out=x)  # in place: the row kernel reads a row before writing it
+    lp_y = x.gather(1, y).squeeze(1)
+    slp = x.sum(dim=1) if class_weight is None else torch.mv(x, class_weight)
+    ce = (c - a * wy * lp_y - b * slp) * row_mask
+    if z:
+        lse = x_y - lp_y
+        z_rows = z * lse * lse * row_mask
+    else:
+        z_rows = torch.zeros_like(ce)
+    if gce is None:
+        return ce, z_rows
+
+    p_coef = gce * (a * wy + b * w_sum)
+    if z:
+        p_coef = p_coef + (2.0 * z) * lse * gz
+    p_coef = p_coef.unsqueeze(1)
+    x.exp_()
+    if b and class_weight is None:
+        torch.addcmul((gce * -b).unsqueeze(1), x, p_coef, out=x)  # coef p - gce b in one pass
+    else:
+        x.mul_(p_coef)
+        if b:
+            x.addr_(gce * b, class_weight, alpha=-1.0)
+    if a:
+        x.scatter_add_(1, y, (-a * gce * wy).unsqueeze(1))
+    if t is not None:
+        t.square_()
+        torch.addcmul(x, x, t, value=-1.0, out=out)  # g * (1 - t^2), back into the logits buffer
+    return ce, z_rows
+
+
+def _block_softmax(
+    x: Tensor,  # (R, V) logits in the acc dtype; overwritten with softmax(x)
+    y: Tensor,  # (R, 1) int64 labels, ignored / bad ones replaced by 0
+    wy: Tensor,  # (R,) w[y_i]
+    row_mask: Tensor,  # (R,) 1, 0 for ignored rows, nan for labels out of range
+    class_weight: Optional[Tensor],  # (V,) acc dtype or None
+    w_sum: float | Tensor,  # sum_j w_j
+    sx: Optional[Tensor],  # (R,) sum_j w_j x_ij, needed when b != 0
+    a: float, b: float, c: float, z: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """ce_i, z_i and lse_i of a block of rows without a softcap; the block becomes p = softmax(x).
+
+    Two vectorised reads (row max before and after) and one in-place softmax. lse comes from the
+    largest probability, p_max = exp(m - lse) = 1 / sum_j exp(x_j - m) in [1 / V, 1], so
+    lse = m - log p_max never meets an underflow. Then logp_y = x_y - lse and
+    ce_i = -a w[y] logp_iy - b (sum_j w_j x_ij - lse_i sum_j w_j) + c,
+    with sum_j w_j x_ij = sx_i given by the caller (from the hidden state, no pass over x).
+    """
+    m = x.amax(dim=1)  # max() with indices is not vectorised: two amax passes are cheaper
+    x_y = x.gather(1, y).squeeze(1)
+    torch.softmax(x, dim=1, out=x)  # in place: the row kernel reads a row before writing it
+    lse = m - x.amax(dim=1).log()
+    ce = c - a * wy * (x_y - lse)
+    if b:
+        ce = ce - b * (sx - lse * w_sum)
+    ce = ce * row_mask
+    z_rows = z * lse * lse * row_mask if z else torch.zeros_like(ce)
+    return ce, z_rows, lse
+
+
+def _chunk_softmax_torch(logits, start, tg, ce_rows, z_rows, lse_rows, sx, a, b, c, z):
+    """_block_softmax over cache-sized blocks of the chunk whose first row is ``start``; sx (C,) as
+    there, for the chunk's rows."""
+    rows, v = logits.shape
+    step = max(1, _CE_BLOCK_ELEMENTS // max(v, 1))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        i0, i1 = start + r0, start + r1
+        ce_rows[i0:i1], z_rows[i0:i1], lse_rows[i0:i1] = _block_softmax(
+            logits[r0:r1], tg.y[i0:i1, None], tg.wy[i0:i1], tg.row_mask[i0:i1], tg.class_weight, tg.w_sum,
+            None if sx is None else sx[r0:r1], a, b, c, z)
+
+
+def _chunk_ce_torch(logits, start, tg, ce_rows, z_rows, a, b, c, z, softcap, gce, gz):
+    """_block_ce over cache-sized blocks of the chunk whose first row is ``start``; writes the
+    per-row results into ce_rows / z_rows."""
+    rows, v = logits.shape
+    step = max(1, _CE_BLOCK_ELEMENTS // max(v, 1))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        i0, i1 = start + r0, start + r1
+        ce, zr = _block_ce(
+            logits[r0:r1], tg.y[i0:i1, None], tg.wy[i0:i1], tg.row_mask[i0:i1], tg.class_weight, tg.w_sum,
+            a, b, c, z, softcap, None if gce is None else gce[i0:i1], None if gz is None else gz[i0:i1])
+        ce_rows[i0:i1] = ce
+        z_rows[i0:i1] = zr
+
+
+def torch_chunks(hidden, weight, bias, tg, ignore_index, a, b, c, z, softcap, logit_scale, scales, row_grad, rows):
+    """Per-row ce_i / z_i over chunks of ``rows`` rows. With ``scales`` ((2,) tensor: d(result)/d(ce_i)
+    and d(result)/d(z_i) for counted rows, times ``row_grad`` (N,) if given) also the gradients of the
+    result with respect to hidden, weight and bias, in their dtypes."""
+    n, d = hidden.shape
+    v = weight.shape[0]
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    dev = hidden.device
+    w_work = weight.to(acc)  # no copy for fp32 / fp64 weights
+    b_work = None if bias is None else bias.to(acc)
+    ce_rows = torch.empty(n, dtype=acc, device=dev)
+    z_rows = torch.zeros(n, dtype=acc, device=dev)
+    grads = scales is not None
+    grad_h = grad_w = grad_b = None
+    if grads:
+        grad_h = torch.empty(n, d, dtype=hidden.dtype, device=dev)
+        grad_w = torch.zeros(v, d, dtype=acc, device=dev)
+        grad_b = torch.zeros(v, dtype=acc, device=dev) if bias is not None else None
+        scales = scales * logit_scale  # chain through logits = logit_scale * (hidden @ weight.T + bias)
+        gce = torch.where(tg.valid, scales[0] * tg.row_mask, 0.0)
+        gz = torch.where(tg.valid, scales[1] * tg.row_mask, 0.0)
+        if row_grad is not None:
+            gce, gz = gce * row_grad, gz * row_grad
+
+    softmax_path = not softcap
+    lse_rows = torch.empty(n, dtype=acc, device=dev) if softmax_path else None
+    u = wb = None
+    if softmax_path and b:
+        # u = sum_j w_j W_j (and w . bias): the uniform (b) part of loss and gradient goes through them.
+        u = w_work.sum(dim=0) if tg.class_weight is None else torch.mv(w_work.t(), tg.class_weight)
+        if b_work is not None:
+            wb = b_work.sum() if tg.class_weight is None else torch.dot(b_work, tg.class_weight)
+    if grads and softmax_path:
+        # p W of a chunk in the accumulation dtype: grad_hidden's own rows when it has that dtype
+        gh_block = None if grad_h.dtype == acc else torch.empty(min(rows, n), d, dtype=acc, device=dev)
+        hk = torch.zeros(d, dtype=acc, device=dev) if b else None  # sum_i k_i h_i / b, see _softmax_chunk_grads
+
+    buf = torch.empty(min(rows, n), v, dtype=acc, device=dev)  # reused by every chunk
+    for start in range(0, n, rows):
+        end = min(start + rows, n)
+        h = hidden[start:end].to(acc)
+        logits = buf[: end - start]
+        # (C, D) x (D, V) -> (C, V), logit_scale folded into the matmul
+        if b_work is None:
+            torch.mm(h, w_work.t(), out=logits)
+            if logit_scale != 1.0:
+                logits.mul_(logit_scale)
+        else:
+            torch.addmm(b_work, h, w_work.t(), beta=logit_scale, alpha=logit_scale, out=logits)
+        if softcap:
+            _chunk_ce_torch(logits, start, tg, ce_rows, z_rows, a, b, c, z, softcap,
+                            gce if grads else None, gz if grads else None)
+            if grads:
+                # logits now holds d(result)/d(hidden @ weight.T + bias) for the chunk.
+                if grad_h.dtype == acc:
+                    torch.mm(logits, w_work, out=grad_h[start:end])
+                else:
+                    grad_h[start:end].copy_(torch.mm(logits, w_work))
+                grad_w.addmm_(logits.t(), h)
+                if grad_b is not None:
+                    grad_b += logits.sum(dim=0)
+            continue
+        sx = None
+        if b:
+            # sum_j w_j x_ij = logit_scale (h_i . sum_j w_j W_j + sum_j w_j bias_j): (C, D) work
+            # instead of a pass over the (C, V) logits.
+            sx = torch.mv(h, u)
+            if wb is not None:
+                sx += wb
+            if logit_scale != 1.0:
+                sx *= logit_scale
+        _chunk_softmax_torch(logits, start, tg, ce_rows, z_rows, lse_rows, sx, a, b, c, z)
+        if grads:
+            gh = grad_h[start:end] if gh_block is None else gh_block[: end - start]
+            _softmax_chunk_grads(logits, h, gh, grad_w, grad_b, tg.y[start:end], tg.wy[start:end], tg.w_sum,
+                                 gce[start:end], gz[start:end], lse_rows[start:end], w_work, u, a, b, z)
+            if gh_block is not None:
+                grad_h[start:end].copy_(gh)
+            if b:
+                hk.addmv_(h.t(), gce[start:end])
+    if grads and softmax_path and b:
+        # the uniform part of grad_W and grad_b: one rank-1 update for all chunks
+        w_vec = tg.class_weight if tg.class_weight is not None else torch.ones_like(grad_w[:, 0])
+        grad_w.addr_(w_vec, hk, alpha=-b)
+        if grad_b is not None:
+            grad_b.sub_(w_vec * (b * gce.sum()))
+    if grads:
+        # Half-precision weights on this path: the fp32 sums rounded once, here.
+        grad_w = grad_w.to(weight.dtype)
+        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
+    return ce_rows, z_rows, grad_h, grad_w, grad_b
+
+
+def _softmax_chunk_grads(p, h, gh, grad_w, grad_b, y, wy, w_sum, gce, gz, lse, w_work, u, a, b, z):
+    """A chunk's gradients from its softmax p, without a pass over p besides the two GEMMs.
+
+    g_ij = coef_i p_ij - k_i w_j - s_i [j == y_i] with coef_i = gce_i Q_i + 2 z lse_i gz_i,
+    k_i = gce_i b, s_i = gce_i a w[y_i]. Only the coef p part needs the chunk; the rest factors
+    through vectors:
+        grad_h_i  = coef_i (p W)_i - k_i sum_j w_j W_j - s_i W[y_i]     (u = sum_j w_j W_j)
+        grad_W   += p^T (coef h) - s_i h_i at row y_i,   and - w (x) sum_i k_i h_i after all chunks
+        grad_b   += p^T coef - s_i at y_i,               and - w sum_i k_i after all chunks
+    """
+    coef = gce * (a * wy + b * w_sum)
+    if z:
+        coef = coef + (2.0 * z) * lse * gz
+    torch.mm(p, w_work, out=gh)
+    gh.mul_(coef.unsqueeze(1))
+    grad_w.addmm_(p.t(), h * coef.unsqueeze(1))
+    if grad_b is not None:
+        grad_b.addmv_(p.t(), coef)
+    if b:
+        gh.addr_(gce, u, alpha=-b)
+    if a:
+        s_y = a * gce * wy
+        gh.addcmul_(s_y.unsqueeze(1), w_work[y], value=-1.0)
+        grad_w.index_add_(0, y, h * s_y.unsqueeze(1), alpha=-1.0)
+        if grad_b is not None:
+            grad_b.index_add_(0, y, s_y, alpha=-1.0)
