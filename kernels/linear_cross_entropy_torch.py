@@ -2,12 +2,12 @@
 
 Chunk logits are computed in the accumulation dtype (fp32; fp64 for fp64 input) and processed in
 cache-sized blocks of in-place elementwise ops. Without a softcap the gradient is factored through
-the softmax (:func:`_softmax_chunk_grads`): a chunk costs one softmax pass and the label and
-smoothing terms go through (R, D)-sized vectors. Weight and bias gradients accumulate in the
+the softmax (:func:`_softmax_grads_finish`): a chunk costs a log_softmax and an exp pass, and the
+label and smoothing terms go through (N, D)-sized work once, after the chunk buffer is freed. Weight and bias gradients accumulate in the
 accumulation dtype, which is the weight's own on CPU's usual fp32.
 
-Layout, low to high: per-block math -> per-chunk drivers -> the chunk loop -> a chunk's gradients
-from its softmax.
+Layout, low to high: per-block math -> per-chunk drivers -> the chunk loop -> the deferred
+gradient terms.
 """
 from __future__ import annotations
 
@@ -85,36 +85,37 @@ def _block_ce(
 
 
 def _block_softmax(
-    x: Tensor,  # (R, V) logits in the acc dtype; overwritten with softmax(x)
+    x: Tensor,  # (R, V) logits in the acc dtype; overwritten with softmax(x), or log_softmax(x) without p
     y: Tensor,  # (R, 1) int64 labels, ignored / bad ones replaced by 0
     wy: Tensor,  # (R,) w[y_i]
     row_mask: Tensor,  # (R,) 1, 0 for ignored rows, nan for labels out of range
-    class_weight: Optional[Tensor],  # (V,) acc dtype or None
     w_sum: float | Tensor,  # sum_j w_j
     sx: Optional[Tensor],  # (R,) sum_j w_j x_ij, needed when b != 0
     a: float, b: float, c: float, z: float,
+    p: bool,  # leave the softmax in x (for the gradient)
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """ce_i, z_i and lse_i of a block of rows without a softcap; the block becomes p = softmax(x).
+    """ce_i, z_i and lse_i of a block of rows without a softcap.
 
-    Two vectorised reads (row max before and after) and one in-place softmax. lse comes from the
-    largest probability, p_max = exp(m - lse) = 1 / sum_j exp(x_j - m) in [1 / V, 1], so
-    lse = m - log p_max never meets an underflow. Then logp_y = x_y - lse and
+    Two elementwise passes, one parallel op each: log_softmax in place, then (for the gradient) exp
+    in place. lse = x_y - logp_y, and
     ce_i = -a w[y] logp_iy - b (sum_j w_j x_ij - lse_i sum_j w_j) + c,
     with sum_j w_j x_ij = sx_i given by the caller (from the hidden state, no pass over x).
     """
-    m = x.amax(dim=1)  # max() with indices is not vectorised: two amax passes are cheaper
     x_y = x.gather(1, y).squeeze(1)
-    torch.softmax(x, dim=1, out=x)  # in place: the row kernel reads a row before writing it
-    lse = m - x.amax(dim=1).log()
-    ce = c - a * wy * (x_y - lse)
+    torch.log_softmax(x, dim=1, out=x)  # in place: the row kernel reads a row before writing it
+    lp_y = x.gather(1, y).squeeze(1)
+    lse = x_y - lp_y
+    ce = c - a * wy * lp_y
     if b:
         ce = ce - b * (sx - lse * w_sum)
     ce = ce * row_mask
     z_rows = z * lse * lse * row_mask if z else torch.zeros_like(ce)
+    if p:
+        x.exp_()
     return ce, z_rows, lse
 
 
-def _chunk_softmax_torch(logits, start, tg, ce_rows, z_rows, lse_rows, sx, a, b, c, z):
+def _chunk_softmax_torch(logits, start, tg, ce_rows, z_rows, lse_rows, sx, a, b, c, z, p):
     """_block_softmax over cache-sized blocks of the chunk whose first row is ``start``; sx (C,) as
     there, for the chunk's rows."""
     rows, v = logits.shape
@@ -123,8 +124,8 @@ def _chunk_softmax_torch(logits, start, tg, ce_rows, z_rows, lse_rows, sx, a, b,
         r1 = min(rows, r0 + step)
         i0, i1 = start + r0, start + r1
         ce_rows[i0:i1], z_rows[i0:i1], lse_rows[i0:i1] = _block_softmax(
-            logits[r0:r1], tg.y[i0:i1, None], tg.wy[i0:i1], tg.row_mask[i0:i1], tg.class_weight, tg.w_sum,
-            None if sx is None else sx[r0:r1], a, b, c, z)
+            logits[r0:r1], tg.y[i0:i1, None], tg.wy[i0:i1], tg.row_mask[i0:i1], tg.w_sum,
+            None if sx is None else sx[r0:r1], a, b, c, z, p)
 
 
 def _chunk_ce_torch(logits, start, tg, ce_rows, z_rows, a, b, c, z, softcap, gce, gz):
@@ -175,9 +176,9 @@ def torch_chunks(hidden, weight, bias, tg, ignore_index, a, b, c, z, softcap, lo
         if b_work is not None:
             wb = b_work.sum() if tg.class_weight is None else torch.dot(b_work, tg.class_weight)
     if grads and softmax_path:
-        # p W of a chunk in the accumulation dtype: grad_hidden's own rows when it has that dtype
-        gh_block = None if grad_h.dtype == acc else torch.empty(min(rows, n), d, dtype=acc, device=dev)
-        hk = torch.zeros(d, dtype=acc, device=dev) if b else None  # sum_i k_i h_i / b, see _softmax_chunk_grads
+        coef_rows = torch.empty(n, dtype=acc, device=dev)
+        # p W in the accumulation dtype, scaled and corrected once after the loop
+        gh_acc = grad_h if grad_h.dtype == acc else torch.empty(n, d, dtype=acc, device=dev)
 
     buf = torch.empty(min(rows, n), v, dtype=acc, device=dev)  # reused by every chunk
     for start in range(0, n, rows):
@@ -213,21 +214,22 @@ def torch_chunks(hidden, weight, bias, tg, ignore_index, a, b, c, z, softcap, lo
                 sx += wb
             if logit_scale != 1.0:
                 sx *= logit_scale
-        _chunk_softmax_torch(logits, start, tg, ce_rows, z_rows, lse_rows, sx, a, b, c, z)
+        _chunk_softmax_torch(logits, start, tg, ce_rows, z_rows, lse_rows, sx, a, b, c, z, grads)
         if grads:
-            gh = grad_h[start:end] if gh_block is None else gh_block[: end - start]
-            _softmax_chunk_grads(logits, h, gh, grad_w, grad_b, tg.y[start:end], tg.wy[start:end], tg.w_sum,
-                                 gce[start:end], gz[start:end], lse_rows[start:end], w_work, u, a, b, z)
-            if gh_block is not None:
-                grad_h[start:end].copy_(gh)
-            if b:
-                hk.addmv_(h.t(), gce[start:end])
-    if grads and softmax_path and b:
-        # the uniform part of grad_W and grad_b: one rank-1 update for all chunks
-        w_vec = tg.class_weight if tg.class_weight is not None else torch.ones_like(grad_w[:, 0])
-        grad_w.addr_(w_vec, hk, alpha=-b)
-        if grad_b is not None:
-            grad_b.sub_(w_vec * (b * gce.sum()))
+            # Only the coef_i p_ij part per chunk (see _softmax_grads_finish).
+            coef = gce[start:end] * (a * tg.wy[start:end] + b * tg.w_sum)
+            if z:
+                coef = coef + (2.0 * z) * lse_rows[start:end] * gz[start:end]
+            coef_rows[start:end] = coef
+            torch.mm(logits, w_work, out=gh_acc[start:end])
+            grad_w.addmm_(logits.t(), h * coef.unsqueeze(1))
+            if grad_b is not None:
+                grad_b.addmv_(logits.t(), coef)
+    buf = logits = None  # the finish's (N, D) temporaries take the chunk's place, not more
+    if grads and softmax_path:
+        _softmax_grads_finish(hidden, gh_acc, grad_w, grad_b, tg, a, b, gce, coef_rows, w_work, u)
+        if gh_acc is not grad_h:
+            grad_h.copy_(gh_acc)
     if grads:
         # Half-precision weights on this path: the fp32 sums rounded once, here.
         grad_w = grad_w.to(weight.dtype)
@@ -235,29 +237,31 @@ def torch_chunks(hidden, weight, bias, tg, ignore_index, a, b, c, z, softcap, lo
     return ce_rows, z_rows, grad_h, grad_w, grad_b
 
 
-def _softmax_chunk_grads(p, h, gh, grad_w, grad_b, y, wy, w_sum, gce, gz, lse, w_work, u, a, b, z):
-    """A chunk's gradients from its softmax p, without a pass over p besides the two GEMMs.
+def _softmax_grads_finish(hidden, grad_h, grad_w, grad_b, tg, a, b, gce, coef_rows, w_work, u):
+    """The parts of the softmax path's gradients that are not p, applied once for all rows.
 
     g_ij = coef_i p_ij - k_i w_j - s_i [j == y_i] with coef_i = gce_i Q_i + 2 z lse_i gz_i,
-    k_i = gce_i b, s_i = gce_i a w[y_i]. Only the coef p part needs the chunk; the rest factors
-    through vectors:
-        grad_h_i  = coef_i (p W)_i - k_i sum_j w_j W_j - s_i W[y_i]     (u = sum_j w_j W_j)
-        grad_W   += p^T (coef h) - s_i h_i at row y_i,   and - w (x) sum_i k_i h_i after all chunks
-        grad_b   += p^T coef - s_i at y_i,               and - w sum_i k_i after all chunks
+    k_i = gce_i b, s_i = gce_i a w[y_i]. Only the coef p part needs the chunk (the chunk loop adds
+    p^T (coef h) to grad_W, p^T coef to grad_b, and leaves p W in grad_h); the rest factors through
+    vectors, so the only passes over a chunk are its log_softmax and exp, and the rest costs a
+    handful of (N, D) ops for all chunks together (each parallel op costs a thread barrier, which
+    a busy machine makes expensive):
+        grad_h_i  = coef_i (p W)_i - k_i sum_j w_j W_j - s_i W[y_i]
+        grad_W   -= w (x) sum_i k_i h_i,  and s_i h_i at row y_i
+        grad_b   -= w sum_i k_i,          and s_i at y_i
     """
-    coef = gce * (a * wy + b * w_sum)
-    if z:
-        coef = coef + (2.0 * z) * lse * gz
-    torch.mm(p, w_work, out=gh)
-    gh.mul_(coef.unsqueeze(1))
-    grad_w.addmm_(p.t(), h * coef.unsqueeze(1))
-    if grad_b is not None:
-        grad_b.addmv_(p.t(), coef)
+    acc = grad_w.dtype
+    h = hidden.to(acc)
+    grad_h.mul_(coef_rows.unsqueeze(1))
     if b:
-        gh.addr_(gce, u, alpha=-b)
-    if a:
-        s_y = a * gce * wy
-        gh.addcmul_(s_y.unsqueeze(1), w_work[y], value=-1.0)
-        grad_w.index_add_(0, y, h * s_y.unsqueeze(1), alpha=-1.0)
+        w_vec = tg.class_weight if tg.class_weight is not None else torch.ones_like(grad_w[:, 0])
+        grad_h.addr_(gce, u, alpha=-b)
+        grad_w.addr_(w_vec, torch.mv(h.t(), gce), alpha=-b)
         if grad_b is not None:
-            grad_b.index_add_(0, y, s_y, alpha=-1.0)
+            grad_b.sub_(w_vec * (b * gce.sum()))
+    if a:
+        s_y = a * gce * tg.wy
+        grad_h.addcmul_(s_y.unsqueeze(1), w_work[tg.y], value=-1.0)
+        grad_w.index_add_(0, tg.y, h * s_y.unsqueeze(1), alpha=-1.0)
+        if grad_b is not None:
+            grad_b.index_add_(0, tg.y, s_y, alpha=-1.0)
