@@ -1,13 +1,17 @@
 """The fused LM head's chunk loop in torch ops: CPU, and float64 anywhere.
 
-Chunk logits are computed in the accumulation dtype (fp32; fp64 for fp64 input) and processed in
-cache-sized blocks of in-place elementwise ops. Without a softcap the gradient is factored through
-the softmax (:func:`_softmax_grads_finish`): a chunk costs a log_softmax and an exp pass, and the
-label and smoothing terms go through (N, D)-sized work once, after the chunk buffer is freed. Weight and bias gradients accumulate in the
-accumulation dtype, which is the weight's own on CPU's usual fp32.
+Chunk logits are computed in the accumulation dtype (fp32; fp64 for fp64 input). Without a
+softcap the gradient is factored through the softmax (:func:`_softmax_grads_finish`): a chunk
+costs a log_softmax and an exp pass in place, and the label and smoothing terms go through
+(N, D)-sized work once, after the chunk buffer is freed. With a softcap the gradient is written
+explicitly, over cache-sized blocks of in-place elementwise ops. Weight and bias gradients
+accumulate in the accumulation dtype, which is the weight's own on CPU's usual fp32.
 
-Layout, low to high: per-block math -> per-chunk drivers -> the chunk loop -> the deferred
-gradient terms.
+Every parallel op costs a thread barrier, which a busy machine makes expensive (a scheduler time
+slice when another process holds the cores), so a chunk runs as few ops as its math allows.
+
+Layout, low to high: per-chunk math (explicit over blocks; softmax-factored) -> the chunk loop ->
+the deferred gradient terms.
 """
 from __future__ import annotations
 
@@ -18,10 +22,10 @@ from torch import Tensor
 
 __all__ = ["torch_chunks"]
 
-# Elementwise passes run over blocks of about this many logits (16 MiB in fp32,
-# half a typical L3), so a block stays in cache across its passes (amax, softmax, amax without a
-# softcap; log_softmax, sum, exp, gradient with one). Blocks much smaller than this lose more to
-# per-op thread synchronisation than they gain in cache hits on a busy 2-core machine.
+# With a softcap, a chunk's dozen elementwise passes run over blocks of about this many logits
+# (16 MiB in fp32, half a typical L3), so a block stays in cache across them. Blocks much smaller
+# than this lose more to per-op thread synchronisation than they gain in cache hits on a busy
+# 2-core machine. (Without a softcap a chunk takes two passes, over the whole chunk at once.)
 _CE_BLOCK_ELEMENTS = 1 << 22
 
 
@@ -84,7 +88,7 @@ def _block_ce(
     return ce, z_rows
 
 
-def _block_softmax(
+def _chunk_softmax(
     x: Tensor,  # (R, V) logits in the acc dtype; overwritten with softmax(x), or log_softmax(x) without p
     y: Tensor,  # (R, 1) int64 labels, ignored / bad ones replaced by 0
     wy: Tensor,  # (R,) w[y_i]
@@ -94,7 +98,7 @@ def _block_softmax(
     a: float, b: float, c: float, z: float,
     p: bool,  # leave the softmax in x (for the gradient)
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """ce_i, z_i and lse_i of a block of rows without a softcap.
+    """ce_i, z_i and lse_i of a chunk of rows without a softcap.
 
     Two elementwise passes, one parallel op each: log_softmax in place, then (for the gradient) exp
     in place. lse = x_y - logp_y, and
@@ -113,19 +117,6 @@ def _block_softmax(
     if p:
         x.exp_()
     return ce, z_rows, lse
-
-
-def _chunk_softmax_torch(logits, start, tg, ce_rows, z_rows, lse_rows, sx, a, b, c, z, p):
-    """_block_softmax over cache-sized blocks of the chunk whose first row is ``start``; sx (C,) as
-    there, for the chunk's rows."""
-    rows, v = logits.shape
-    step = max(1, _CE_BLOCK_ELEMENTS // max(v, 1))
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        i0, i1 = start + r0, start + r1
-        ce_rows[i0:i1], z_rows[i0:i1], lse_rows[i0:i1] = _block_softmax(
-            logits[r0:r1], tg.y[i0:i1, None], tg.wy[i0:i1], tg.row_mask[i0:i1], tg.w_sum,
-            None if sx is None else sx[r0:r1], a, b, c, z, p)
 
 
 def _chunk_ce_torch(logits, start, tg, ce_rows, z_rows, a, b, c, z, softcap, gce, gz):
@@ -214,7 +205,8 @@ def torch_chunks(hidden, weight, bias, tg, ignore_index, a, b, c, z, softcap, lo
                 sx += wb
             if logit_scale != 1.0:
                 sx *= logit_scale
-        _chunk_softmax_torch(logits, start, tg, ce_rows, z_rows, lse_rows, sx, a, b, c, z, grads)
+        ce_rows[start:end], z_rows[start:end], lse_rows[start:end] = _chunk_softmax(
+            logits, tg.y[start:end, None], tg.wy[start:end], tg.row_mask[start:end], tg.w_sum, sx, a, b, c, z, grads)
         if grads:
             # Only the coef_i p_ij part per chunk (see _softmax_grads_finish).
             coef = gce[start:end] * (a * tg.wy[start:end] + b * tg.w_sum)
