@@ -113,6 +113,21 @@ def table(record: dict) -> str:
     return "\n".join(lines)
 
 
+def digest(record: dict) -> str:
+    """One line per problem: each method's time and, where the case counts bytes, its share of
+    the copy bandwidth; the methods without a number are left out. For a short report."""
+    lines = []
+    for (case, dtype, n, v, d, s), group in itertools.groupby(record["rows"], key=_group_key):
+        cells = []
+        for r in group:
+            if r["time_ms"]:
+                share = f" {100 * r['copy_share']:.0f}%" if r.get("copy_share") else ""
+                cells.append(f"{r['method']} {r['time_ms']:.3g}{share}")
+        shape = f"N={n} V={v}" + (f" D={d}" if d else "")
+        lines.append(f"[{case}] {shape} {dtype} ls={s:g}: " + (", ".join(cells) or "no numbers"))
+    return "\n".join(lines)
+
+
 def step_summary(record: dict) -> list[dict]:
     """For each step problem: each smoothce method against Inductor on the same inputs."""
     out = []
