@@ -109,3 +109,48 @@ def test_table_columns_stay_apart(benchmarks):
 def test_unknown_method_is_named(benchmarks, capsys):
     assert benchmarks.cli.main(["--device", "cpu", "--methods", "eagre", "--no-plots"]) == 2
     assert "eagre" in capsys.readouterr().err
+
+
+def _options(benchmarks_runner, **grid):
+    return benchmarks_runner.Options(
+        device="cpu", cases=("ce",), methods=None, quick=True, memory=False, compile_time=False,
+        min_run_time=0.01, grid_overrides={"ns": (64,), "vs": (128,), "d": None, "dtypes": None,
+                                           "smoothings": (0.0,), **grid})
+
+
+def test_inputs_are_rebuilt_after_a_method_that_writes_into_them(benchmarks):
+    import torch.nn.functional as F
+
+    from benchmarks import runner
+    from benchmarks.cases import Case
+    from benchmarks.cross_entropy import METHODS, ce_grid, make_inputs
+    from benchmarks.harness import Problem
+    from benchmarks.methods import Method
+    from benchmarks.progress import Progress
+
+    def overwriting(p):
+        def loss(logits, target):
+            out = F.cross_entropy(logits, target)
+            logits.data.zero_()  # as Liger leaves its gradient in the logits' buffer
+            return out
+
+        return loss
+
+    methods = {"overwriting": Method("overwriting", "writes into its input", overwriting, overwrites_inputs=True),
+               "eager": METHODS["eager"]}
+    case = Case("t", "test case", methods, ce_grid, make_inputs, METHODS["eager"])
+    p = Problem("t", 64, 128, None, "float32", 0.0, "cpu")
+    rows = runner.time_problem(case, p, list(methods.values()), _options(runner), Progress(2), {})
+    # The method after it ran on the original logits: it agrees with the reference taken before.
+    assert [(r["method"], r["check"]) for r in rows] == [("overwriting", "ok"), ("eager", "ok")]
+
+
+def test_a_run_leaves_its_rows_after_every_shape(benchmarks):
+    from benchmarks import runner
+
+    seen = []
+    opts = _options(runner, vs=(128, 256))
+    opts.methods = ("eager",)
+    record = runner.run(opts, checkpoint=lambda r: seen.append((len(r["rows"]), r["complete"])))
+    assert seen == [(1, False), (2, False)]
+    assert record["complete"] is True and len(record["rows"]) == 2
