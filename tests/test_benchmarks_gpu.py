@@ -17,7 +17,7 @@ def gpu():
     sys.path.insert(0, REPO_ROOT)
     try:
         import benchmarks.gpu.bundle
-        import benchmarks.gpu.check
+        import benchmarks.gpu.process
 
         yield benchmarks.gpu
     finally:
@@ -91,7 +91,7 @@ def test_a_phase_command_is_stopped_at_its_deadline(gpu, tmp_path):
 
     log = tmp_path / "phase.log"
     # The deadline has passed: the command gets the one-second minimum, then its group is ended.
-    rc = gpu.check.run([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"],
+    rc = gpu.process.run([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"],
                        str(log), time.monotonic())
     assert rc is None
     text = log.read_text()

@@ -34,7 +34,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
@@ -42,9 +41,8 @@ import time
 import xml.etree.ElementTree as ElementTree
 from typing import Callable
 
-from benchmarks.gpu import bundle
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.gpu.install import import_path, install
+from benchmarks.gpu.process import REPO_ROOT, run, status
 
 # Shapes of the benchmark phases on a GPU, as the issues that set the targets name them; --smoke
 # replaces them by tiny ones.
@@ -91,9 +89,9 @@ class Context:
         """The environment of the phases' processes: the installed packages first on the path;
         under --smoke, for the benchmarks, smoothce's Triton kernels in the interpreter."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg"}
-        installed = read_json(os.path.join(self.env_dir, "env.json"))
-        if installed:
-            env["PYTHONPATH"] = os.pathsep.join(installed["path"])
+        path = import_path(self.env_dir)
+        if path:
+            env["PYTHONPATH"] = os.pathsep.join(path)
         if self.smoke and kernels:
             env.update(TRITON_INTERPRET="1", SMOOTHCE_KERNEL="triton")
         return env
@@ -105,36 +103,6 @@ def read_json(path: str) -> dict | None:
             return json.load(f)
     except (OSError, ValueError):
         return None
-
-
-def run(cmd: list[str], log_path: str, deadline: float, env: dict | None = None) -> int | None:
-    """Run ``cmd`` from the repository root in its own process group, appending its output to
-    ``log_path``; the exit status, or None when it was stopped at the deadline."""
-    with open(log_path, "a") as log:
-        log.write("$ " + shlex.join(a if len(a) < 120 else a.strip()[:40] + "..." for a in cmd) + "\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            return proc.wait(timeout=max(deadline - time.monotonic(), 1))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            log.write("\n[stopped: time limit reached]\n")
-            return None
-        finally:
-            try:  # whatever the command left running in its group (compile workers, ...)
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-
-def _status(rc: int | None) -> str:
-    return "ok" if rc == 0 else ("stopped at its time limit" if rc is None else f"failed (exit {rc})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,50 +130,13 @@ for module in ("smoothce", "liger_kernel.transformers", "cut_cross_entropy", "qu
     except Exception as e: print("import", module, "FAILS:", type(e).__name__, str(e)[:200])
 """
 
-SITE_PATH_PROBE = """
-import json, site, sys
-before = list(sys.path)
-site.addsitedir(sys.argv[1])
-print(json.dumps([p for p in sys.path if p not in before]))
-"""
-
-
-def install(ctx: Context) -> dict:
-    log = ctx.log("install")
-    unpacked = bundle.unpack(ctx.wheels, os.path.join(ctx.env_dir, "wheels"))
-    dist = os.path.join(ctx.env_dir, "dist")
-    shutil.rmtree(dist, ignore_errors=True)
-    rc = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-              "--wheel-dir", dist, "."], log, ctx.deadline)
-    if rc != 0:
-        return {"status": f"building the project's wheel {_status(rc)}", "detail": log}
-    target = []
-    if unpacked.target:  # install the wheels for the interpreter they were fetched for
-        t = unpacked.target
-        target = ["--only-binary=:all:", "--python-version", t["python_version"], "--implementation",
-                  t["implementation"], *(a for p in t["platforms"] for a in ("--platform", p))]
-    site = os.path.join(ctx.env_dir, "site")
-    wheels = unpacked.wheels + [os.path.join(dist, f) for f in os.listdir(dist)]
-    rc = run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--no-compile", "--upgrade",
-              "--disable-pip-version-check", "--target", site, *target, *wheels], log, ctx.deadline)
-    if rc != 0:
-        return {"status": f"pip install {_status(rc)}", "detail": log}
-    # --target installs do not run the packages' .pth files: take the path entries they add here
-    # and hand them to every later process through PYTHONPATH.
-    probe = subprocess.run([sys.executable, "-c", SITE_PATH_PROBE, os.path.abspath(site)], capture_output=True,
-                           text=True, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
-    path = json.loads(probe.stdout) if probe.returncode == 0 else [os.path.abspath(site)]
-    with open(os.path.join(ctx.env_dir, "env.json"), "w") as f:
-        json.dump({"path": path, "wheels": [os.path.basename(w) for w in wheels], "missing": unpacked.missing}, f,
-                  indent=1)
-    run([sys.executable, "-c", ENVIRONMENT_PROBE], os.path.join(ctx.logs, "environment.log"), ctx.deadline,
-        ctx.child_env())
+def install_phase(ctx: Context) -> dict:
+    result = install(ctx.env_dir, ctx.wheels, ctx.log("install"), ctx.deadline)
+    environment = os.path.join(ctx.logs, "environment.log")
+    run([sys.executable, "-c", ENVIRONMENT_PROBE], environment, ctx.deadline, ctx.child_env())
     if shutil.which("nvidia-smi"):
-        run(["nvidia-smi"], os.path.join(ctx.logs, "environment.log"), ctx.deadline)
-    detail = f"{len(wheels)} wheels installed"
-    if unpacked.missing:
-        detail += "; not yet here: " + "; ".join(unpacked.missing)
-    return {"status": "ok", "detail": detail}
+        run(["nvidia-smi"], environment, ctx.deadline)
+    return result
 
 
 def tests(ctx: Context) -> dict:
@@ -227,7 +158,7 @@ def tests(ctx: Context) -> dict:
                   f"{counts['skipped']} skipped")
     except (OSError, ElementTree.ParseError):
         pass
-    return {"status": "some tests failed" if rc == 1 else _status(rc), "detail": detail}
+    return {"status": "some tests failed" if rc == 1 else status(rc), "detail": detail}
 
 
 def available_cases(ctx: Context) -> list[str]:
@@ -250,18 +181,18 @@ def benchmark(case: str) -> Callable[[Context], dict]:
         records = [os.path.join(ctx.results, f) for f in os.listdir(ctx.results)
                    if f.endswith(f"-{case}.json") and os.path.getmtime(os.path.join(ctx.results, f)) >= started]
         if not records:
-            return {"status": _status(rc), "detail": f"no record written; see {ctx.log(case)}"}
+            return {"status": status(rc), "detail": f"no record written; see {ctx.log(case)}"}
         record = max(records, key=os.path.getmtime)
         if rc != 0:  # the plots are drawn at the end of a run: draw them from the rows it finished
             run([sys.executable, "-m", "benchmarks", "--from-json", record], ctx.log(case),
                 time.monotonic() + 60, env)
-        return {"status": _status(rc), "detail": os.path.relpath(record, ctx.out), "record": record}
+        return {"status": status(rc), "detail": os.path.relpath(record, ctx.out), "record": record}
 
     return phase
 
 
 PHASES: dict[str, tuple[int, Callable[[Context], dict]]] = {  # name -> (budget in seconds, run)
-    "install": (120, install),
+    "install": (120, install_phase),
     "ce": (300, benchmark("ce")),
     "tests": (300, tests),
     "head": (240, benchmark("head")),
@@ -328,7 +259,7 @@ def main(argv=None) -> int:
                   started + args.budget - RESERVE_S)
     for folder in (ctx.results, ctx.logs, ctx.env_dir):
         os.makedirs(folder, exist_ok=True)
-    if "install" not in phases and not os.path.exists(os.path.join(ctx.env_dir, "env.json")):
+    if "install" not in phases and import_path(ctx.env_dir) is None:
         phases.insert(0, "install")  # a fresh machine: nothing installed by an earlier call
     done_path = os.path.join(out, "phases.json")
     done = read_json(done_path) or {}  # earlier calls' phases, kept in the summary
