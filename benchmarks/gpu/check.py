@@ -57,7 +57,8 @@ SMOKE_BENCH_ARGS = {  # CPU peak memory takes a fresh process per row: left out 
     "llama": ["--device", "cpu", "--quick", "--min-run-time", "0.01", "--no-memory"],
 }
 SMOKE_TESTS = ["tests/test_benchmarks_smoke.py"]
-RESERVE_S = 15  # kept back from the budget for the summary and the archive
+REDRAW_S = 30  # for drawing the plots of a benchmark stopped at its limit
+RESERVE_S = REDRAW_S + 15  # kept back from the budget: a redraw, the summary and the archive
 MIN_PHASE_S = 30  # a phase with less time than this left is skipped
 
 
@@ -130,6 +131,7 @@ for module in ("smoothce", "liger_kernel.transformers", "cut_cross_entropy", "qu
     except Exception as e: print("import", module, "FAILS:", type(e).__name__, str(e)[:200])
 """
 
+
 def install_phase(ctx: Context) -> dict:
     result = install(ctx.env_dir, ctx.wheels, ctx.log("install"), ctx.deadline)
     environment = os.path.join(ctx.logs, "environment.log")
@@ -167,6 +169,18 @@ def available_cases(ctx: Context) -> list[str]:
     return [line.split(":", 1)[0] for line in probe.stdout.splitlines() if line and not line.startswith(" ")]
 
 
+def records_of(case: str, folder: str, since: float) -> list[str]:
+    """The benchmark records of ``case`` alone written in ``folder`` since ``since``."""
+    out = []
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if name.endswith(".json") and os.path.getmtime(path) >= since:
+            config = (read_json(path) or {}).get("config") or {}
+            if config.get("cases") == [case]:
+                out.append(path)
+    return out
+
+
 def benchmark(case: str) -> Callable[[Context], dict]:
     def phase(ctx: Context) -> dict:
         if case not in available_cases(ctx):
@@ -178,14 +192,13 @@ def benchmark(case: str) -> Callable[[Context], dict]:
             cmd += ["--commit", ctx.commit]
         started = time.time()
         rc = run(cmd, ctx.log(case), ctx.deadline, env)
-        records = [os.path.join(ctx.results, f) for f in os.listdir(ctx.results)
-                   if f.endswith(f"-{case}.json") and os.path.getmtime(os.path.join(ctx.results, f)) >= started]
+        records = records_of(case, ctx.results, started)
         if not records:
             return {"status": status(rc), "detail": f"no record written; see {ctx.log(case)}"}
         record = max(records, key=os.path.getmtime)
         if rc != 0:  # the plots are drawn at the end of a run: draw them from the rows it finished
             run([sys.executable, "-m", "benchmarks", "--from-json", record], ctx.log(case),
-                time.monotonic() + 60, env)
+                time.monotonic() + REDRAW_S, env)
         return {"status": status(rc), "detail": os.path.relpath(record, ctx.out), "record": record}
 
     return phase
