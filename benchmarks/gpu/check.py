@@ -1,7 +1,8 @@
 """The one command for a lent GPU machine: install, test and measure, most valuable first.
 
     python3 -m benchmarks.gpu.check [--phases install,ce,tests,head,llama] [--budget 570]
-        [--out gpu-check] [--archive PATH.tar.gz] [--wheels .wheels] [--commit SHA] [--smoke]
+        [--phase-budgets tests=400] [--out gpu-check] [--archive PATH.tar.gz] [--wheels .wheels]
+        [--commit SHA] [--pytest-args ARGS] [--smoke]
 
 Run from the repository root with the machine's own python3 (torch, triton, transformers,
 matplotlib, pytest there); nothing is fetched. Phases, in the default order:
@@ -253,6 +254,9 @@ def main(argv=None) -> int:
     ap.add_argument("--phases", default="install,ce,tests,head,llama",
                     help=f"comma list, run in this order (default: %(default)s); known: {', '.join(PHASES)}")
     ap.add_argument("--budget", type=float, default=570, help="seconds for all phases together (default: %(default)s)")
+    ap.add_argument("--phase-budgets", default="",
+                    help="seconds per phase instead of the defaults, e.g. tests=600,ce=400 (defaults: "
+                         + ", ".join(f"{name}={budget}" for name, (budget, _) in PHASES.items()) + ")")
     ap.add_argument("--out", default="gpu-check", help="results, logs and the install (default: %(default)s)")
     ap.add_argument("--archive", default=None, help="also write <out> as this .tar.gz after every phase")
     ap.add_argument("--wheels", default=".wheels", help="the bundle of parts (default: %(default)s)")
@@ -262,7 +266,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     started = time.monotonic()
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
-    unknown = [p for p in phases if p not in PHASES]
+    budgets = {name: budget for name, (budget, _) in PHASES.items()}
+    try:
+        given = dict(item.split("=") for item in args.phase_budgets.split(",") if item.strip())
+        budgets.update({name.strip(): float(seconds) for name, seconds in given.items()})
+    except ValueError:
+        print(f"error: --phase-budgets {args.phase_budgets!r}: expected name=seconds,...", file=sys.stderr)
+        return 2
+    unknown = [p for p in phases + list(budgets) if p not in PHASES]
     if unknown:
         print(f"error: unknown phase(s) {unknown}; choose from {', '.join(PHASES)}", file=sys.stderr)
         return 2
@@ -277,9 +288,9 @@ def main(argv=None) -> int:
     done_path = os.path.join(out, "phases.json")
     done = read_json(done_path) or {}  # earlier calls' phases, kept in the summary
     for name in phases:
-        budget, phase = PHASES[name]
+        budget, phase = budgets[name], PHASES[name][1]
         left = ctx.deadline - time.monotonic()
-        print(f"== {name}: budget {budget} s, {left:.0f} s left", flush=True)
+        print(f"== {name}: budget {budget:.0f} s, {left:.0f} s left", flush=True)
         t0 = time.monotonic()
         if left < MIN_PHASE_S:
             result = {"status": "skipped", "detail": f"{left:.0f} s left of --budget"}
