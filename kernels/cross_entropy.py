@@ -160,9 +160,14 @@ def _backward(ctx, grad_loss, grad_z, grad_grad):
     # Eager: in place, so the stored gradient becomes the logits' gradient and backward allocates
     # no second N x C buffer. A second backward through the same graph raises (version counter)
     # instead of scaling twice.
-    if grad.device.type == "cpu" and ctx.reduction != "none" and grad_loss.item() == 1.0:
-        # loss.backward(): scaling by 1 would be a whole pass over the gradient for nothing (on
-        # CPU, reading the scale is no device sync). The version moves as mul_ would move it.
+    # loss.backward() scales by 1: a whole pass over the gradient for nothing, so it is skipped
+    # (on CPU reading the scale is no device sync; on CUDA the kernel reads it on the device).
+    if ctx.reduction != "none" and grad.device.type == "cuda":
+        from smoothce.kernels.cross_entropy_triton import scale_in_place
+
+        torch.autograd.graph.increment_version(scale_in_place(grad, grad_loss))  # as mul_ would
+        return (grad,) + rest
+    if ctx.reduction != "none" and grad.device.type == "cpu" and grad_loss.item() == 1.0:
         torch.autograd.graph.increment_version(grad)
         return (grad,) + rest
     return (grad.mul_(scale),) + rest

@@ -14,7 +14,7 @@ that needs no host sync; such a label is never dereferenced). uniform_on is labe
 row's entry of uniform_rows.
 
 Layout, low to high: jit helpers -> the three modes (tiles of rows in one or two passes; split
-rows) -> the kernel -> autotuned versions -> the launcher. Which mode and block sizes run where
+rows) -> the kernel -> autotuned versions -> the backward's scaling -> the launcher. Which mode and block sizes run where
 is the tuning table's business (kernels/cross_entropy_tuning.py).
 """
 
@@ -479,6 +479,38 @@ def _grid(N, C, S, rows_along_s, sms, meta):
     if meta["PROGRAMS_PER_SM"]:
         tiles = min(tiles, sms * meta["PROGRAMS_PER_SM"])
     return (tiles,)
+
+
+@triton.jit
+def _scale_kernel(
+    g_ptr,  # (numel,) the gradient's storage, dense
+    s_ptr,  # () the scale (grad_output), on the device
+    numel,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # g *= s, and nothing at all when s == 1: loss.backward() then costs no pass over the gradient
+    # (deciding that on the host would wait for the device).
+    s = tl.load(s_ptr).to(ACC)
+    if s != 1.0:
+        for start in range(tl.program_id(0) * BLOCK, numel, tl.num_programs(0) * BLOCK):
+            offs = tl.cast(start, tl.int64) + tl.arange(0, BLOCK)
+            mask = offs < numel
+            g = tl.load(g_ptr + offs, mask=mask)
+            tl.store(g_ptr + offs, (g.to(ACC) * s).to(g_ptr.dtype.element_ty), mask=mask)
+
+
+def scale_in_place(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """grad *= scale (a 0-d tensor on grad's device) in place, skipped on the device when scale is 1.
+    grad must be dense (what empty_like of the logits gives), in any layout."""
+    numel = grad.numel()
+    if numel:
+        flat = grad.as_strided((numel,), (1,), grad.storage_offset())
+        block = 4096
+        programs = min(triton.cdiv(numel, block), 8 * _sm_count(grad.device))
+        acc = tl.float64 if grad.dtype == torch.float64 else tl.float32
+        _scale_kernel[(programs,)](flat, scale, numel, ACC=acc, BLOCK=block, num_warps=8)
+    return grad
 
 
 # --------------------------------------------------------------------------------------------

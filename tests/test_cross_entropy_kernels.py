@@ -277,3 +277,42 @@ def test_gpu_int64_offsets_past_2_pow_31_elements(variant, name):
     (gr,) = torch.autograd.grad(ref.sum(), x64)
     torch.testing.assert_close(out.detach()[rows].double().cpu(), ref.detach(), **TOL[torch.bfloat16])
     torch.testing.assert_close(g[rows].double().cpu(), gr, atol=1e-3, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1.0, -2.5])
+def test_backward_scaling(device, dtype, scale):
+    # Backward's in-place grad *= grad_output, read on the device and skipped when it is 1; on a
+    # permuted (dense) gradient, over several blocks per program.
+    from smoothce.kernels.cross_entropy_triton import scale_in_place
+
+    torch.manual_seed(5)
+    g = torch.randn(70, 130, device=device).to(dtype).t()
+    expected = (g.float() * scale).to(dtype)
+    out = scale_in_place(g, torch.tensor(scale, device=device))
+    assert out is g
+    # the product in fp32, rounded once (the interpreter's bf16 rounding may differ by an ulp)
+    torch.testing.assert_close(g, expected, rtol=2**-7 if dtype == torch.bfloat16 else 0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["triton", "torch"])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_gpu_no_host_sync(monkeypatch, path, reduction):
+    # Forward and backward never wait for the device (the first call may: compiling, tuning).
+    monkeypatch.setenv("SMOOTHCE_KERNEL", path)
+    x = torch.randn(64, 1000, device="cuda", requires_grad=True)
+    y = torch.randint(0, 1000, (64,), device="cuda")
+    y[::5] = -100
+
+    def step():
+        loss = fused_cross_entropy(x, y, label_smoothing=0.1, z_loss=1e-4, reduction=reduction)
+        loss.backward(torch.ones_like(loss))
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
