@@ -11,14 +11,14 @@ y_i, class weights w (ones when None), lse_i = logsumexp_j x_ij:
 Rows are processed in chunks (see :func:`chunk_rows`). Per chunk the op computes the chunk's logits
 into one reused buffer, the per-row loss and, in the same buffer, d(loss)/d(logits); two GEMMs turn
 that into the chunk's rows of grad_hidden and its contribution to grad_weight. Two chunk loops do
-this: kernels/linear_cross_entropy_triton.py on CUDA (the Triton kernel of kernels/cross_entropy.py
-on chunk logits in the input dtype; the weight gradient accumulates in its own buffer and dtype, and
-that module says how precise it stays), kernels/linear_cross_entropy_torch.py on CPU and for float64
-(fp32 chunk logits, cache-sized blocks of torch ops). For 'sum' / 'mean' the loss is a scalar, so
-backward only scales the stored gradients by grad_output, over themselves. For 'none' every row has
-its own grad_output, which cannot be folded into a precomputed grad_weight: forward then computes
-the loss only and backward recomputes the chunks with the per-row grad_output (one extra head GEMM
-per chunk, still no full logits).
+this: kernels/linear_cross_entropy_triton.py on CUDA (the Triton kernel of
+kernels/cross_entropy_triton.py on chunk logits in the input dtype; the weight gradient accumulates
+in its own buffer and dtype, and that module says how precise it stays), and
+kernels/linear_cross_entropy_torch.py on CPU and for float64 (fp32 chunk logits, few torch ops per
+chunk). For 'sum' / 'mean' the loss is a scalar, so backward only scales the stored gradients by
+grad_output, over themselves. For 'none' every row has its own grad_output, which cannot be folded
+into a precomputed grad_weight: forward then computes the loss only and backward recomputes the
+chunks with the per-row grad_output (one extra head GEMM per chunk, still no full logits).
 
 Budget on a GPU, at N = 16384 tokens, D = 4096, V = 131072, bf16 (an H100 SXM: cuBLAS about
 790 TFLOP/s on these GEMMs, 3.02 TB/s device-to-device copy). A prediction, to be measured:
@@ -43,21 +43,29 @@ ops (with fakes) -> autograd -> the public functional.
 """
 from __future__ import annotations
 
-import math
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from smoothce.kernels.checks import check_labels_on_cpu
+from smoothce.kernels.inputs import (
+    FLOAT_DTYPES,
+    Labels,
+    acc_dtype,
+    check_dtype,
+    check_labels,
+    check_labels_on_cpu,
+    check_loss_dtype,
+    check_per_class,
+    check_same_device,
+    check_tensors,
+    kernel_choice,
+)
 from smoothce.kernels.form import LossForm
 from smoothce.kernels.linear_cross_entropy_torch import torch_chunks
 
 __all__ = ["chunk_rows", "fused_linear_cross_entropy"]
 
-_REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -88,72 +96,31 @@ def chunk_rows(n: int, v: int, d: int, itemsize: int) -> int:
     return min(n, rows // 8 * 8)
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-class _Targets:
-    """Label-derived per-row quantities, computed once before the chunk loop (no host sync)."""
-
-    def __init__(self, target, class_weight, ignore_index, v, acc):
-        self.target = target
-        self.valid = target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
-        in_range = (target >= 0) & (target < v)
-        self.y = torch.where(self.valid & in_range, target, 0).long()
-        # 1 for counted rows, 0 for ignored ones, nan for labels out of range (a loud loss without a
-        # sync; on CPU those raise before we get here).
-        self.row_mask = torch.where(self.valid, torch.where(in_range, 1.0, math.nan), 0.0).to(acc)
-        self.class_weight = None if class_weight is None else class_weight.to(acc)
-        if self.class_weight is None:
-            self.wy = self.valid.to(acc)
-            self.w_sum = float(v)
-        else:
-            self.wy = torch.where(self.valid, self.class_weight[self.y], 0.0)
-            self.w_sum = self.class_weight.sum()
-        self.count = self.valid.sum(dtype=acc)
-        self.wy_sum = self.wy.sum() if class_weight is not None else self.count
-
-
 def _chunk_loop(hidden: Tensor):
     """The chunk loop that runs for these tensors, and the bytes of one logit in its chunks."""
-    if hidden.device.type == "cuda" or os.environ.get("SMOOTHCE_KERNEL"):  # else: no triton import on CPU
-        from smoothce.kernels.cross_entropy import kernel_choice
+    if kernel_choice(hidden) == "triton":
+        from smoothce.kernels.linear_cross_entropy_triton import triton_chunks
 
-        if kernel_choice(hidden) == "triton":
-            from smoothce.kernels.linear_cross_entropy_triton import triton_chunks
-
-            return triton_chunks, hidden.element_size()
-    return torch_chunks, _acc_dtype(hidden.dtype).itemsize
+        return triton_chunks, hidden.element_size()
+    return torch_chunks, acc_dtype(hidden.dtype).itemsize
 
 
 def _forward(hidden, weight, bias, target, class_weight, ignore_index, reduction, a, b, c, z, softcap,
              logit_scale, compute_grad, rows, loss_dtype):
     n, d = hidden.shape
     v = weight.shape[0]
-    acc = _acc_dtype(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     if hidden.device.type == "cpu":
         check_labels_on_cpu(target, v, ignore_index)
-    tg = _Targets(target, class_weight, ignore_index, v, acc)
-    scales = None
+    tg = Labels(target, class_weight, ignore_index, v, acc)
     # 'none' cannot use forward-time gradients (see module docstring): its backward recomputes.
-    if compute_grad and reduction != 0:
-        one = torch.ones((), dtype=acc, device=hidden.device)
-        # 'mean' divisors come from the labels alone, before the chunk loop. All rows ignored: 1 / 0,
-        # kept off the gradient by the valid mask (0 gradient, nan loss, as PyTorch).
-        scales = torch.stack([one / tg.wy_sum, one / tg.count]) if reduction == 2 else torch.stack([one, one])
+    # 'mean' divisors come from the labels alone, before the chunk loop.
+    scales = tg.scales(reduction) if compute_grad and reduction != "none" else None
     chunks, itemsize = _chunk_loop(hidden)
     ce_rows, z_rows, grad_h, grad_w, grad_b = chunks(
         hidden, weight, bias, tg, ignore_index, a, b, c, z, softcap, logit_scale, scales, None,
         rows or chunk_rows(n, v, d, itemsize))
-
-    if reduction == 0:
-        loss, z_term = ce_rows + z_rows, z_rows
-    elif reduction == 1:
-        z_term = z_rows.sum()
-        loss = ce_rows.sum() + z_term
-    else:
-        z_term = z_rows.sum() / tg.count if z else z_rows.sum()
-        loss = ce_rows.sum() / tg.wy_sum + z_term  # every row ignored: 0 / 0 = nan, as PyTorch
+    loss, z_term = tg.reduce(ce_rows, z_rows, reduction, z)
     loss, z_term = loss.to(loss_dtype), z_term.to(loss_dtype)
     if scales is None:
         return loss, z_term, hidden.new_empty(0), weight.new_empty(0), weight.new_empty(0)
@@ -164,13 +131,11 @@ def _backward_rows(grad_loss, hidden, weight, bias, target, class_weight, ignore
                    logit_scale, rows):
     n, d = hidden.shape
     v = weight.shape[0]
-    acc = _acc_dtype(hidden.dtype)
-    tg = _Targets(target, class_weight, ignore_index, v, acc)
-    one = torch.ones((), dtype=acc, device=hidden.device)
+    tg = Labels(target, class_weight, ignore_index, v, acc_dtype(hidden.dtype))
     chunks, itemsize = _chunk_loop(hidden)
     _, _, grad_h, grad_w, grad_b = chunks(
-        hidden, weight, bias, tg, ignore_index, a, b, 0.0, z, softcap, logit_scale, torch.stack([one, one]),
-        grad_loss.to(acc), rows or chunk_rows(n, v, d, itemsize))
+        hidden, weight, bias, tg, ignore_index, a, b, 0.0, z, softcap, logit_scale, tg.scales("sum"),
+        grad_loss.to(tg.acc), rows or chunk_rows(n, v, d, itemsize))
     return grad_h, grad_w, weight.new_empty(0) if grad_b is None else grad_b
 
 
@@ -213,7 +178,7 @@ def linear_cross_entropy_op(
     grad_bias empty without bias."""
     form, (a, b, c) = _form_and_coefficients(ignore_index, reduction, label_smoothing, smoothing, scale, kl,
                                              z_loss, softcap, logit_scale, uniform_rows, weight.shape[0])
-    return _forward(hidden, weight, bias, target, class_weight, ignore_index, _REDUCTIONS[reduction], a, b, c,
+    return _forward(hidden, weight, bias, target, class_weight, ignore_index, reduction, a, b, c,
                     form.z_loss, form.softcap or 0.0, form.logit_scale, compute_grad, chunk_size,
                     loss_dtype or hidden.dtype)
 
@@ -285,6 +250,21 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(*output[2:])
 
 
+def _scale_in_place(grad: Tensor, scale: Tensor) -> Tensor:
+    """grad *= scale (0-d) in place, as mul_ would (version counter included), with no pass at all
+    for loss.backward()'s scale of 1: on CUDA the cross-entropy op's scaling kernel decides that on
+    the device, in fp32; on CPU reading the scale is no sync."""
+    if grad.device.type == "cuda":
+        from smoothce.kernels.cross_entropy_triton import scale_in_place
+
+        torch.autograd.graph.increment_version(scale_in_place(grad, scale))
+        return grad
+    if scale.device.type == "cpu" and scale.item() == 1.0:
+        torch.autograd.graph.increment_version(grad)
+        return grad
+    return grad.mul_(scale)
+
+
 def _backward(ctx, grad_loss, grad_z_term, *_unused):
     if grad_loss is None:  # only the non-differentiable outputs were used
         return (None,) * _OP_ARGS
@@ -306,10 +286,9 @@ def _backward(ctx, grad_loss, grad_z_term, *_unused):
             grad_h, grad_w, grad_b = ((t.to(grad_loss.dtype) * grad_loss).to(t.dtype) for t in saved)
         else:
             # Eager: in place, so the stored gradients become the parameters' gradients and backward
-            # allocates no second (V, D) buffer. grad_output is rounded to the gradients' dtype
-            # first (exact for the usual 1.0). A second backward through the same graph raises
+            # allocates no second (V, D) buffer. A second backward through the same graph raises
             # (version counter) instead of scaling twice.
-            grad_h, grad_w, grad_b = (t.mul_(grad_loss) for t in saved)
+            grad_h, grad_w, grad_b = (_scale_in_place(t, grad_loss) for t in saved)
     return (grad_h, grad_w, grad_b if ctx.has_bias else None) + (None,) * (_OP_ARGS - 3)
 
 
@@ -353,12 +332,9 @@ def fused_linear_cross_entropy(
     :func:`chunk_rows`). With ``return_z_loss`` returns ``(loss, z_term)``, z_term being the
     (non-differentiable) z-loss part.
     """
-    form = LossForm(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-                    smoothing=smoothing, scale=scale, kl=kl, z_loss=z_loss, softcap=softcap,
-                    logit_scale=logit_scale)
-    if not isinstance(hidden, Tensor) or not isinstance(weight, Tensor) or not isinstance(target, Tensor):
-        raise TypeError("smoothce: hidden, weight and target must be tensors, got "
-                        f"{type(hidden).__name__}, {type(weight).__name__}, {type(target).__name__}")
+    form = LossForm(ignore_index, reduction, label_smoothing, smoothing, scale, kl, z_loss, softcap, logit_scale)
+    check_tensors(hidden=hidden, weight=weight, target=target)
+    check_dtype("hidden", hidden, FLOAT_DTYPES, "float16, bfloat16, float32 or float64")
     if hidden.dim() < 1:
         raise ValueError("smoothce: hidden must have shape (..., D), got a 0-d tensor")
     if weight.dim() != 2:
@@ -367,15 +343,9 @@ def fused_linear_cross_entropy(
     if hidden.shape[-1] != d:
         raise ValueError(f"smoothce: hidden's last dim must equal weight's D = {d}: hidden {tuple(hidden.shape)}, "
                          f"weight {tuple(weight.shape)}")
-    if target.shape != hidden.shape[:-1]:
-        raise ValueError(f"smoothce: target must have shape {tuple(hidden.shape[:-1])} (hidden without its last "
-                         f"dim), got {tuple(target.shape)}")
-    if hidden.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"smoothce: hidden must be float16, bfloat16, float32 or float64, got {hidden.dtype}")
+    check_labels(target, hidden.shape[:-1], f"hidden shape {tuple(hidden.shape)} without its last dim")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"smoothce: weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
-    if target.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"smoothce: target must hold class indices as int64 or int32, got {target.dtype}")
     if bias is not None:
         if not isinstance(bias, Tensor) or bias.shape != (v,):
             raise ValueError(f"smoothce: bias must have shape ({v},), got "
@@ -383,20 +353,12 @@ def fused_linear_cross_entropy(
         if bias.dtype != hidden.dtype:
             raise TypeError(f"smoothce: bias dtype {bias.dtype} must equal hidden dtype {hidden.dtype}")
     if class_weight is not None:
-        if not isinstance(class_weight, Tensor) or class_weight.shape != (v,):
-            raise ValueError(f"smoothce: class_weight must have shape ({v},), got "
-                             f"{tuple(class_weight.shape) if isinstance(class_weight, Tensor) else class_weight!r}")
-        if not class_weight.is_floating_point():
-            raise TypeError(f"smoothce: class_weight must be floating point, got {class_weight.dtype}")
-    tensors = [hidden, weight, target] + [t for t in (bias, class_weight) if t is not None]
-    devices = {t.device for t in tensors}
-    if len(devices) != 1:
-        raise ValueError(f"smoothce: all tensors must be on one device, got {sorted(map(str, devices))}")
+        check_per_class("class_weight", class_weight, v)
+    check_same_device("hidden", hidden=hidden, weight=weight, target=target, bias=bias, class_weight=class_weight)
     if uniform_rows is not None:
         raise ValueError("smoothce: fused_linear_cross_entropy does not take uniform_rows yet; "
                          "use fused_cross_entropy on the logits")
-    if loss_dtype is not None and (not isinstance(loss_dtype, torch.dtype) or not loss_dtype.is_floating_point):
-        raise TypeError(f"smoothce: loss_dtype={loss_dtype!r} must be None or a floating point dtype")
+    check_loss_dtype(loss_dtype)
     if chunk_size is None:
         chunk_size = 0
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from smoothce.kernels.cross_entropy import launch_cross_entropy
+from smoothce.kernels.cross_entropy_triton import launch_cross_entropy
 
 __all__ = ["triton_chunks"]
 
