@@ -19,6 +19,7 @@ from benchmarks.methods import Method
 CASE_MODULES = (
     "benchmarks.cross_entropy",
     "benchmarks.linear_cross_entropy",
+    "benchmarks.llama",
 )
 
 

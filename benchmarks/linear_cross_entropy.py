@@ -18,6 +18,7 @@ from benchmarks.methods import (
     compile_module,
     has_module,
     liger_unavailable,
+    peer_unavailable,
     smoothce_backend_unavailable,
     smoothce_rewrites,
 )
@@ -75,6 +76,19 @@ def _liger(p: Problem):
     return lambda h, w, y: loss(w, h, y)
 
 
+def _cce(p: Problem):
+    from cut_cross_entropy import linear_cross_entropy
+
+    # embeddings (N, D), classifier (V, D); mean over the rows whose label is not -100, its default
+    return lambda h, w, y: linear_cross_entropy(h, w, y)
+
+
+def _cce_unavailable(p: Problem) -> str | None:
+    if p.smoothing:
+        return "n/a (no label smoothing)"
+    return peer_unavailable("cut_cross_entropy", p)
+
+
 METHODS = {
     m.name: m
     for m in (
@@ -112,6 +126,7 @@ METHODS = {
             diagnose=_torch_linear_ce_diagnose,
         ),
         Method("liger", "Liger-Kernel fused linear CE", _liger, unavailable=liger_unavailable),
+        Method("cce", "Cut Cross-Entropy", _cce, unavailable=_cce_unavailable),
     )
 }
 
