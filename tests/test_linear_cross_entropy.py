@@ -422,7 +422,7 @@ def test_step_holds_one_chunk_above_its_gradients(device, reduction, bias):
     # A training step (forward and backward) holds the gradients it returns, one chunk of logits and
     # per-row vectors: no full-size logits, no (V, D) accumulator or copy, no second gradient buffer
     # in backward (the stored gradients are scaled in place and become .grad).
-    n, d, v, rows = 64, 32, 512, 8  # fp32: logits 128 KiB, grad_weight 64 KiB, one chunk 16 KiB
+    n, d, v, rows = 32, 32, 2048, 8  # fp32: logits 256 KiB, grad_weight 256 KiB, one chunk 64 KiB
     h, w, b, t = make(dtype=torch.float32, n=n, d=d, v=v, bias=bias, device=device)
     go = torch.rand(n, device=device) if reduction == "none" else torch.tensor(0.5, device=device)
 
@@ -440,7 +440,8 @@ def test_step_holds_one_chunk_above_its_gradients(device, reduction, bias):
     peak = step_peak_bytes(step, device)
     gradients = 4 * (v * d + n * d + (v if bias else 0))
     chunk = 4 * rows * v
-    vectors = 128 * n + 8 * v  # labels and per-row results; per-class bias sums
+    # labels and per-row results, per-class bias sums; CUDA's allocator rounds each tensor to 512 B
+    vectors = 128 * n + 8 * v + (32 * 512 if device.type == "cuda" else 0)
     assert gradients + chunk <= peak <= gradients + chunk + vectors
 
 
