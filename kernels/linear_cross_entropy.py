@@ -29,14 +29,16 @@ Budget on a GPU, at N = 16384 tokens, D = 4096, V = 131072, bf16 (an H100 SXM: c
             (18 x 896 + 256). Per-row results and label vectors: under 1 MiB. Total 225 MiB above
             the floor (the promise: at most 256 MiB). No (V, D) accumulator, no final copy.
     time    GEMMs 6 N D V = 5.3e13 flop: 66.8 ms. Cross-entropy of the chunks, one read and one
-            write of N V bf16 = 8.6 GB: 2.8 ms at copy speed, 4.3 ms at 66 % of it (a plain
-            two-pass kernel), 10 ms at 28 % (today's kernel). grad_weight accumulated chunk by
-            chunk: chunks 2..K read and write it, 18 x 2 GiB = 38.7 GB, 12.8 ms if it ran alone;
-            the accumulating GEMM does R / 2 = 448 flop per byte of it, above the 262 flop/B where
-            the H100 turns compute-bound, so most of it hides under the GEMM: 2-4 ms. Backward
-            scaling by grad_output (in place, 2.4 GB): 0.8 ms. Predicted step: about 75 ms with a
-            CE kernel at 66 % of copy, 81 ms with today's; Inductor's unfused step measured 93.6 /
-            85.0 ms (eps 0 / 0.1), Liger's fused one 97.1 / 95.4 ms.
+            write of N V bf16 = 8.6 GB: 2.8 ms at copy speed, 4.3 ms at 66 % of it (what
+            kernels/cross_entropy_tuning.py predicts of its two-pass variant at V >= 128K), 10 ms at
+            the 28 % the earlier kernel measured. grad_weight accumulated chunk by chunk: chunks
+            2..K read and write it, 18 x 2 GiB = 38.7 GB, 12.8 ms if it ran alone; the accumulating
+            GEMM does R / 2 = 448 flop per byte of it, above the 262 flop/B where the H100 turns
+            compute-bound, so most of it hides under the GEMM: 2-4 ms. Backward scaling by
+            grad_output: nothing for loss.backward()'s 1 (decided on the device), else in place,
+            2.4 GB, 0.8 ms. Predicted step: about 74 ms with the two-pass kernel at 66 % of copy,
+            80 ms at 28 %; Inductor's unfused step measured 93.6 / 85.0 ms (eps 0 / 0.1), Liger's
+            fused one 97.1 / 95.4 ms.
 
 Layout, low to high: chunk rule -> forward and backward over a chunk loop -> ``smoothce::`` custom
 ops (with fakes) -> autograd -> the public functional.
