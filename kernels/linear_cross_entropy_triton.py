@@ -11,8 +11,9 @@ Per chunk of R rows, with every buffer in the input dtype (bf16 below) and every
     grad_bias     += sum of g's rows                 an fp32 (V,) accumulator, rounded once
 
 so the op holds one chunk of logits above the gradients it returns, nothing of size (V, D) or
-(N, V) besides. logit_scale and the softcap are applied inside the kernel, in fp32, to the logits
-F.linear would have produced.
+(N, V) besides. (The first step at a new shape holds one chunk more while the kernel's autotuner
+tries its variants on a copy of the logits it overwrites.) logit_scale and the softcap are applied
+inside the kernel, in fp32, to the logits F.linear would have produced.
 
 Precision of grad_weight. A fp32 (V, D) accumulator would cost twice the weight's bytes (2 GiB
 for a 131072 x 4096 bf16 head, eight times the op's whole budget above its outputs), so the
