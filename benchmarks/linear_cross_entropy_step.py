@@ -14,8 +14,9 @@ Every method runs in a fresh subprocess. Peak memory is the RSS high-water mark 
 minus the RSS before it: warm-up steps (compilation) first, then the high-water mark is reset
 through /proc/self/clear_refs. glibc's mmap threshold is pinned so freed buffers go back to the
 OS and the high-water mark tracks live memory (otherwise a step could reuse pages freed by the
-warm-up and look smaller than it is). Time is the median of several steps in other processes
-with the default allocator; methods alternate over rounds and the best round counts.
+warm-up and look smaller than it is). Time: several steps per process in other processes, with
+the default allocator; methods alternate over rounds. Reported: the best round's median, and the
+median and interquartile range of all timed steps, with the load average before and after.
 """
 from __future__ import annotations
 
@@ -128,22 +129,27 @@ def main(argv=None):
     print(f"step: Linear({args.d} -> {args.v}, no bias) + CE(label_smoothing={args.eps}), N = {args.n}; "
           f"fp32 logits would be {logits_mib:.0f} MiB")
     methods = args.methods.split(",")
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     peaks = {m: _spawn(m, args, "memory")["peak_mib"] for m in methods}
-    # Time: methods alternate over rounds and each keeps its best round's median, so a busy
-    # machine slows every method alike instead of whichever ran during the busy minute.
-    times, losses = {m: math.inf for m in methods}, {}
+    # Time: methods alternate over rounds, so a busy minute slows every method alike. Reported: the
+    # best round's median (the least disturbed), and the median and interquartile range of every
+    # timed step of every round (what a shared machine typically gives).
+    best, samples, losses = {m: math.inf for m in methods}, {m: [] for m in methods}, {}
     for _ in range(args.rounds):
         for m in methods:
             out = _spawn(m, args, "time")
-            times[m] = min(times[m], out["time_s"])
+            best[m] = min(best[m], out["time_s"])
+            samples[m] += out["times_s"]
             losses[m] = out["loss"]
-    rows = {m: (peaks[m], times[m], losses[m]) for m in methods}
-    base_peak, base_time, base_loss = rows.get("inductor", next(iter(rows.values())))
-    print(f"{'method':<15}{'peak MiB':>10}{'vs inductor':>13}{'time s':>9}{'vs inductor':>13}{'loss':>12}")
-    for method, (peak, t, loss) in rows.items():
-        print(f"{method:<15}{peak:>10.1f}{peak / base_peak:>12.1%}{t:>9.3f}{t / base_time:>12.2f}x"
-              f"{loss:>12.6f}")
-
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    typical = {m: statistics.quantiles(samples[m], n=4, method="inclusive") for m in methods}
+    base = "inductor" if "inductor" in methods else methods[0]
+    print(f"{'method':<15}{'peak MiB':>10}{'vs ' + base:>13}{'best s':>9}{'vs ' + base:>13}"
+          f"{'median s':>10}{'IQR s':>14}{'vs ' + base:>13}{'loss':>12}")
+    for m in methods:
+        q1, median, q3 = typical[m]
+        print(f"{m:<15}{peaks[m]:>10.1f}{peaks[m] / peaks[base]:>12.1%}{best[m]:>9.3f}{best[m] / best[base]:>12.2f}x"
+              f"{median:>10.3f}{f'{q1:.3f}-{q3:.3f}':>14}{median / typical[base][1]:>12.2f}x{losses[m]:>12.6f}")
 
 if __name__ == "__main__":
     main()
