@@ -150,7 +150,8 @@ def torch_chunks(hidden, weight, bias, tg, ignore_index, a, b, c, z, softcap, lo
     grad_h = grad_w = grad_b = None
     if grads:
         grad_h = torch.empty(n, d, dtype=hidden.dtype, device=dev)
-        grad_w = torch.zeros(v, d, dtype=acc, device=dev)
+        # written by the first chunk's GEMM, accumulated into by the others
+        grad_w = torch.empty(v, d, dtype=acc, device=dev) if n else torch.zeros(v, d, dtype=acc, device=dev)
         grad_b = torch.zeros(v, dtype=acc, device=dev) if bias is not None else None
         scales = scales * logit_scale  # chain through logits = logit_scale * (hidden @ weight.T + bias)
         gce = torch.where(tg.valid, scales[0] * tg.row_mask, 0.0)
@@ -192,7 +193,7 @@ def torch_chunks(hidden, weight, bias, tg, ignore_index, a, b, c, z, softcap, lo
                     torch.mm(logits, w_work, out=grad_h[start:end])
                 else:
                     grad_h[start:end].copy_(torch.mm(logits, w_work))
-                grad_w.addmm_(logits.t(), h)
+                torch.addmm(grad_w, logits.t(), h, beta=1.0 if start else 0.0, out=grad_w)
                 if grad_b is not None:
                     grad_b += logits.sum(dim=0)
             continue
@@ -214,7 +215,7 @@ def torch_chunks(hidden, weight, bias, tg, ignore_index, a, b, c, z, softcap, lo
                 coef = coef + (2.0 * z) * lse_rows[start:end] * gz[start:end]
             coef_rows[start:end] = coef
             torch.mm(logits, w_work, out=gh_acc[start:end])
-            grad_w.addmm_(logits.t(), h * coef.unsqueeze(1))
+            torch.addmm(grad_w, logits.t(), h * coef.unsqueeze(1), beta=1.0 if start else 0.0, out=grad_w)
             if grad_b is not None:
                 grad_b.addmv_(logits.t(), coef)
     buf = logits = None  # the finish's (N, D) temporaries take the chunk's place, not more

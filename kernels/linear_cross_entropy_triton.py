@@ -19,7 +19,7 @@ Precision of grad_weight. A fp32 (V, D) accumulator would cost twice the weight'
 for a 131072 x 4096 bf16 head, eight times the op's whole budget above its outputs), so the
 weight gradient accumulates in its own buffer and dtype: chunk k's contribution
 P_k = g_k.T @ hidden_k is summed over the chunk's R rows in fp32 inside the GEMM, and the GEMM's
-epilogue adds it to the running sum in fp32 and rounds once (``addmm_`` with beta = 1). With
+epilogue adds it to the running sum in fp32 and rounds once (``addmm``, beta 0 for the first). With
 K = ceil(N / R) chunks, S_k = P_1 + ... + P_k and u the unit roundoff of the weight's dtype
 (2^-8 for bf16, 2^-11 for fp16, 2^-24 for fp32), elementwise
 
@@ -86,10 +86,7 @@ def triton_chunks(hidden, weight, bias, tg, ignore_index, a, b, c, z, softcap, l
             r = row_grad[start:end].unsqueeze(1)
             gh.mul_(r)
             h = (h * r).to(dtype)
-        if start == 0:
-            torch.mm(logits.t(), h, out=grad_w)
-        else:
-            grad_w.addmm_(logits.t(), h)
+        torch.addmm(grad_w, logits.t(), h, beta=1.0 if start else 0.0, out=grad_w)  # one rounding per chunk
         if grad_b is not None:
             if row_grad is None:
                 grad_b += logits.sum(dim=0, dtype=acc)
