@@ -101,6 +101,7 @@ def llama_grid(device: str, quick: bool) -> Grid:
 
 
 CASES = {
-    "llama": Case("llama", f"HF LlamaForCausalLM ({LAYERS} layers) training step: loss + every parameter's gradient",
+    "llama": Case("llama", f"HF LlamaForCausalLM ({LAYERS} layers) training step, every parameter's gradient; "
+                           "label_smoothing 0: its labels= loss, eps: LabelSmoother(eps)",
                   METHODS, llama_grid, make_inputs, METHODS["eager"]),
 }
