@@ -14,7 +14,7 @@ _LAZY = {
     "register_patterns": ("smoothce.compiler.registration", "register_patterns"),
     "unregister_patterns": ("smoothce.compiler.registration", "unregister_patterns"),
     "inspect": ("smoothce.compiler.inspect", "inspect"),
-    "Report": ("smoothce.compiler.inspect", "Report"),
+    "Report": ("smoothce.compiler.report", "Report"),
 }
 
 __all__ = sorted(_LAZY)

@@ -65,7 +65,7 @@ class CrossEntropyPass(compat.CustomGraphPass):
     def rewrite(self, gm: torch.fx.GraphModule, *, fuse_linear: bool | None = None):
         """Rewrite ``gm`` in place; ``fuse_linear`` overrides the pass's setting for this graph."""
         # Imported on first use: importing smoothce must stay cheap and inert.
-        from smoothce.compiler.inspect import rewrite_and_log
+        from smoothce.compiler.rewrite_log import rewrite_and_log
         from smoothce.patterns.cross_entropy import rewrite_cross_entropy
 
         fuse = self.fuse_linear if fuse_linear is None else fuse_linear

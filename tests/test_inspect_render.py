@@ -11,7 +11,7 @@ import textwrap
 import expecttest
 import torch
 
-from smoothce.compiler.inspect import GraphBreak, GraphRecord, Report, format_params
+from smoothce.compiler.report import GraphBreak, GraphRecord, Report, format_params
 from smoothce.compiler.render import Column, table
 from smoothce.patterns.report import Match, NearMiss, RewriteResult
 
@@ -159,7 +159,7 @@ class TestToDict(expecttest.TestCase):
 _LOG_SCRIPT = textwrap.dedent(
     """
     import torch
-    from smoothce.compiler.inspect import log_rewrite
+    from smoothce.compiler.rewrite_log import log_rewrite
     from smoothce.patterns.report import Match, RewriteResult
     m = Match("cross_entropy", "m.py:3", {"eps": 0.1, "convention": "eps/C"}, ("cross_entropy",))
     log_rewrite("forward", RewriteResult([m], []), "BEFORE-CODE", "AFTER-CODE")
