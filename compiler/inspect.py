@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 from typing import Callable
 
+from smoothce.compiler import compat
 from smoothce.compiler.graph_breaks import BreakTracker
 from smoothce.compiler.report import GraphRecord, Report
 from smoothce.patterns.report import RewriteResult
@@ -48,8 +49,8 @@ def inspect(model_or_fn: Callable, *example_args, **example_kwargs) -> Report:
     """Trace ``model_or_fn(*example_args, **example_kwargs)`` like torch.compile and report what
     the smoothce backend would rewrite. The model runs once, as traced (no Inductor, no fused op).
 
-    Each call compiles anew (a backend of its own), so it adds an entry to Dynamo's cache for the
-    function; `torch._dynamo.reset()` clears those when inspecting the same function many times.
+    Dynamo forgets the trace afterwards: calling ``inspect`` in a loop never reaches the
+    recompile limit, and a later ``torch.compile`` of the same model starts as if it had not run.
     """
     import torch
 
@@ -71,5 +72,6 @@ def inspect(model_or_fn: Callable, *example_args, **example_kwargs) -> Report:
                                    _count_nodes(gm), _count_nodes(rewritten), error))
         return gm.forward
 
-    torch.compile(model_or_fn, backend=capture)(*example_args, **example_kwargs)
+    with compat.dynamo_state_restored():
+        torch.compile(model_or_fn, backend=capture, **compat.ISOLATED_COMPILE)(*example_args, **example_kwargs)
     return Report(records, tracker.breaks())

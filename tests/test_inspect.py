@@ -276,3 +276,45 @@ Graphs:
         self.assertEqual(report.errors, ["graph 0: RuntimeError: detector bug"])
         self.assertEqual(report.graphs[0].after, report.graphs[0].before)
 
+
+class TestDynamoForgetsTheTrace(expecttest.TestCase):
+    """inspect() leaves Dynamo's per-code memory as it found it: cache entries and shapes seen."""
+
+    def valid_entries(self, fn):
+        from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        return [e for e in _debug_get_cache_entry_list(fn.__code__) if e.code is not None]
+
+    def test_a_loop_of_inspect_calls_never_reaches_the_recompile_limit(self):
+        limit = torch._dynamo.config.recompile_limit
+        for _ in range(limit + 2):
+            report = smoothce.inspect(plain_ce, *_inputs())
+            self.assertEqual(len(report.matches), 1)  # past the limit Dynamo would run it eagerly: no graph
+            self.assertEqual(self.valid_entries(plain_ce), [])
+
+    def test_the_users_own_compile_is_kept_and_not_recompiled(self):
+        compiles = []
+
+        def backend(gm, example_inputs):
+            compiles.append(gm)
+            return gm.forward
+
+        compiled = torch.compile(plain_ce, backend=backend)
+        compiled(*_inputs())
+        for _ in range(3):
+            smoothce.inspect(plain_ce, *_inputs())
+        compiled(*_inputs())
+        self.assertEqual(len(compiles), 1)
+        self.assertEqual(len(self.valid_entries(plain_ce)), 1)
+
+    def test_shapes_seen_by_inspect_do_not_make_a_later_compile_dynamic(self):
+        smoothce.inspect(plain_ce, *_inputs(n=6))
+        placeholders = []
+
+        def backend(gm, example_inputs):
+            placeholders.extend(type(n.meta["example_value"]).__name__ for n in gm.graph.find_nodes(op="placeholder"))
+            return gm.forward
+
+        # A second shape after a first one is what makes automatic dynamic mark a dimension.
+        torch.compile(plain_ce, backend=backend)(*_inputs(n=9))
+        self.assertEqual(placeholders, ["FakeTensor"] * 3)  # no SymInt input: a static graph
