@@ -40,6 +40,7 @@ def register_patterns(*, fuse_linear: bool = True) -> CrossEntropyPass:
     its logits are never materialised; ``fuse_linear=False`` keeps the head as it is.
     Its ``results`` / ``match_count`` say what each compiled graph contained. Calling it again
     with the same settings returns the installed pass; with other settings it replaces it.
+    Call it before compiling: code Dynamo has already compiled keeps running as it was compiled.
     """
     global _registered, _previous, _installed
     current = registered_pass()
