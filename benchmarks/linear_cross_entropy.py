@@ -40,9 +40,7 @@ def _smoothce(p: Problem):
 def _fused_linear(p: Problem):
     from smoothce.kernels.linear_cross_entropy import fused_linear_cross_entropy
 
-    # F.cross_entropy(label_smoothing=eps) in the general form: a = 1 - eps, b = eps / V.
-    a, b = 1.0 - p.smoothing, p.smoothing / p.v
-    return lambda h, w, y: fused_linear_cross_entropy(h, w, None, y, target_coef=a, uniform_coef=b)
+    return lambda h, w, y: fused_linear_cross_entropy(h, w, None, y, label_smoothing=p.smoothing)
 
 
 def _fused_linear_unavailable(p: Problem) -> str | None:

@@ -582,6 +582,7 @@ def _emit(gm: torch.fx.GraphModule, plan: Plan, fake_mode) -> int:
 
 def _emit_nodes(gm: torch.fx.GraphModule, plan: Plan, fake_mode, added: list) -> int:
     from smoothce.kernels.cross_entropy import fused_cross_entropy
+    from smoothce.kernels.form import LossForm
 
     g = gm.graph
     sink = plan.sink
@@ -641,16 +642,14 @@ def _emit_nodes(gm: torch.fx.GraphModule, plan: Plan, fake_mode, added: list) ->
                 m = call("call_method", "reshape", (m, *op_rows))
             drop = call("call_method", "logical_not", (m,)) if atom.positive else m
             target = call("call_method", "masked_fill", (target, drop, ignore))
-        kwargs = dict(
-            ignore_index=ignore, reduction=plan.reduction, target_coef=float(plan.a),
-            uniform_coef=float(plan.b), constant=float(plan.c), z_loss=float(plan.z),
-            softcap=plan.softcap,
-        )
+        head_scale = {"logit_scale": plan.head[4]} if plan.head is not None else {}
+        form = LossForm.from_coefficients(plan.a, plan.b, plan.c, V, ignore_index=ignore, reduction=plan.reduction,
+                                          z_loss=float(plan.z), softcap=plan.softcap, **head_scale)
+        kwargs = form.describe()
         if plan.head is not None:
             from smoothce.kernels.linear_cross_entropy import fused_linear_cross_entropy
 
-            _, head_weight, bias, _, scale, _ = plan.head
-            kwargs["logit_scale"] = scale
+            _, head_weight, bias, _, _, _ = plan.head
             loss = call("call_function", fused_linear_cross_entropy,
                         (logits, head_weight, bias, target, plan.weight), kwargs)
         else:

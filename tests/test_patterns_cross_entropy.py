@@ -197,7 +197,7 @@ def forward(self, L_self_modules_head_parameters_weight_ : torch.nn.parameter.Pa
     l_h_ = L_h_
     l_self_modules_loss_buffers_weight_ = L_self_modules_loss_buffers_weight_
     l_y_ = L_y_
-    fused_linear_cross_entropy = smoothce_kernels_linear_cross_entropy_fused_linear_cross_entropy(l_h_, l_self_modules_head_parameters_weight_, l_self_modules_head_parameters_bias_, l_y_, l_self_modules_loss_buffers_weight_, ignore_index = 0, reduction = 'mean', target_coef = 0.8, uniform_coef = 0.018181818181818184, constant = 0.0, z_loss = 0.0, softcap = None, logit_scale = 1.0);  l_h_ = l_self_modules_head_parameters_weight_ = l_self_modules_head_parameters_bias_ = l_y_ = l_self_modules_loss_buffers_weight_ = None
+    fused_linear_cross_entropy = smoothce_kernels_linear_cross_entropy_fused_linear_cross_entropy(l_h_, l_self_modules_head_parameters_weight_, l_self_modules_head_parameters_bias_, l_y_, l_self_modules_loss_buffers_weight_, ignore_index = 0, reduction = 'mean', label_smoothing = 0.2);  l_h_ = l_self_modules_head_parameters_weight_ = l_self_modules_head_parameters_bias_ = l_y_ = l_self_modules_loss_buffers_weight_ = None
     return (fused_linear_cross_entropy,)""")
 
 
@@ -305,7 +305,7 @@ def forward(self, L_x_ : torch.Tensor, L_y_ : torch.Tensor):
     ne = shift_labels != -100
     sum_1 = ne.sum();  ne = None
     reshape = shift_labels.reshape(-1);  shift_labels = None
-    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(view, reshape, None, ignore_index = -100, reduction = 'sum', target_coef = 1.0, uniform_coef = 0.0, constant = 0.0, z_loss = 0.0, softcap = None);  view = reshape = None
+    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(view, reshape, None, ignore_index = -100, reduction = 'sum');  view = reshape = None
     truediv_1 = fused_cross_entropy / sum_1;  fused_cross_entropy = sum_1 = None
     return (truediv_1,)""")
 
@@ -334,7 +334,7 @@ def forward(self, L_x_ : torch.Tensor, L_y_ : torch.Tensor):
     denominator = 8 - sum_2;  sum_2 = None
     reshape = logits.reshape(-1, 11);  logits = None
     reshape_1 = labels.reshape(-1);  labels = None
-    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(reshape, reshape_1, None, ignore_index = -100, reduction = 'sum', target_coef = 0.9, uniform_coef = 0.009090909090909092, constant = 0.0, z_loss = 0.0, softcap = None);  reshape = reshape_1 = None
+    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(reshape, reshape_1, None, ignore_index = -100, reduction = 'sum', label_smoothing = 0.1);  reshape = reshape_1 = None
     truediv_2 = fused_cross_entropy / denominator;  fused_cross_entropy = denominator = None
     return (truediv_2,)""")
 
@@ -427,7 +427,7 @@ def forward(self, L_x_ : torch.Tensor, L_y_ : torch.Tensor):
     ne = l_y_ != -100
     mask = ne.float();  ne = None
     sum_2 = mask.sum();  mask = None
-    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(l_x_, l_y_, None, ignore_index = -100, reduction = 'sum', target_coef = 0.9, uniform_coef = 0.009090909090909092, constant = 0.0, z_loss = 0.0, softcap = None);  l_x_ = l_y_ = None
+    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(l_x_, l_y_, None, ignore_index = -100, reduction = 'sum', label_smoothing = 0.1);  l_x_ = l_y_ = None
     truediv_1 = fused_cross_entropy / sum_2;  fused_cross_entropy = sum_2 = None
     return (truediv_1,)""")
 
@@ -443,7 +443,7 @@ def forward(self, L_x_ : torch.Tensor, L_y_ : torch.Tensor):
     l_y_ = L_y_
     mask = l_y_ != 0
     sum_3 = mask.sum();  mask = None
-    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(l_x_, l_y_, None, ignore_index = 0, reduction = 'sum', target_coef = 0.89, uniform_coef = 0.01, constant = 0.0, z_loss = 0.0, softcap = None);  l_x_ = l_y_ = None
+    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(l_x_, l_y_, None, ignore_index = 0, reduction = 'sum', label_smoothing = 0.1, smoothing = 'others');  l_x_ = l_y_ = None
     truediv_1 = fused_cross_entropy / sum_3;  fused_cross_entropy = sum_3 = None
     return (truediv_1,)""")
 
