@@ -102,7 +102,7 @@ def cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
-        print(report.render(code=args.verbose))
+        print(report.render(verbose=args.verbose))
     if args.graphs:
         written = _write_graphs(report, args.graphs)
         print(f"wrote {len(written)} files to {args.graphs}", file=sys.stderr)
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--graphs", metavar="DIR", help="write each graph's code before/after the rewrite to DIR")
     p.add_argument("--expect", type=int, metavar="N", help="exit with status 1 if fewer than N losses are rewritten")
-    p.add_argument("-v", "--verbose", action="store_true", help="print graph code, and tracebacks on errors")
+    p.add_argument("-v", "--verbose", action="store_true", help="also print the detector's coefficients, graph node names and graph code, and tracebacks on errors")
     p.set_defaults(func=cmd_inspect)
 
     d = sub.add_parser(

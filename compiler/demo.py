@@ -257,7 +257,7 @@ def main(args) -> int:
     model, inputs, targets = _build(args, device)
     try:
         report = inspect(make_loss_fn(args.eps), model, inputs, targets)
-        print(report.render(width, code=args.verbose))
+        print(report.render(width, verbose=args.verbose))
     except Exception as e:  # the comparison below is still worth showing
         print(f"inspection failed: {type(e).__name__}: {e}")
     print(flush=True)

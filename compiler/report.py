@@ -12,14 +12,10 @@ import re
 from typing import Any
 
 from smoothce.compiler.render import Column, paragraph, short_location, table, terminal_width
+from smoothce.kernels.form import REDUCTIONS, LossForm
 from smoothce.patterns.report import Match, NearMiss, RewriteResult
 
-__all__ = ["Report", "GraphRecord", "GraphBreak", "format_params", "loss_sections"]
-
-# Detector parameters in the order a reader wants them; anything else follows alphabetically.
-_PARAM_ORDER = ("eps", "ignore_index", "reduction", "weight", "z_loss", "softcap", "dtype", "dtypes")
-
-
+__all__ = ["Report", "GraphRecord", "GraphBreak", "loss_words", "loss_sections"]
 
 @dataclasses.dataclass(frozen=True)
 class GraphBreak:
@@ -54,7 +50,7 @@ class GraphRecord:
             "nodes_before": self.nodes_before,
             "nodes_after": self.nodes_after,
             "error": self.error,
-            **jsonable(self.result.to_dict()),
+            **result_dict(self.result),
         }
         if code:
             d["before"] = self.before
@@ -92,9 +88,7 @@ class Report:
                 "loss_splitting_breaks": sum(b.splits_loss is not None for b in self.graph_breaks),
                 "errors": len(self.errors),
             },
-            "matches": [
-                {"graph": g.index, **jsonable(m.to_dict())} for g in self.graphs for m in g.result.matches
-            ],
+            "matches": [{"graph": g.index, **_match_dict(m)} for g in self.graphs for m in g.result.matches],
             "near_misses": [
                 {"graph": g.index, **jsonable(n.to_dict())} for g in self.graphs for n in g.result.near_misses
             ],
@@ -108,14 +102,24 @@ class Report:
             f"graphs={len(self.graphs)}, graph_breaks={len(self.graph_breaks)})"
         )
 
-    def render(self, width: int | None = None, code: bool = False) -> str:
-        """The report as text at most `width` columns wide (default: the terminal's)."""
-        return _render(self, terminal_width() if width is None else width, code)
+    def render(self, width: int | None = None, verbose: bool = False) -> str:
+        """The report as text at most ``width`` columns wide (default: the terminal's).
+
+        ``verbose`` adds what the detector works with: the coefficients it recovered, graph node
+        names and each graph's code before and after the rewrite."""
+        return _render(self, terminal_width() if width is None else width, verbose)
 
     def __str__(self) -> str:
         return self.render()
 
 
+
+
+# --------------------------------------------------------------------------------------------
+# A loss in the user's words
+# --------------------------------------------------------------------------------------------
+
+_CONVENTIONS = {"all": "eps/V", "others": "eps/(V-1)"}
 
 
 def _fmt_value(v: Any) -> str:
@@ -129,16 +133,60 @@ def _fmt_value(v: Any) -> str:
     return s[len("torch."):] if s.startswith("torch.") else s
 
 
-def format_params(params: dict[str, Any]) -> str:
-    """'eps=0.1 (eps/C), ignore_index=-100, reduction=mean, ...' in a reader's order."""
-    rest = dict(params)
+def _loss_parts(m: Match) -> tuple[LossForm, dict[str, Any], dict[str, float]]:
+    """(the loss as the user wrote it, what else a reader may want, the kernels' coefficients)."""
+    if hasattr(m, "form"):
+        return m.form, dict(m.details), dict(m.coefficients)
+    # A detector that reports coefficients only: the form is the one they stand for.
+    p = dict(m.params)
+    reduction = p["reduction"]
+    form_keys = {"eps", "convention", "target_coef", "uniform_coef", "constant", "z_loss", "softcap",
+                 "logit_scale", "ignore_index", "reduction"}
+    details = {k: v for k, v in p.items() if k not in form_keys}
+    if reduction not in REDUCTIONS:  # e.g. "none then mean": a plain mean after the op
+        details["reduction"] = reduction
+    coefficients = {"a": p["target_coef"], "b": p["uniform_coef"], "c": p["constant"], "z": p["z_loss"]}
+    form = LossForm.from_coefficients(
+        p["target_coef"], p["uniform_coef"], p["constant"], p["classes"], ignore_index=p["ignore_index"],
+        reduction=reduction if reduction in REDUCTIONS else "none", z_loss=p["z_loss"], softcap=p["softcap"],
+        logit_scale=p.get("logit_scale", 1.0),
+    )
+    return form, details, coefficients
+
+
+def loss_words(m: Match, verbose: bool = False) -> str:
+    """The loss's parameters as its author wrote them, in LossForm's words:
+    'label_smoothing=0.1 (eps/V), ignore_index=-100, reduction=mean, weight=w'. ``verbose`` adds
+    the detector's details (classes, dtype, ...) and the coefficients the kernels use."""
+    form, details, coefficients = _loss_parts(m)
+    said = form.describe()
     parts = []
-    if "eps" in rest:
-        eps, conv = rest.pop("eps"), rest.pop("convention", None)
-        parts.append(f"eps={_fmt_value(eps)}" + (f" ({conv})" if conv else ""))
-    keys = [k for k in _PARAM_ORDER if k in rest] + sorted(k for k in rest if k not in _PARAM_ORDER)
-    parts.extend(f"{k}={_fmt_value(rest[k])}" for k in keys)
+    if "label_smoothing" in said:
+        said.pop("smoothing", None)  # left out when it is the default, "all"
+        parts.append(f"label_smoothing={_fmt_value(said.pop('label_smoothing'))} ({_CONVENTIONS[form.smoothing]})")
+    for key, value in said.items():
+        text = f"{key}={_fmt_value(value)}"
+        if key == "logit_scale":
+            text += f" (temperature {_fmt_value(1.0 / value)})"
+        parts.append(text)
+    if details.get("weight") is not None:
+        parts.append(f"weight={_fmt_value(details['weight'])}")
+    if verbose:
+        parts += [f"{k}={_fmt_value(v)}" for k, v in details.items() if k != "weight"]
+        parts += [f"{k}={_fmt_value(v)}" for k, v in coefficients.items()]
     return ", ".join(parts)
+
+
+def _match_dict(m: Match) -> dict[str, Any]:
+    form, details, coefficients = _loss_parts(m)
+    return jsonable({"family": m.family, "location": m.location, "form": form.describe(),
+                     "details": details, "coefficients": coefficients, "replaced": list(m.replaced)})
+
+
+def result_dict(result: RewriteResult) -> dict[str, Any]:
+    """One graph's matches and near misses as JSON (what ``to_dict`` and the trace artifact hold)."""
+    return {"matches": [_match_dict(m) for m in result.matches],
+            "near_misses": [jsonable(n.to_dict()) for n in result.near_misses]}
 
 
 _RESUME = re.compile(r"torch_dynamo_resume_in_(.+)_at_(\w+)$")
@@ -160,30 +208,23 @@ def _section(title: str, columns: list[Column], rows: list[list[str]], width: in
     return [f"{title}:", table(columns, rows, width)]
 
 
-def loss_sections(matches: list[Match], near_misses: list[NearMiss], width: int) -> list[str]:
-    rows = [
-        [str(i), short_location(m.location), m.family, format_params(m.params), plural(len(m.replaced), "node")]
-        for i, m in enumerate(matches, 1)
-    ]
-    out = _section(
-        "Rewritten losses",
-        [Column("#", "fixed"), Column("location", "path", 18), Column("family", min_width=12),
-         Column("parameters", min_width=20), Column("replaces", "fixed")],
-        rows,
-        width,
-    )
-    rows = [[str(i), short_location(n.location), n.node, n.reason] for i, n in enumerate(near_misses, 1)]
-    out += [""] + _section(
-        "Near misses",
-        [Column("#", "fixed"), Column("location", "path", 18), Column("node", min_width=14),
-         Column("reason", min_width=20)],
-        rows,
-        width,
-    )
+def loss_sections(matches: list[Match], near_misses: list[NearMiss], width: int,
+                  verbose: bool = False) -> list[str]:
+    """The 'Rewritten losses' and 'Near misses' tables."""
+    # Graph node names and counts only mean something next to the graph's code: verbose.
+    place = Column("location", "path", 18)
+    rows = [[str(i), short_location(m.location), m.family, loss_words(m, verbose)]
+            + ([plural(len(m.replaced), "node")] if verbose else []) for i, m in enumerate(matches, 1)]
+    cols = [Column("#", "fixed"), place, Column("family", min_width=12), Column("parameters", min_width=20)]
+    out = _section("Rewritten losses", cols + ([Column("replaces", "fixed")] if verbose else []), rows, width)
+    rows = [[str(i), short_location(n.location)] + ([n.node] if verbose else []) + [n.reason]
+            for i, n in enumerate(near_misses, 1)]
+    cols = [Column("#", "fixed"), place] + ([Column("node", min_width=14)] if verbose else [])
+    out += [""] + _section("Near misses", cols + [Column("reason", min_width=20)], rows, width)
     return out
 
 
-def _render(report: Report, width: int, code: bool) -> str:
+def _render(report: Report, width: int, verbose: bool) -> str:
     breaks = report.graph_breaks
     splitting = sum(b.splits_loss is not None for b in breaks)
     head = (
@@ -192,7 +233,7 @@ def _render(report: Report, width: int, code: bool) -> str:
         f"{plural(len(report.graphs), 'graph')}, {plural(len(breaks), 'graph break')}"
         + (f" ({splitting} between a loss and its logits)" if splitting else "")
     )
-    out = [paragraph(head, width), ""] + loss_sections(report.matches, report.near_misses, width)
+    out = [paragraph(head, width), ""] + loss_sections(report.matches, report.near_misses, width, verbose)
     if breaks:
         rows = [
             [str(i), short_location(b.location), _short_reason(b.reason), b.splits_loss or "-"]
@@ -207,18 +248,19 @@ def _render(report: Report, width: int, code: bool) -> str:
         )
     if report.graphs:
         rows = [
-            [str(g.index), _frame_label(g.frame), f"{g.nodes_before} -> {g.nodes_after}",
-             str(len(g.result.matches)), str(len(g.result.near_misses)), g.error or ""]
+            [str(g.index), _frame_label(g.frame)] + ([f"{g.nodes_before} -> {g.nodes_after}"] if verbose else [])
+            + [str(len(g.result.matches)), str(len(g.result.near_misses)), g.error or ""]
             for g in report.graphs
         ]
-        cols = [Column("graph", "fixed"), Column("traced from", min_width=12), Column("nodes", "fixed"),
-                Column("losses", "fixed"), Column("near misses", "fixed")]
+        cols = [Column("graph", "fixed"), Column("traced from", min_width=12)]
+        cols += [Column("nodes", "fixed")] if verbose else []
+        cols += [Column("losses", "fixed"), Column("near misses", "fixed")]
         if any(g.error for g in report.graphs):
             cols.append(Column("detector error", min_width=20))
         else:
             rows = [r[:-1] for r in rows]
         out += [""] + _section("Graphs", cols, rows, width)
-    if code:
+    if verbose:
         for g in report.graphs:
             out += ["", f"--- graph {g.index} before ---", g.before.rstrip()]
             if g.after != g.before:

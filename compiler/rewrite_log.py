@@ -15,7 +15,7 @@ import logging
 from typing import Callable
 
 from smoothce.compiler.render import terminal_width
-from smoothce.compiler.report import jsonable, loss_sections, plural
+from smoothce.compiler.report import loss_sections, plural, result_dict
 from smoothce.patterns.report import RewriteResult
 
 __all__ = ["log_rewrite", "rewrite_and_log"]
@@ -64,7 +64,7 @@ def _trace_artifact(gm_name: str, result: RewriteResult, after_code: str | None)
         from torch._logging import trace_structured
     except ImportError:
         return
-    payload = {"graph": gm_name, "compile_id": _compile_id(), **jsonable(result.to_dict())}
+    payload = {"graph": gm_name, "compile_id": _compile_id(), **result_dict(result)}
     trace_structured(
         "artifact",
         metadata_fn=lambda: {"name": "smoothce_report", "encoding": "json"},

@@ -75,7 +75,7 @@ def test_inspect_text(models):
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == "smoothce: 1 loss rewritten, 0 near misses, 1 graph, 0 graph breaks"
-    assert "models.py:11" in proc.stdout and "eps=0.1 (eps/V)" in proc.stdout
+    assert "models.py:11" in proc.stdout and "label_smoothing=0.1 (eps/V), ignore_index=-100, reduction=mean" in proc.stdout
     assert max(len(l) for l in lines) <= 100
 
 
@@ -85,7 +85,7 @@ def test_inspect_json_graphs_and_kwargs(models, tmp_path):
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["summary"]["matches"] == 1
-    assert data["matches"][0]["params"]["reduction"] == "sum"
+    assert data["matches"][0]["form"] == {"ignore_index": -100, "reduction": "sum"}
     assert sorted(os.listdir(out)) == ["graph_0_after.py", "graph_0_before.py"]
     assert "cross_entropy" in (out / "graph_0_before.py").read_text()
     assert "smoothce" in (out / "graph_0_after.py").read_text()

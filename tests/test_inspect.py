@@ -129,18 +129,15 @@ class TestInspect(expecttest.TestCase):
 smoothce: 1 loss rewritten, 0 near misses, 1 graph, 0 graph breaks
 
 Rewritten losses:
-  #  location               family         parameters                                       replaces
-  1  test_inspect.py:plain  cross_entropy  eps=0.1 (eps/V), ignore_index=-1,                1 node
-                                           reduction=mean, weight=none, z_loss=0,
-                                           softcap=none, dtype=float32, classes=16,
-                                           constant=0, target_coef=0.9,
-                                           uniform_coef=0.00625
+  #  location               family         parameters
+  1  test_inspect.py:plain  cross_entropy  label_smoothing=0.1 (eps/V), ignore_index=-1,
+                                           reduction=mean
 
 Near misses: none
 
 Graphs:
-  graph  traced from  nodes   losses  near misses
-  0      plain_ce     2 -> 2  1       0""",
+  graph  traced from  losses  near misses
+  0      plain_ce     1       0""",
         )
         (g,) = report.graphs
         # The op replaces the call in the copy the detector rewrote, never in the traced graph.
@@ -161,17 +158,14 @@ Graphs:
 smoothce: 1 loss rewritten, 0 near misses, 1 graph, 0 graph breaks
 
 Rewritten losses:
-  #  location      family              parameters                                           replaces
-  1  tiny_lm.py:N  hand-written eps/V  eps=0.2 (eps/V), ignore_index=0, reduction=sum,      13 nodes
-                                       weight=none, z_loss=0, softcap=none, dtype=float32,
-                                       classes=16, constant=0, target_coef=0.8,
-                                       uniform_coef=0.0125
+  #  location      family              parameters
+  1  tiny_lm.py:N  hand-written eps/V  label_smoothing=0.2 (eps/V), ignore_index=0, reduction=sum
 
 Near misses: none
 
 Graphs:
-  graph  traced from   nodes    losses  near misses
-  0      hand_written  17 -> 6  1       0""",
+  graph  traced from   losses  near misses
+  0      hand_written  1       0""",
         )
 
     def test_near_miss_log_probs_returned(self):
@@ -185,12 +179,12 @@ smoothce: 0 losses rewritten, 1 near miss, 1 graph, 0 graph breaks
 Rewritten losses: none
 
 Near misses:
-  #  location                  node  reason
-  1  test_inspect.py:logprobs  lp    log-probs returned from the graph: log-probs
+  #  location                  reason
+  1  test_inspect.py:logprobs  log-probs returned from the graph: log-probs
 
 Graphs:
-  graph  traced from        nodes   losses  near misses
-  0      logprobs_returned  3 -> 3  0       1""",
+  graph  traced from        losses  near misses
+  0      logprobs_returned  0       1""",
         )
         (g,) = report.graphs
         self.assertEqual(g.before, g.after)
@@ -203,11 +197,8 @@ Graphs:
 smoothce: 1 loss rewritten, 0 near misses, 2 graphs, 1 graph break (1 between a loss and its logits)
 
 Rewritten losses:
-  #  location                  family         parameters                                    replaces
-  1  test_inspect.py:brk_loss  cross_entropy  eps=0, ignore_index=-100, reduction=mean,     1 node
-                                              weight=none, z_loss=0, softcap=none,
-                                              dtype=float32, classes=16, constant=0,
-                                              target_coef=1, uniform_coef=0
+  #  location                  family         parameters
+  1  test_inspect.py:brk_loss  cross_entropy  ignore_index=-100, reduction=mean
 
 Near misses: none
 
@@ -219,9 +210,9 @@ Graph breaks:
                           None
 
 Graphs:
-  graph  traced from                         nodes   losses  near misses
-  0      break_before_loss                   1 -> 1  0       0
-  1      break_before_loss (after line brk)  1 -> 1  1       0""",
+  graph  traced from                         losses  near misses
+  0      break_before_loss                   0       0
+  1      break_before_loss (after line brk)  1       0""",
         )
         (brk,) = report.graph_breaks
         self.assertIsNotNone(brk.splits_loss)
@@ -256,9 +247,8 @@ Graphs:
         report = smoothce.inspect(model, x, target=y)
         (m,) = report.matches
         self.assertEqual(normalize(m.location), f"{_HERE}:module")
-        self.assertEqual(m.params["reduction"], "sum")
         data = json.loads(json.dumps(report.to_dict()))
-        self.assertEqual(data["matches"][0]["params"]["reduction"], "sum")
+        self.assertEqual(data["matches"][0]["form"], {"ignore_index": -100, "reduction": "sum"})
         self.assertEqual(data["summary"]["matches"], 1)
 
     def test_detector_error_is_reported_not_raised(self):
