@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import time
 
 from smoothce.compiler.errors import UsageError
@@ -192,7 +193,7 @@ def _mib(n: int) -> str:
 def _comparison(results: list[dict], width: int) -> str:
     from smoothce.compiler.render import Column, table
     from smoothce.measure.memory import describe
-    from smoothce.measure.timing import Spread, ratio
+    from smoothce.measure.timing import MAX_RELATIVE_SPREAD, MIN_SAMPLES, Spread, ratio
 
     ok = [r for r in results if "error" not in r]
     spreads = {r["backend"]: Spread.of(r["step_s"]) for r in ok}
@@ -234,8 +235,10 @@ def _comparison(results: list[dict], width: int) -> str:
         else:
             why = "; ".join(f"{x['backend']}: {s.why_not_comparable()}"
                             for x, s in ((a, sa), (b, sb)) if s.why_not_comparable())
-            out.append(f"  {names}: no step-time ratio ({why})")
-    return "\n".join(out)
+            busy = any(s.n >= MIN_SAMPLES and s.relative > MAX_RELATIVE_SPREAD for s in (sa, sb))
+            out.append(f"  {names}: no step-time ratio ({why})" + ("; a busy machine?" if busy else ""))
+    footer = [textwrap.fill(line, width, subsequent_indent="    ") for line in out[1:]]
+    return "\n".join(out[:1] + footer)
 
 
 def main(args) -> int:

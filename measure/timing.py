@@ -45,8 +45,7 @@ class Spread:
         if self.n < MIN_SAMPLES:
             return f"{self.n} timed step{'s' if self.n != 1 else ''}, a spread needs {MIN_SAMPLES}"
         if self.relative > MAX_RELATIVE_SPREAD:
-            return (f"IQR {self.relative:.0%} of the median, over {MAX_RELATIVE_SPREAD:.0%}: "
-                    "too spread for a ratio (a busy machine?)")
+            return f"IQR {self.relative:.0%} of the median, a ratio needs under {MAX_RELATIVE_SPREAD:.0%}"
         return None
 
 
