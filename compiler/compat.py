@@ -16,8 +16,10 @@ What differs between the two (read from their sources):
   in a region of their own, not counted against other compiles of the same function.
 
 Everything else used here (``compile_fx(config_patches=)``, ``list_mode_options``,
-``lookup_backend``, ``fresh_cache``, ``run_and_get_code``, Dynamo's per-code cache entries and
-``reset_code``, the automatic-dynamic code state in ``torch._dynamo.pgo``) has the same shape in both.
+``lookup_backend``, ``fresh_cache``, ``run_and_get_code``) has the same shape in both. Dynamo's
+per-code memory (``_debug_get_cache_entry_list``, ``reset_code``, ``torch._dynamo.pgo``'s code
+state) predates 2.11 and was checked on 2.13; invalidating one cache entry falls back to leaving
+it where the machinery for it is missing.
 """
 
 from __future__ import annotations
@@ -268,9 +270,12 @@ def dynamo_state_restored() -> Iterator[None]:
 
 def _invalidate(entry) -> None:
     # What Dynamo does when an object a guard refers to dies: the entry never matches again and
-    # drops its compiled code.
-    from torch._dynamo.guards import DeletedGuardManagerWrapper
-
+    # drops its compiled code. Where that machinery is missing the entry just stays: it is
+    # guarded on a backend nobody will pass again, so it never runs.
+    try:
+        from torch._dynamo.guards import DeletedGuardManagerWrapper
+    except ImportError:
+        return
     extra_state = getattr(entry.guard_manager, "extra_state", None)
     if extra_state is not None:
         extra_state.invalidate(entry, DeletedGuardManagerWrapper("smoothce.inspect traced it"))

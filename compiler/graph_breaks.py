@@ -18,8 +18,6 @@ from smoothce.compiler.report import GraphBreak
 __all__ = ["BreakTracker"]
 
 
-
-
 # Ops whose first argument is the logits of a loss; used to tell which graph breaks separate a
 # loss from its logits. Only names are compared, so this list needs no torch import.
 _LOSS_FUNCTIONS = {"cross_entropy", "nll_loss", "log_softmax", "logsumexp", "kl_div", "softmax"}

@@ -23,8 +23,6 @@ __all__ = ["log_rewrite", "rewrite_and_log"]
 log = logging.getLogger(__name__)
 
 
-
-
 def _compile_id() -> str | None:
     try:
         from torch._guards import CompileContext
@@ -64,11 +62,11 @@ def _trace_artifact(gm_name: str, result: RewriteResult, after_code: str | None)
         from torch._logging import trace_structured
     except ImportError:
         return
-    payload = {"graph": gm_name, "compile_id": _compile_id(), **result_dict(result)}
+    compile_id = _compile_id()  # now: the payload is built later, only when a trace wants it
     trace_structured(
         "artifact",
         metadata_fn=lambda: {"name": "smoothce_report", "encoding": "json"},
-        payload_fn=lambda: json.dumps(payload),
+        payload_fn=lambda: json.dumps({"graph": gm_name, "compile_id": compile_id, **result_dict(result)}),
     )
     if after_code is not None and result.matches:
         trace_structured(
