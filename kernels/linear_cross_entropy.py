@@ -24,20 +24,28 @@ fakes) -> autograd -> the public functional.
 """
 from __future__ import annotations
 
-import math
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from smoothce.kernels.checks import check_labels_on_cpu
+from smoothce.kernels.inputs import (
+    FLOAT_DTYPES,
+    Labels,
+    acc_dtype,
+    check_dtype,
+    check_labels,
+    check_labels_on_cpu,
+    check_loss_dtype,
+    check_per_class,
+    check_same_device,
+    check_tensors,
+    kernel_choice,
+)
 from smoothce.kernels.form import LossForm
 
 __all__ = ["chunk_rows", "fused_linear_cross_entropy"]
 
-_REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -62,10 +70,6 @@ def chunk_rows(n: int, v: int, d: int) -> int:
 
 
 _MIN_CHUNK_LOGITS = 1 << 20
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ------------------------------------------------------------------------------------------------
@@ -196,33 +200,7 @@ def _chunk_ce_torch(logits, start, tg, ce_rows, z_rows, a, b, c, z, softcap, gce
         z_rows[i0:i1] = zr
 
 
-class _Targets:
-    """Label-derived per-row quantities, computed once before the chunk loop (no host sync)."""
-
-    def __init__(self, target, class_weight, ignore_index, v, acc):
-        self.target = target
-        self.valid = target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
-        in_range = (target >= 0) & (target < v)
-        self.y = torch.where(self.valid & in_range, target, 0).long()
-        # 1 for counted rows, 0 for ignored ones, nan for labels out of range (a loud loss without a
-        # sync; on CPU those raise before we get here).
-        self.row_mask = torch.where(self.valid, torch.where(in_range, 1.0, math.nan), 0.0).to(acc)
-        self.class_weight = None if class_weight is None else class_weight.to(acc)
-        if self.class_weight is None:
-            self.wy = self.valid.to(acc)
-            self.w_sum = float(v)
-        else:
-            self.wy = torch.where(self.valid, self.class_weight[self.y], 0.0)
-            self.w_sum = self.class_weight.sum()
-        self.count = self.valid.sum(dtype=acc)
-        self.wy_sum = self.wy.sum() if class_weight is not None else self.count
-
-
 def _use_triton(hidden: Tensor) -> bool:
-    if hidden.device.type != "cuda" and not os.environ.get("SMOOTHCE_KERNEL"):
-        return False  # the common CPU case, without importing triton
-    from smoothce.kernels.cross_entropy import kernel_choice
-
     return kernel_choice(hidden) == "triton"
 
 
@@ -236,7 +214,7 @@ def _chunk_loop(hidden, weight, bias, tg, ignore_index, a, b, c, z, softcap, log
     result with respect to hidden, weight and bias."""
     n, d = hidden.shape
     v = weight.shape[0]
-    acc = _acc_dtype(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     dev = hidden.device
     triton_path = _use_triton(hidden)
     # Chunk logits: fp32 (fp64 for fp64 input) for the torch path; the Triton kernel reads half
@@ -287,7 +265,7 @@ def _chunk_loop(hidden, weight, bias, tg, ignore_index, a, b, c, z, softcap, log
         else:
             torch.addmm(b_work, h, w_work.t(), beta=logit_scale, alpha=logit_scale, out=logits)
         if triton_path:
-            from smoothce.kernels.cross_entropy import launch_cross_entropy
+            from smoothce.kernels.cross_entropy_triton import launch_cross_entropy
 
             x3 = logits.view(end - start, v, 1)
             launch_cross_entropy(x3, tg.target[start:end].view(-1, 1), tg.class_weight,
@@ -371,28 +349,16 @@ def _softmax_grads_finish(hidden, grad_h, grad_w, grad_b, tg, a, b, gce, coef_ro
 def _forward(hidden, weight, bias, target, class_weight, ignore_index, reduction, a, b, c, z, softcap,
              logit_scale, compute_grad, rows, loss_dtype):
     n, v = hidden.shape[0], weight.shape[0]
-    acc = _acc_dtype(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     if hidden.device.type == "cpu":
         check_labels_on_cpu(target, v, ignore_index)
-    tg = _Targets(target, class_weight, ignore_index, v, acc)
-    scales = None
+    tg = Labels(target, class_weight, ignore_index, v, acc)
     # 'none' cannot use forward-time gradients (see module docstring): its backward recomputes.
-    if compute_grad and reduction != 0:
-        one = torch.ones((), dtype=acc, device=hidden.device)
-        # 'mean' divisors come from the labels alone, before the chunk loop. All rows ignored: 1 / 0,
-        # kept off the gradient by the valid mask (0 gradient, nan loss, as PyTorch).
-        scales = torch.stack([one / tg.wy_sum, one / tg.count]) if reduction == 2 else torch.stack([one, one])
+    # 'mean' divisors come from the labels alone, before the chunk loop.
+    scales = tg.scales(reduction) if compute_grad and reduction != "none" else None
     ce_rows, z_rows, grad_h, grad_w, grad_b = _chunk_loop(
         hidden, weight, bias, tg, ignore_index, a, b, c, z, softcap, logit_scale, scales, None, rows)
-
-    if reduction == 0:
-        loss, z_term = ce_rows + z_rows, z_rows
-    elif reduction == 1:
-        z_term = z_rows.sum()
-        loss = ce_rows.sum() + z_term
-    else:
-        z_term = z_rows.sum() / tg.count if z else z_rows.sum()
-        loss = ce_rows.sum() / tg.wy_sum + z_term  # every row ignored: 0 / 0 = nan, as PyTorch
+    loss, z_term = tg.reduce(ce_rows, z_rows, reduction, z)
     loss, z_term = loss.to(loss_dtype), z_term.to(loss_dtype)
     if scales is None:
         return loss, z_term, hidden.new_empty(0), weight.new_empty(0), weight.new_empty(0)
@@ -403,11 +369,10 @@ def _forward(hidden, weight, bias, target, class_weight, ignore_index, reduction
 def _backward_rows(grad_loss, hidden, weight, bias, target, class_weight, ignore_index, a, b, z, softcap,
                    logit_scale, rows):
     v = weight.shape[0]
-    acc = _acc_dtype(hidden.dtype)
-    tg = _Targets(target, class_weight, ignore_index, v, acc)
-    one = torch.ones((), dtype=acc, device=hidden.device)
+    acc = acc_dtype(hidden.dtype)
+    tg = Labels(target, class_weight, ignore_index, v, acc)
     _, _, grad_h, grad_w, grad_b = _chunk_loop(
-        hidden, weight, bias, tg, ignore_index, a, b, 0.0, z, softcap, logit_scale, torch.stack([one, one]),
+        hidden, weight, bias, tg, ignore_index, a, b, 0.0, z, softcap, logit_scale, tg.scales("sum"),
         grad_loss.to(acc), rows)
     gb = weight.new_empty(0) if grad_b is None else grad_b.to(bias.dtype)
     return grad_h, grad_w.to(weight.dtype), gb
@@ -452,7 +417,7 @@ def linear_cross_entropy_op(
     grad_bias empty without bias."""
     form, (a, b, c) = _form_and_coefficients(ignore_index, reduction, label_smoothing, smoothing, scale, kl,
                                              z_loss, softcap, logit_scale, uniform_rows, weight.shape[0])
-    return _forward(hidden, weight, bias, target, class_weight, ignore_index, _REDUCTIONS[reduction], a, b, c,
+    return _forward(hidden, weight, bias, target, class_weight, ignore_index, reduction, a, b, c,
                     form.z_loss, form.softcap or 0.0, form.logit_scale, compute_grad, chunk_size,
                     loss_dtype or hidden.dtype)
 
@@ -583,12 +548,9 @@ def fused_linear_cross_entropy(
     :func:`chunk_rows`). With ``return_z_loss`` returns ``(loss, z_term)``, z_term being the
     (non-differentiable) z-loss part.
     """
-    form = LossForm(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-                    smoothing=smoothing, scale=scale, kl=kl, z_loss=z_loss, softcap=softcap,
-                    logit_scale=logit_scale)
-    if not isinstance(hidden, Tensor) or not isinstance(weight, Tensor) or not isinstance(target, Tensor):
-        raise TypeError("smoothce: hidden, weight and target must be tensors, got "
-                        f"{type(hidden).__name__}, {type(weight).__name__}, {type(target).__name__}")
+    form = LossForm(ignore_index, reduction, label_smoothing, smoothing, scale, kl, z_loss, softcap, logit_scale)
+    check_tensors(hidden=hidden, weight=weight, target=target)
+    check_dtype("hidden", hidden, FLOAT_DTYPES, "float16, bfloat16, float32 or float64")
     if hidden.dim() < 1:
         raise ValueError("smoothce: hidden must have shape (..., D), got a 0-d tensor")
     if weight.dim() != 2:
@@ -597,15 +559,9 @@ def fused_linear_cross_entropy(
     if hidden.shape[-1] != d:
         raise ValueError(f"smoothce: hidden's last dim must equal weight's D = {d}: hidden {tuple(hidden.shape)}, "
                          f"weight {tuple(weight.shape)}")
-    if target.shape != hidden.shape[:-1]:
-        raise ValueError(f"smoothce: target must have shape {tuple(hidden.shape[:-1])} (hidden without its last "
-                         f"dim), got {tuple(target.shape)}")
-    if hidden.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"smoothce: hidden must be float16, bfloat16, float32 or float64, got {hidden.dtype}")
+    check_labels(target, hidden.shape[:-1], f"hidden shape {tuple(hidden.shape)} without its last dim")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"smoothce: weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
-    if target.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"smoothce: target must hold class indices as int64 or int32, got {target.dtype}")
     if bias is not None:
         if not isinstance(bias, Tensor) or bias.shape != (v,):
             raise ValueError(f"smoothce: bias must have shape ({v},), got "
@@ -613,20 +569,12 @@ def fused_linear_cross_entropy(
         if bias.dtype != hidden.dtype:
             raise TypeError(f"smoothce: bias dtype {bias.dtype} must equal hidden dtype {hidden.dtype}")
     if class_weight is not None:
-        if not isinstance(class_weight, Tensor) or class_weight.shape != (v,):
-            raise ValueError(f"smoothce: class_weight must have shape ({v},), got "
-                             f"{tuple(class_weight.shape) if isinstance(class_weight, Tensor) else class_weight!r}")
-        if not class_weight.is_floating_point():
-            raise TypeError(f"smoothce: class_weight must be floating point, got {class_weight.dtype}")
-    tensors = [hidden, weight, target] + [t for t in (bias, class_weight) if t is not None]
-    devices = {t.device for t in tensors}
-    if len(devices) != 1:
-        raise ValueError(f"smoothce: all tensors must be on one device, got {sorted(map(str, devices))}")
+        check_per_class("class_weight", class_weight, v)
+    check_same_device("hidden", hidden=hidden, weight=weight, target=target, bias=bias, class_weight=class_weight)
     if uniform_rows is not None:
         raise ValueError("smoothce: fused_linear_cross_entropy does not take uniform_rows yet; "
                          "use fused_cross_entropy on the logits")
-    if loss_dtype is not None and (not isinstance(loss_dtype, torch.dtype) or not loss_dtype.is_floating_point):
-        raise TypeError(f"smoothce: loss_dtype={loss_dtype!r} must be None or a floating point dtype")
+    check_loss_dtype(loss_dtype)
     if chunk_size is None:
         chunk_size = 0
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:

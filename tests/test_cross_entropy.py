@@ -1,16 +1,19 @@
 """smoothce::cross_entropy against eager PyTorch in float64, on both paths.
 
-"triton" runs the Triton kernel (through the interpreter on CPU), "torch" the chunked torch
-implementation; both must agree with F.cross_entropy (and with an explicit float64 formula for
-the general a, b, c form, z-loss and softcap).
+"triton" runs the Triton kernel (on CUDA, or through the interpreter on CPU), "torch" the torch
+implementation; both must agree with F.cross_entropy and with LossForm's loss written out in
+float64 (tests/reference.py). Tensors live on the device fixture's device; the kernel's variants
+and the GPU grid are in tests/test_cross_entropy_kernels.py.
 """
+
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import reference
 
 import smoothce
-from smoothce.kernels import cross_entropy as ce_mod
 from smoothce.kernels.cross_entropy import fused_cross_entropy
 
 PATHS = ["torch", "triton"]
@@ -24,47 +27,23 @@ TOL = {
 }
 
 
+def _use(path, device, monkeypatch):
+    if path == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton kernel on CPU tensors needs the interpreter (a CUDA machine runs it on CUDA)")
+    monkeypatch.setenv("SMOOTHCE_KERNEL", path)
+    return device
+
+
 @pytest.fixture(params=PATHS)
-def path(request, monkeypatch):
-    monkeypatch.setenv("SMOOTHCE_KERNEL", request.param)
-    return request.param
+def path(request, device, monkeypatch):
+    """The device the test runs on, with SMOOTHCE_KERNEL set to the path."""
+    return _use(request.param, device, monkeypatch)
 
 
-def reference(x, y, weight=None, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, smoothing="all",
-              scale=1.0, kl=False, z_loss=0.0, softcap=None, logit_scale=1.0, uniform_rows=None):
-    """LossForm's loss written out densely in float64 from its words.
-
-    The target distribution puts 1 - eps on the label and spreads eps over all V classes
-    ("all") or the V - 1 others ("others"); its label part counts on rows whose label is not
-    ignore_index, its uniform part on uniform_rows (default: the same rows).
-    """
-    x = x.double() * logit_scale
-    if softcap is not None:
-        x = softcap * torch.tanh(x / softcap)
-    x = x.movedim(1, -1)  # (..., V)
-    V = x.shape[-1]
-    w = torch.ones(V, dtype=torch.float64) if weight is None else weight.double()
-    label_rows = y != ignore_index if ignore_index is not None else torch.ones_like(y, dtype=torch.bool)
-    uniform_rows = label_rows if uniform_rows is None else uniform_rows
-    y_safe = torch.where(label_rows, y, 0)
-    onehot = F.one_hot(y_safe, V).double()
-    eps = label_smoothing
-    per_class = eps / V if smoothing == "all" else eps / (V - 1)
-    on_label = 1 - eps if smoothing == "all" else 1 - eps - per_class  # plus per_class from the uniform part
-    lse = torch.logsumexp(x, -1)
-    logp = x - lse.unsqueeze(-1)
-    ce = -on_label * w[y_safe] * (onehot * logp).sum(-1) * label_rows
-    ce = ce - per_class * (w * logp).sum(-1) * uniform_rows
-    if kl:
-        q = on_label * onehot + per_class
-        ce = ce + torch.special.xlogy(q, q).sum(-1) * label_rows
-    ce = scale * ce
-    zl = z_loss * lse * lse * label_rows
-    if reduction == "none":
-        return ce + zl
-    if reduction == "sum":
-        return ce.sum() + zl.sum()
-    return ce.sum() / (w[y_safe] * label_rows).sum() + (zl.sum() / label_rows.sum() if z_loss else 0.0)
+@pytest.fixture(params=PATHS)
+def cpu_path(request, monkeypatch):
+    """Both paths on CPU tensors: behaviour only the CPU has (errors that need a data check)."""
+    return _use(request.param, "cpu", monkeypatch)
 
 
 def check(out, ref, grads, ref_grads, dtype):
@@ -77,15 +56,21 @@ def check(out, ref, grads, ref_grads, dtype):
         torch.testing.assert_close(g.double(), r, atol=tol["atol"] * max(1.0, r.abs().max().item()), rtol=tol["rtol"])
 
 
-def run_pair(fn, ref_fn, x, grad_output=None):
-    x = x.detach().requires_grad_(True)
+def _float64(t):
+    return t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+
+def run_pair(fn, ref_fn, x, *args, device="cpu", grad_output=None):
+    """fn(x, *args) on ``device`` and ref_fn in float64 on the CPU, with their gradients for one
+    grad_output (random unless given); results on the CPU."""
+    xd = x.detach().to(device).requires_grad_(True)
     x64 = x.detach().double().requires_grad_(True)
-    out = fn(x)
-    ref = ref_fn(x64)
-    go = torch.randn(out.shape, dtype=torch.float64, device=out.device) if grad_output is None else grad_output
-    (g,) = torch.autograd.grad(out, x, go.to(out.dtype))
+    out = fn(xd, *[a.to(device) if isinstance(a, torch.Tensor) else a for a in args])
+    ref = ref_fn(x64, *[_float64(a) for a in args])
+    go = torch.randn(ref.shape, dtype=torch.float64) if grad_output is None else grad_output
+    (g,) = torch.autograd.grad(out, xd, go.to(device, out.dtype))
     (gr,) = torch.autograd.grad(ref, x64, go)
-    return out, ref, g, gr
+    return out.detach().cpu(), ref, g.cpu(), gr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,10 +89,9 @@ def test_matches_f_cross_entropy(path, reduction, eps, weighted):
     y[[1, 5]] = -100
     w = torch.rand(C) + 0.25 if weighted else None
     out, ref, g, gr = run_pair(
-        lambda t: smoothce.cross_entropy(t, y, w, reduction=reduction, label_smoothing=eps),
-        lambda t: F.cross_entropy(t, y, w.double() if w is not None else None, reduction=reduction,
-                                  label_smoothing=eps),
-        x,
+        lambda t, y, w: smoothce.cross_entropy(t, y, w, reduction=reduction, label_smoothing=eps),
+        lambda t, y, w: F.cross_entropy(t, y, w, reduction=reduction, label_smoothing=eps),
+        x, y, w, device=path,
     )
     check(out, ref, [g], [gr], torch.float32)
 
@@ -118,22 +102,21 @@ def test_dtypes(path, dtype):
     x = (torch.randn(6, 50) * 2).to(dtype)
     y = torch.randint(0, 50, (6,))
     out, ref, g, gr = run_pair(
-        lambda t: smoothce.cross_entropy(t, y, label_smoothing=0.1),
-        lambda t: F.cross_entropy(t, y, label_smoothing=0.1),
-        x,
-        grad_output=torch.tensor(1.0, dtype=torch.float64),
+        lambda t, y: smoothce.cross_entropy(t, y, label_smoothing=0.1),
+        lambda t, y: F.cross_entropy(t, y, label_smoothing=0.1),
+        x, y, device=path, grad_output=torch.tensor(1.0, dtype=torch.float64),
     )
     check(out, ref, [g], [gr], dtype)
 
 
-def test_float64_is_exact():
+def test_float64_is_exact(device):
     torch.manual_seed(2)
     x = torch.randn(5, 13, dtype=torch.float64)
     y = torch.randint(0, 13, (5,))
     out, ref, g, gr = run_pair(
-        lambda t: smoothce.cross_entropy(t, y, label_smoothing=0.2, reduction="sum"),
-        lambda t: F.cross_entropy(t, y, label_smoothing=0.2, reduction="sum"),
-        x,
+        lambda t, y: smoothce.cross_entropy(t, y, label_smoothing=0.2, reduction="sum"),
+        lambda t, y: F.cross_entropy(t, y, label_smoothing=0.2, reduction="sum"),
+        x, y, device=device,
     )
     check(out, ref, [g], [gr], torch.float64)
 
@@ -152,9 +135,9 @@ def test_shapes(path, shape):
     x = torch.randn(N, C) * 4
     y = torch.randint(0, C, (N,))
     out, ref, g, gr = run_pair(
-        lambda t: smoothce.cross_entropy(t, y, label_smoothing=0.1, reduction="none"),
-        lambda t: F.cross_entropy(t, y, label_smoothing=0.1, reduction="none"),
-        x,
+        lambda t, y: smoothce.cross_entropy(t, y, label_smoothing=0.1, reduction="none"),
+        lambda t, y: F.cross_entropy(t, y, label_smoothing=0.1, reduction="none"),
+        x, y, device=path,
     )
     check(out, ref, [g], [gr], torch.float32)
 
@@ -168,9 +151,9 @@ def test_k_dim_input(path, reduction):
     y[0, 1, 2] = -100
     w = torch.rand(5) + 0.5
     out, ref, g, gr = run_pair(
-        lambda t: smoothce.cross_entropy(t, y, w, ignore_index=-100, reduction=reduction, label_smoothing=0.3),
-        lambda t: F.cross_entropy(t, y, w.double(), ignore_index=-100, reduction=reduction, label_smoothing=0.3),
-        x,
+        lambda t, y, w: smoothce.cross_entropy(t, y, w, ignore_index=-100, reduction=reduction, label_smoothing=0.3),
+        lambda t, y, w: F.cross_entropy(t, y, w, ignore_index=-100, reduction=reduction, label_smoothing=0.3),
+        x, y, w, device=path,
     )
     assert out.shape == (() if reduction == "mean" else y.shape)
     check(out, ref, [g], [gr], torch.float32)
@@ -181,9 +164,9 @@ def test_non_contiguous_logits(path):
     x = torch.randn(19, 8).t()  # (8, 19) with column-major strides
     y = torch.randint(0, 19, (8,))
     out, ref, g, gr = run_pair(
-        lambda t: smoothce.cross_entropy(t, y, label_smoothing=0.05),
-        lambda t: F.cross_entropy(t, y, label_smoothing=0.05),
-        x,
+        lambda t, y: smoothce.cross_entropy(t, y, label_smoothing=0.05),
+        lambda t, y: F.cross_entropy(t, y, label_smoothing=0.05),
+        x, y, device=path,
     )
     check(out, ref, [g], [gr], torch.float32)
 
@@ -193,9 +176,9 @@ def test_unbatched_input(path):
     y = torch.tensor(3)
     for reduction in ("none", "mean"):
         out, ref, g, gr = run_pair(
-            lambda t: smoothce.cross_entropy(t, y, reduction=reduction, label_smoothing=0.1),
-            lambda t: F.cross_entropy(t, y, reduction=reduction, label_smoothing=0.1),
-            x,
+            lambda t, y: smoothce.cross_entropy(t, y, reduction=reduction, label_smoothing=0.1),
+            lambda t, y: F.cross_entropy(t, y, reduction=reduction, label_smoothing=0.1),
+            x, y, device=path,
         )
         assert out.shape == ref.shape == ()
         check(out, ref, [g], [gr], torch.float32)
@@ -204,8 +187,8 @@ def test_unbatched_input(path):
 # The interpreter evaluates both sides of a tl.where: the masked 1 / 0 scale warns in numpy.
 @pytest.mark.filterwarnings("ignore:invalid value encountered in multiply")
 def test_all_rows_ignored_mean_is_nan(path):
-    x = torch.randn(3, 6, requires_grad=True)
-    y = torch.full((3,), -100)
+    x = torch.randn(3, 6, device=path, requires_grad=True)
+    y = torch.full((3,), -100, device=path)
     out = smoothce.cross_entropy(x, y, label_smoothing=0.1)
     ref = F.cross_entropy(x, y, label_smoothing=0.1)
     assert out.isnan() and ref.isnan()
@@ -242,9 +225,9 @@ def test_loss_forms(path, form, reduction):
     w = torch.rand(17) + 0.1
     kwargs = dict(ignore_index=-1, reduction=reduction, **FORMS[form])
     out, ref, g, gr = run_pair(
-        lambda t: fused_cross_entropy(t, y, w, **kwargs),
-        lambda t: reference(t, y, w, **kwargs),
-        x,
+        lambda t, y, w: fused_cross_entropy(t, y, w, **kwargs),
+        lambda t, y, w: reference(t, y, w, **kwargs),
+        x, y, w, device=path,
     )
     check(out, ref, [g], [gr], torch.float32)
 
@@ -257,15 +240,16 @@ def test_z_loss(path, reduction, weighted):
     y = torch.randint(0, 23, (7,))
     y[0] = -100
     w = torch.rand(23) + 0.5 if weighted else None
-    x_ = x.detach().requires_grad_(True)
-    loss, z = smoothce.cross_entropy(x_, y, w, reduction=reduction, label_smoothing=0.1, z_loss=1e-2,
+    x_ = x.detach().to(path).requires_grad_(True)
+    wd = w.to(path) if w is not None else None
+    loss, z = smoothce.cross_entropy(x_, y.to(path), wd, reduction=reduction, label_smoothing=0.1, z_loss=1e-2,
                                      return_z_loss=True)
     ref_z = reference(x.double(), y, w, reduction=reduction, scale=0.0, z_loss=1e-2)
-    torch.testing.assert_close(z.double(), ref_z, **TOL[torch.float32])
+    torch.testing.assert_close(z.double().cpu(), ref_z, **TOL[torch.float32])
     out, refo, g, gr = run_pair(
-        lambda t: smoothce.cross_entropy(t, y, w, reduction=reduction, label_smoothing=0.1, z_loss=1e-2),
-        lambda t: reference(t, y, w, reduction=reduction, label_smoothing=0.1, z_loss=1e-2),
-        x,
+        lambda t, y, w: smoothce.cross_entropy(t, y, w, reduction=reduction, label_smoothing=0.1, z_loss=1e-2),
+        lambda t, y, w: reference(t, y, w, reduction=reduction, label_smoothing=0.1, z_loss=1e-2),
+        x, y, w, device=path,
     )
     check(out, refo, [g], [gr], torch.float32)
     assert not z.requires_grad
@@ -277,13 +261,13 @@ def test_softcap(path, cap):
     x = torch.randn(5, 29) * 5
     y = torch.randint(0, 29, (5,))
     out, ref, g, gr = run_pair(
-        lambda t: smoothce.cross_entropy(t, y, label_smoothing=0.1, softcap=cap, z_loss=1e-3, reduction="none"),
-        lambda t: reference(t, y, reduction="none", label_smoothing=0.1, z_loss=1e-3, softcap=cap),
-        x,
+        lambda t, y: smoothce.cross_entropy(t, y, label_smoothing=0.1, softcap=cap, z_loss=1e-3, reduction="none"),
+        lambda t, y: reference(t, y, reduction="none", label_smoothing=0.1, z_loss=1e-3, softcap=cap),
+        x, y, device=path,
     )
     check(out, ref, [g], [gr], torch.float32)
     torch.testing.assert_close(
-        smoothce.cross_entropy(x, y, softcap=cap).double(),
+        smoothce.cross_entropy(x.to(path), y.to(path), softcap=cap).double().cpu(),
         F.cross_entropy(cap * torch.tanh(x.double() / cap), y),
         **TOL[torch.float32],
     )
@@ -301,10 +285,14 @@ def test_no_ignore_index(path, reduction):
     x = torch.randn(6, 11)
     y = torch.randint(0, 11, (6,))
     kwargs = dict(ignore_index=None, reduction=reduction, label_smoothing=0.2, z_loss=1e-2)
-    out, ref, g, gr = run_pair(lambda t: fused_cross_entropy(t, y, **kwargs), lambda t: reference(t, y, **kwargs), x)
+    out, ref, g, gr = run_pair(lambda t, y: fused_cross_entropy(t, y, **kwargs),
+                               lambda t, y: reference(t, y, **kwargs), x, y, device=path)
     check(out, ref, [g], [gr], torch.float32)
+
+
+def test_no_ignore_index_checks_every_label_on_cpu(cpu_path):
     with pytest.raises(IndexError, match="target -100 is out of bounds for 11 classes .*no ignore_index"):
-        fused_cross_entropy(x, torch.tensor([0, -100, 1, 2, 3, 4]), ignore_index=None)
+        fused_cross_entropy(torch.randn(6, 11), torch.tensor([0, -100, 1, 2, 3, 4]), ignore_index=None)
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum"])
@@ -319,9 +307,10 @@ def test_uniform_rows(path, reduction, weighted):
     uniform = torch.rand(2, 4) > 0.4
     uniform[0, 1] = True  # an ignored label whose uniform term still counts
     w = torch.rand(9) + 0.5 if weighted else None
-    kwargs = dict(reduction=reduction, label_smoothing=0.3, smoothing="others", z_loss=1e-2, uniform_rows=uniform)
-    out, ref, g, gr = run_pair(lambda t: fused_cross_entropy(t, y, w, **kwargs),
-                               lambda t: reference(t, y, w, **kwargs), x)
+    kwargs = dict(reduction=reduction, label_smoothing=0.3, smoothing="others", z_loss=1e-2)
+    out, ref, g, gr = run_pair(lambda t, y, w, u: fused_cross_entropy(t, y, w, uniform_rows=u, **kwargs),
+                               lambda t, y, w, u: reference(t, y, w, uniform_rows=u, **kwargs), x, y, w, uniform,
+                               device=path)
     check(out, ref, [g], [gr], torch.float32)
 
 
@@ -330,15 +319,16 @@ def test_loss_dtype(path, dtype):
     # F.cross_entropy(x.float(), y) with 16-bit x: the op reads x as it is, returns the float32
     # loss the user's code produced, and writes the gradient once in x's dtype.
     torch.manual_seed(15)
-    x = (torch.randn(7, 40) * 3).to(dtype)
-    y = torch.randint(0, 40, (7,))
+    x = (torch.randn(7, 40) * 3).to(dtype).to(path)
+    y = torch.randint(0, 40, (7,)).to(path)
     y[2] = -100
     x.requires_grad_(True)
     out = fused_cross_entropy(x, y, label_smoothing=0.1, loss_dtype=torch.float32)
     (g,) = torch.autograd.grad(out, x)
-    x64 = x.detach().double().requires_grad_(True)
-    ref = F.cross_entropy(x64, y, label_smoothing=0.1)
+    x64 = x.detach().double().cpu().requires_grad_(True)
+    ref = F.cross_entropy(x64, y.cpu(), label_smoothing=0.1)
     (gr,) = torch.autograd.grad(ref, x64)
+    out, g = out.detach().cpu(), g.cpu()
     assert out.dtype == torch.float32 and g.dtype == dtype
     # float32 math on the 16-bit values: float32 agreement for the loss; the gradient is rounded
     # once to the logits' dtype.
@@ -348,7 +338,7 @@ def test_loss_dtype(path, dtype):
     assert z.dtype == torch.float64
 
 
-def test_out_of_range_label_is_both_eager_exception_types(path):
+def test_out_of_range_label_is_both_eager_exception_types(cpu_path):
     # F.cross_entropy / nll_loss raise IndexError, gather raises RuntimeError: either spelling
     # rewritten into the op raises what eager raised.
     x, y = torch.randn(3, 5), torch.tensor([0, 7, 1])
@@ -363,8 +353,8 @@ def test_out_of_range_label_is_both_eager_exception_types(path):
 
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 def test_empty_batch(path, reduction):
-    x = torch.randn(0, 6, requires_grad=True)
-    y = torch.zeros(0, dtype=torch.long)
+    x = torch.randn(0, 6, device=path, requires_grad=True)
+    y = torch.zeros(0, dtype=torch.long, device=path)
     out = smoothce.cross_entropy(x, y, reduction=reduction, label_smoothing=0.1)
     ref = F.cross_entropy(x, y, reduction=reduction, label_smoothing=0.1)
     torch.testing.assert_close(out, ref, equal_nan=True)
@@ -376,8 +366,9 @@ def test_empty_batch(path, reduction):
 def test_one_class(path):
     x = torch.randn(4, 1)
     y = torch.zeros(4, dtype=torch.long)
-    out, ref, g, gr = run_pair(lambda t: smoothce.cross_entropy(t, y, label_smoothing=0.1, reduction="none"),
-                               lambda t: F.cross_entropy(t, y, label_smoothing=0.1, reduction="none"), x)
+    out, ref, g, gr = run_pair(lambda t, y: smoothce.cross_entropy(t, y, label_smoothing=0.1, reduction="none"),
+                               lambda t, y: F.cross_entropy(t, y, label_smoothing=0.1, reduction="none"), x, y,
+                               device=path)
     check(out, ref, [g], [gr], torch.float32)
 
 
@@ -416,9 +407,9 @@ def test_module_twin(path):
     w = torch.rand(12) + 0.5
     x = torch.randn(6, 12)
     y = torch.randint(0, 12, (6,))
-    ours = smoothce.CrossEntropyLoss(weight=w, label_smoothing=0.2, reduction="sum")
+    ours = smoothce.CrossEntropyLoss(weight=w, label_smoothing=0.2, reduction="sum").to(path)
     theirs = torch.nn.CrossEntropyLoss(weight=w.double(), label_smoothing=0.2, reduction="sum")
-    out, ref, g, gr = run_pair(lambda t: ours(t, y), lambda t: theirs(t, y), x)
+    out, ref, g, gr = run_pair(lambda t, y: ours(t, y), lambda t, y: theirs(t, y), x, y, device=path)
     check(out, ref, [g], [gr], torch.float32)
 
 
@@ -491,26 +482,12 @@ def test_bad_kernel_choice_is_named(monkeypatch):
         smoothce.cross_entropy(torch.randn(2, 3), torch.zeros(2, dtype=torch.long))
 
 
-def test_out_of_range_target_raises_on_cpu(path):
+def test_out_of_range_target_raises_on_cpu(cpu_path):
     x = torch.randn(3, 5)
     with pytest.raises(IndexError, match="target 5 is out of bounds for 5 classes"):
         smoothce.cross_entropy(x, torch.tensor([0, 5, 1]))
     with pytest.raises(IndexError, match="target -3 is out of bounds"):
         smoothce.cross_entropy(x, torch.tensor([0, -3, 1]))
-
-
-def test_kernel_poisons_out_of_range_rows_with_nan():
-    # Where a check would need a device sync (CUDA), the kernel itself never reads out of bounds
-    # and marks the row nan; exercised here on the launcher directly.
-    x = torch.randn(3, 5)
-    y = torch.tensor([[0], [9], [-100]])
-    ce_rows, z_rows = torch.empty(3), torch.zeros(3)
-    grad = torch.empty(3, 5, 1)
-    scales = torch.ones(2)
-    ce_mod.launch_cross_entropy(x.view(3, 5, 1), y, None, scales, ce_rows, z_rows, grad, ignore_index=-100,
-                                a=0.9, b=0.02, c=0.0, z_loss=0.0, softcap=None)
-    assert ce_rows[0].isfinite() and ce_rows[1].isnan() and ce_rows[2] == 0
-    assert grad[1].isnan().all() and (grad[2] == 0).all() and grad[0].isfinite().all()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -539,6 +516,8 @@ OP_FORM_ARGS = (-100, "mean", 0.0, "all", 1.0, False, 0.0, None, 1.0)
     ],
 )
 def test_opcheck(path, args):
+    args = tuple(a.detach().to(path).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+                 for a in args)
     torch.library.opcheck(torch.ops.smoothce.cross_entropy.default, args)
 
 
@@ -575,42 +554,8 @@ def test_compile(backend, dynamic):
 
 
 # ----------------------------------------------------------------------------------------------
-# GPU only
+# Eager backward: the stored gradient, scaled in place
 # ----------------------------------------------------------------------------------------------
-
-
-@pytest.mark.gpu
-def test_int64_offsets_past_2_pow_31_elements():
-    # 8193 x 262144 bf16 = 2^31 + 2^18 elements: int32 row offsets would wrap for the last row.
-    torch.manual_seed(11)
-    N, C = 8193, 262144
-    x = torch.randn(N, C, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    y = torch.randint(0, C, (N,), device="cuda")
-    out = smoothce.cross_entropy(x, y, label_smoothing=0.1, reduction="none")
-    (g,) = torch.autograd.grad(out.sum(), x)
-    rows = torch.tensor([0, N - 1], device="cuda")
-    xr = x.detach()[rows].double().requires_grad_(True)
-    ref = F.cross_entropy(xr, y[rows], label_smoothing=0.1, reduction="none")
-    (gr,) = torch.autograd.grad(ref.sum(), xr)
-    torch.testing.assert_close(out[rows].double(), ref, **TOL[torch.bfloat16])
-    torch.testing.assert_close(g[rows].double(), gr, atol=1e-3, rtol=2e-2)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_grid(dtype):
-    torch.manual_seed(12)
-    x = torch.randn(64, 32000, device="cuda").to(dtype)
-    y = torch.randint(0, 32000, (64,), device="cuda")
-    y[::7] = -100
-    w = torch.rand(32000, device="cuda") + 0.5
-    out, ref, g, gr = run_pair(
-        lambda t: smoothce.cross_entropy(t, y, w, label_smoothing=0.1, z_loss=1e-4),
-        lambda t: reference(t.cpu(), y.cpu(), w.cpu(), label_smoothing=0.1, z_loss=1e-4).cuda(),
-        x,
-        grad_output=torch.tensor(1.0, dtype=torch.float64, device="cuda"),
-    )
-    check(out, ref, [g], [gr], dtype)
 
 
 def test_eager_backward_reuses_the_stored_gradient():
