@@ -131,25 +131,29 @@ def _fmt_value(v: Any) -> str:
     return s[len("torch."):] if s.startswith("torch.") else s
 
 
+# Keys of a Match's flat ``params`` that restate its form or its coefficients; the rest are details
+# (class weight, classes, dtypes, the head, op calls, ...).
+_FORM_PARAMS = frozenset({"eps", "convention", "target_coef", "uniform_coef", "constant", "z_loss", "softcap",
+                          "logit_scale", "ignore_index", "reduction"})
+
+
 def _loss_parts(m: Match) -> tuple[LossForm, dict[str, Any], dict[str, float]]:
     """(the loss as the user wrote it, what else a reader may want, the kernels' coefficients)."""
-    if hasattr(m, "form"):
-        return m.form, dict(m.details), dict(m.coefficients)
-    # A detector that reports coefficients only: the form is the one they stand for.
     p = dict(m.params)
-    reduction = p["reduction"]
-    form_keys = {"eps", "convention", "target_coef", "uniform_coef", "constant", "z_loss", "softcap",
-                 "logit_scale", "ignore_index", "reduction"}
-    details = {k: v for k, v in p.items() if k not in form_keys}
-    if reduction not in REDUCTIONS:  # e.g. "none then mean": a plain mean after the op
-        details["reduction"] = reduction
-    coefficients = {"a": p["target_coef"], "b": p["uniform_coef"], "c": p["constant"], "z": p["z_loss"]}
-    form = LossForm.from_coefficients(
-        p["target_coef"], p["uniform_coef"], p["constant"], p["classes"], ignore_index=p["ignore_index"],
-        reduction=reduction if reduction in REDUCTIONS else "none", z_loss=p["z_loss"], softcap=p["softcap"],
-        logit_scale=p.get("logit_scale", 1.0),
-    )
-    return form, details, coefficients
+    details = {k: v for k, v in p.items() if k not in _FORM_PARAMS}
+    coefficients = getattr(m, "coefficients", None) or {
+        "a": p["target_coef"], "b": p["uniform_coef"], "c": p["constant"], "z": p["z_loss"]}
+    form = getattr(m, "form", None)
+    if form is None:  # a detector that reports coefficients only: the form they stand for
+        reduction = p["reduction"]
+        if reduction not in REDUCTIONS:  # e.g. "none then mean": a plain mean after the op
+            details["reduction"] = reduction
+        form = LossForm.from_coefficients(
+            coefficients["a"], coefficients["b"], coefficients["c"], p["classes"], ignore_index=p["ignore_index"],
+            reduction=reduction if reduction in REDUCTIONS else "none", z_loss=p["z_loss"], softcap=p["softcap"],
+            logit_scale=p.get("logit_scale", 1.0),
+        )
+    return form, details, dict(coefficients)
 
 
 def loss_words(m: Match, verbose: bool = False) -> str:

@@ -26,16 +26,17 @@ _BREAK_REASON = (
 
 
 def make_match(family, location, form, replaced, *, classes=16, **details):
-    """A detector Match for ``form``, as the detector builds it (whichever fields Match has)."""
+    """A detector Match for ``form`` as the detector builds it: the flat ``params`` every version
+    has, plus ``form`` and ``coefficients`` where Match has those fields."""
     a, b, c = form.coefficients(classes)
     coefficients = {"a": a, "b": b, "c": c, "z": form.z_loss}
-    details = {"weight": None, "classes": classes, "dtype": "float32", **details}
-    if "form" in {f.name for f in dataclasses.fields(Match)}:
-        return Match(family, location, form, coefficients, details, tuple(replaced))
-    params = {"target_coef": a, "uniform_coef": b, "constant": c, "z_loss": form.z_loss, "softcap": form.softcap,
-              "logit_scale": form.logit_scale, "ignore_index": form.ignore_index, "reduction": form.reduction,
-              **details}
-    return Match(family, location, params, tuple(replaced))
+    params = {"eps": form.label_smoothing, "target_coef": a, "uniform_coef": b, "constant": c,
+              "z_loss": form.z_loss, "softcap": form.softcap, "logit_scale": form.logit_scale,
+              "ignore_index": form.ignore_index, "reduction": form.reduction,
+              "weight": None, "classes": classes, "dtype": "float32", **details}
+    fields = {f.name for f in dataclasses.fields(Match)}
+    extra = {"form": form, "coefficients": coefficients} if "form" in fields else {}
+    return Match(family, location, params, tuple(replaced), **extra)
 
 
 def _report() -> Report:
