@@ -10,13 +10,12 @@ for hidden and weight (no bias), as when training a head. Methods:
     fused      smoothce's fused_linear_cross_entropy, eager (the op runs chunk by chunk)
     fused+compile   the same call inside torch.compile (Inductor)
 
-Every method runs in a fresh subprocess. Peak memory is the RSS high-water mark of one step
-minus the RSS before it: warm-up steps (compilation) first, then the high-water mark is reset
-through /proc/self/clear_refs. glibc's mmap threshold is pinned so freed buffers go back to the
-OS and the high-water mark tracks live memory (otherwise a step could reuse pages freed by the
-warm-up and look smaller than it is). Time: several steps per process in other processes, with
-the default allocator; methods alternate over rounds. Reported: the best round's median, and the
-median and interquartile range of all timed steps, with the load average before and after.
+Every method runs in a fresh subprocess. Peak memory: one step after the warm-up (compiling)
+steps, by smoothce.measure.memory.peak_cpu (the resident set's high-water mark above its start,
+with glibc's mmap threshold pinned so freed buffers go back to the OS). Time: several steps per
+process in other processes, with the default allocator; methods alternate over rounds. Reported:
+the best round's median, and the median and interquartile range of all timed steps, with the load
+average before and after.
 """
 from __future__ import annotations
 
@@ -30,14 +29,6 @@ import sys
 import time
 
 METHODS = ("inductor", "eager", "fused", "fused+compile")
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _make_step(method: str, eps: float, v: int):
@@ -58,8 +49,6 @@ def _make_step(method: str, eps: float, v: int):
 
 
 def worker(method: str, n: int, d: int, v: int, eps: float, mode: str, repeats: int) -> dict:
-    import gc
-
     import torch
 
     torch.manual_seed(0)
@@ -77,15 +66,15 @@ def worker(method: str, n: int, d: int, v: int, eps: float, mode: str, repeats: 
 
     for _ in range(2):  # compile and warm up
         loss = run()
-    h.grad = w.grad = None
-    gc.collect()
     if mode == "memory":
-        before = _rss_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the RSS high-water mark (VmHWM) to the current RSS
-        loss = run()
-        peak = _rss_kib("VmHWM")
-        return {"peak_mib": (peak - before) / 1024, "loss": float(loss)}
+        from smoothce.measure.memory import peak_cpu
+
+        def clear():
+            h.grad = w.grad = None
+
+        losses = []
+        peak, how = peak_cpu(lambda: losses.append(run()), clear)
+        return {"peak_mib": peak / 2**20, "memory_method": how, "loss": float(losses[0])}
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -95,9 +84,9 @@ def worker(method: str, n: int, d: int, v: int, eps: float, mode: str, repeats: 
 
 
 def _spawn(method, args, mode) -> dict:
-    env = dict(os.environ)
-    if mode == "memory":
-        env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
+    from smoothce.measure.memory import MALLOC_ENV
+
+    env = {**os.environ, **MALLOC_ENV} if mode == "memory" else dict(os.environ)
     cmd = [sys.executable, __file__, "--worker", method, "--mode", mode, "--n", str(args.n), "--d", str(args.d),
            "--v", str(args.v), "--eps", str(args.eps), "--repeats", str(args.repeats)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -395,15 +395,12 @@ def test_gradients_are_the_stored_buffers(device):
 
 def step_peak_bytes(step, device) -> int:
     """Peak bytes allocated while ``step`` runs, above what was allocated before it: the CUDA
-    caching allocator's counters on a GPU; on CPU the allocator's records (every allocation and
-    free, timed) as the profiler keeps them."""
+    caching allocator's counters on a GPU (smoothce.measure); on CPU the allocator's records (every
+    allocation and free, timed) as the profiler keeps them, which need no fresh process."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
+        from smoothce.measure.memory import peak_cuda
+
+        return peak_cuda(step)
     gc.collect()  # what is garbage now must not be freed, unrecorded, inside the profile
     with torch.autograd.profiler.profile(profile_memory=True) as prof:
         step()
