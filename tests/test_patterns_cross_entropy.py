@@ -7,26 +7,23 @@ a golden. Negative cases check that the graph is unchanged and that the near mis
 Shapes are tiny (N=6 rows, V=11 classes: odd, so eps/V and eps/(V-1) differ visibly).
 """
 
+import copy
+import inspect
 import os
 
-os.environ.setdefault("SMOOTHCE_KERNEL", "torch")  # the op's CPU torch path: no Triton interpreter
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from expecttest import TestCase
+from torch._dynamo.backends.common import aot_autograd
+from torch._dynamo.backends.debugging import aot_eager
+from torch._functorch.aot_autograd import make_boxed_func
 
-import copy  # noqa: E402
-import inspect  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from expecttest import TestCase  # noqa: E402
-from torch._dynamo.backends.common import aot_autograd  # noqa: E402
-from torch._dynamo.backends.debugging import aot_eager  # noqa: E402
-from torch._functorch.aot_autograd import make_boxed_func  # noqa: E402
-
-from smoothce.kernels.cross_entropy import fused_cross_entropy  # noqa: E402
-from smoothce.kernels.linear_cross_entropy import fused_linear_cross_entropy  # noqa: E402
-from smoothce.patterns.cross_entropy import rewrite_cross_entropy  # noqa: E402
-from smoothce.patterns.interpret import op_name  # noqa: E402
+from smoothce.kernels.cross_entropy import fused_cross_entropy
+from smoothce.kernels.linear_cross_entropy import fused_linear_cross_entropy
+from smoothce.patterns.cross_entropy import rewrite_cross_entropy
+from smoothce.patterns.ops import op_name
 
 N, V = 6, 11
 B, T = 2, 4
@@ -283,8 +280,8 @@ def test_lm_loss_divided_by_token_count(dtype):
     rec = check(lm_loss_token_mean, logits(B, T + 1, V), labels(B, T + 1, ignore=-100, where=(3, 7)),
                 dtype=dtype, **tol)
     (m,) = rec.result.matches
-    assert m.params["dtype"] == "float32"  # the op reads the upcast logits
-    assert m.params["reduction"] == "sum"
+    assert m.params["dtype"] == ("bfloat16" if dtype == torch.bfloat16 else "float32")  # the logits as they are
+    assert m.params["reduction"] == "mean"  # sum / (labels != -100).sum() is PyTorch's mean
 
 
 class GoldensLM(TestCase):
@@ -296,18 +293,13 @@ class GoldensLM(TestCase):
 def forward(self, L_x_ : torch.Tensor, L_y_ : torch.Tensor):
     l_x_ = L_x_
     l_y_ = L_y_
-    logits_ = l_x_.float();  l_x_ = None
-    getitem = logits_[(Ellipsis, slice(None, -1, None), slice(None, None, None))];  logits_ = None
-    shift_logits = getitem.contiguous();  getitem = None
     getitem_1 = l_y_[(Ellipsis, slice(1, None, None))];  l_y_ = None
     shift_labels = getitem_1.contiguous();  getitem_1 = None
-    view = shift_logits.view(-1, 11);  shift_logits = None
-    ne = shift_labels != -100
-    sum_1 = ne.sum();  ne = None
-    reshape = shift_labels.reshape(-1);  shift_labels = None
-    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(view, reshape, None, ignore_index = -100, reduction = 'sum', target_coef = 1.0, uniform_coef = 0.0, constant = 0.0, z_loss = 0.0, softcap = None);  view = reshape = None
-    truediv_1 = fused_cross_entropy / sum_1;  fused_cross_entropy = sum_1 = None
-    return (truediv_1,)""")
+    getitem_2 = l_x_[(Ellipsis, slice(None, -1, None), slice(None, None, None))];  l_x_ = None
+    reshape = getitem_2.reshape(-1, 11);  getitem_2 = None
+    reshape_1 = shift_labels.reshape(-1);  shift_labels = None
+    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(reshape, reshape_1, None, ignore_index = -100, reduction = 'mean', target_coef = 1.0, uniform_coef = 0.0, constant = 0.0, z_loss = 0.0, softcap = None);  reshape = reshape_1 = None
+    return (fused_cross_entropy,)""")
 
     def test_hf_label_smoother_golden(self):
         trainer_pt_utils = pytest.importorskip("transformers.trainer_pt_utils")
@@ -323,20 +315,23 @@ def forward(self, L_x_ : torch.Tensor, L_y_ : torch.Tensor):
 def forward(self, L_x_ : torch.Tensor, L_y_ : torch.Tensor):
     l_x_ = L_x_
     l_y_ = L_y_
-    getitem = l_x_[(Ellipsis, slice(None, -1, None), slice(None, None, None))];  l_x_ = None
-    logits = getitem.contiguous();  getitem = None
     getitem_1 = l_y_[(Ellipsis, slice(1, None, None))];  l_y_ = None
     labels = getitem_1.contiguous();  getitem_1 = None
     labels_1 = labels.unsqueeze(-1)
-    padding_mask = labels_1.eq(-100);  labels_1 = None
-    long = padding_mask.long();  padding_mask = None
-    sum_2 = long.sum();  long = None
-    denominator = 8 - sum_2;  sum_2 = None
-    reshape = logits.reshape(-1, 11);  logits = None
-    reshape_1 = labels.reshape(-1);  labels = None
-    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(reshape, reshape_1, None, ignore_index = -100, reduction = 'sum', target_coef = 0.9, uniform_coef = 0.009090909090909092, constant = 0.0, z_loss = 0.0, softcap = None);  reshape = reshape_1 = None
-    truediv_2 = fused_cross_entropy / denominator;  fused_cross_entropy = denominator = None
-    return (truediv_2,)""")
+    labels_2 = torch.clamp(labels_1, min = 0);  labels_1 = None
+    getitem_2 = l_x_[(Ellipsis, slice(None, -1, None), slice(None, None, None))];  l_x_ = None
+    reshape = getitem_2.reshape(-1, 11);  getitem_2 = None
+    reshape_1 = labels_2.reshape(-1)
+    ne = labels != -100;  labels = None
+    reshape_2 = ne.reshape(-1);  ne = None
+    where = torch.where(reshape_2, reshape_1, -100);  reshape_2 = reshape_1 = None
+    reshape_3 = labels_2.reshape(-1);  labels_2 = None
+    lt = reshape_3 < 0
+    ge = reshape_3 >= 11;  reshape_3 = None
+    or_ = lt | ge;  lt = ge = None
+    where_1 = torch.where(or_, 11, where);  or_ = where = None
+    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(reshape, where_1, None, ignore_index = -100, reduction = 'mean', target_coef = 0.9, uniform_coef = 0.009090909090909092, constant = 0.0, z_loss = 0.0, softcap = None);  reshape = where_1 = None
+    return (fused_cross_entropy,)""")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -417,19 +412,24 @@ class GoldensHand(TestCase):
     def test_eps_over_v_golden(self):
         rec = check(smooth_masked_mul, logits(N, V), labels(N, ignore=-100, where=(1, 2)))
         (m,) = rec.result.matches
-        # the location is the user's log_softmax line; the graph nodes it replaced are listed
-        self.assertEqual(m.location, f"{FILE}:{inspect.getsourcelines(smooth_masked_mul)[1] + 1}")
+        # the location is the line that produces the loss; the graph nodes it replaced are listed
+        self.assertEqual(m.location, f"{FILE}:{inspect.getsourcelines(smooth_masked_mul)[1] + 6}")
         self.assertIn("lp", m.replaced)
         self.assertExpectedInline(normalize(rec.gm.code), """\
 def forward(self, L_x_ : torch.Tensor, L_y_ : torch.Tensor):
     l_x_ = L_x_
     l_y_ = L_y_
-    ne = l_y_ != -100
-    mask = ne.float();  ne = None
-    sum_2 = mask.sum();  mask = None
-    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(l_x_, l_y_, None, ignore_index = -100, reduction = 'sum', target_coef = 0.9, uniform_coef = 0.009090909090909092, constant = 0.0, z_loss = 0.0, softcap = None);  l_x_ = l_y_ = None
-    truediv_1 = fused_cross_entropy / sum_2;  fused_cross_entropy = sum_2 = None
-    return (truediv_1,)""")
+    clamp = l_y_.clamp(min = 0)
+    ne_1 = l_y_ != -100;  l_y_ = None
+    reshape = ne_1.reshape(-1);  ne_1 = None
+    where = torch.where(reshape, clamp, -100);  reshape = None
+    reshape_1 = clamp.reshape(-1);  clamp = None
+    lt = reshape_1 < 0
+    ge = reshape_1 >= 11;  reshape_1 = None
+    or_ = lt | ge;  lt = ge = None
+    where_1 = torch.where(or_, 11, where);  or_ = where = None
+    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(l_x_, where_1, None, ignore_index = -100, reduction = 'mean', target_coef = 0.9, uniform_coef = 0.009090909090909092, constant = 0.0, z_loss = 0.0, softcap = None);  l_x_ = where_1 = None
+    return (fused_cross_entropy,)""")
 
     def test_eps_over_v_minus_one_golden(self):
         rec = check(smooth_other_classes, logits(N, V), labels(N, ignore=0, where=(0, 3)))
@@ -441,11 +441,8 @@ def forward(self, L_x_ : torch.Tensor, L_y_ : torch.Tensor):
 def forward(self, L_x_ : torch.Tensor, L_y_ : torch.Tensor):
     l_x_ = L_x_
     l_y_ = L_y_
-    mask = l_y_ != 0
-    sum_3 = mask.sum();  mask = None
-    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(l_x_, l_y_, None, ignore_index = 0, reduction = 'sum', target_coef = 0.89, uniform_coef = 0.01, constant = 0.0, z_loss = 0.0, softcap = None);  l_x_ = l_y_ = None
-    truediv_1 = fused_cross_entropy / sum_3;  fused_cross_entropy = sum_3 = None
-    return (truediv_1,)""")
+    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(l_x_, l_y_, None, ignore_index = 0, reduction = 'mean', target_coef = 0.89, uniform_coef = 0.01, constant = 0.0, z_loss = 0.0, softcap = None);  l_x_ = l_y_ = None
+    return (fused_cross_entropy,)""")
 
 
 def test_hand_written_weighted():
@@ -618,7 +615,8 @@ def test_dense_targets_are_left_alone():
         return -(p * F.log_softmax(x, -1)).sum(-1).mean()
 
     p = torch.softmax(logits(N, V, seed=5), -1)
-    assert _unchanged(fn, logits(N, V), p) == ["targets are a dense input (l_p_), not built from the labels"]
+    assert _unchanged(fn, logits(N, V), p) == [
+        "targets are class probabilities from outside the graph (l_p_), not built from the labels"]
 
 
 def test_dense_targets_to_cross_entropy_are_left_alone():
@@ -626,7 +624,8 @@ def test_dense_targets_to_cross_entropy_are_left_alone():
         return F.cross_entropy(x, p)
 
     p = torch.softmax(logits(N, V, seed=5), -1)
-    assert _unchanged(fn, logits(N, V), p) == ["targets are a dense input (l_p_), not built from the labels"]
+    assert _unchanged(fn, logits(N, V), p) == [
+        "targets are class probabilities from outside the graph (l_p_), not built from the labels"]
 
 
 def test_log_probs_read_elsewhere_are_left_alone():
@@ -745,7 +744,8 @@ def test_mask_that_differs_between_classes_is_left_alone():
 
     keep = torch.rand(N, V, generator=torch.Generator().manual_seed(4)) > 0.3
     reasons = _unchanged(fn, logits(N, V), labels(N), keep)
-    assert reasons == ["masked_fill with a mask that is not one value per row"], reasons
+    line = inspect.getsourcelines(fn)[1] + 2
+    assert reasons == [f"a mask of shape (6, 11) that is not one value per row (masked_fill at {FILE}:{line})"], reasons
 
 
 def test_learned_class_weight_stays_user_arithmetic():
@@ -820,8 +820,10 @@ def test_logits_returned_keep_the_plain_op():
     rec = check_head(TinyLM(return_logits=True))
     (m,) = rec.result.matches
     assert m.family == "cross_entropy"
+    line = inspect.getsourcelines(TinyLM.forward)[1] + 1
     assert [nm.reason for nm in rec.result.near_misses] == [
-        "not fused with its LM head: logits returned to the caller"]
+        f"not fused with the linear layer that produces the logits (linear at {FILE}:{line}): "
+        "the logits are returned to the caller"]
 
 
 @pytest.mark.parametrize("fuse_linear, family", [(None, "linear+cross_entropy"), (False, "cross_entropy")])
@@ -917,7 +919,8 @@ def test_kl_div_none_masked():
 
     rec = check(fn, logits(N, V), labels(N, ignore=-100, where=(0, 4)))
     (m,) = rec.result.matches
-    assert (m.family, m.params["reduction"], m.params["ignore_index"]) == ("kl_div", "sum", -100)
+    # (kl * mask).sum() / mask.sum() with mask = y != -100 is the op's mean over kept rows
+    assert (m.family, m.params["reduction"], m.params["ignore_index"]) == ("kl_div", "mean", -100)
 
 
 def test_graph_without_a_loss_is_untouched():
@@ -991,8 +994,8 @@ def test_fairseq_criterion_returning_nll_is_left_alone():
         return fairseq_label_smoothed_nll_loss(F.log_softmax(x, -1), y, EPS, ignore_index=1)
 
     reasons = _unchanged(fn, logits(N, V), labels(N, ignore=1, where=(0,)))
-    assert len(reasons) == 1 and reasons[0].startswith("the loss (nll_loss_1, "), reasons
-    assert reasons[0].endswith(") is also returned from the graph")
+    assert len(reasons) == 1 and reasons[0].startswith("a reduced loss (nll_loss_1, "), reasons
+    assert reasons[0].endswith(") also returned from the graph")
 
 
 @pytest.mark.parametrize("how", ["mul_", "scatter_", "setitem", "label clamp_"])
