@@ -63,6 +63,7 @@ class Plan:
     dead: set  # the nodes nothing needs once the sink is replaced
     checks: tuple  # LabelChecks of the removed eager ops
     loss_dtype: Any = None
+    builds_target: bool = False  # the loss multiplies log-probs by a target distribution it builds
 
 
 _GRAD_MODE = {torch._C._set_grad_enabled}
@@ -300,7 +301,9 @@ def analyze(gm: torch.fx.GraphModule) -> tuple[list[Plan], list[NearMiss], Inter
         except Reject as err:
             miss(seed, node, str(err))
             continue
-        plan = Plan(node, key, classes, calls, seeds, nodes, dead, checks, dtype(node))
+        builds = any(isinstance(values.get(n), ElemV) and values[n].key is None
+                     and any(part[0] == "OH" for (part, _, _), _ in values[n].terms) for n in dead)
+        plan = Plan(node, key, classes, calls, seeds, nodes, dead, checks, dtype(node), builds)
         # the op runs at the sink: an in-place change of what it reads would be seen differently
         followed = {m for ms in interp.inplace.values() for m in ms}
         changed = [(r, m) for r in _reads(plan) for m in mutated.get(r, ()) if m not in followed]

@@ -96,10 +96,6 @@ def _erase_dead(gm: torch.fx.GraphModule, plan: Plan) -> tuple[str, ...]:
 # The record
 # ------------------------------------------------------------------------------------------------
 
-_TARGET_OPS = {"one_hot", "scatter", "full", "full_like", "zeros", "zeros_like", "ones", "ones_like", "new_full",
-               "new_zeros", "new_ones", "arange", "setitem"}
-
-
 def _family(plan: Plan, form: LossForm) -> str:
     kinds = {op_name(s) for s in plan.seeds}
     if "kl_div" in kinds:
@@ -108,7 +104,7 @@ def _family(plan: Plan, form: LossForm) -> str:
         return "cross_entropy"
     if "nll_loss" in kinds:
         return "log_softmax+nll"
-    if any(op_name(n) in _TARGET_OPS for n in plan.dead):
+    if plan.builds_target:
         return "smoothed-target"
     if not form.label_smoothing:
         return "hand-written nll"
@@ -132,20 +128,25 @@ def _match(plan: Plan, head: Optional[Head], erased: tuple) -> Match:
     form = _combined_form(plan)
     calls = plan.calls
     coefficients = {name: float(sum((getattr(c, name) for c in calls), Fraction(0))) for name in "abcz"}
-    details = {
+    params = {
+        "eps": form.label_smoothing,
+        "convention": {"all": "eps/V", "others": "eps/(V-1)"}[form.smoothing] if form.label_smoothing else None,
+        "target_coef": coefficients["a"], "uniform_coef": coefficients["b"], "constant": coefficients["c"],
+        "z_loss": form.z_loss, "softcap": form.softcap,
+        **({"logit_scale": form.logit_scale} if form.logit_scale != 1.0 or head is not None else {}),
+        "ignore_index": form.ignore_index, "reduction": form.reduction,
         "weight": calls[0].weight.name if calls[0].weight is not None else None,
-        "dtype": str(dtype(plan.logits.source)).removeprefix("torch."),
-        "classes": plan.classes,
+        "classes": plan.classes, "dtype": str(dtype(plan.logits.source)).removeprefix("torch."),
     }
     if plan.loss_dtype is not None and plan.loss_dtype != dtype(plan.logits.source):
-        details["loss_dtype"] = str(plan.loss_dtype).removeprefix("torch.")
+        params["loss_dtype"] = str(plan.loss_dtype).removeprefix("torch.")
     if len(calls) > 1:
-        details["calls"] = len(calls)  # terms divided by different counts: one op call each
+        params["calls"] = len(calls)  # terms divided by different counts: one op call each
     if any(c.uniform_rows is not None for c in calls):
-        details["uniform_rows"] = "masked apart from the label term"
+        params["uniform_rows"] = "masked apart from the label term"
     if any(c.columns for c in calls):
-        details["padding_columns"] = [p for c in calls for p, _ in c.columns]
+        params["padding_columns"] = [p for c in calls for p, _ in c.columns]
     if head is not None:
-        details["head"] = location(head.node)
+        params["head"] = location(head.node)
     family = ("linear+" if head is not None else "") + _family(plan, form)
-    return Match(family, location(plan.sink), form, coefficients, details, erased)
+    return Match(family, location(plan.sink), params, erased, form, coefficients)

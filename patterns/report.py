@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 from smoothce.kernels.form import LossForm
 
@@ -13,41 +13,27 @@ class Match:
     """One loss replaced by smoothce op calls.
 
     ``form`` holds the parameters in the user's words (label_smoothing and its convention,
-    ignore_index, reduction, z_loss, softcap, logit_scale = 1 / temperature); ``coefficients`` the
-    exact numbers the detector recovered (a, b, c, z of the module docstring of ``algebra``), for
-    a verbose view; ``details`` what else a reader may want (classes, dtypes, class weights, the
-    head, how many op calls).
+    ignore_index, reduction, class weights, z_loss, softcap, logit_scale = 1 / temperature);
+    ``coefficients`` the exact numbers the detector recovered (a, b, c, z of the form in
+    ``algebra``'s docstring), for a verbose view. ``params`` is the flat dict earlier readers
+    use: eps and convention, the form's fields, the coefficients, classes and dtypes.
     """
 
     family: str  # "cross_entropy", "log_softmax+nll", "kl_div", "smoothed-target", "hand-written eps/V", ...
     location: str  # the line that produces the loss, "file.py:42" ("<unknown>" without a stack trace)
-    form: LossForm
-    coefficients: dict[str, float]
-    details: dict[str, Any]
+    params: dict[str, Any]
     replaced: tuple[str, ...]  # names of the graph nodes the op calls replace
-
-    @property
-    def params(self) -> dict[str, Any]:
-        """One flat dict: eps and convention, the form's fields, coefficients and details."""
-        f = self.form
-        out: dict[str, Any] = {
-            "eps": f.label_smoothing,
-            "convention": ({"all": "eps/V", "others": "eps/(V-1)"}[f.smoothing] if f.label_smoothing else None),
-            "ignore_index": f.ignore_index, "reduction": f.reduction, "z_loss": f.z_loss, "softcap": f.softcap,
-        }
-        if f.logit_scale != 1.0:
-            out["logit_scale"] = f.logit_scale
-        if f.scale != 1.0:
-            out["scale"] = f.scale
-        out.update({k: v for k, v in self.details.items()})
-        out.update({"target_coef": self.coefficients["a"], "uniform_coef": self.coefficients["b"],
-                    "constant": self.coefficients["c"]})
-        return out
+    form: Optional[LossForm] = None
+    coefficients: Optional[dict[str, float]] = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"family": self.family, "location": self.location, "form": self.form.describe(),
-                "coefficients": dict(self.coefficients), "details": dict(self.details),
-                "replaced": list(self.replaced)}
+        out = {"family": self.family, "location": self.location, "params": dict(self.params),
+               "replaced": list(self.replaced)}
+        if self.form is not None:
+            out["form"] = self.form.describe()
+        if self.coefficients is not None:
+            out["coefficients"] = dict(self.coefficients)
+        return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -77,7 +77,7 @@ def hand_written(x, w, y):
 
 def logprobs_returned(x, w, y):
     lp = torch.log_softmax(x @ w, dim=-1)  # L:logprobs
-    return F.nll_loss(lp, y), lp
+    return F.nll_loss(lp, y), lp  # L:logprobs_nll
 
 
 def break_before_loss(x, w, y):
@@ -155,7 +155,7 @@ smoothce: 1 loss rewritten, 0 near misses, 1 graph, 0 graph breaks
 
 Rewritten losses:
   #  location   family              parameters                                              replaces
-  1  demo.py:N  hand-written eps/V  eps=0.2 (eps/V), ignore_index=0, reduction=sum,         13 nodes
+  1  demo.py:N  hand-written eps/V  eps=0.2 (eps/V), ignore_index=0, reduction=mean,        16 nodes
                                     weight=none, z_loss=0, softcap=none, dtype=float32,
                                     classes=16, constant=0, target_coef=0.8,
                                     uniform_coef=0.0125
@@ -164,7 +164,7 @@ Near misses: none
 
 Graphs:
   graph  traced from   nodes    losses  near misses
-  0      hand_written  17 -> 6  1       0""",
+  0      hand_written  17 -> 2  1       0""",
         )
 
     def test_near_miss_log_probs_returned(self):
@@ -178,8 +178,9 @@ smoothce: 0 losses rewritten, 1 near miss, 1 graph, 0 graph breaks
 Rewritten losses: none
 
 Near misses:
-  #  location                  node  reason
-  1  test_inspect.py:logprobs  lp    log-probs returned from the graph: log-probs
+  #  location                      node  reason
+  1  test_inspect.py:logprobs_nll  lp    log-probs (lp, test_inspect.py:logprobs) also returned from
+                                         the graph
 
 Graphs:
   graph  traced from        nodes   losses  near misses
