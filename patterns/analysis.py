@@ -64,6 +64,7 @@ class Plan:
     checks: tuple  # LabelChecks of the removed eager ops
     loss_dtype: Any = None
     builds_target: bool = False  # the loss multiplies log-probs by a target distribution it builds
+    group: int = 1  # how many losses share these log-probs (each gets its own op calls)
 
 
 _GRAD_MODE = {torch._C._set_grad_enabled}
@@ -97,25 +98,24 @@ def cone(interp: Interpretation, sink: Node) -> list[Node]:
     return order
 
 
-def dead_after(interp: Interpretation, sink: Node) -> set:
-    """The nodes that only the sink needs: they can go once the sink's uses read the op instead.
+def dead_after(interp: Interpretation, sinks: list) -> set:
+    """The nodes that only the sinks need: they can go once the sinks' uses read the op instead.
 
     In-place ops the interpretation followed die with the tensor they change; side effects and
     in-place ops it did not follow stay, and so do their inputs.
     """
     followed = {m: t for t, ms in interp.inplace.items() for m in ms}
     nodes = list(interp.graph.nodes)
-    dead = {sink}
-    for n in reversed(nodes[:nodes.index(sink)]):
-        if n.op not in ("call_function", "call_method") or n in followed:
+    dead = set(sinks)
+    for n in reversed(nodes[:max(nodes.index(s) for s in sinks)]):
+        if n in dead or n.op not in ("call_function", "call_method") or n in followed:
             continue
         if n.op == "call_function" and n.is_impure() or n in interp.changed_by.values():
             continue
-        users = [u for u in n.users if followed.get(u) is not n]
-        if not users or not all(u in dead for u in users):
-            continue
+        # what reads n, or reads the in-place ops on n (they return n itself)
         ops = [u for u in n.users if followed.get(u) is n]
-        if all(all(v in dead for v in u.users) for u in ops):
+        users = [u for u in n.users if followed.get(u) is not n] + [v for op in ops for v in op.users]
+        if users and all(u in dead for u in users):
             dead.add(n)
             dead.update(ops)
     return dead
@@ -221,6 +221,74 @@ def _first_seed(value, node, order):
     return min(seeds, key=order.__getitem__) if seeds else node
 
 
+def _groups(interp: Interpretation, candidates: list) -> list:
+    """Candidates whose cones share nodes (two terms of one loss split by a graph break, a loss and
+    its nll returned for logging): they are rewritten together or not at all."""
+    cones = [set(cone(interp, c[0])) for c in candidates]
+    parent = list(range(len(candidates)))
+
+    def root(i):
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for i in range(len(candidates)):
+        for j in range(i):
+            if cones[i] & cones[j]:
+                parent[root(i)] = root(j)
+    groups: dict = {}
+    for i, c in enumerate(candidates):
+        groups.setdefault(root(i), []).append(c)
+    return list(groups.values())
+
+
+def _group_plans(interp, group: list, modes, mutated, miss, read_by) -> list:
+    """The plans of a group of candidates, or none (with near misses) when one cannot be rewritten."""
+    values = interp.values
+    sinks = [c[0] for c in group]
+    dead = dead_after(interp, sinks)
+    cones = {c[0]: cone(interp, c[0]) for c in group}
+    inside = set().union(*map(set, cones.values()))
+    followed = {m for ms in interp.inplace.values() for m in ms}
+    plans = []
+    for node, value, key, calls, seed in group:
+        nodes = cones[node]
+        # the op runs at the sink, under the sink's grad mode: log-probs computed under another
+        # grad mode (no_grad around them only) would get gradients they did not have
+        other = next((n for n in nodes if modes[n] != modes[node]), None)
+        if other is not None:
+            on = {True: "enabled", False: "disabled"}
+            miss(seed, node, f"the grad mode changes inside the loss ({target_name(other)} at {location(other)} "
+                             f"runs with grad {on[modes[other]]}, the loss with grad {on[modes[node]]})")
+            return []
+        outside = next(((n, u) for n in nodes if n not in sinks for u in n.users
+                        if u not in dead and u not in inside), None)
+        if outside is not None:
+            n, u = outside
+            own = None if isinstance(interp.rejected.get(u), NotCrossEntropy) else interp.why.get(u)
+            miss(seed, node, own or read_by(n, u), where=u)
+            return []
+        try:
+            classes = classes_of(key)
+            checks = label_checks(interp, {n for n in dead if n in nodes or n not in inside}, classes)
+        except Reject as err:
+            miss(seed, node, str(err))
+            return []
+        seeds = frozenset(seeds_of(value)) | (frozenset().union(*(r.seeds for _, r in value.parts))
+                                               if isinstance(value, ScalarV) else frozenset())
+        builds = any(isinstance(values.get(n), ElemV) and values[n].key is None
+                     and any(part[0] == "OH" for (part, _, _), _ in values[n].terms) for n in dead)
+        plan = Plan(node, key, classes, calls, seeds, nodes, dead, checks, dtype(node), builds, len(group))
+        # the op runs at the sink: an in-place change of what it reads would be seen differently
+        changed = [(r, m) for r in _reads(plan) for m in mutated.get(r, ()) if m not in followed]
+        if changed:
+            r, m = changed[0]
+            miss(seed, node, f"{r.name} is changed in place by {target_name(m)} at {location(m)}", where=m)
+            return []
+        plans.append(plan)
+    return plans
+
+
 def analyze(gm: torch.fx.GraphModule) -> tuple[list[Plan], list[NearMiss], Interpretation]:
     """Plans for the losses that can be rewritten, near misses for the rest. Changes nothing."""
     interp = Interpretation(gm.graph)
@@ -228,7 +296,7 @@ def analyze(gm: torch.fx.GraphModule) -> tuple[list[Plan], list[NearMiss], Inter
     mutated = mutations(gm.graph)
     modes = _grad_modes(gm.graph)
     order = interp.order
-    plans: list[Plan] = []
+    candidates: list = []  # (sink, value, logits, calls, seed) of the sinks that are losses
     misses: dict[tuple, tuple] = {}
 
     def miss(seed: Node, at: Node, reason: str, where: Optional[Node] = None, at_sink: bool = True) -> None:
@@ -244,10 +312,11 @@ def analyze(gm: torch.fx.GraphModule) -> tuple[list[Plan], list[NearMiss], Inter
             return f"{kind(values[n])} ({n.name}, {location(n)}) also returned from the graph"
         return f"{kind(values[n])} also read at {location(u)} ({target_name(u)})"
 
-    # Sinks: logit-derived values read by something the algebra does not describe. A sink that
-    # is not an instance of the form hands the question down to its own logit-derived inputs.
+    # Sinks: logit-derived values read by something the algebra does not describe (zeros_like(t)
+    # reads only t's shape: it has a value). A sink that is not an instance of the form hands the
+    # question down to its own logit-derived inputs.
     work = [n for n in gm.graph.nodes if carries_logits(values.get(n))
-            and any(not carries_logits(values.get(u)) for u in n.users)]
+            and any(values.get(u) is None for u in n.users)]
     queued = set(work)
     handed_down: set = set()
     while work:
@@ -255,7 +324,7 @@ def analyze(gm: torch.fx.GraphModule) -> tuple[list[Plan], list[NearMiss], Inter
         value = values[node]
         seed = _first_seed(value, node, order)
         has_seed = seed is not node or bool(seeds_of(value))
-        reader = next((u for u in node.users if not carries_logits(values.get(u))), None)
+        reader = next((u for u in node.users if values.get(u) is None), None)
         focal = next((u for u in node.users if isinstance(interp.rejected.get(u), NotCrossEntropy)), None)
         reader = focal or reader
         try:
@@ -275,43 +344,10 @@ def analyze(gm: torch.fx.GraphModule) -> tuple[list[Plan], list[NearMiss], Inter
                         handed_down.add(a)
                         work.append(a)
             continue
-        seeds = frozenset(seeds_of(value)) | (frozenset().union(*(r.seeds for _, r in value.parts))
-                                               if isinstance(value, ScalarV) else frozenset())
-        nodes = cone(interp, node)
-        # the op runs at the sink, under the sink's grad mode: log-probs computed under another
-        # grad mode (no_grad around them only) would get gradients they did not have
-        other = next((n for n in nodes if modes[n] != modes[node]), None)
-        if other is not None:
-            on = {True: "enabled", False: "disabled"}
-            miss(seed, node, f"the grad mode changes inside the loss ({target_name(other)} at {location(other)} "
-                             f"runs with grad {on[modes[other]]}, the loss with grad {on[modes[node]]})")
-            continue
-        dead = dead_after(interp, node)
-        inside = set(nodes)
-        outside = next(((n, u) for n in nodes if n is not node for u in n.users if u not in dead and u not in inside),
-                       None)
-        if outside is not None:
-            n, u = outside
-            own = None if isinstance(interp.rejected.get(u), NotCrossEntropy) else interp.why.get(u)
-            miss(seed, node, own or read_by(n, u), where=u)
-            continue
-        try:
-            classes = classes_of(key)
-            checks = label_checks(interp, dead, classes)
-        except Reject as err:
-            miss(seed, node, str(err))
-            continue
-        builds = any(isinstance(values.get(n), ElemV) and values[n].key is None
-                     and any(part[0] == "OH" for (part, _, _), _ in values[n].terms) for n in dead)
-        plan = Plan(node, key, classes, calls, seeds, nodes, dead, checks, dtype(node), builds)
-        # the op runs at the sink: an in-place change of what it reads would be seen differently
-        followed = {m for ms in interp.inplace.values() for m in ms}
-        changed = [(r, m) for r in _reads(plan) for m in mutated.get(r, ()) if m not in followed]
-        if changed:
-            r, m = changed[0]
-            miss(seed, node, f"{r.name} is changed in place by {target_name(m)} at {location(m)}", where=m)
-            continue
-        plans.append(plan)
+        candidates.append((node, value, key, calls, seed))
+    plans = []
+    for group in _groups(interp, candidates):
+        plans += _group_plans(interp, group, modes, mutated, miss, read_by)
     # a node that reads log-probs feeds an op the algebra rejected, with no sink downstream
     for node, reason in interp.why.items():
         if op_name(node) in SEED_OPS and not any(carries_logits(values.get(a)) for a in node.all_input_nodes):

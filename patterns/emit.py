@@ -224,9 +224,10 @@ def _target(tg: Target, plan: Plan, op_rows, x: Node, b: _Builder, checks, contr
     if tg.fold:
         t = b.fn(torch.where, _mask(tg.fold, t, op_rows, V, b), t, ignore)
     bad = [_invalid(c, op_rows, V, b) for c in checks]
-    if ignore is None and contract == "coefficients" and tg.node is not None:
+    if ignore is None and contract == "coefficients":
         ignore = -100  # this op always ignores some label: make that one raise as any invalid label
-        bad.append(b.fn(operator.eq, t, ignore))
+        if tg.node is not None:
+            bad.append(b.fn(operator.eq, t, ignore))
     if bad:
         m = bad[0]
         for other in bad[1:]:

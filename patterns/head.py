@@ -95,6 +95,8 @@ def find_head(plan, dead: set) -> tuple[Optional[Head], Optional[str]]:
         return None, None
     if key.cd != -1:
         return None, f"not fused with {head.words}: the classes of its logits are not the last dim"
+    if plan.group > 1:  # each loss would run the head's matmul again
+        return None, f"not fused with {head.words}: its logits feed {plan.group} losses"
     if key.dtype is not None:
         return None, (f"not fused with {head.words}: its logits are upcast to "
                       f"{str(key.dtype).removeprefix('torch.')} before the loss")

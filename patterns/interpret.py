@@ -886,9 +886,9 @@ class Interpretation:
                 if shape(node) != shape(a) or shape(b) != _keep(shape(a), va.cd if va.cd is not None else -1):
                     raise Reject(f"a mask of shape {shape(b)} does not select rows of {shape(a)} ({describe(node)})")
                 return with_conds(va, m.atoms)
-            if vb is None and isinstance(b, Node) and va.key is not None and va.cd == -1 and is_float(b) \
-                    and shape(b) == (shape(a)[-1],):
-                return elem_times_weight(va, b)
+            w = self._class_vector(b, shape(a), va.cd) if vb is None and va.key is not None else None
+            if w is not None:
+                return elem_times_weight(va, w)
             if va.key is not None:
                 raise Reject(self._dense_reason(b, vb))
             return None
@@ -927,6 +927,22 @@ class Interpretation:
         if carries_logits(va):
             raise Reject(f"{kind(va)} multiplied by {float(c)!r} ({describe(node)})")
         return None
+
+    def _class_vector(self, b, shp, cd) -> Optional[Node]:
+        """The 1-D class-weight tensor behind b when b broadcasts along the class dim only
+        (w, or w[:, None] against classes at dim 1)."""
+        if not isinstance(b, Node) or not is_float(b) or shp is None or cd is None:
+            return None
+        sb = shape(b)
+        want = tuple(1 if i != len(shp) + cd else shp[i] for i in range(len(shp)))
+        if sb is None or len(sb) > len(shp) or sb != want[len(want) - len(sb):]:
+            return None
+        while len(shape(b)) > 1:  # back through the views that added the size-1 dims
+            if op_name(b) not in ("getitem", "unsqueeze", "reshape") or not isinstance(b.args[0], Node) \
+                    or self.values.get(b.args[0]) is not None or math.prod(shape(b.args[0])) != shp[cd]:
+                return None
+            b = b.args[0]
+        return b
 
     def _dense_reason(self, b, vb, per_row=False):
         name = getattr(b, "name", repr(b))
@@ -1057,10 +1073,11 @@ class Interpretation:
         if isinstance(va, ArangeV) or isinstance(vb, ArangeV):
             r, other = (va, b) if isinstance(va, ArangeV) else (vb, a)
             lab = self.label(other)
-            if how in ("eq", "ne") and lab is not None and lab.plain and shape(node) is not None \
+            if how in ("eq", "ne") and lab is not None and not lab.wrap and shape(node) is not None \
                     and len(shape(node)) >= 2 and shape(node)[-1] == r.n and isinstance(r.n, int):
                 # [j == y_i] for the labels in range; a label outside [0, V) matches no class
-                oh = ElemV(None, -1, (((("OH", lab), "K", frozenset({CondAtom(("inrange", lab.base, r.n))})), Q(1)),))
+                inrange = CondAtom(("inrange", lab.base if lab.plain else lab.node, r.n))
+                oh = ElemV(None, -1, (((("OH", lab), "K", frozenset({inrange})), Q(1)),))
                 return oh if how == "eq" else add(constant(Q(1), -1), oh, Q(-1))
             return None
         lab = self.label(a)

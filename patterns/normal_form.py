@@ -97,9 +97,10 @@ def normal_form(value) -> tuple[Logits, list[Call]]:
     if fake(key.source) is None or not fake(key.source).dtype.is_floating_point:
         raise Reject("the logits are not a floating-point tensor")
     calls = [_call(row, divisor, V, key, per_row) for divisor, row in parts if row.terms]
-    calls.sort(key=lambda c: c.a == 0)  # the call with the label term first
-    if not calls:
-        raise Reject("no log-prob term")
+    calls.sort(key=lambda c: (c.a == 0, c.b == 0))  # the call with the label term first
+    if not calls or all(c.a == 0 and c.b == 0 for c in calls):
+        # lse^2 alone: the op would add a gradient buffer where logsumexp needs none
+        raise Reject("no log-prob term (a z-loss alone is left as written)")
     labels = {c.label for c in calls if c.label is not None}
     if len(labels) > 1:
         raise Reject("the loss reads the log-probs at two different label tensors")
@@ -220,9 +221,9 @@ def _call(row: RowV, divisor: Optional[Divisor], V: int, key: Logits, per_row: b
     m_b, gb = _one(groups, "uniform", "b")
     m_z, gz = _one(groups, "z-loss", "z")
     m_c, gc = _one(groups, "constant", "c")
-    if ga is None and gb is None:
+    if ga is None and gb is None and gz is None:
         raise Reject("no term reads the log-probs")
-    rows = m_a if ga is not None else m_b
+    rows = m_a if ga is not None else m_b if gb is not None else m_z
     for what, m in (("z-loss", m_z), ("constant", m_c)):
         if m is not None and m != rows:
             raise Reject(f"the {what} term is masked differently from the label term")
@@ -245,18 +246,21 @@ def _call(row: RowV, divisor: Optional[Divisor], V: int, key: Logits, per_row: b
         raise Reject("class weights and a padding column together")
     if label is None and a != 0:
         raise Reject("no term reads the log-prob of the label")
-    target = _target(label, m_a if ga is not None else m_b, V)
+    target = _target(label, rows, V)
     # the op weighs the label term by w[y] too: a padding column p needs rows with label p dropped
     for p, w in columns:
         if w != 1 and a != 0 and not _drops_label(target, label, m_a, p):
             raise Reject(f"the target leaves out class {p} but keeps rows whose label is {p}")
     uniform = None if gb is None or ga is None or m_b == m_a else m_b
-    reduction, after = _reduction(divisor, per_row, weight, label, m_a if ga is not None else m_b,
-                                  uniform, z, c)
+    reduction, after = _reduction(divisor, per_row, weight, label, rows, uniform, z, c)
+    fields = dict(ignore_index=target.ignore, reduction=reduction, z_loss=float(z),
+                  softcap=None if key.cap is None else float(key.cap), logit_scale=float(key.scale))
+    if a == 0 and b == 0:  # a z-loss term divided apart from the cross-entropy: no target at all
+        if c:
+            raise Reject("a constant term without log-probs")
+        return Call(a, b, c, z, None, target, None, None, (), reduction, after, LossForm(scale=0.0, **fields))
     try:
-        form = LossForm.from_coefficients(a, b, float(c), V, ignore_index=target.ignore, reduction=reduction,
-                                          z_loss=float(z), softcap=None if key.cap is None else float(key.cap),
-                                          logit_scale=float(key.scale))
+        form = LossForm.from_coefficients(a, b, float(c), V, **fields)
     except ValueError as err:  # the form cannot express these coefficients
         raise Reject(str(err).removeprefix("smoothce: ")) from err
     return Call(a, b, c, z, label, target, uniform, weight, columns, reduction, after, form)
@@ -269,8 +273,6 @@ def _target(label: Optional[LabelV], mask: frozenset, V: int) -> Target:
     node = label.base if label.altered <= mask else label.node
     ks = sorted(atom.key[2] for atom in mask
                 if atom.key[0] == "ne" and atom.holds and atom.key[1] is node)
-    if label.wrap and not label.altered <= mask:
-        raise Reject("labels read by advanced indexing are also changed")
     if ks and not label.wrap:
         ignore = -100 if -100 in ks else ks[0]
         rest = frozenset(a for a in mask if not (a.key[0] == "ne" and a.holds and a.key[1] is node
