@@ -18,17 +18,13 @@ from typing import Callable
 
 import torch
 
-# Cases:
-#   ce    logits (N, V) leaf requiring grad -> loss; grad = d loss / d logits
-#   head  hidden (N, D), weight (V, D) leaves -> logits = hidden @ weight.T -> loss
-#   step  the ce step, restricted to the comparison the op promises on CPU (smoothce vs Inductor)
-CASES = ("ce", "head", "step")
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Rows of the gradients kept for the correctness check (the full gradient of an LLM-sized step
 # is tens of GB: a slice is enough to catch a wrong kernel).
 CHECK_ROWS = 64
+
+IGNORE_INDEX = -100  # F.cross_entropy's default
 
 # CPU timing takes at least this many samples, so the interquartile range is not empty.
 MIN_SAMPLES = 5
@@ -36,21 +32,17 @@ MIN_SAMPLES = 5
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-    case: str
-    n: int
-    v: int
-    d: int | None  # hidden size, head case only
+    case: str  # name of the case (benchmarks.cases) that builds the inputs and methods
+    n: int  # rows (tokens)
+    v: int  # classes (vocabulary)
+    d: int | None  # hidden size, for cases with one
     dtype: str
     smoothing: float
     device: str
 
     def __post_init__(self):
-        if self.case not in CASES:
-            raise ValueError(f"case must be one of {CASES}, got {self.case!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if (self.case == "head") != (self.d is not None):
-            raise ValueError(f"hidden size d is for the head case only, got case={self.case!r} d={self.d!r}")
         if not 0.0 <= self.smoothing <= 1.0:
             raise ValueError(f"label smoothing must be in [0, 1], got {self.smoothing!r}")
 
@@ -65,15 +57,6 @@ class Problem:
     @property
     def logits_bytes(self) -> int:
         return self.n * self.v * self.itemsize
-
-    def bytes_moved(self) -> int | None:
-        """Effective traffic of an ideal fused loss+gradient kernel: one read of the logits and
-        one write of their gradient. Only meaningful where the logits are an input (ce, step)."""
-        return 2 * self.logits_bytes if self.case in ("ce", "step") else None
-
-    def flops(self) -> int | None:
-        """Head case: logits = h W^T (2NDV), dh = g W (2NDV), dW = g^T h (2NDV)."""
-        return 6 * self.n * self.d * self.v if self.case == "head" else None
 
     def label(self) -> str:
         shape = f"N={self.n} V={self.v}" + (f" D={self.d}" if self.d else "")
@@ -93,19 +76,13 @@ class Inputs:
             t.grad = None
 
 
-def make_inputs(p: Problem, seed: int = 0) -> Inputs:
-    """Deterministic inputs built on the target device (no host round trip for GPU-sized ones)."""
-    g = torch.Generator(device=p.device).manual_seed(seed)
-    target = torch.randint(0, p.v, (p.n,), device=p.device, generator=g)
-    if p.case in ("ce", "step"):
-        # Logit scale ~2 gives a softmax that is neither uniform nor one-hot.
-        logits = torch.randn(p.n, p.v, device=p.device, generator=g).mul_(2.0).to(p.torch_dtype)
-        logits.requires_grad_()
-        return Inputs((logits, target), [logits])
-    hidden = torch.randn(p.n, p.d, device=p.device, generator=g).to(p.torch_dtype).requires_grad_()
-    weight = torch.randn(p.v, p.d, device=p.device, generator=g).mul_(2.0 / p.d**0.5)
-    weight = weight.to(p.torch_dtype).requires_grad_()
-    return Inputs((hidden, weight, target), [hidden, weight])
+def make_target(p: Problem, generator: torch.Generator, ignore_every: int | None = None) -> torch.Tensor:
+    """Class labels (N,) in [0, V), with every ``ignore_every``-th row (from row 0) set to
+    ignore_index -100 when given, as padded batches have."""
+    target = torch.randint(0, p.v, (p.n,), device=p.device, generator=generator)
+    if ignore_every:
+        target[::ignore_every] = IGNORE_INDEX
+    return target
 
 
 def make_step(loss_fn: Callable, inputs: Inputs) -> Callable[[], torch.Tensor]:
@@ -170,8 +147,8 @@ def time_step(step: Callable, device: str, min_run_time: float) -> tuple[float, 
         from triton.testing import do_bench
 
         # do_bench flushes L2 between calls and synchronizes; quantiles give median and IQR.
-        q20, q50, q80 = do_bench(step, warmup=25, rep=int(min_run_time * 1000), quantiles=[0.25, 0.5, 0.75])
-        return q50, q80 - q20
+        q1, median, q3 = do_bench(step, warmup=25, rep=int(min_run_time * 1000), quantiles=[0.25, 0.5, 0.75])
+        return median, q3 - q1
     from torch.utils.benchmark import Timer
 
     step()  # one more warm-up: the first call compiled, this one warms caches and allocator
@@ -182,6 +159,24 @@ def time_step(step: Callable, device: str, min_run_time: float) -> tuple[float, 
         times += timer.timeit(number=1).times
     q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive")
     return median * 1e3, (q3 - q1) * 1e3
+
+
+# A copy of this many bytes runs from memory, not cache: 1 GiB is 17x an H200's 60 MB L2, 256 MiB
+# is several times the last-level cache of a server CPU.
+COPY_BYTES = {"cuda": 1 << 30, "cpu": 1 << 28}
+
+
+def copy_bandwidth(device: str, min_run_time: float) -> float:
+    """Bytes per second that a large same-device copy (``dst.copy_(src)``) moves, counting bytes
+    read plus bytes written: the practical ceiling of a memory-bound kernel on this device,
+    measured in the same run as the rows read against it."""
+    nbytes = COPY_BYTES[device]
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    step = lambda: dst.copy_(src)  # noqa: E731
+    step()
+    median_ms, _ = time_step(step, device, min_run_time)
+    return 2 * nbytes / (median_ms / 1e3)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Problem
+from benchmarks.cases import Case, Grid
+from benchmarks.harness import Inputs, Problem, make_target
 from benchmarks.methods import (
     Method,
     auto_chunker_key,
@@ -40,9 +41,7 @@ def _smoothce(p: Problem):
 def _fused_linear(p: Problem):
     from smoothce.kernels.linear_cross_entropy import fused_linear_cross_entropy
 
-    # F.cross_entropy(label_smoothing=eps) in the general form: a = 1 - eps, b = eps / V.
-    a, b = 1.0 - p.smoothing, p.smoothing / p.v
-    return lambda h, w, y: fused_linear_cross_entropy(h, w, None, y, target_coef=a, uniform_coef=b)
+    return lambda h, w, y: fused_linear_cross_entropy(h, w, None, y, label_smoothing=p.smoothing)
 
 
 def _fused_linear_unavailable(p: Problem) -> str | None:
@@ -114,4 +113,36 @@ METHODS = {
         ),
         Method("liger", "Liger-Kernel fused linear CE", _liger, unavailable=liger_unavailable),
     )
+}
+
+
+def make_inputs(p: Problem, seed: int = 0) -> Inputs:
+    """Deterministic hidden (N, D) and weight (V, D) requiring grad, and labels."""
+    g = torch.Generator(device=p.device).manual_seed(seed)
+    target = make_target(p, g)
+    hidden = torch.randn(p.n, p.d, device=p.device, generator=g).to(p.torch_dtype).requires_grad_()
+    weight = torch.randn(p.v, p.d, device=p.device, generator=g).mul_(2.0 / p.d**0.5)
+    weight = weight.to(p.torch_dtype).requires_grad_()
+    return Inputs((hidden, weight, target), [hidden, weight])
+
+
+def flops(p: Problem) -> int:
+    """logits = h W^T (2NDV), dh = g W (2NDV), dW = g^T h (2NDV)."""
+    return 6 * p.n * p.d * p.v
+
+
+def head_grid(device: str, quick: bool) -> Grid:
+    if device == "cuda":
+        # 4K and 16K tokens per step, the hidden size of a 7-8B model.
+        if quick:
+            return Grid((4096,), (32768, 131072), ("bfloat16",), d=4096)
+        return Grid((4096, 16384), (32768, 131072, 262144), ("bfloat16", "float32"), d=4096)
+    if quick:
+        return Grid((1024,), (8192, 32768), ("float32",), d=256)
+    return Grid((1024, 4096), (8192, 32768), ("float32",), d=256)
+
+
+CASES = {
+    "head": Case("head", "linear head + cross-entropy: loss + dhidden + dweight", METHODS, head_grid,
+                 make_inputs, METHODS["eager"], flops=flops),
 }

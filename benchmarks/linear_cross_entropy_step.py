@@ -50,8 +50,7 @@ def _make_step(method: str, eps: float, v: int):
         from smoothce.kernels.linear_cross_entropy import fused_linear_cross_entropy
 
         def step(h, w, y):
-            # F.cross_entropy(label_smoothing=eps) in the general form: a = 1 - eps, b = eps / V.
-            return fused_linear_cross_entropy(h, w, None, y, target_coef=1.0 - eps, uniform_coef=eps / v)
+            return fused_linear_cross_entropy(h, w, None, y, label_smoothing=eps)
     if method in ("inductor", "fused+compile"):
         step = torch.compile(step, fullgraph=True)
     return step

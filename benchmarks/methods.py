@@ -8,7 +8,8 @@ it reports why, and the row says so instead of a number.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
+import functools
+import importlib
 from typing import Callable
 
 import torch
@@ -26,23 +27,45 @@ class Method:
     diagnose: Callable[[Problem, list[str]], str | None] = lambda p, warnings: None
     # After the first call: a note from the method's own bookkeeping (e.g. rewrites found).
     inspect: Callable[[Problem], str | None] = lambda p: None
+    # The method writes into its inputs (a gradient into the logits' buffer): the inputs are
+    # rebuilt after it, so the methods after it see the same values.
+    overwrites_inputs: bool = False
+
+
+@functools.lru_cache(maxsize=None)
+def import_error(module: str) -> str | None:
+    """Why ``module`` cannot be imported ("not installed", or the import's error), or None."""
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module == exc.name or module.startswith(exc.name + ".")):
+            return "not installed"
+        return f"not importable: {type(exc).__name__}: {exc}"[:160]
+    except Exception as exc:  # a peer's import can fail in many ways (missing CUDA libraries, ...)
+        return f"not importable: {type(exc).__name__}: {exc}"[:160]
+    return None
 
 
 def has_module(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
+    return import_error(name) is None
 
 
 def needs_cuda(p: Problem) -> str | None:
     return None if p.device == "cuda" else "needs CUDA"
 
 
+def peer_unavailable(module: str, p: Problem) -> str | None:
+    """A GPU peer: unavailable when not importable or not on CUDA (checked in that order, so a
+    CPU run still says whether the peer is installed)."""
+    return import_error(module) or needs_cuda(p)
+
+
 def liger_unavailable(p: Problem) -> str | None:
-    if not has_module("liger_kernel"):
-        return "not installed"
-    return needs_cuda(p)
+    return peer_unavailable("liger_kernel.transformers", p)
+
+
+def quack_unavailable(p: Problem) -> str | None:
+    return peer_unavailable("quack.cross_entropy", p)
 
 
 def smoothce_backend_unavailable(p: Problem) -> str | None:

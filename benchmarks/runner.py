@@ -12,16 +12,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Callable
 
 import torch
 
-from benchmarks import cross_entropy, linear_cross_entropy
+from benchmarks.cases import Case, Grid, get_case
 from benchmarks.harness import (
     MALLOC_ENV,
     Problem,
     compare,
+    copy_bandwidth,
     first_call,
-    make_inputs,
     make_step,
     peak_cuda,
     snapshot,
@@ -33,56 +34,11 @@ from benchmarks.progress import Progress
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def methods_for(case: str) -> dict[str, Method]:
-    if case == "head":
-        return linear_cross_entropy.METHODS
-    if case == "step":
-        return {k: cross_entropy.METHODS[k] for k in cross_entropy.STEP_METHODS}
-    return cross_entropy.METHODS
-
-
-def find_method(case: str, name: str) -> Method:
-    table = methods_for(case)
-    if name not in table:
-        raise ValueError(f"no method {name!r} for case {case!r}; choose from {', '.join(table)}")
-    return table[name]
-
-
-# ---------------------------------------------------------------------------------------------
-# Shapes
-
-
-@dataclasses.dataclass(frozen=True)
-class Grid:
-    ns: tuple
-    vs: tuple
-    d: int
-    dtypes: tuple
-    smoothings: tuple = (0.0, 0.1)
-
-
-def default_grid(device: str, case: str, quick: bool) -> Grid:
-    if device == "cuda":
-        # LLM-sized: 4K and 16K tokens per step, vocabularies of Llama-2 (32K), Llama-3 (128K),
-        # Gemma (256K); head hidden size of a 7-8B model.
-        if quick:
-            return Grid((4096,), (32768, 131072), 4096, ("bfloat16",))
-        return Grid((4096, 16384), (32768, 131072, 262144), 4096, ("bfloat16", "float32"))
-    if case == "step":
-        # The op's CPU promise, at the largest CPU shape of the ce case.
-        return Grid((4096,), (32768,) if quick else (8192, 32768), 256, ("float32",))
-    # Scaled down so a CPU run takes minutes on two cores.
-    if quick:
-        return Grid((1024,), (8192, 32768), 256, ("float32",))
-    return Grid((1024, 4096), (8192, 32768), 256, ("float32",))
-
-
-def problems(case: str, device: str, grid: Grid) -> list[list[Problem]]:
+def problems(case: Case, device: str, grid: Grid) -> list[list[Problem]]:
     """Problems grouped by shape: the smoothing variants of one shape share a memory process."""
     groups = []
     for dtype, n, v in itertools.product(grid.dtypes, grid.ns, grid.vs):
-        d = grid.d if case == "head" else None
-        groups.append([Problem(case, n, v, d, dtype, s, device) for s in grid.smoothings])
+        groups.append([Problem(case.name, n, v, grid.d, dtype, s, device) for s in grid.smoothings])
     return groups
 
 
@@ -92,9 +48,10 @@ def problems(case: str, device: str, grid: Grid) -> list[list[Problem]]:
 
 def device_info(device: str) -> dict:
     if device == "cuda":
-        name = torch.cuda.get_device_name()
-        return {"type": "cuda", "name": name, "peak_bandwidth_Bps": peak_bandwidth(name),
-                "memory_bytes": torch.cuda.get_device_properties(0).total_memory}
+        props = torch.cuda.get_device_properties(0)
+        return {"type": "cuda", "name": props.name, "peak_bandwidth_Bps": peak_bandwidth(props.name),
+                "memory_bytes": props.total_memory, "sm_count": props.multi_processor_count,
+                "l2_bytes": getattr(props, "L2_cache_size", None)}
     model = "cpu"
     try:
         with open("/proc/cpuinfo") as f:
@@ -106,7 +63,8 @@ def device_info(device: str) -> dict:
 
 
 def peak_bandwidth(name: str) -> float | None:
-    """HBM peak of the GPUs this suite is read against (datasheet figures)."""
+    """HBM peak of the GPUs this suite is read against (datasheet figures; the copy bandwidth
+    measured in the run is the practical ceiling)."""
     name = name.upper()
     if "H200" in name:
         return 4.8e12
@@ -119,18 +77,39 @@ def peak_bandwidth(name: str) -> float | None:
     return None
 
 
-def git_commit() -> dict:
+def git_commit(given: str | None = None) -> dict:
+    """The checkout's commit and whether it has local changes; ``given`` stands in where the
+    checkout carries no git metadata (a copied tree)."""
     def git(*args):
         try:
-            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
+            proc = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
         except (OSError, subprocess.SubprocessError):
-            return ""
+            return None
+        return proc.stdout.strip() if proc.returncode == 0 else None
 
-    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"commit": given, "dirty": None, "source": "given" if given else None}
+    return {"commit": commit, "dirty": bool(git("status", "--porcelain")), "source": "git"}
 
 
-def environment(device: str) -> dict:
+# Distributions whose versions a record names: the peers and what the cases build on.
+VERSIONED = ("liger-kernel", "quack-kernels", "nvidia-cutlass-dsl", "cut-cross-entropy", "transformers")
+
+
+def versions() -> dict:
+    from importlib import metadata
+
+    out = {}
+    for name in VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def environment(device: str, commit: str | None = None) -> dict:
     import platform
 
     try:
@@ -144,8 +123,9 @@ def environment(device: str) -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "python": platform.python_version(),
+        "packages": versions(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "git": git_commit(),
+        "git": git_commit(commit),
         "loadavg_start": os.getloadavg(),
     }
 
@@ -164,18 +144,18 @@ class Options:
     compile_time: bool
     min_run_time: float
     grid_overrides: dict  # ns / vs / d / dtypes / smoothings from the command line
+    commit: str | None = None  # recorded where the checkout has no git metadata
 
 
-def grid_for(case: str, opts: Options) -> Grid:
-    grid = default_grid(opts.device, case, opts.quick)
+def grid_for(case: Case, opts: Options) -> Grid:
+    grid = case.grid(opts.device, opts.quick)
     return dataclasses.replace(grid, **{k: v for k, v in opts.grid_overrides.items() if v is not None})
 
 
-def selected(case: str, opts: Options) -> list[Method]:
-    table = methods_for(case)
+def selected(case: Case, opts: Options) -> list[Method]:
     if opts.methods is None:
-        return list(table.values())
-    return [table[name] for name in opts.methods if name in table]
+        return list(case.methods.values())
+    return [case.methods[name] for name in opts.methods if name in case.methods]
 
 
 def _short(exc: BaseException) -> str:
@@ -196,15 +176,32 @@ def _release():
 def base_row(p: Problem, m: Method) -> dict:
     return {"method": m.name, "label": m.label, **p.to_dict(), "status": "ok", "note": None,
             "check": None, "time_ms": None, "time_iqr_ms": None, "first_call_s": None,
-            "peak_bytes": None, "memory_method": None, "gbps": None, "peak_share": None,
-            "tflops": None}
+            "peak_bytes": None, "memory_method": None, "gbps": None, "copy_share": None,
+            "peak_share": None, "tflops": None}
 
 
-def time_problem(p: Problem, methods: list[Method], opts: Options, progress: Progress, peak_bw) -> list[dict]:
-    inputs = make_inputs(p)
-    # Reference: eager PyTorch on the same inputs (loss and the first gradient rows).
-    eager = (linear_cross_entropy if p.case == "head" else cross_entropy).METHODS["eager"]
-    ref_step = make_step(eager.build(p), inputs)
+def add_rates(row: dict, case: Case, p: Problem, device: dict) -> None:
+    """Effective bandwidth (and its share of the measured copy bandwidth and of the datasheet
+    peak) and TFLOP/s, where the case defines bytes or operations."""
+    if not row["time_ms"]:
+        return
+    seconds = row["time_ms"] / 1e3
+    moved, flops = case.bytes_moved(p), case.flops(p)
+    if moved:
+        row["gbps"] = moved / seconds / 1e9
+        if device.get("copy_Bps"):
+            row["copy_share"] = moved / seconds / device["copy_Bps"]
+        if device.get("peak_bandwidth_Bps"):
+            row["peak_share"] = moved / seconds / device["peak_bandwidth_Bps"]
+    if flops:
+        row["tflops"] = flops / seconds / 1e12
+
+
+def time_problem(case: Case, p: Problem, methods: list[Method], opts: Options, progress: Progress,
+                 device: dict) -> list[dict]:
+    inputs = case.make_inputs(p)
+    # Reference: the case's reference method on the same inputs (loss and the first gradient rows).
+    ref_step = make_step(case.reference.build(p), inputs)
     reference = snapshot(ref_step().detach(), inputs)
     inputs.clear_grads()
     rows = []
@@ -233,15 +230,12 @@ def time_problem(p: Problem, methods: list[Method], opts: Options, progress: Pro
                 step = None
                 inputs.clear_grads()
                 torch._dynamo.reset()
+                if m.overwrites_inputs:
+                    inputs = None
+                    _release()
+                    inputs = case.make_inputs(p)
                 _release()
-        if row["time_ms"]:
-            seconds = row["time_ms"] / 1e3
-            if p.bytes_moved():
-                row["gbps"] = p.bytes_moved() / seconds / 1e9
-                if peak_bw:
-                    row["peak_share"] = p.bytes_moved() / seconds / peak_bw
-            if p.flops():
-                row["tflops"] = p.flops() / seconds / 1e12
+        add_rates(row, case, p, device)
         rows.append(row)
         progress.advance()
     return rows
@@ -308,11 +302,14 @@ def compile_times(device: str, progress: Progress) -> list[dict]:
     return out
 
 
-def run(opts: Options) -> dict:
-    record = environment(opts.device)
-    peak_bw = record["device"]["peak_bandwidth_Bps"]
+def run(opts: Options, checkpoint: Callable[[dict], None] = lambda record: None) -> dict:
+    """Measure every selected (problem, method). ``checkpoint`` receives the record so far after
+    each shape, so a run stopped part way still leaves its rows."""
+    record = environment(opts.device, opts.commit)
+    record["device"]["copy_Bps"] = copy_bandwidth(opts.device, opts.min_run_time)
     plan = []
-    for case in opts.cases:
+    for name in opts.cases:
+        case = get_case(name)
         methods = selected(case, opts)
         if methods:
             plan.append((case, methods, problems(case, opts.device, grid_for(case, opts))))
@@ -321,17 +318,19 @@ def run(opts: Options) -> dict:
         units += sum(len(ms) * len(groups) for _, ms, groups in plan)
     units += 2 if opts.compile_time else 0
     progress = Progress(units)
-    rows = []
+    record["rows"] = rows = []
+    record["complete"] = False
     for case, methods, groups in plan:
         for group in groups:
             group_rows = []
             for p in group:
-                group_rows += time_problem(p, methods, opts, progress, peak_bw)
+                group_rows += time_problem(case, p, methods, opts, progress, record["device"])
             if opts.device == "cpu" and opts.memory:
                 memory_group(group, group_rows, opts, progress)
             rows += group_rows
+            checkpoint(record)
     record["compile_time"] = compile_times(opts.device, progress) if opts.compile_time else []
     progress.close()
-    record["rows"] = rows
     record["loadavg_end"] = os.getloadavg()
+    record["complete"] = True
     return record

@@ -23,14 +23,15 @@ def _error(exc: BaseException) -> dict:
 
 
 def memory_job(job: dict) -> None:
-    from benchmarks.harness import Problem, first_call, make_inputs, make_step, peak_cpu
-    from benchmarks.runner import find_method
+    from benchmarks.cases import get_case
+    from benchmarks.harness import Problem, first_call, make_step, peak_cpu
 
     for spec in job["problems"]:
         p = Problem(**spec)
         try:
-            method = find_method(p.case, job["method"])
-            inputs = make_inputs(p)
+            case = get_case(p.case)
+            method = case.method(job["method"])
+            inputs = case.make_inputs(p)
             step = make_step(method.build(p), inputs)
             first_call(step)  # compile and warm up before the baseline is taken
             peak, how = peak_cpu(step, inputs)

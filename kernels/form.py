@@ -141,6 +141,10 @@ class LossForm:
             form = kl
         return form
 
+    def as_args(self) -> tuple:
+        """The fields in order: the ``smoothce::`` op schemas take them as these positional arguments."""
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
     # -- words ---------------------------------------------------------------------------------
 
     def describe(self) -> dict:

@@ -24,19 +24,28 @@ fakes) -> autograd -> the public functional.
 """
 from __future__ import annotations
 
-import math
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from smoothce.kernels.checks import check_labels_on_cpu
+from smoothce.kernels.inputs import (
+    FLOAT_DTYPES,
+    Labels,
+    acc_dtype,
+    check_dtype,
+    check_labels,
+    check_labels_on_cpu,
+    check_loss_dtype,
+    check_per_class,
+    check_same_device,
+    check_tensors,
+    kernel_choice,
+)
+from smoothce.kernels.form import LossForm
 
 __all__ = ["chunk_rows", "fused_linear_cross_entropy"]
 
-_REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -61,10 +70,6 @@ def chunk_rows(n: int, v: int, d: int) -> int:
 
 
 _MIN_CHUNK_LOGITS = 1 << 20
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ------------------------------------------------------------------------------------------------
@@ -195,34 +200,8 @@ def _chunk_ce_torch(logits, start, tg, ce_rows, z_rows, a, b, c, z, softcap, gce
         z_rows[i0:i1] = zr
 
 
-class _Targets:
-    """Label-derived per-row quantities, computed once before the chunk loop (no host sync)."""
-
-    def __init__(self, target, class_weight, ignore_index, v, acc):
-        self.target = target
-        self.valid = target != ignore_index
-        in_range = (target >= 0) & (target < v)
-        self.y = torch.where(self.valid & in_range, target, 0).long()
-        # 1 for counted rows, 0 for ignored ones, nan for labels out of range (a loud loss without a
-        # sync; on CPU those raise before we get here).
-        self.row_mask = torch.where(self.valid, torch.where(in_range, 1.0, math.nan), 0.0).to(acc)
-        self.class_weight = None if class_weight is None else class_weight.to(acc)
-        if self.class_weight is None:
-            self.wy = self.valid.to(acc)
-            self.w_sum = float(v)
-        else:
-            self.wy = torch.where(self.valid, self.class_weight[self.y], 0.0)
-            self.w_sum = self.class_weight.sum()
-        self.count = self.valid.sum(dtype=acc)
-        self.wy_sum = self.wy.sum() if class_weight is not None else self.count
-
-
 def _use_triton(hidden: Tensor) -> bool:
-    if hidden.device.type != "cuda" and not os.environ.get("SMOOTHCE_KERNEL"):
-        return False  # the common CPU case, without importing triton
-    from smoothce.kernels.cross_entropy import _kernel_choice
-
-    return _kernel_choice(hidden) == "triton"
+    return kernel_choice(hidden) == "triton"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -235,7 +214,7 @@ def _chunk_loop(hidden, weight, bias, tg, ignore_index, a, b, c, z, softcap, log
     result with respect to hidden, weight and bias."""
     n, d = hidden.shape
     v = weight.shape[0]
-    acc = _acc_dtype(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     dev = hidden.device
     triton_path = _use_triton(hidden)
     # Chunk logits: fp32 (fp64 for fp64 input) for the torch path; the Triton kernel reads half
@@ -286,13 +265,13 @@ def _chunk_loop(hidden, weight, bias, tg, ignore_index, a, b, c, z, softcap, log
         else:
             torch.addmm(b_work, h, w_work.t(), beta=logit_scale, alpha=logit_scale, out=logits)
         if triton_path:
-            from smoothce.kernels.cross_entropy import _launch_triton
+            from smoothce.kernels.cross_entropy_triton import launch_cross_entropy
 
             x3 = logits.view(end - start, v, 1)
-            _launch_triton(x3, tg.target[start:end].view(-1, 1), tg.class_weight,
-                           scales if grads else torch.ones(2, dtype=acc, device=dev),
-                           ce_rows[start:end], z_rows[start:end], x3 if grads else None,
-                           ignore_index, a, b, c, z, softcap)
+            launch_cross_entropy(x3, tg.target[start:end].view(-1, 1), tg.class_weight,
+                                 scales if grads else torch.ones(2, dtype=acc, device=dev),
+                                 ce_rows[start:end], z_rows[start:end], x3 if grads else None,
+                                 ignore_index=ignore_index, a=a, b=b, c=c, z_loss=z, softcap=softcap or None)
             if grads and row_grad is not None:
                 logits.mul_(row_grad[start:end, None].to(work))
         elif softcap:
@@ -368,32 +347,19 @@ def _softmax_grads_finish(hidden, grad_h, grad_w, grad_b, tg, a, b, gce, coef_ro
 
 
 def _forward(hidden, weight, bias, target, class_weight, ignore_index, reduction, a, b, c, z, softcap,
-             logit_scale, compute_grad, rows):
+             logit_scale, compute_grad, rows, loss_dtype):
     n, v = hidden.shape[0], weight.shape[0]
-    acc = _acc_dtype(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     if hidden.device.type == "cpu":
         check_labels_on_cpu(target, v, ignore_index)
-    tg = _Targets(target, class_weight, ignore_index, v, acc)
-    scales = None
+    tg = Labels(target, class_weight, ignore_index, v, acc)
     # 'none' cannot use forward-time gradients (see module docstring): its backward recomputes.
-    if compute_grad and reduction != 0:
-        one = torch.ones((), dtype=acc, device=hidden.device)
-        # 'mean' divisors come from the labels alone, before the chunk loop. All rows ignored: 1 / 0,
-        # kept off the gradient by the valid mask (0 gradient, nan loss, as PyTorch).
-        scales = torch.stack([one / tg.wy_sum, one / tg.count]) if reduction == 2 else torch.stack([one, one])
+    # 'mean' divisors come from the labels alone, before the chunk loop.
+    scales = tg.scales(reduction) if compute_grad and reduction != "none" else None
     ce_rows, z_rows, grad_h, grad_w, grad_b = _chunk_loop(
         hidden, weight, bias, tg, ignore_index, a, b, c, z, softcap, logit_scale, scales, None, rows)
-
-    if reduction == 0:
-        loss, z_term = ce_rows + z_rows, z_rows
-    elif reduction == 1:
-        z_term = z_rows.sum()
-        loss = ce_rows.sum() + z_term
-    else:
-        z_term = z_rows.sum() / tg.count if z else z_rows.sum()
-        loss = ce_rows.sum() / tg.wy_sum + z_term  # every row ignored: 0 / 0 = nan, as PyTorch
-    dtype = hidden.dtype
-    loss, z_term = loss.to(dtype), z_term.to(dtype)
+    loss, z_term = tg.reduce(ce_rows, z_rows, reduction, z)
+    loss, z_term = loss.to(loss_dtype), z_term.to(loss_dtype)
     if scales is None:
         return loss, z_term, hidden.new_empty(0), weight.new_empty(0), weight.new_empty(0)
     gb = weight.new_empty(0) if grad_b is None else grad_b.to(bias.dtype)
@@ -403,11 +369,10 @@ def _forward(hidden, weight, bias, target, class_weight, ignore_index, reduction
 def _backward_rows(grad_loss, hidden, weight, bias, target, class_weight, ignore_index, a, b, z, softcap,
                    logit_scale, rows):
     v = weight.shape[0]
-    acc = _acc_dtype(hidden.dtype)
-    tg = _Targets(target, class_weight, ignore_index, v, acc)
-    one = torch.ones((), dtype=acc, device=hidden.device)
+    acc = acc_dtype(hidden.dtype)
+    tg = Labels(target, class_weight, ignore_index, v, acc)
     _, _, grad_h, grad_w, grad_b = _chunk_loop(
-        hidden, weight, bias, tg, ignore_index, a, b, 0.0, z, softcap, logit_scale, torch.stack([one, one]),
+        hidden, weight, bias, tg, ignore_index, a, b, 0.0, z, softcap, logit_scale, tg.scales("sum"),
         grad_loss.to(acc), rows)
     gb = weight.new_empty(0) if grad_b is None else grad_b.to(bias.dtype)
     return grad_h, grad_w.to(weight.dtype), gb
@@ -416,6 +381,16 @@ def _backward_rows(grad_loss, hidden, weight, bias, target, class_weight, ignore
 # ------------------------------------------------------------------------------------------------
 # smoothce:: custom ops
 # ------------------------------------------------------------------------------------------------
+def _form_and_coefficients(ignore_index, reduction, label_smoothing, smoothing, scale, kl, z_loss, softcap,
+                           logit_scale, uniform_rows, classes):
+    """The op's LossForm (validated) and its (a, b, c) for ``classes`` classes."""
+    form = LossForm(ignore_index, reduction, label_smoothing, smoothing, scale, kl, z_loss, softcap, logit_scale)
+    if uniform_rows is not None:
+        raise ValueError("smoothce: fused_linear_cross_entropy does not take uniform_rows yet; "
+                         "use fused_cross_entropy on the logits")
+    return form, form.coefficients(classes)
+
+
 @torch.library.custom_op("smoothce::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy_op(
     hidden: Tensor,  # (N, D)
@@ -423,30 +398,38 @@ def linear_cross_entropy_op(
     bias: Optional[Tensor],  # (V,)
     target: Tensor,  # (N,) int
     class_weight: Optional[Tensor],  # (V,)
-    ignore_index: int,
-    reduction: int,  # 0 none, 1 sum, 2 mean
-    target_coef: float,
-    uniform_coef: float,
-    constant: float,
+    ignore_index: Optional[int],
+    reduction: str,
+    label_smoothing: float,
+    smoothing: str,
+    scale: float,
+    kl: bool,
     z_loss: float,
-    softcap: float,  # 0.0 = off
-    logit_scale: float = 1.0,
-    compute_grad: bool = True,
-    chunk_size: int = 0,  # rows per chunk; 0 = chunk_rows(N, V, D)
+    softcap: Optional[float],
+    logit_scale: float,
+    uniform_rows: Optional[Tensor],  # (N,) bool
+    loss_dtype: Optional[torch.dtype],
+    compute_grad: bool,
+    chunk_size: int,  # rows per chunk; 0 = chunk_rows(N, V, D)
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss, z_term, grad_hidden, grad_weight, grad_bias); gradients for grad_output = 1, empty when
-    compute_grad is False or reduction is 'none' (its backward recomputes), grad_bias empty without bias."""
-    return _forward(hidden, weight, bias, target, class_weight, ignore_index, reduction, target_coef,
-                    uniform_coef, constant, z_loss, softcap, logit_scale, compute_grad, chunk_size)
+    """(loss, z_term, grad_hidden, grad_weight, grad_bias) of the loss LossForm describes; gradients for
+    grad_output = 1, empty when compute_grad is False or reduction is 'none' (its backward recomputes),
+    grad_bias empty without bias."""
+    form, (a, b, c) = _form_and_coefficients(ignore_index, reduction, label_smoothing, smoothing, scale, kl,
+                                             z_loss, softcap, logit_scale, uniform_rows, weight.shape[0])
+    return _forward(hidden, weight, bias, target, class_weight, ignore_index, reduction, a, b, c,
+                    form.z_loss, form.softcap or 0.0, form.logit_scale, compute_grad, chunk_size,
+                    loss_dtype or hidden.dtype)
 
 
 @linear_cross_entropy_op.register_fake
-def _(hidden, weight, bias, target, class_weight, ignore_index, reduction, target_coef, uniform_coef,
-      constant, z_loss, softcap, logit_scale=1.0, compute_grad=True, chunk_size=0):
+def _(hidden, weight, bias, target, class_weight, ignore_index, reduction, label_smoothing, smoothing, scale, kl,
+      z_loss, softcap, logit_scale, uniform_rows, loss_dtype, compute_grad, chunk_size):
     n = hidden.shape[0]
-    loss = hidden.new_empty((n,) if reduction == 0 else ())
-    z_term = hidden.new_empty((n,) if reduction == 0 else ())
-    if not compute_grad or reduction == 0:
+    dtype = loss_dtype or hidden.dtype
+    loss = hidden.new_empty((n,) if reduction == "none" else (), dtype=dtype)
+    z_term = hidden.new_empty((n,) if reduction == "none" else (), dtype=dtype)
+    if not compute_grad or reduction == "none":
         return loss, z_term, hidden.new_empty(0), weight.new_empty(0), weight.new_empty(0)
     gb = weight.new_empty(0) if bias is None else torch.empty_like(bias)
     return loss, z_term, torch.empty_like(hidden), torch.empty_like(weight), gb
@@ -460,22 +443,27 @@ def linear_cross_entropy_backward_op(
     bias: Optional[Tensor],  # (V,)
     target: Tensor,  # (N,)
     class_weight: Optional[Tensor],  # (V,)
-    ignore_index: int,
-    target_coef: float,
-    uniform_coef: float,
+    ignore_index: Optional[int],
+    label_smoothing: float,
+    smoothing: str,
+    scale: float,
+    kl: bool,
     z_loss: float,
-    softcap: float,
-    logit_scale: float = 1.0,
-    chunk_size: int = 0,
+    softcap: Optional[float],
+    logit_scale: float,
+    uniform_rows: Optional[Tensor],  # (N,) bool
+    chunk_size: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_hidden, grad_weight, grad_bias) of sum_i grad_loss_i * loss_i, recomputing chunk by chunk."""
-    return _backward_rows(grad_loss, hidden, weight, bias, target, class_weight, ignore_index, target_coef,
-                          uniform_coef, z_loss, softcap, logit_scale, chunk_size)
+    form, (a, b, _) = _form_and_coefficients(ignore_index, "none", label_smoothing, smoothing, scale, kl, z_loss,
+                                             softcap, logit_scale, uniform_rows, weight.shape[0])
+    return _backward_rows(grad_loss, hidden, weight, bias, target, class_weight, ignore_index, a, b, form.z_loss,
+                          form.softcap or 0.0, form.logit_scale, chunk_size)
 
 
 @linear_cross_entropy_backward_op.register_fake
-def _(grad_loss, hidden, weight, bias, target, class_weight, ignore_index, target_coef, uniform_coef,
-      z_loss, softcap, logit_scale=1.0, chunk_size=0):
+def _(grad_loss, hidden, weight, bias, target, class_weight, ignore_index, label_smoothing, smoothing, scale, kl,
+      z_loss, softcap, logit_scale, uniform_rows, chunk_size):
     gb = weight.new_empty(0) if bias is None else torch.empty_like(bias)
     return torch.empty_like(hidden), torch.empty_like(weight), gb
 
@@ -484,8 +472,8 @@ def _(grad_loss, hidden, weight, bias, target, class_weight, ignore_index, targe
 # autograd
 # ------------------------------------------------------------------------------------------------
 def _setup_context(ctx, inputs, output):
-    (hidden, weight, bias, target, class_weight, ignore_index, reduction, a, b, c, z, softcap,
-     logit_scale, compute_grad, chunk_size) = inputs
+    (hidden, weight, bias, target, class_weight, ignore_index, reduction, label_smoothing, smoothing, scale, kl,
+     z_loss, softcap, logit_scale, uniform_rows, loss_dtype, compute_grad, chunk_size) = inputs
     ctx.has_bias = bias is not None
     ctx.reduction = reduction
     ctx.compute_grad = compute_grad
@@ -493,20 +481,21 @@ def _setup_context(ctx, inputs, output):
     # Otherwise autograd hands backward zero "gradients" for those outputs: a (V, D) and an (N, D)
     # buffer allocated only to be ignored.
     ctx.set_materialize_grads(False)
-    if reduction == 0:
-        ctx.save_for_backward(hidden, weight, bias, target, class_weight)
-        ctx.params = (ignore_index, a, b, z, softcap, logit_scale, chunk_size)
+    if reduction == "none":
+        ctx.save_for_backward(hidden, weight, bias, target, class_weight, uniform_rows)
+        ctx.params = (ignore_index, label_smoothing, smoothing, scale, kl, z_loss, softcap, logit_scale)
+        ctx.chunk_size = chunk_size
     else:
         ctx.save_for_backward(*output[2:])
 
 
 def _backward(ctx, grad_loss, grad_z_term, *_unused):
     if grad_loss is None:  # only the non-differentiable outputs were used
-        return (None,) * 15
-    if ctx.reduction == 0:
-        hidden, weight, bias, target, class_weight = ctx.saved_tensors
+        return (None,) * _OP_ARGS
+    if ctx.reduction == "none":
+        hidden, weight, bias, target, class_weight, uniform_rows = ctx.saved_tensors
         grad_h, grad_w, grad_b = torch.ops.smoothce.linear_cross_entropy_backward(
-            grad_loss, hidden, weight, bias, target, class_weight, *ctx.params)
+            grad_loss, hidden, weight, bias, target, class_weight, *ctx.params, uniform_rows, ctx.chunk_size)
     else:
         if not ctx.compute_grad:
             raise RuntimeError(
@@ -516,7 +505,10 @@ def _backward(ctx, grad_loss, grad_z_term, *_unused):
         grad_h = grad_h * grad_loss.to(grad_h.dtype)
         grad_w = grad_w * grad_loss.to(grad_w.dtype)
         grad_b = grad_b * grad_loss.to(grad_b.dtype)
-    return (grad_h, grad_w, grad_b if ctx.has_bias else None) + (None,) * 12
+    return (grad_h, grad_w, grad_b if ctx.has_bias else None) + (None,) * (_OP_ARGS - 3)
+
+
+_OP_ARGS = 18  # inputs of smoothce::linear_cross_entropy
 
 
 linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
@@ -525,19 +517,6 @@ linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_contex
 # ------------------------------------------------------------------------------------------------
 # public functional
 # ------------------------------------------------------------------------------------------------
-def _check_float(name: str, value, *, positive: bool = False, nonneg: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a Python float, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if value != value or value in (math.inf, -math.inf):  # math.isfinite does not trace under dynamic=True
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    if positive and value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
-    if nonneg and value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
-    return value
-
-
 def fused_linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
@@ -545,82 +524,67 @@ def fused_linear_cross_entropy(
     target: Tensor,
     class_weight: Optional[Tensor] = None,
     *,
-    ignore_index: int = -100,
+    ignore_index: Optional[int] = -100,
     reduction: str = "mean",
-    target_coef: float = 1.0,
-    uniform_coef: float = 0.0,
-    constant: float = 0.0,
+    label_smoothing: float = 0.0,
+    smoothing: str = "all",
+    scale: float = 1.0,
+    kl: bool = False,
     z_loss: float = 0.0,
     softcap: Optional[float] = None,
     logit_scale: float = 1.0,
-    return_z_loss: bool = False,
+    uniform_rows: Optional[Tensor] = None,
+    loss_dtype: Optional[torch.dtype] = None,
     chunk_size: Optional[int] = None,
+    return_z_loss: bool = False,
 ):
-    """Cross-entropy of ``softcap((hidden @ weight.T + bias) * logit_scale)`` without the full logits.
+    """The loss LossForm(ignore_index, reduction, label_smoothing, ...) describes, of the logits
+    ``softcap(logit_scale * (hidden @ weight.T + bias))``, without materialising them.
 
     hidden (..., D), weight (V, D), bias (V,) or None, target (...) class indices, class_weight (V,)
     or None. The loss is that of ``fused_cross_entropy`` in kernels/cross_entropy.py with the same
-    coefficients: ``F.cross_entropy(label_smoothing=eps)`` is target_coef = 1 - eps,
-    uniform_coef = eps / V. ``reduction='none'`` returns a loss with target's shape.
-    ``chunk_size`` overrides the rows per chunk (default :func:`chunk_rows`). With
-    ``return_z_loss`` returns ``(loss, z_term)``, z_term being the (non-differentiable) z-loss part.
+    keywords. ``reduction='none'`` returns a loss with target's shape. ``loss_dtype``: the returned
+    loss's dtype (default: hidden's). ``chunk_size`` overrides the rows per chunk (default
+    :func:`chunk_rows`). With ``return_z_loss`` returns ``(loss, z_term)``, z_term being the
+    (non-differentiable) z-loss part.
     """
-    if not isinstance(hidden, Tensor) or not isinstance(weight, Tensor) or not isinstance(target, Tensor):
-        raise TypeError("hidden, weight and target must be tensors, got "
-                        f"{type(hidden).__name__}, {type(weight).__name__}, {type(target).__name__}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of 'none', 'sum', 'mean', got {reduction!r}")
+    form = LossForm(ignore_index, reduction, label_smoothing, smoothing, scale, kl, z_loss, softcap, logit_scale)
+    check_tensors(hidden=hidden, weight=weight, target=target)
+    check_dtype("hidden", hidden, FLOAT_DTYPES, "float16, bfloat16, float32 or float64")
     if hidden.dim() < 1:
-        raise ValueError(f"hidden must have shape (..., D), got a 0-d tensor")
+        raise ValueError("smoothce: hidden must have shape (..., D), got a 0-d tensor")
     if weight.dim() != 2:
-        raise ValueError(f"weight must have shape (V, D), got {tuple(weight.shape)}")
+        raise ValueError(f"smoothce: weight must have shape (V, D), got {tuple(weight.shape)}")
     v, d = weight.shape
     if hidden.shape[-1] != d:
-        raise ValueError(f"hidden's last dim must equal weight's D = {d}: hidden {tuple(hidden.shape)}, "
+        raise ValueError(f"smoothce: hidden's last dim must equal weight's D = {d}: hidden {tuple(hidden.shape)}, "
                          f"weight {tuple(weight.shape)}")
-    if target.shape != hidden.shape[:-1]:
-        raise ValueError(f"target must have shape {tuple(hidden.shape[:-1])} (hidden without its last dim), "
-                         f"got {tuple(target.shape)}")
-    if hidden.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"hidden must be float16, bfloat16, float32 or float64, got {hidden.dtype}")
+    check_labels(target, hidden.shape[:-1], f"hidden shape {tuple(hidden.shape)} without its last dim")
     if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
-    if target.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"target must hold class indices as int64 or int32, got {target.dtype}")
+        raise TypeError(f"smoothce: weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
     if bias is not None:
         if not isinstance(bias, Tensor) or bias.shape != (v,):
-            raise ValueError(f"bias must have shape ({v},), got "
+            raise ValueError(f"smoothce: bias must have shape ({v},), got "
                              f"{tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__}")
         if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias dtype {bias.dtype} must equal hidden dtype {hidden.dtype}")
+            raise TypeError(f"smoothce: bias dtype {bias.dtype} must equal hidden dtype {hidden.dtype}")
     if class_weight is not None:
-        if not isinstance(class_weight, Tensor) or class_weight.shape != (v,):
-            raise ValueError(f"class_weight must have shape ({v},), got "
-                             f"{tuple(class_weight.shape) if isinstance(class_weight, Tensor) else class_weight!r}")
-        if not class_weight.is_floating_point():
-            raise TypeError(f"class_weight must be floating point, got {class_weight.dtype}")
-    tensors = [hidden, weight, target] + [t for t in (bias, class_weight) if t is not None]
-    devices = {t.device for t in tensors}
-    if len(devices) != 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    a = _check_float("target_coef", target_coef)
-    b = _check_float("uniform_coef", uniform_coef)
-    c = _check_float("constant", constant)
-    z = _check_float("z_loss", z_loss, nonneg=True)
-    cap = 0.0 if softcap is None else _check_float("softcap", softcap, positive=True)
-    scale = _check_float("logit_scale", logit_scale, positive=True)
+        check_per_class("class_weight", class_weight, v)
+    check_same_device("hidden", hidden=hidden, weight=weight, target=target, bias=bias, class_weight=class_weight)
+    if uniform_rows is not None:
+        raise ValueError("smoothce: fused_linear_cross_entropy does not take uniform_rows yet; "
+                         "use fused_cross_entropy on the logits")
+    check_loss_dtype(loss_dtype)
     if chunk_size is None:
         chunk_size = 0
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        raise ValueError(f"smoothce: chunk_size={chunk_size!r} must be a positive int or None")
 
     compute_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (hidden, weight, bias) if t is not None)
     loss, z_term, *_ = torch.ops.smoothce.linear_cross_entropy(
-        hidden.reshape(-1, d), weight, bias, target.reshape(-1), class_weight, ignore_index,
-        _REDUCTIONS[reduction], a, b, c, z, cap, scale, compute_grad, chunk_size)
+        hidden.reshape(-1, d), weight, bias, target.reshape(-1), class_weight, *form.as_args(), None, loss_dtype,
+        compute_grad, chunk_size)
     if reduction == "none":
         loss = loss.view(target.shape)
         z_term = z_term.view(target.shape)

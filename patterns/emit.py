@@ -16,7 +16,6 @@ the same (it reads those very labels with the same ignore_index).
 
 from __future__ import annotations
 
-import inspect
 import operator
 from typing import Optional
 
@@ -32,7 +31,7 @@ from smoothce.patterns.ops import op_name
 
 Node = torch.fx.Node
 
-__all__ = ["emit", "check_contract"]
+__all__ = ["emit"]
 
 
 def _ops():
@@ -41,24 +40,6 @@ def _ops():
     from smoothce.kernels.linear_cross_entropy import fused_linear_cross_entropy
 
     return fused_cross_entropy, fused_linear_cross_entropy
-
-
-def _contract() -> str:
-    """'form' when the ops take LossForm's vocabulary, 'coefficients' for (target_coef, ...)."""
-    params = inspect.signature(_ops()[0]).parameters
-    return "form" if "label_smoothing" in params else "coefficients"
-
-
-def check_contract(plan: Plan) -> None:
-    """Reject what the installed ops cannot compute."""
-    if _contract() == "form":
-        return
-    for call in plan.calls:
-        if call.uniform_rows is not None:
-            raise Reject("the uniform term is masked differently from the label term, and this "
-                         "version of the op has no uniform_rows")
-        if call.form.kl and call.columns:
-            raise Reject("a KL divergence against a target with a padding column")
 
 
 class _Builder:
@@ -92,7 +73,6 @@ class _Builder:
 def emit(gm: torch.fx.GraphModule, plan: Plan, head: Optional[Head], fake_mode) -> list[Node]:
     """Insert the op calls for a plan before its sink and send the sink's uses to them.
     Returns the nodes added; on a Reject the graph is left as it was."""
-    check_contract(plan)
     b = _Builder(gm.graph, plan.sink, fake_mode)
     try:
         with gm.graph.inserting_before(plan.sink):
@@ -129,7 +109,6 @@ def _emit(plan: Plan, head: Optional[Head], b: _Builder) -> Node:
     if not all(isinstance(d, int) for d in rows[1:]):
         raise Reject(f"the rows {rows} have symbolic sizes past the first")
     op_rows = (-1,) if key.cd == -1 else (-1, *rows[1:])  # -1 first: valid under dynamic shapes
-    contract = _contract()
     fused_ce, fused_linear_ce = _ops()
     if head is not None:
         D = shape(head.weight)[1]
@@ -144,25 +123,19 @@ def _emit(plan: Plan, head: Optional[Head], b: _Builder) -> Node:
             x = b.method("to", x, key.dtype)
         if flatten:
             x = b.method("reshape", x, -1, V)
-        if contract == "coefficients" and key.scale != 1:
-            x = b.fn(operator.mul, x, float(key.scale))
     want = plan.loss_dtype
-    if contract == "coefficients" and head is None and want is not None and want.is_floating_point \
-            and torch.finfo(want).bits > torch.finfo(dtype(x)).bits:
-        x = b.method("to", x, want)  # this op returns the logits' dtype: read them upcast instead
     # the eager label checks no call's own check covers: the first call maps their rows
     checks = [c for c in plan.checks if not any(_implied(c, call.target, V) for call in plan.calls)]
     outs = []
     for i, call in enumerate(plan.calls):
-        t, ignore = _target(call.target, plan, op_rows, x, b, checks=checks if i == 0 else (),
-                            contract=contract)
-        kwargs = _kwargs(call, ignore, contract, want if dtype(x) != want else None)
+        t = _target(call.target, plan, op_rows, x, b, checks=checks if i == 0 else ())
+        kwargs = call.form.describe()  # the form in the user's words; defaults left out
         if call.uniform_rows is not None:
             kwargs["uniform_rows"] = _mask(call.uniform_rows, t, op_rows, V, b)
+        if want is not None and want != dtype(x):
+            kwargs["loss_dtype"] = want  # the dtype the user's loss had: bf16 logits upcast by the user
         weight = call.weight if call.weight is not None else _column_weights(call.columns, V, x, b)
         if head is not None:
-            if contract == "coefficients":
-                kwargs["logit_scale"] = float(key.scale)
             loss = b.fn(fused_linear_ce, x, w_in, b_in, t, weight, **kwargs)
         else:
             loss = b.fn(fused_ce, x, t, weight, **kwargs)
@@ -203,8 +176,8 @@ def _implied(check: LabelCheck, target: Target, classes: int) -> bool:
             and outside(check.ignore) == outside(target.ignore))
 
 
-def _target(tg: Target, plan: Plan, op_rows, x: Node, b: _Builder, checks, contract) -> tuple[Node, Optional[int]]:
-    """The labels one call reads, and its ignore_index."""
+def _target(tg: Target, plan: Plan, op_rows, x: Node, b: _Builder, checks) -> Node:
+    """The labels one call reads (its ignore_index is tg.ignore)."""
     V = plan.classes
     key = plan.logits
     shp = logits_shape(key)
@@ -224,17 +197,13 @@ def _target(tg: Target, plan: Plan, op_rows, x: Node, b: _Builder, checks, contr
     if tg.fold:
         t = b.fn(torch.where, _mask(tg.fold, t, op_rows, V, b), t, ignore)
     bad = [_invalid(c, op_rows, V, b) for c in checks]
-    if ignore is None and contract == "coefficients":
-        ignore = -100  # this op always ignores some label: make that one raise as any invalid label
-        if tg.node is not None:
-            bad.append(b.fn(operator.eq, t, ignore))
     if bad:
         m = bad[0]
         for other in bad[1:]:
             m = b.fn(operator.or_, m, other)
         sentinel = V if ignore != V else V + 1
         t = b.fn(torch.where, m, sentinel, t)
-    return t, ignore
+    return t
 
 
 def _invalid(check: LabelCheck, op_rows, V: int, b: _Builder) -> Node:
@@ -245,19 +214,6 @@ def _invalid(check: LabelCheck, op_rows, V: int, b: _Builder) -> Node:
     if check.ignore is not None:
         m = b.fn(operator.and_, m, b.fn(operator.ne, L, check.ignore))
     return m
-
-
-def _kwargs(call: Call, ignore, contract: str, loss_dtype) -> dict:
-    f = call.form
-    if contract == "form":
-        kw = dict(ignore_index=ignore, reduction=call.reduction, label_smoothing=f.label_smoothing,
-                  smoothing=f.smoothing, scale=f.scale, kl=f.kl, z_loss=f.z_loss, softcap=f.softcap,
-                  logit_scale=f.logit_scale)
-        if loss_dtype is not None:
-            kw["loss_dtype"] = loss_dtype
-        return kw
-    return dict(ignore_index=ignore, reduction=call.reduction, target_coef=float(call.a), uniform_coef=float(call.b),
-                constant=float(call.c), z_loss=float(call.z), softcap=f.softcap)
 
 
 def _atom(atom: CondAtom, op_rows, V: int, b: _Builder) -> Node:

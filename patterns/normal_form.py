@@ -252,6 +252,8 @@ def _call(row: RowV, divisor: Optional[Divisor], V: int, key: Logits, per_row: b
         if w != 1 and a != 0 and not _drops_label(target, label, m_a, p):
             raise Reject(f"the target leaves out class {p} but keeps rows whose label is {p}")
     uniform = None if gb is None or ga is None or m_b == m_a else m_b
+    if uniform is not None and c:
+        raise Reject("a KL divergence whose smoothing term is masked apart from its label term")
     reduction, after = _reduction(divisor, per_row, weight, label, rows, uniform, z, c)
     fields = dict(ignore_index=target.ignore, reduction=reduction, z_loss=float(z),
                   softcap=None if key.cap is None else float(key.cap), logit_scale=float(key.scale))

@@ -188,7 +188,7 @@ class GraphModule(torch.nn.Module):
         l_x_ = L_x_
         l_y_ = L_y_
 
-        fused_linear_cross_entropy: "f32[]" = smoothce_kernels_linear_cross_entropy_fused_linear_cross_entropy(l_x_, l_self_modules_proj_parameters_weight_, l_self_modules_proj_parameters_bias_, l_y_, None, ignore_index = -100, reduction = 'mean', target_coef = 0.9, uniform_coef = 0.01, constant = 0.0, z_loss = 0.0, softcap = None, logit_scale = 1.0);  l_x_ = l_self_modules_proj_parameters_weight_ = l_self_modules_proj_parameters_bias_ = l_y_ = None
+        fused_linear_cross_entropy: "f32[]" = smoothce_kernels_linear_cross_entropy_fused_linear_cross_entropy(l_x_, l_self_modules_proj_parameters_weight_, l_self_modules_proj_parameters_bias_, l_y_, None, ignore_index = -100, reduction = 'mean', label_smoothing = 0.1);  l_x_ = l_self_modules_proj_parameters_weight_ = l_self_modules_proj_parameters_bias_ = l_y_ = None
         return (fused_linear_cross_entropy,)
 """,
         )

@@ -71,8 +71,7 @@ def test_matches_f_cross_entropy(reduction, eps, weighted, bias):
     h, w, b, t = make(bias=bias)
     cw = torch.rand(V, dtype=torch.float64) + 0.5 if weighted else None
     ref = F.cross_entropy(F.linear(h, w, b), t, weight=cw, reduction=reduction, label_smoothing=eps)
-    ours = dict(class_weight=cw, reduction=reduction, target_coef=1 - eps, uniform_coef=eps / V,
-                chunk_size=CHUNK)
+    ours = dict(class_weight=cw, reduction=reduction, label_smoothing=eps, chunk_size=CHUNK)
     assert_same(h, w, b, t, ours, ref)
 
 
@@ -90,16 +89,24 @@ def test_reference_matches_f_cross_entropy():
 # the general (a, b, c) form, z-loss, softcap, logit_scale
 # ---------------------------------------------------------------------------------------------------
 EPS = 0.1
+
+
+def kl_constant(eps):
+    """sum_j p_j log p_j of PyTorch's smoothed distribution (1 - eps + eps / V on the label, eps / V elsewhere)."""
+    return (1 - eps + eps / V) * math.log(1 - eps + eps / V) + (V - 1) * (eps / V) * math.log(eps / V)
+
+
+# (the op's keywords, the reference's general-form coefficients)
 CASES = {
     # eps spread over the other V - 1 classes
-    "eps_over_v_minus_1": dict(a=1 - EPS - EPS / (V - 1), b=EPS / (V - 1)),
+    "eps_over_v_minus_1": (dict(label_smoothing=EPS, smoothing="others"), dict(a=1 - EPS - EPS / (V - 1), b=EPS / (V - 1))),
     # KL divergence against the smoothed distribution: c = sum_j p_j log p_j
-    "kl_constant": dict(a=1 - EPS, b=EPS / V, c=(1 - EPS + EPS / V) * math.log(1 - EPS + EPS / V)
-                        + (V - 1) * (EPS / V) * math.log(EPS / V)),
-    "z_loss": dict(a=1 - EPS, b=EPS / V, z=1e-2),
-    "softcap": dict(a=1 - EPS, b=EPS / V, softcap=2.5),
-    "softcap_z_scale": dict(a=1.0, b=0.0, z=0.1, softcap=3.0, logit_scale=0.7),
-    "uniform_only": dict(a=0.0, b=1.0 / V),
+    "kl_constant": (dict(label_smoothing=EPS, kl=True), dict(a=1 - EPS, b=EPS / V, c=kl_constant(EPS))),
+    "z_loss": (dict(label_smoothing=EPS, z_loss=1e-2), dict(a=1 - EPS, b=EPS / V, z=1e-2)),
+    "softcap": (dict(label_smoothing=EPS, softcap=2.5), dict(a=1 - EPS, b=EPS / V, softcap=2.5)),
+    "softcap_z_scale": (dict(z_loss=0.1, softcap=3.0, logit_scale=0.7), dict(z=0.1, softcap=3.0, logit_scale=0.7)),
+    "uniform_only": (dict(label_smoothing=1.0), dict(a=0.0, b=1.0 / V)),
+    "scaled": (dict(label_smoothing=EPS, scale=0.5), dict(a=0.5 * (1 - EPS), b=0.5 * EPS / V)),
 }
 
 
@@ -107,13 +114,11 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("weighted", [False, True])
 def test_general_form(case, reduction, weighted):
-    p = CASES[case]
+    words, p = CASES[case]
     h, w, b, t = make(seed=3)
     cw = torch.rand(V, dtype=torch.float64) + 0.5 if weighted else None
     ref = reference(h, w, b, t, cw, reduction=reduction, **p)
-    ours = dict(class_weight=cw, reduction=reduction, target_coef=p["a"], uniform_coef=p["b"],
-                constant=p.get("c", 0.0), z_loss=p.get("z", 0.0), softcap=p.get("softcap"),
-                logit_scale=p.get("logit_scale", 1.0), chunk_size=CHUNK)
+    ours = dict(class_weight=cw, reduction=reduction, chunk_size=CHUNK, **words)
     assert_same(h, w, b, t, ours, ref)
 
 
@@ -137,7 +142,7 @@ def test_return_z_loss():
 def test_chunk_boundaries(chunk, reduction):
     h, w, b, t = make(seed=4)
     ref = reference(h, w, b, t, reduction=reduction, a=0.9, b=0.1 / V, z=1e-3)
-    ours = dict(reduction=reduction, target_coef=0.9, uniform_coef=0.1 / V, z_loss=1e-3, chunk_size=chunk)
+    ours = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-3, chunk_size=chunk)
     assert_same(h, w, b, t, ours, ref)
 
 
@@ -152,7 +157,7 @@ def test_cache_block_boundaries(monkeypatch, block_rows, softcap):
     cw = torch.rand(V, dtype=torch.float64) + 0.5
     for reduction in ("none", "mean"):
         ref = reference(h, w, b, t, cw, reduction=reduction, a=0.9, b=0.1 / V, z=1e-3, softcap=softcap)
-        ours = dict(class_weight=cw, reduction=reduction, target_coef=0.9, uniform_coef=0.1 / V, z_loss=1e-3,
+        ours = dict(class_weight=cw, reduction=reduction, label_smoothing=0.1, z_loss=1e-3,
                     softcap=softcap, chunk_size=5)
         assert_same(h, w, b, t, ours, ref)
 
@@ -176,7 +181,7 @@ def test_chunk_rows_rule():
 def test_all_ignored_mean_is_nan_with_zero_grad(eps):
     h, w, b, t = make()
     t[:] = -100
-    loss = fused_linear_cross_entropy(h, w, b, t, target_coef=1 - eps, uniform_coef=eps / V, chunk_size=CHUNK)
+    loss = fused_linear_cross_entropy(h, w, b, t, label_smoothing=eps, chunk_size=CHUNK)
     ref = F.cross_entropy(F.linear(h, w, b), t, label_smoothing=eps)
     assert torch.isnan(loss) and torch.isnan(ref)
     for ours, theirs in zip(torch.autograd.grad(loss, (h, w, b)), torch.autograd.grad(ref, (h, w, b))):
@@ -188,15 +193,36 @@ def test_custom_ignore_index_and_int32_target():
     h, w, b, t = make(ignore=False)
     t[[0, 7]] = 3
     ref = F.cross_entropy(F.linear(h, w, b), t, ignore_index=3, label_smoothing=0.1)
-    ours = dict(ignore_index=3, target_coef=0.9, uniform_coef=0.1 / V, chunk_size=CHUNK)
+    ours = dict(ignore_index=3, label_smoothing=0.1, chunk_size=CHUNK)
     assert_same(h, w, b, t.int(), ours, ref)
+
+
+def test_no_ignore_index():
+    # ignore_index=None: -100 is an ordinary (out-of-range) label, every in-range row counts.
+    h, w, b, t = make(ignore=False)
+    ref = F.cross_entropy(F.linear(h, w, b), t, ignore_index=-1000, label_smoothing=0.1, reduction="sum")
+    assert_same(h, w, b, t, dict(ignore_index=None, label_smoothing=0.1, reduction="sum", chunk_size=CHUNK), ref)
+    t[2] = -100
+    with pytest.raises(IndexError, match="target -100 is out of bounds"):
+        fused_linear_cross_entropy(h, w, b, t, ignore_index=None)
+
+
+def test_loss_dtype():
+    # The loss in the dtype the user's code produced (an upcast head: float32 from bf16), not rounded
+    # through bf16 first: float32 agreement with the float64 loss of the same bf16 inputs (the torch
+    # path computes the chunk logits in float32).
+    h, w, b, t = make(dtype=torch.bfloat16)
+    loss = fused_linear_cross_entropy(h, w, b, t, label_smoothing=0.1, loss_dtype=torch.float32, chunk_size=CHUNK)
+    ref = F.cross_entropy(F.linear(h.double(), w.double(), b.double()), t, label_smoothing=0.1)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_leading_dims_reduction_none():
     h, w, b, t = make(n=12)
     h3 = h.detach().view(3, 4, D).requires_grad_()
     t3 = t.view(3, 4)
-    loss = fused_linear_cross_entropy(h3, w, b, t3, reduction="none", target_coef=0.9, uniform_coef=0.1 / V,
+    loss = fused_linear_cross_entropy(h3, w, b, t3, reduction="none", label_smoothing=0.1,
                                       chunk_size=5)
     assert loss.shape == (3, 4)
     ref = F.cross_entropy(F.linear(h3, w, b).transpose(1, 2), t3, reduction="none", label_smoothing=0.1)
@@ -221,7 +247,7 @@ def test_tied_embedding_accumulates_both_uses():
         loss.backward()
         return loss.detach(), emb.weight.grad.clone()
 
-    ours = step(lambda h, w, t: fused_linear_cross_entropy(h, w, None, t, target_coef=0.9, uniform_coef=0.1 / V,
+    ours = step(lambda h, w, t: fused_linear_cross_entropy(h, w, None, t, label_smoothing=0.1,
                                                            chunk_size=CHUNK))
     ref = step(lambda h, w, t: F.cross_entropy(F.linear(h, w).flatten(0, 1), t.flatten(), label_smoothing=0.1))
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
@@ -234,7 +260,7 @@ def test_low_precision(dtype, rtol, atol, reduction):
     # gradient is accumulated in fp32 over the chunks and rounded once.
     h, w, b, t = make(dtype=dtype, n=40, d=16, v=50)
     h64, w64, b64 = (x.detach().double().requires_grad_() for x in (h, w, b))
-    kw = dict(reduction=reduction, target_coef=0.9, uniform_coef=0.1 / 50, z_loss=1e-3)
+    kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
     loss = fused_linear_cross_entropy(h, w, b, t, chunk_size=8, **kw)
     ref = reference(h64, w64, b64, t, reduction=reduction, a=0.9, b=0.1 / 50, z=1e-3)
     assert loss.dtype == dtype
@@ -253,7 +279,7 @@ def test_bf16_weight_gradient_accumulates_in_fp32():
     h = torch.randn(1, D, dtype=torch.float64).expand(n, D).to(torch.bfloat16).contiguous().requires_grad_()
     w = (torch.randn(V, D, dtype=torch.float64) / math.sqrt(D)).to(torch.bfloat16).requires_grad_()
     t = torch.full((n,), 3)
-    loss = fused_linear_cross_entropy(h, w, None, t, reduction="sum", target_coef=0.9, uniform_coef=0.1 / V,
+    loss = fused_linear_cross_entropy(h, w, None, t, reduction="sum", label_smoothing=0.1,
                                       chunk_size=1)
     (gw,) = torch.autograd.grad(loss, w)
     w64 = w.detach().double().requires_grad_()
@@ -266,8 +292,8 @@ def test_bf16_weight_gradient_accumulates_in_fp32():
 def test_no_grad_returns_no_gradients():
     h, w, b, t = make()
     with torch.no_grad():
-        out = torch.ops.smoothce.linear_cross_entropy(h, w, b, t, None, -100, 2, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0,
-                                                      False, CHUNK)
+        out = torch.ops.smoothce.linear_cross_entropy(h, w, b, t, None, -100, "mean", 0.0, "all", 1.0, False,
+                                                      0.0, None, 1.0, None, None, False, CHUNK)
         loss = fused_linear_cross_entropy(h, w, b, t, chunk_size=CHUNK)
     assert [x.numel() for x in out[2:]] == [0, 0, 0]
     torch.testing.assert_close(loss, F.cross_entropy(F.linear(h, w, b), t).detach())
@@ -275,8 +301,8 @@ def test_no_grad_returns_no_gradients():
 
 def test_backward_without_compute_grad_raises():
     h, w, b, t = make()
-    loss = torch.ops.smoothce.linear_cross_entropy(h, w, b, t, None, -100, 2, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0,
-                                                   False, CHUNK)[0]
+    loss = torch.ops.smoothce.linear_cross_entropy(h, w, b, t, None, -100, "mean", 0.0, "all", 1.0, False, 0.0,
+                                                   None, 1.0, None, None, False, CHUNK)[0]
     with pytest.raises(RuntimeError, match="compute_grad=False"):
         loss.backward()
 
@@ -291,10 +317,11 @@ def test_out_of_range_label_raises_on_cpu():
 # ---------------------------------------------------------------------------------------------------
 # the Triton kernel of kernels/cross_entropy.py per chunk (the CUDA path), here through the interpreter
 # ---------------------------------------------------------------------------------------------------
+# (the op's keywords, the reference's general-form coefficients)
 TRITON_CASES = {
-    "smoothing": dict(a=0.9, b=0.1 / V),
-    "weight_z_softcap": dict(a=0.9, b=0.1 / V, z=1e-2, softcap=3.0, weighted=True),
-    "kl_scale": dict(a=0.8, b=0.2 / V, c=-0.3, logit_scale=0.6),
+    "smoothing": (dict(label_smoothing=0.1), dict(a=0.9, b=0.1 / V)),
+    "weight_z_softcap": (dict(label_smoothing=0.1, z_loss=1e-2, softcap=3.0), dict(a=0.9, b=0.1 / V, z=1e-2, softcap=3.0)),
+    "kl_scale": (dict(label_smoothing=0.2, kl=True, logit_scale=0.6), dict(a=0.8, b=0.2 / V, c=kl_constant(0.2), logit_scale=0.6)),
 }
 
 
@@ -302,21 +329,19 @@ TRITON_CASES = {
 @pytest.mark.parametrize("case", list(TRITON_CASES))
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_triton_chunks(monkeypatch, case, reduction, dtype, tol):
-    import smoothce.kernels.cross_entropy as ce_kernels
+    import smoothce.kernels.cross_entropy_triton as ce_kernels
 
     monkeypatch.setenv("SMOOTHCE_KERNEL", "triton")
     launches = []
-    launch = ce_kernels._launch_triton
-    monkeypatch.setattr(ce_kernels, "_launch_triton", lambda *args: launches.append(1) or launch(*args))
-    p = dict(TRITON_CASES[case])
-    cw = torch.rand(V, dtype=torch.float64) + 0.5 if p.pop("weighted", False) else None
+    launch = ce_kernels.launch_cross_entropy
+    monkeypatch.setattr(ce_kernels, "launch_cross_entropy",
+                        lambda *args, **kwargs: launches.append(1) or launch(*args, **kwargs))
+    words, p = TRITON_CASES[case]
+    cw = torch.rand(V, dtype=torch.float64) + 0.5 if case == "weight_z_softcap" else None
     h, w, b, t = make(dtype=dtype, seed=7)
     p64 = [x.detach().double().requires_grad_() for x in (h, w, b)]
     ref = reference(*p64, t, cw, reduction=reduction, **p)
-    loss = fused_linear_cross_entropy(
-        h, w, b, t, cw, reduction=reduction, target_coef=p["a"], uniform_coef=p["b"], constant=p.get("c", 0.0),
-        z_loss=p.get("z", 0.0), softcap=p.get("softcap"), logit_scale=p.get("logit_scale", 1.0),
-        chunk_size=CHUNK)
+    loss = fused_linear_cross_entropy(h, w, b, t, cw, reduction=reduction, chunk_size=CHUNK, **words)
     assert loss.dtype == dtype
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=tol, atol=tol)
     for ours, theirs, param in zip(grads(loss, (h, w, b)), grads(ref, p64), (h, w, b)):
@@ -330,22 +355,24 @@ def test_triton_chunks(monkeypatch, case, reduction, dtype, tol):
 # validation
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("change,error,match", [
-    (dict(reduction="avg"), ValueError, "reduction must be one of .* got 'avg'"),
+    (dict(reduction="avg"), ValueError, "reduction='avg' is not one of 'none', 'sum', 'mean'"),
     (dict(hidden=torch.randn(N, D + 1)), ValueError, r"weight's D = 8: hidden \(13, 9\)"),
     (dict(weight=torch.randn(V)), ValueError, r"weight must have shape \(V, D\), got \(11,\)"),
-    (dict(target=torch.zeros(N + 1, dtype=torch.long)), ValueError, r"target must have shape \(13,\).*\(14,\)"),
-    (dict(target=torch.zeros(N)), TypeError, "int64 or int32, got torch.float32"),
+    (dict(target=torch.zeros(N + 1, dtype=torch.long)), ValueError, r"target shape \(14,\) does not match .*\(13,\)"),
+    (dict(target=torch.zeros(N, dtype=torch.int16)), TypeError, "target dtype torch.int16 is not supported"),
     (dict(weight=torch.randn(V, D, dtype=torch.float64)), TypeError, "weight dtype torch.float64"),
-    (dict(hidden=torch.zeros(N, D, dtype=torch.long)), TypeError, "got torch.int64"),
+    (dict(hidden=torch.zeros(N, D, dtype=torch.long)), TypeError, "hidden dtype torch.int64 is not supported"),
     (dict(bias=torch.randn(V + 1)), ValueError, r"bias must have shape \(11,\), got \(12,\)"),
-    (dict(class_weight=torch.ones(3)), ValueError, r"class_weight must have shape \(11,\), got \(3,\)"),
-    (dict(z_loss=-1e-4), ValueError, "z_loss must be >= 0, got -0.0001"),
-    (dict(softcap=0.0), ValueError, "softcap must be > 0, got 0.0"),
-    (dict(logit_scale=float("inf")), ValueError, "logit_scale must be finite, got inf"),
-    (dict(uniform_coef=float("nan")), ValueError, "uniform_coef must be finite, got nan"),
-    (dict(target_coef="0.9"), TypeError, "target_coef must be a Python float, got str '0.9'"),
-    (dict(ignore_index=1.5), TypeError, "ignore_index must be an int, got 1.5"),
-    (dict(chunk_size=0), ValueError, "chunk_size must be a positive int or None, got 0"),
+    (dict(class_weight=torch.ones(3)), ValueError, r"class_weight must have shape \(11,\) \(one per class\), got \(3,\)"),
+    (dict(z_loss=-1e-4), ValueError, "z_loss=-0.0001 must be >= 0"),
+    (dict(softcap=0.0), ValueError, "softcap=0.0 must be None or > 0"),
+    (dict(logit_scale=float("inf")), ValueError, "logit_scale=inf must be finite"),
+    (dict(label_smoothing=float("nan")), ValueError, "label_smoothing=nan must be finite"),
+    (dict(label_smoothing="0.1"), TypeError, "label_smoothing must be a number, got str '0.1'"),
+    (dict(ignore_index=1.5), TypeError, "ignore_index must be an int or None, got 1.5"),
+    (dict(chunk_size=0), ValueError, "chunk_size=0 must be a positive int or None"),
+    (dict(uniform_rows=torch.ones(N, dtype=torch.bool), reduction="sum"), ValueError,
+     "does not take uniform_rows yet"),
 ])
 def test_validation(change, error, match):
     args = dict(hidden=torch.randn(N, D), weight=torch.randn(V, D), bias=None,
@@ -359,24 +386,25 @@ def test_validation(change, error, match):
 # ---------------------------------------------------------------------------------------------------
 # custom-op registration and torch.compile
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 @pytest.mark.parametrize("bias", [False, True])
 def test_opcheck(reduction, bias):
     h, w, b, t = make(dtype=torch.float32, bias=bias)
     cw = torch.rand(V) + 0.5
-    args = (h, w, b, t, cw, -100, reduction, 0.9, 0.1 / V, 0.0, 1e-3, 4.0, 1.0, True, CHUNK)
+    # ignore_index, reduction, label_smoothing, smoothing, scale, kl, z_loss, softcap, logit_scale,
+    # uniform_rows, loss_dtype, compute_grad, chunk_size
+    args = (h, w, b, t, cw, -100, reduction, 0.1, "all", 1.0, False, 1e-3, 4.0, 1.0, None, None, True, CHUNK)
     torch.library.opcheck(torch.ops.smoothce.linear_cross_entropy.default, args)
     go = torch.rand(N)
-    bw_args = (go, h.detach(), w.detach(), b if b is None else b.detach(), t, cw, -100, 0.9, 0.1 / V, 1e-3,
-               4.0, 1.0, CHUNK)
+    bw_args = (go, h.detach(), w.detach(), b if b is None else b.detach(), t, cw, -100, 0.1, "all", 1.0, False,
+               1e-3, 4.0, 1.0, None, CHUNK)
     torch.library.opcheck(torch.ops.smoothce.linear_cross_entropy_backward.default, bw_args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
 def _compiled_step(backend, reduction, dynamic=None):
     def step(h, w, b, t):
-        loss = fused_linear_cross_entropy(h, w, b, t, reduction=reduction, target_coef=0.9,
-                                          uniform_coef=0.1 / V, z_loss=1e-3, chunk_size=CHUNK)
+        loss = fused_linear_cross_entropy(h, w, b, t, reduction=reduction, label_smoothing=0.1, z_loss=1e-3, chunk_size=CHUNK)
         return loss
 
     return torch.compile(step, backend=backend, fullgraph=True, dynamic=dynamic)
@@ -386,7 +414,7 @@ def _compiled_step(backend, reduction, dynamic=None):
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 def test_compile(backend, reduction):
     h, w, b, t = make(dtype=torch.float32)
-    ref = fused_linear_cross_entropy(h, w, b, t, reduction=reduction, target_coef=0.9, uniform_coef=0.1 / V,
+    ref = fused_linear_cross_entropy(h, w, b, t, reduction=reduction, label_smoothing=0.1,
                                      z_loss=1e-3, chunk_size=CHUNK)
     loss = _compiled_step(backend, reduction)(h, w, b, t)
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)

@@ -194,7 +194,7 @@ def forward(self, L_self_modules_head_parameters_weight_ : torch.nn.parameter.Pa
     l_h_ = L_h_
     l_self_modules_loss_buffers_weight_ = L_self_modules_loss_buffers_weight_
     l_y_ = L_y_
-    fused_linear_cross_entropy = smoothce_kernels_linear_cross_entropy_fused_linear_cross_entropy(l_h_, l_self_modules_head_parameters_weight_, l_self_modules_head_parameters_bias_, l_y_, l_self_modules_loss_buffers_weight_, ignore_index = 0, reduction = 'mean', target_coef = 0.8, uniform_coef = 0.018181818181818184, constant = 0.0, z_loss = 0.0, softcap = None, logit_scale = 1.0);  l_h_ = l_self_modules_head_parameters_weight_ = l_self_modules_head_parameters_bias_ = l_y_ = l_self_modules_loss_buffers_weight_ = None
+    fused_linear_cross_entropy = smoothce_kernels_linear_cross_entropy_fused_linear_cross_entropy(l_h_, l_self_modules_head_parameters_weight_, l_self_modules_head_parameters_bias_, l_y_, l_self_modules_loss_buffers_weight_, ignore_index = 0, reduction = 'mean', label_smoothing = 0.2);  l_h_ = l_self_modules_head_parameters_weight_ = l_self_modules_head_parameters_bias_ = l_y_ = l_self_modules_loss_buffers_weight_ = None
     return (fused_linear_cross_entropy,)""")
 
 
@@ -298,7 +298,7 @@ def forward(self, L_x_ : torch.Tensor, L_y_ : torch.Tensor):
     getitem_2 = l_x_[(Ellipsis, slice(None, -1, None), slice(None, None, None))];  l_x_ = None
     reshape = getitem_2.reshape(-1, 11);  getitem_2 = None
     reshape_1 = shift_labels.reshape(-1);  shift_labels = None
-    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(reshape, reshape_1, None, ignore_index = -100, reduction = 'mean', target_coef = 1.0, uniform_coef = 0.0, constant = 0.0, z_loss = 0.0, softcap = None);  reshape = reshape_1 = None
+    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(reshape, reshape_1, None, ignore_index = -100, reduction = 'mean');  reshape = reshape_1 = None
     return (fused_cross_entropy,)""")
 
     def test_hf_label_smoother_golden(self):
@@ -330,7 +330,7 @@ def forward(self, L_x_ : torch.Tensor, L_y_ : torch.Tensor):
     ge = reshape_3 >= 11;  reshape_3 = None
     or_ = lt | ge;  lt = ge = None
     where_1 = torch.where(or_, 11, where);  or_ = where = None
-    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(reshape, where_1, None, ignore_index = -100, reduction = 'mean', target_coef = 0.9, uniform_coef = 0.009090909090909092, constant = 0.0, z_loss = 0.0, softcap = None);  reshape = where_1 = None
+    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(reshape, where_1, None, ignore_index = -100, reduction = 'mean', label_smoothing = 0.1);  reshape = where_1 = None
     return (fused_cross_entropy,)""")
 
 
@@ -428,7 +428,7 @@ def forward(self, L_x_ : torch.Tensor, L_y_ : torch.Tensor):
     ge = reshape_1 >= 11;  reshape_1 = None
     or_ = lt | ge;  lt = ge = None
     where_1 = torch.where(or_, 11, where);  or_ = where = None
-    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(l_x_, where_1, None, ignore_index = -100, reduction = 'mean', target_coef = 0.9, uniform_coef = 0.009090909090909092, constant = 0.0, z_loss = 0.0, softcap = None);  l_x_ = where_1 = None
+    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(l_x_, where_1, None, ignore_index = -100, reduction = 'mean', label_smoothing = 0.1);  l_x_ = where_1 = None
     return (fused_cross_entropy,)""")
 
     def test_eps_over_v_minus_one_golden(self):
@@ -441,7 +441,7 @@ def forward(self, L_x_ : torch.Tensor, L_y_ : torch.Tensor):
 def forward(self, L_x_ : torch.Tensor, L_y_ : torch.Tensor):
     l_x_ = L_x_
     l_y_ = L_y_
-    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(l_x_, l_y_, None, ignore_index = 0, reduction = 'mean', target_coef = 0.89, uniform_coef = 0.01, constant = 0.0, z_loss = 0.0, softcap = None);  l_x_ = l_y_ = None
+    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(l_x_, l_y_, None, ignore_index = 0, reduction = 'mean', label_smoothing = 0.1, smoothing = 'others');  l_x_ = l_y_ = None
     return (fused_cross_entropy,)""")
 
 
@@ -763,8 +763,16 @@ def test_log_softmax_dtype_upcast():
         return F.nll_loss(F.log_softmax(x, -1, dtype=torch.float32), y)
 
     rec = check(fn, logits(N, V), labels(N), dtype=torch.bfloat16, atol=1e-2, rtol=1e-2)
-    assert rec.result.matches[0].params["dtype"] == "bfloat16"
-    assert any(n.target == "to" for n in rec.gm.graph.nodes)
+    (m,) = rec.result.matches
+    assert (m.params["dtype"], m.params["loss_dtype"]) == ("bfloat16", "float32")
+    assert_reads_logits_in_their_dtype(rec.gm, torch.float32)
+
+
+def assert_reads_logits_in_their_dtype(gm, loss_dtype):
+    """No float32 copy of the logits: the op reads them as they are and returns loss_dtype."""
+    assert not any(op_name(n) == "cast" for n in gm.graph.nodes), gm.code
+    (call,) = [n for n in gm.graph.nodes if n.target in (fused_cross_entropy, fused_linear_cross_entropy)]
+    assert call.kwargs["loss_dtype"] == loss_dtype
 
 
 # ------------------------------------------------------------------------------------------------
@@ -885,8 +893,8 @@ def test_grad_mode_switch_inside_the_loss_is_left_alone():
     assert len(reasons) == 1 and reasons[0].startswith("the grad mode changes inside the loss"), reasons
 
 
-def test_autocast_style_upcast_reads_the_logits_upcast():
-    # bf16 logits, float32 loss: the op reads float32 logits instead of rounding the loss to bf16
+def test_bf16_log_probs_with_a_float32_target_give_a_float32_loss():
+    # bf16 logits, float32 loss: the op reads the bf16 logits and returns the loss in float32
     def fn(x, y):
         t = F.one_hot(y, V).float() * (1 - EPS) + EPS / V
         return -(t * x.log_softmax(-1)).sum(-1).mean()
@@ -895,7 +903,7 @@ def test_autocast_style_upcast_reads_the_logits_upcast():
     out = torch.compile(fn, backend=Recorder())(logits(N, V).bfloat16(), labels(N))
     ref = fn(logits(N, V).bfloat16().double(), labels(N))
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)  # float32 accuracy
-    assert any(n.target == "to" for n in rec.gm.graph.nodes)
+    assert_reads_logits_in_their_dtype(rec.gm, torch.float32)
 
 
 def test_targets_built_under_no_grad():

@@ -1,0 +1,161 @@
+"""Which Triton kernel variant runs a cross-entropy, with which block sizes: the tuning table.
+
+The kernel bodies (kernels/cross_entropy_triton.py) have three modes; this module says which
+shapes each one serves, lists the configurations ``triton.autotune`` chooses among on CUDA, and
+gives the fixed choice used where nothing is measured (the interpreter, small problems).
+
+The floor the variants are measured against: one read of the logits and one write of the
+gradient at the card's copy bandwidth (on an H100, 3.02 TB/s: 1.42 ms for (8192, 131072) bf16).
+A plain two-pass kernel reached 66-70% of it at V >= 128K (its second read comes from HBM), 86%
+at V = 32K where the re-read still hits L2. What each mode is for, and what it is predicted to
+reach (predictions, not measurements):
+
+- ``ONE_PASS``: a tile of rows lives in registers whole (next_pow2(V) <= 64K). Exactly one read
+  and one write, like a copy: predicted 85-90% of copy at V <= 32K.
+- ``TWO_PASS``: column blocks streamed twice (statistics, then the gradient), the second pass
+  in reverse so the blocks read last come back from L2 first; optionally persistent (a few
+  programs per SM walking the rows), which keeps fewer rows in flight and so more of them in L2.
+  Any V, any layout; predicted 66-75% at V >= 128K.
+- ``SPLIT``: P programs per row each hold a slice in registers and exchange their partial
+  statistics through a small workspace, so every logit is read once at any V. Predicted to
+  approach ``ONE_PASS`` (80-90%) when P programs of a row are resident together; its cost is
+  the wait for partners. Not for gradients written over the logits (a late partner's slice
+  may already be overwritten).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import triton
+
+ONE_PASS, TWO_PASS, SPLIT = 0, 1, 2
+MODE_NAMES = {ONE_PASS: "one_pass", TWO_PASS: "two_pass", SPLIT: "split"}
+
+# Elements of a tile held in registers by one program: 32K fp32 values over 512 threads is 64
+# registers each, which leaves room for the exp temporaries without spilling; 64K needs 32 warps.
+_MAX_RESIDENT = 1 << 16
+# Problems smaller than this (elements of the logits) use the fixed choice: their time is launch
+# overhead, and tuning them would compile every candidate for nothing.
+AUTOTUNE_MIN_ELEMENTS = 1 << 24
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """One choice of variant and launch parameters (the kernel's tuning constexprs)."""
+
+    mode: int  # ONE_PASS, TWO_PASS or SPLIT
+    block_r: int  # rows per tile (1 for SPLIT)
+    block_c: int  # columns per tile (the slice of a SPLIT program)
+    reverse: bool = False  # TWO_PASS: second pass walks the blocks from last to first
+    programs_per_sm: int = 0  # ONE_PASS / TWO_PASS: > 0 runs a persistent grid of that many per SM
+    num_warps: int = 8
+    num_stages: int = 1
+
+    def kwargs(self) -> dict:
+        return dict(MODE=self.mode, BLOCK_R=self.block_r, BLOCK_C=self.block_c, REVERSE=self.reverse,
+                    PROGRAMS_PER_SM=self.programs_per_sm)
+
+    def triton_config(self) -> triton.Config:
+        return triton.Config(self.kwargs(), num_warps=self.num_warps, num_stages=self.num_stages)
+
+    def fits(self, C: int, rows_along_s: bool, contiguous: bool, in_place: bool) -> bool:
+        """Whether this configuration computes a correct result for these logits."""
+        if self.mode == ONE_PASS:
+            return C <= self.block_c
+        if self.mode == SPLIT:
+            slices = -(-C // self.block_c)
+            return (self.block_r == 1 and contiguous and not rows_along_s and not in_place
+                    and 2 <= slices <= _MAX_SLICES)
+        return True
+
+
+# A row split into more slices than this would need that many programs resident at once.
+_MAX_SLICES = 32
+
+
+def _warps(elements: int) -> int:
+    return 4 if elements <= 2048 else 8 if elements <= 8192 else 16 if elements <= 32768 else 32
+
+
+@functools.cache
+def candidates() -> tuple[KernelConfig, ...]:
+    """Every configuration autotune may try; ``prune`` keeps those that fit a call."""
+    out = []
+    for log_c in range(4, 17):  # one pass: the whole (padded) row, several rows for short ones
+        block_c = 1 << log_c
+        for block_r in (1, 2, 4, 8, 16, 32, 64, 128):
+            elements = block_c * block_r
+            if 2048 <= elements <= _MAX_RESIDENT or (block_r == 1 and block_c < 2048):
+                out.append(KernelConfig(ONE_PASS, block_r, block_c, num_warps=_warps(elements)))
+            if elements == 32768:  # a whole 32K row: 16 warps hold 64 values a thread, 32 warps 32
+                out.append(KernelConfig(ONE_PASS, block_r, block_c, num_warps=32))
+    for block_c in (8192, 16384):  # two passes, one row per tile
+        for programs_per_sm in (0, 2):
+            out.append(KernelConfig(TWO_PASS, 1, block_c, reverse=True, programs_per_sm=programs_per_sm,
+                                    num_warps=16, num_stages=2))
+    for block_r, block_c in ((16, 256), (32, 512)):  # two passes over tiles along S (class dim 1)
+        out.append(KernelConfig(TWO_PASS, block_r, block_c, reverse=True, num_warps=8, num_stages=2))
+    for block_c in (8192, 16384, 32768):  # split rows
+        out.append(KernelConfig(SPLIT, 1, block_c, num_warps=_warps(block_c)))
+    return tuple(out)
+
+
+def _block_c(C: int) -> int:
+    return triton.next_power_of_2(max(C, 1))
+
+
+def pick(configs, C: int, rows_along_s: bool, contiguous: bool, in_place: bool) -> list[KernelConfig]:
+    """The configurations worth trying for these logits (a handful, so that tuning stays short)."""
+    resident = _block_c(C)
+    keep = []
+    for cfg in configs:
+        if not cfg.fits(C, rows_along_s, contiguous, in_place):
+            continue
+        if cfg.mode == ONE_PASS:
+            # one padded width per V; rows along S want a tile wide in rows, rows along N few
+            if cfg.block_c != resident or (rows_along_s and cfg.block_r < 16) \
+                    or (not rows_along_s and cfg.block_r * cfg.block_c > max(resident, 16384)):
+                continue
+        elif cfg.mode == TWO_PASS:
+            if resident < (4096 if rows_along_s else 16384):
+                continue  # a small one-pass tile fits: a second read cannot win
+            if (cfg.block_r > 1) != rows_along_s or cfg.block_c >= resident:
+                continue
+        keep.append(cfg)
+    return keep or [default_config(C, rows_along_s, contiguous, in_place)]
+
+
+def prune_for(in_place: bool):
+    """An ``early_config_prune`` for triton.autotune (arguments by the kernel's names)."""
+
+    def prune(configs, named_args, **kwargs):
+        by_kwargs = {_from_triton(c): c for c in configs}
+        kept = pick(list(by_kwargs), named_args["C"], kwargs["ROWS_ALONG_S"], kwargs["CONTIGUOUS"], in_place)
+        return [by_kwargs[k] if k in by_kwargs else k.triton_config() for k in kept]
+
+    return prune
+
+
+def _from_triton(cfg: triton.Config) -> KernelConfig:
+    k = cfg.kwargs
+    return KernelConfig(k["MODE"], k["BLOCK_R"], k["BLOCK_C"], k["REVERSE"], k["PROGRAMS_PER_SM"],
+                        cfg.num_warps, cfg.num_stages)
+
+
+def default_config(C: int, rows_along_s: bool, contiguous: bool, in_place: bool) -> KernelConfig:
+    """The fixed choice where nothing is measured: one pass where a tile fits, else two passes.
+
+    (SPLIT is never the default: it must first win a measurement on the device at hand.)
+    """
+    block_c = _block_c(C)
+    if rows_along_s:
+        if block_c <= 1024:
+            block_r = max(16, min(128, 8192 // block_c))
+            return KernelConfig(ONE_PASS, block_r, block_c, num_warps=_warps(block_r * block_c))
+        return KernelConfig(TWO_PASS, 16, 256, reverse=True, num_warps=8, num_stages=2)
+    if block_c <= 32768:
+        block_r = max(1, min(64, 4096 // block_c))
+        return KernelConfig(ONE_PASS, block_r, block_c, num_warps=_warps(block_r * block_c))
+    return KernelConfig(TWO_PASS, 1, 16384, reverse=True, num_warps=16, num_stages=2)

@@ -1,0 +1,318 @@
+"""Every variant of the Triton kernel (kernels/cross_entropy_triton.py), run explicitly through the
+op, against LossForm's loss in float64 (tests/reference.py).
+
+On CUDA when the machine has one, else through Triton's interpreter (small shapes, block sizes
+chosen so that every loop runs more than once and ends in a partial block). The ``gpu`` tests
+cover the grid on real hardware: dtypes x features x variants x reductions, class dim 1, and
+more than 2^31 elements.
+"""
+
+import pytest
+import torch
+from reference import reference
+
+from smoothce.kernels import cross_entropy_triton, cross_entropy_tuning
+from smoothce.kernels.cross_entropy import fused_cross_entropy
+from smoothce.kernels.cross_entropy_triton import launch_cross_entropy
+from smoothce.kernels.cross_entropy_tuning import ONE_PASS, SPLIT, TWO_PASS, KernelConfig
+
+TOL = {
+    torch.float32: dict(atol=2e-5, rtol=2e-5),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+    torch.float16: dict(atol=4e-3, rtol=4e-3),
+}
+
+# Variants for rows of C = 37 (three 16-wide blocks, the last one partial) and N = 5 rows.
+ROW_VARIANTS = {
+    "one_pass": KernelConfig(ONE_PASS, 1, 64, num_warps=4),
+    "one_pass_rows": KernelConfig(ONE_PASS, 2, 64, num_warps=4),  # 2-row tiles, the last one partial
+    "two_pass": KernelConfig(TWO_PASS, 1, 16, num_warps=4),
+    "two_pass_reverse_rows": KernelConfig(TWO_PASS, 2, 16, reverse=True, num_warps=4),
+    "persistent": KernelConfig(TWO_PASS, 1, 16, reverse=True, programs_per_sm=1, num_warps=4),
+    "split": KernelConfig(SPLIT, 1, 16, num_warps=4),  # 3 programs per row
+}
+# Variants for class dim 1 inputs (2, 9, 10): tiles of 4 positions along S (the last one partial).
+ALONG_S_VARIANTS = {
+    "along_s_one_pass": KernelConfig(ONE_PASS, 4, 16, num_warps=4),
+    "along_s_two_pass": KernelConfig(TWO_PASS, 4, 4, reverse=True, num_warps=4),
+}
+
+FEATURES = {
+    "plain": dict(),
+    "smoothing_weight": dict(label_smoothing=0.1, weighted=True),
+    "z_softcap_temperature": dict(label_smoothing=0.2, smoothing="others", z_loss=1e-2, softcap=3.0, logit_scale=0.7),
+    "kl_scaled": dict(label_smoothing=0.1, smoothing="others", kl=True, scale=0.5),
+    "no_ignore_index": dict(label_smoothing=0.1, ignore_index=None),
+    "uniform_rows": dict(label_smoothing=0.3, weighted=True, uniform=True),
+}
+# What each variant's own code touches (column loads and weights, the smoothing sums, the logit
+# transform, per-row loads); the row arithmetic they share (kl, no ignore_index) runs through the
+# default variant in tests/test_cross_entropy.py, and on CUDA through every variant.
+VARIANT_FEATURES = ["plain", "smoothing_weight", "z_softcap_temperature", "uniform_rows"]
+
+
+@pytest.fixture
+def variant(monkeypatch):
+    """Force a kernel config: the launcher's fixed choice returns it, autotuning is off, and a
+    'GPU' has 2 SMs (so a persistent grid walks several tiles everywhere)."""
+
+    def use(config):
+        monkeypatch.setattr(cross_entropy_tuning, "default_config", lambda *args: config)
+        monkeypatch.setattr(cross_entropy_tuning, "AUTOTUNE_MIN_ELEMENTS", float("inf"))
+        monkeypatch.setattr(cross_entropy_triton, "_sm_count", lambda device: 2)
+        monkeypatch.setenv("SMOOTHCE_KERNEL", "triton")
+
+    return use
+
+
+def make(shape, dtype, feature, device, seed=0):
+    """Logits of ``shape`` (class dim 1), labels with ignored and (for no_ignore_index) only valid
+    entries, and the op's keyword arguments for the feature set."""
+    torch.manual_seed(seed)
+    C = shape[1]
+    rows = (shape[0],) + tuple(shape[2:])
+    x = (torch.randn(shape) * 3).to(dtype)
+    y = torch.randint(0, C, rows)
+    kwargs = {k: v for k, v in FEATURES[feature].items() if k not in ("weighted", "uniform")}
+    if kwargs.get("ignore_index", -100) is not None:
+        y.view(-1)[::4] = -100
+    if FEATURES[feature].get("weighted"):
+        kwargs["weight"] = torch.rand(C) + 0.5
+    if FEATURES[feature].get("uniform"):
+        kwargs["uniform_rows"] = torch.rand(rows) > 0.3
+    return x, y, kwargs
+
+
+def check_against_reference(x, y, kwargs, reduction, device, no_grad=False):
+    """Loss and gradient (for a random grad_output) against float64; with no_grad also the loss
+    computed without a gradient."""
+    dtype = x.dtype
+    xd = x.to(device).requires_grad_(True)
+    ours_kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    weight = ours_kwargs.pop("weight", None)
+    out = fused_cross_entropy(xd, y.to(device), weight, reduction=reduction, **ours_kwargs)
+    ref_kwargs = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                  for k, v in kwargs.items()}
+    x64 = x.double().requires_grad_(True)
+    ref = reference(x64, y, ref_kwargs.pop("weight", None), reduction=reduction, **ref_kwargs)
+    go = torch.rand(ref.shape, dtype=torch.float64) + 0.5
+    (g,) = torch.autograd.grad(out, xd, go.to(device, out.dtype))
+    (gr,) = torch.autograd.grad(ref, x64, go)
+    tol = TOL[dtype]
+    assert out.dtype == dtype and g.dtype == dtype
+    torch.testing.assert_close(out.detach().double().cpu(), ref.detach(), **tol)
+    torch.testing.assert_close(g.double().cpu(), gr, atol=tol["atol"] * max(1.0, gr.abs().max().item()), rtol=tol["rtol"])
+    if no_grad:  # the forward-only specialisation (no gradient written)
+        with torch.no_grad():
+            again = fused_cross_entropy(xd, y.to(device), weight, reduction=reduction, **ours_kwargs)
+        torch.testing.assert_close(again.double().cpu(), ref.detach(), **tol)
+
+
+def _reductions(feature):
+    # 'sum' runs the kernel exactly as 'none' does (gradient scale 1); 'mean' scales it.
+    return ["none", "sum"] if FEATURES[feature].get("uniform") else ["none", "mean"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Every variant, every feature (interpreter or CUDA)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("feature", VARIANT_FEATURES)
+@pytest.mark.parametrize("name", list(ROW_VARIANTS))
+def test_row_variants(variant, device, name, feature):
+    variant(ROW_VARIANTS[name])
+    x, y, kwargs = make((5, 37), torch.float32, feature, device)
+    for reduction in _reductions(feature):
+        check_against_reference(x, y, kwargs, reduction, device, no_grad=feature in ("plain", "z_softcap_temperature"))
+
+
+@pytest.mark.parametrize("name", [n for n, cfg in ROW_VARIANTS.items() if cfg.mode != SPLIT])
+def test_row_variants_on_strided_columns(variant, device, name):
+    # (9, 37) logits with column-major strides: the class stride is 9 (CONTIGUOUS off).
+    variant(ROW_VARIANTS[name])
+    torch.manual_seed(4)
+    x = torch.randn(37, 5).t() * 3
+    y = torch.randint(0, 37, (5,))
+    y[2] = -100
+    check_against_reference(x, y, dict(weight=torch.rand(37) + 0.5, label_smoothing=0.1), "mean", device)
+
+
+@pytest.mark.parametrize("feature", VARIANT_FEATURES)
+@pytest.mark.parametrize("name", list(ALONG_S_VARIANTS))
+def test_class_dim_1_variants(variant, device, name, feature):
+    variant(ALONG_S_VARIANTS[name])
+    x, y, kwargs = make((2, 9, 10), torch.float32, feature, device)
+    for reduction in _reductions(feature):
+        check_against_reference(x, y, kwargs, reduction, device)
+
+
+@pytest.mark.parametrize("name, dtype", [(n, torch.bfloat16) for n in ROW_VARIANTS] + [("two_pass", torch.float16)])
+def test_16_bit_logits(variant, device, name, dtype):
+    variant(ROW_VARIANTS[name])
+    x, y, kwargs = make((5, 37), dtype, "smoothing_weight", device)
+    check_against_reference(x, y, kwargs | dict(z_loss=1e-3), "mean", device)
+
+
+def _launch(x3, y2, grad3, config):
+    ce_rows = torch.empty(x3.shape[0], device=x3.device)
+    z_rows = torch.zeros(x3.shape[0], device=x3.device)
+    launch_cross_entropy(x3, y2, None, torch.ones(2, device=x3.device), ce_rows, z_rows, grad3, ignore_index=-100,
+                         a=0.9, b=0.1 / x3.shape[1], c=0.0, z_loss=0.0, softcap=None, config=config)
+    return ce_rows
+
+
+@pytest.mark.parametrize("name", list(ROW_VARIANTS))
+def test_out_of_range_labels_give_a_nan_row(device, name):
+    # Where a check would need a device sync (CUDA), the kernel never reads out of bounds and
+    # marks the row nan; the launcher is called directly, as on CUDA (no CPU label check).
+    x = torch.randn(4, 37, 1, device=device)
+    y = torch.tensor([[0], [37], [-100], [-5]], device=device)
+    grad = torch.empty_like(x)
+    ce_rows = _launch(x, y, grad, ROW_VARIANTS[name])
+    assert ce_rows[0].isfinite() and ce_rows[1].isnan() and ce_rows[2] == 0 and ce_rows[3].isnan()
+    assert grad[1].isnan().all() and (grad[2] == 0).all() and grad[0].isfinite().all() and grad[3].isnan().all()
+
+
+@pytest.mark.parametrize("name", [n for n, cfg in ROW_VARIANTS.items() if cfg.mode != SPLIT])
+def test_gradient_written_over_the_logits(device, name):
+    # The linear op's chunks: the gradient goes into the logits' own buffer.
+    torch.manual_seed(3)
+    x = torch.randn(5, 37, 1, device=device)
+    y = torch.randint(0, 37, (5, 1), device=device)
+    separate = torch.empty_like(x)
+    expected = _launch(x, y, separate, ROW_VARIANTS[name])
+    got = _launch(x, y, x, ROW_VARIANTS[name])
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(x, separate)
+
+
+def test_split_refuses_a_gradient_over_the_logits(device):
+    x = torch.randn(2, 37, 1, device=device)
+    with pytest.raises(ValueError, match="does not fit"):
+        _launch(x, torch.zeros(2, 1, dtype=torch.long, device=device), x, ROW_VARIANTS["split"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The tuning table
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("C", [1, 2, 37, 1000, 4096, 32000, 32768, 50257, 65536, 131072, 262144])
+@pytest.mark.parametrize("layout", [(False, True), (False, False), (True, False)])  # (rows along S, contiguous)
+@pytest.mark.parametrize("in_place", [False, True])
+def test_every_tuning_choice_fits(C, layout, in_place):
+    rows_along_s, contiguous = layout
+    chosen = cross_entropy_tuning.pick(cross_entropy_tuning.candidates(), C, rows_along_s, contiguous, in_place)
+    default = cross_entropy_tuning.default_config(C, rows_along_s, contiguous, in_place)
+    assert chosen and all(cfg.fits(C, rows_along_s, contiguous, in_place) for cfg in chosen)
+    assert default.fits(C, rows_along_s, contiguous, in_place)
+    assert len(chosen) <= 12  # tuning compiles every candidate once per key
+    if in_place or rows_along_s or not contiguous:
+        assert all(cfg.mode != SPLIT for cfg in chosen)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: the grid on real hardware
+# ----------------------------------------------------------------------------------------------
+
+GPU_VARIANTS = {
+    "one_pass": KernelConfig(ONE_PASS, 1, 32768, num_warps=16),
+    "two_pass": KernelConfig(TWO_PASS, 1, 8192, reverse=True, num_warps=16, num_stages=2),
+    "persistent": KernelConfig(TWO_PASS, 1, 8192, reverse=True, programs_per_sm=1, num_warps=16, num_stages=2),
+    "split": KernelConfig(SPLIT, 1, 8192, num_warps=16),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("name", list(GPU_VARIANTS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_grid(variant, name, feature, dtype):
+    variant(GPU_VARIANTS[name])
+    x, y, kwargs = make((64, 32000), dtype, feature, "cuda")
+    for reduction in _reductions(feature):
+        check_against_reference(x, y, kwargs, reduction, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(ALONG_S_VARIANTS) + ["default"])
+def test_gpu_class_dim_1(variant, name):
+    # Segmentation-shaped logits (N, C, H, W).
+    if name != "default":
+        variant(ALONG_S_VARIANTS[name])
+    x, y, kwargs = make((4, 21, 32, 32), torch.bfloat16, "smoothing_weight", "cuda")
+    check_against_reference(x, y, kwargs, "mean", "cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_autotuned():
+    # Large enough to autotune: the chosen config's result against float64 on a few rows.
+    x, y, kwargs = make((512, 65536), torch.bfloat16, "smoothing_weight", "cuda")
+    xd = x.cuda().requires_grad_(True)
+    out = fused_cross_entropy(xd, y.cuda(), kwargs["weight"].cuda(), label_smoothing=0.1, reduction="none")
+    (g,) = torch.autograd.grad(out.sum(), xd)
+    rows = torch.tensor([0, 1, 255, 511])
+    x64 = x[rows].double().requires_grad_(True)
+    ref = reference(x64, y[rows], kwargs["weight"].double(), label_smoothing=0.1, reduction="none")
+    (gr,) = torch.autograd.grad(ref.sum(), x64)
+    torch.testing.assert_close(out.detach()[rows.cuda()].double().cpu(), ref.detach(), **TOL[torch.bfloat16])
+    torch.testing.assert_close(g[rows.cuda()].double().cpu(), gr, atol=1e-3, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["two_pass", "split"])
+def test_gpu_int64_offsets_past_2_pow_31_elements(variant, name):
+    # 8193 x 262144 bf16 = 2^31 + 2^18 elements: int32 offsets would wrap for the last row.
+    variant(GPU_VARIANTS[name])
+    torch.manual_seed(11)
+    N, C = 8193, 262144
+    x = torch.randn(N, C, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = torch.randint(0, C, (N,), device="cuda")
+    out = fused_cross_entropy(x, y, label_smoothing=0.1, reduction="none")
+    (g,) = torch.autograd.grad(out.sum(), x)
+    rows = torch.tensor([0, N - 1], device="cuda")
+    x64 = x.detach()[rows].double().cpu().requires_grad_(True)
+    ref = reference(x64, y[rows].cpu(), label_smoothing=0.1, reduction="none")
+    (gr,) = torch.autograd.grad(ref.sum(), x64)
+    torch.testing.assert_close(out.detach()[rows].double().cpu(), ref.detach(), **TOL[torch.bfloat16])
+    torch.testing.assert_close(g[rows].double().cpu(), gr, atol=1e-3, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1.0, -2.5])
+def test_backward_scaling(device, dtype, scale):
+    # Backward's in-place grad *= grad_output, read on the device and skipped when it is 1; on a
+    # permuted (dense) gradient, over several blocks per program.
+    from smoothce.kernels.cross_entropy_triton import scale_in_place
+
+    torch.manual_seed(5)
+    g = torch.randn(70, 130, device=device).to(dtype).t()
+    expected = (g.float() * scale).to(dtype)
+    out = scale_in_place(g, torch.tensor(scale, device=device))
+    assert out is g
+    # the product in fp32, rounded once (the interpreter's bf16 rounding may differ by an ulp)
+    torch.testing.assert_close(g, expected, rtol=2**-7 if dtype == torch.bfloat16 else 0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["triton", "torch"])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_gpu_no_host_sync(monkeypatch, path, reduction):
+    # Forward and backward never wait for the device (the first call may: compiling, tuning).
+    monkeypatch.setenv("SMOOTHCE_KERNEL", path)
+    x = torch.randn(64, 1000, device="cuda", requires_grad=True)
+    y = torch.randint(0, 1000, (64,), device="cuda")
+    y[::5] = -100
+
+    def step():
+        loss = fused_cross_entropy(x, y, label_smoothing=0.1, z_loss=1e-4, reduction=reduction)
+        loss.backward(torch.ones_like(loss))
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
