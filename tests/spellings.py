@@ -248,6 +248,10 @@ def draw(rng: random.Random) -> Spelling:
         c["reduction"] = {"nll_sum": "sum", "nll_mean": c["reduction"] if c["reduction"] != "sum" else "token"}[c["nll"]]
         if c["nll"] == "nll_mean" and c["mask"] == "none":
             c["reduction"] = "mean"  # the seed article's formula: nll_loss's mean next to a mean over rows
+    if c["nll"] == "nll_none" and c["mask"] == "boolean" and c["extra"] == "z_loss":
+        # nll_loss drops ignored rows itself, the z term would count on them before the mask
+        # (after the graph break): the op counts z-loss on the label term's rows only
+        c["mask"] = "masked_fill"
     if c["nll"] == "nll_none" and c["mask"] == "none":
         c["mask"] = "masked_fill"  # nll_loss masks its term: the smooth term must be masked alike
     return Spelling(**c)

@@ -67,8 +67,6 @@ def test_spelling(draw):
         rec, out, ref, gx, gref = _run(fn, x, y, w, grad, upcast=bf16)
         matches = [m for r in rec.results for m in r.matches]
         misses = [n for r in rec.results for n in r.near_misses]
-        if not matches and any("has no uniform_rows" in n.reason for n in misses):
-            pytest.xfail("the installed op cannot mask the uniform term apart (uniform_rows)")
         assert matches, f"not rewritten: {misses}\n{context}"
         left = {op_name(n) for gm in rec.graphs for n in gm.graph.nodes} & LOGPROB_OPS
         assert not left, f"{left} left in the graph\n{context}"
