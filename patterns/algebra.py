@@ -56,6 +56,10 @@ class NotCrossEntropy(Reject):
     through exp or a power): it is left as written, also the cross-entropy inside it."""
 
 
+TWO_LABELS = ("the loss reads two label tensors (a mixup target, lam * one_hot(y1) + (1 - lam) * one_hot(y2)?); "
+              "the fused op takes one label per row")
+
+
 def _field(default=None):
     return dataclasses.field(default=default, compare=False)
 
@@ -420,13 +424,13 @@ def _part_mul(p1: tuple, p2: tuple):
         return p1, frozenset({label_equals(p2[1], p1[1])})
     if kinds == ("OH", "OH"):
         if p1 != p2:
-            raise Reject("the target mixes two label tensors (e.g. mixup); the fused op takes one label per row")
+            raise Reject(TWO_LABELS)
         return p1, frozenset()
     if kinds == ("OH", "W"):
         return ("OHW", p1[1], p2[1]), frozenset()
     if kinds == ("OH", "OHW"):
         if p1[1] != p2[1]:
-            raise Reject("the target mixes two label tensors (e.g. mixup); the fused op takes one label per row")
+            raise Reject(TWO_LABELS)
         return p2, frozenset()
     if "COL" in kinds:
         raise Reject("a class-weighted target meets a fixed class column")

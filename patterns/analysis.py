@@ -30,7 +30,7 @@ from smoothce.patterns.algebra import (
     ArangeV, ElemV, LabelV, Logits, NotCrossEntropy, Reject, RowV, ScalarV, carries_logits, kind, seeds_of,
 )
 from smoothce.patterns.interpret import Interpretation
-from smoothce.patterns.nodes import dtype, location, mutations, shape, target_name
+from smoothce.patterns.nodes import dtype, location, mutations, target_name
 from smoothce.patterns.normal_form import Call, normal_form, classes_of
 from smoothce.patterns.ops import SEED_OPS, bind, op_name
 from smoothce.patterns.report import NearMiss
@@ -333,9 +333,9 @@ def analyze(gm: torch.fx.GraphModule) -> tuple[list[Plan], list[NearMiss], Inter
             key, calls = normal_form(value)
         except Reject as err:
             if has_seed and node not in handed_down and reader is not None:
-                reason = interp.why.get(reader) or (
-                    read_by(node, reader) if reader.op != "output"
-                    else f"{kind(value)} returned from the graph: {err}")
+                # a loss says why it is not one; log-probs say who else reads them
+                loss_like = isinstance(value, (RowV, ScalarV)) and focal is None
+                reason = str(err) if loss_like else interp.why.get(reader) or read_by(node, reader)
                 miss(seed, node, reason, where=reader)
             if focal is None:
                 for a in node.all_input_nodes:

@@ -23,8 +23,7 @@ import torch.fx
 
 from smoothce.patterns.algebra import (
     U, ArangeV, ColV, CondAtom, CondV, Divisor, DivisorV, ElemV, LabelV, Logits, NotCrossEntropy, Q, Reject,
-    RowV, ScalarV,
-    SoftmaxV, WeightAtV, add, carries_logits, constant, divide, elem_class_sum, elem_column,
+    RowV, ScalarV, SoftmaxV, TWO_LABELS, WeightAtV, add, carries_logits, constant, divide, elem_class_sum, elem_column,
     elem_gather, elem_mul, elem_times_weight, kind, log_probs, pure_logits, row_times_row,
     row_times_weight_at, scale, seeds_of, with_conds,
 )
@@ -657,7 +656,7 @@ class Interpretation:
                 A += c
                 labels.add(tp[1])
         if len(labels) > 1:
-            raise Reject("the target mixes two label tensors (e.g. mixup); the fused op takes one label per row")
+            raise Reject(TWO_LABELS)
         return A, B, next(iter(labels), None)
 
     # -- target distributions built from the labels ---------------------------------------------

@@ -23,14 +23,13 @@ import torch.fx
 
 from smoothce.kernels.form import LossForm
 from smoothce.patterns.algebra import (
-    CondAtom, Divisor, LabelV, Logits, Q, Reject, RowV, ScalarV, simplify,
+    TWO_LABELS, CondAtom, Divisor, LabelV, Logits, Q, Reject, RowV, ScalarV, simplify,
 )
 from smoothce.patterns.nodes import fake, shape
 
 Node = torch.fx.Node
 
 __all__ = ["Target", "Call", "normal_form", "classes_of", "logits_shape"]
-
 
 @dataclasses.dataclass(frozen=True)
 class Target:
@@ -103,7 +102,7 @@ def normal_form(value) -> tuple[Logits, list[Call]]:
         raise Reject("no log-prob term (a z-loss alone is left as written)")
     labels = {c.label for c in calls if c.label is not None}
     if len(labels) > 1:
-        raise Reject("the loss reads the log-probs at two different label tensors")
+        raise Reject(TWO_LABELS)
     return key, calls
 
 
@@ -135,7 +134,7 @@ def _merge_masks(terms: dict) -> dict:
 def _label_of(terms: dict) -> Optional[LabelV]:
     labels = {atom[1] for atom, _ in terms if atom[0] in ("XG", "WG")}
     if len(labels) > 1:
-        raise Reject("the loss reads the log-probs at two different label tensors")
+        raise Reject(TWO_LABELS)
     return next(iter(labels), None)
 
 

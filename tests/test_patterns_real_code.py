@@ -1,0 +1,285 @@
+"""Losses as real code writes them: each spelling that once stopped the detector, rewritten exactly.
+
+Every case compiles with the detector (then aot_eager) and compares the loss and the gradient
+with eager PyTorch in float64 (``rewrite_check.check``).
+"""
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rewrite_check import B, EPS, N, T, V, Recorder, check, labels, logits
+
+FILE = os.path.basename(__file__)
+
+
+# ------------------------------------------------------------------------------------------------
+# The seed article's LabelSmoothingCrossEntropy (a classifier's loss, copied widely)
+# ------------------------------------------------------------------------------------------------
+
+
+def linear_combination(x, y, epsilon):
+    return epsilon * x + (1 - epsilon) * y
+
+
+def reduce_loss(loss, reduction="mean"):
+    return loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
+
+
+class LabelSmoothingCrossEntropy(nn.Module):
+    def __init__(self, epsilon: float = 0.1, reduction="mean"):
+        super().__init__()
+        self.epsilon = epsilon
+        self.reduction = reduction
+
+    def forward(self, preds, target):
+        n = preds.size()[-1]
+        log_preds = F.log_softmax(preds, dim=-1)
+        loss = reduce_loss(-log_preds.sum(dim=-1), self.reduction)
+        nll = F.nll_loss(log_preds, target, reduction=self.reduction)
+        return linear_combination(loss / n, nll, self.epsilon)
+
+
+@pytest.mark.parametrize("reduction, calls", [("mean", 2), ("sum", 1), ("none", 1)])
+def test_seed_article_label_smoothing(reduction, calls):
+    # nll_loss ignores label -100, the smoothing term counts every row: with 'mean' the two terms
+    # have different divisors (one op call each), with 'sum' / 'none' the smoothing term gets
+    # its own rows (uniform_rows)
+    rec = check(LabelSmoothingCrossEntropy(EPS, reduction), logits(N, V), labels(N, ignore=-100, where=(2,)),
+                calls=calls)
+    (m,) = rec.result.matches
+    assert (m.family, m.params["eps"], m.params["convention"]) == ("log_softmax+nll", EPS, "eps/V")
+
+
+# ------------------------------------------------------------------------------------------------
+# The spellings of the label term and of the target distribution
+# ------------------------------------------------------------------------------------------------
+
+
+def nll_by_advanced_indexing(x, y):
+    lp = F.log_softmax(x, -1)
+    nll = -lp[torch.arange(x.shape[0]), y]
+    return ((1 - EPS) * nll - EPS * lp.mean(-1)).mean()
+
+
+def one_hot_by_arange(x, y):
+    t = (torch.arange(V) == y[:, None]).float() * (1 - EPS) + EPS / V
+    return -(t * x.log_softmax(-1)).sum(-1).mean()
+
+
+def one_hot_by_where(x, y):
+    t = torch.where(y.unsqueeze(1) == torch.arange(V), 1 - EPS + EPS / V, EPS / V)
+    return -(t * x.log_softmax(-1)).sum(-1).mean()
+
+
+def one_hot_of_clamped_labels(x, y):
+    keep = y != -100
+    t = F.one_hot(y.clamp(min=0), V) * (1 - EPS) + EPS / V
+    loss = -(t * x.log_softmax(-1)).sum(-1)
+    return (loss * keep).sum() / keep.sum()
+
+
+def one_hot_by_full_scatter(x, y):
+    # timm's one_hot: torch.full(..., off).scatter_(1, y, on)
+    t = torch.full((x.shape[0], V), EPS / V).scatter_(1, y[:, None], 1 - EPS + EPS / V)
+    return torch.sum(-t * F.log_softmax(x, dim=-1), dim=-1).mean()
+
+
+def one_hot_by_zeros_like_scatter(x, y):
+    t = torch.zeros_like(x).scatter_(1, y[:, None], 1.0)
+    t = t * (1 - EPS) + EPS / V
+    return -(t * x.log_softmax(-1)).sum(-1).sum()
+
+
+@pytest.mark.parametrize("fn", [nll_by_advanced_indexing, one_hot_by_arange, one_hot_by_where,
+                                one_hot_of_clamped_labels, one_hot_by_full_scatter, one_hot_by_zeros_like_scatter],
+                         ids=lambda f: f.__name__)
+def test_label_spellings(fn):
+    y = labels(N, ignore=-100, where=(3,)) if fn is one_hot_of_clamped_labels else labels(N)
+    (m,) = check(fn, logits(N, V), y).result.matches
+    # on = 1 - eps + eps / V, off = eps / V in floats: eps comes back within a rounding
+    assert (m.params["eps"], m.params["convention"]) == (pytest.approx(EPS, rel=1e-15), "eps/V"), m.params
+
+
+# ------------------------------------------------------------------------------------------------
+# Terms reduced apart, masks, divisors
+# ------------------------------------------------------------------------------------------------
+
+
+def terms_scaled_and_reduced_apart(x, y):
+    lp = x.log_softmax(-1)
+    nll = -lp.gather(1, y[:, None]).squeeze(1)
+    return 0.9 * nll.mean() + 0.1 * (-lp.mean(-1)).mean()
+
+
+def masked_by_where_zeros_like(x, y):
+    lp = x.log_softmax(-1)
+    keep = y != -100
+    t = -(1 - EPS) * lp.gather(1, torch.where(keep, y, 0)[:, None]).squeeze(1) - EPS * lp.mean(-1)
+    t = torch.where(keep, t, torch.zeros_like(t))
+    return t.sum() / keep.sum()
+
+
+def count_written_per_term(x, y):
+    # each term divided by its own keep.sum(): two nodes, one value
+    lp = x.log_softmax(-1)
+    keep = y != -100
+    nll = -lp.gather(1, y.clamp(min=0)[:, None]).squeeze(1) * keep
+    smooth = -lp.mean(-1) * keep
+    return (1 - EPS) * (nll.sum() / keep.sum()) + EPS * (smooth.sum() / keep.sum())
+
+
+def nll_loss_none_next_to_unmasked_smoothing(x, y):
+    # nll_loss's default ignore_index masks the label term only; the smoothing term counts all rows
+    lp = x.log_softmax(-1)
+    return ((1 - EPS) * F.nll_loss(lp, y, reduction="none") - EPS * lp.mean(-1)).sum()
+
+
+PAD = 1
+
+
+def labels_changed_with_a_pad_id(x, y):
+    # the padding id is a class (1), not ignore_index: the mask folds into the labels
+    lp = x.log_softmax(-1)
+    keep = y != PAD
+    safe = y.masked_fill(~keep, 0)
+    row = -(1 - EPS) * lp.gather(1, safe[:, None]).squeeze(1) - EPS * lp.mean(-1)
+    return (row * keep).sum() / keep.sum()
+
+
+@pytest.mark.parametrize("fn", [terms_scaled_and_reduced_apart, masked_by_where_zeros_like, count_written_per_term,
+                                nll_loss_none_next_to_unmasked_smoothing, labels_changed_with_a_pad_id],
+                         ids=lambda f: f.__name__)
+def test_terms_masks_and_divisors(fn):
+    ignore = PAD if fn is labels_changed_with_a_pad_id else -100
+    y = labels(N) if fn is terms_scaled_and_reduced_apart else labels(N, ignore=ignore, where=(1, 4))
+    (m,) = check(fn, logits(N, V), y).result.matches
+    assert m.params["eps"] == pytest.approx(EPS, abs=1e-15)
+
+
+def test_count_written_per_term_is_the_op_mean():
+    (m,) = check(count_written_per_term, logits(N, V), labels(N, ignore=-100, where=(1,))).result.matches
+    assert (m.params["reduction"], m.params["ignore_index"]) == ("mean", -100)
+
+
+# ------------------------------------------------------------------------------------------------
+# dtypes, in-place masks, KL divergence, graph breaks
+# ------------------------------------------------------------------------------------------------
+
+
+def log_softmax_dtype_with_masked_fill_(x, y):
+    # bf16 logits, float32 log-probs, rows masked in place
+    lp = F.log_softmax(x, dim=-1, dtype=torch.float32)
+    pad = y == -100
+    nll = -lp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    smooth = -lp.sum(-1)
+    nll.masked_fill_(pad, 0.0)
+    smooth.masked_fill_(pad, 0.0)
+    return ((1 - EPS) * nll.sum() + EPS / V * smooth.sum()) / (~pad).sum()
+
+
+def test_log_softmax_dtype_and_masked_fill_in_place():
+    rec = check(log_softmax_dtype_with_masked_fill_, logits(N, V), labels(N, ignore=-100, where=(0, 3)),
+                dtype=torch.bfloat16, atol=2e-2, rtol=2e-2)
+    (m,) = rec.result.matches
+    assert (m.params["dtype"], m.params["loss_dtype"], m.params["reduction"]) == ("bfloat16", "float32", "mean")
+
+
+def kl_div_none_masked_normalised(x, y):
+    keep = y != -100
+    p = torch.full_like(x, EPS / (V - 1)).scatter(1, y.clamp(min=0)[:, None], 1 - EPS)
+    kl = F.kl_div(F.log_softmax(x, -1), p, reduction="none").sum(-1)
+    return (kl * keep).sum() / keep.sum().clamp(min=1)
+
+
+def test_kl_div_none_with_a_mask_and_a_normaliser():
+    (m,) = check(kl_div_none_masked_normalised, logits(N, V), labels(N, ignore=-100, where=(2,))).result.matches
+    assert (m.family, m.form.kl, m.params["convention"]) == ("kl_div", True, "eps/(V-1)")
+
+
+def normalised_by_item(x, y):
+    # .item() breaks the graph: the graph before the break holds the whole summed loss
+    lp = x.log_softmax(-1)
+    keep = y != -100
+    loss = -(lp.gather(1, y.clamp(min=0)[:, None]).squeeze(1) * keep).sum()
+    return loss / keep.sum().item()
+
+
+def test_loss_normalised_by_a_python_number_from_item():
+    x, y = logits(N, V).requires_grad_(), labels(N, ignore=-100, where=(2,))
+    rec = Recorder()
+    out = torch.compile(normalised_by_item, backend=rec)(x, y)
+    out.backward()
+    xr = x.detach().double().requires_grad_()
+    ref = normalised_by_item(xr, y)
+    ref.backward()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-5, atol=1e-6)
+    assert len(rec.graphs) == 2 and [len(r.matches) for r in rec.results] == [1, 0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Heads: softcap with casts, shifted logits of hand-written losses
+# ------------------------------------------------------------------------------------------------
+
+D = 5
+
+
+class SoftcappedLM(nn.Module):
+    """Gemma 2 through Hugging Face: the model softcaps in bf16, the loss upcasts."""
+
+    def __init__(self, hand_written=False):
+        super().__init__()
+        self.head = nn.Linear(D, V, bias=False)
+        self.hand_written = hand_written
+
+    def forward(self, h, y):
+        logits = self.head(h)
+        logits = logits / 30.0
+        logits = torch.tanh(logits)
+        logits = logits * 30.0
+        shift_logits = logits[..., :-1, :].contiguous().float()
+        shift_labels = y[..., 1:].contiguous()
+        if not self.hand_written:
+            return F.cross_entropy(shift_logits.view(-1, V), shift_labels.view(-1), label_smoothing=EPS)
+        lp = shift_logits.log_softmax(-1)
+        keep = shift_labels != -100
+        nll = -lp.gather(-1, shift_labels.clamp(min=0)[..., None]).squeeze(-1)
+        row = (1 - EPS) * nll - EPS * lp.mean(-1)
+        return (row * keep).sum() / keep.sum()
+
+
+@pytest.mark.parametrize("hand_written", [False, True], ids=["cross_entropy", "hand_written"])
+def test_softcap_and_shift_fuse_the_head(hand_written):
+    torch.manual_seed(0)
+    model = SoftcappedLM(hand_written)
+    h, y = logits(B, T + 1, D, seed=9), labels(B, T + 1, ignore=-100, where=(2,))
+    rec = check(model, h, y, reference=copy.deepcopy(model).double(), fuse_linear=True)
+    (m,) = rec.result.matches
+    assert m.family.startswith("linear+")
+    assert (m.params["softcap"], m.params["eps"]) == (30.0, EPS)
+
+
+# ------------------------------------------------------------------------------------------------
+# Not one cross-entropy: the reason says what it is
+# ------------------------------------------------------------------------------------------------
+
+
+def timm_mixup(x, y):
+    # timm's mixup_target: two smoothed one-hots mixed with lam, built inside the graph
+    lam = 0.7
+    off, on = EPS / V, 1 - EPS + EPS / V
+    y1 = torch.full((x.shape[0], V), off).scatter_(1, y[:, None], on)
+    y2 = torch.full((x.shape[0], V), off).scatter_(1, y.flip(0)[:, None], on)
+    target = y1 * lam + y2 * (1 - lam)
+    return torch.sum(-target * F.log_softmax(x, dim=-1), dim=-1).mean()
+
+
+def test_mixup_is_named():
+    rec = check(timm_mixup, logits(N, V), labels(N), matches=0)
+    (miss,) = rec.result.near_misses
+    assert miss.reason.startswith("the loss reads two label tensors (a mixup target"), miss
