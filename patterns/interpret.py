@@ -338,8 +338,8 @@ class Interpretation:
     def _op_exp(self, node, x, kw):
         v = self.val(x)
         if carries_logits(v):
-            raise NotCrossEntropy(f"{kind(v)} go through exp at {location(node)}: a focal, entropy or "
-                                  "probability term, not a cross-entropy")
+            raise NotCrossEntropy(f"exp of {kind(v)} at {location(node)}: a focal, poly or entropy term, "
+                                  "not a cross-entropy; left as written")
         return None
 
     def _op_logsumexp(self, node, x, kw):
@@ -982,7 +982,7 @@ class Interpretation:
             return row_times_row(v, v)
         if carries_logits(v):
             raise NotCrossEntropy(f"{kind(v)} raised to the power {kw['exponent']!r} at {location(node)}: a "
-                                  "focal or poly term, not a cross-entropy")
+                                  "focal or poly term, not a cross-entropy; left as written")
         return None
 
     def _op_square(self, node, a, kw):
