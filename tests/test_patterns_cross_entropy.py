@@ -560,6 +560,34 @@ def test_unknown_op_is_left_alone():
     assert reasons == [f"log-probs also read at {FILE}:{line} (exp)"], reasons
 
 
+def focal_loss(x, y, gamma=2.0):
+    logpt = F.log_softmax(x, -1).gather(1, y[:, None]).squeeze(1)
+    pt = logpt.exp()
+    return (-((1 - pt) ** gamma) * logpt).mean()
+
+
+def poly1_loss(x, y, epsilon=1.0):
+    ce = F.cross_entropy(x, y, reduction="none")
+    pt = torch.sum(F.one_hot(y, V) * F.softmax(x, -1), dim=-1)
+    return (ce + epsilon * (1 - pt)).mean()
+
+
+def test_focal_loss_is_left_alone_in_words():
+    # the label's log-prob goes through exp: not a cross-entropy, and not reported as one
+    reasons = _unchanged(focal_loss, logits(N, V), labels(N))
+    line = inspect.getsourcelines(focal_loss)[1] + 2
+    assert reasons == [f"exp of a per-row loss at {FILE}:{line}: a focal, poly or entropy term, not a "
+                       "cross-entropy; left as written"], reasons
+
+
+def test_poly_loss_keeps_its_probability_term():
+    # Poly-1: the cross-entropy is fused (one row each), the softmax term stays as written
+    rec = check(poly1_loss, logits(N, V), labels(N), kept={"one_hot"})
+    (m,) = rec.result.matches
+    assert (m.family, m.params["reduction"]) == ("cross_entropy", "none")
+    assert any(op_name(n) == "softmax" for n in rec.gm.graph.nodes)
+
+
 def test_labels_changed_in_place_are_left_alone():
     def fn(x, y):
         loss = F.cross_entropy(x, y, reduction="none")
