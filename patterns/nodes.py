@@ -137,31 +137,35 @@ _PURE_FUNCTIONS.update((torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.de
 
 
 class Structure:
-    """Structural keys: equal keys mean equal values (at the point the node runs)."""
+    """Structural keys: equal keys mean equal values (at the point the node runs).
+
+    A key is ("node", node) for a node equal only to itself, or ("value", i) where i numbers
+    the distinct computations: each is (operation, the keys of its arguments), so keys stay flat
+    however deep the graph is.
+    """
 
     def __init__(self, graph: torch.fx.Graph):
         self._keys: dict[Node, Any] = {}
+        self._ids: dict[tuple, int] = {}
         mutated = mutations(graph)
-        self._touched = set()  # nodes whose value depends on something changed in place
+        touched = set()  # nodes whose value depends on something changed in place
         for n in graph.nodes:
-            if n in mutated or mutates(n) or any(a in self._touched for a in n.all_input_nodes):
-                self._touched.add(n)
+            if n in mutated or mutates(n) or any(a in touched for a in n.all_input_nodes):
+                touched.add(n)
+            pure = (n.op == "call_method" and n.target in _PURE_METHODS) or (
+                n.op == "call_function" and _is_pure_function(n.target))
+            if not pure or n in touched:
+                self._keys[n] = ("node", n)
+                continue
+            args = tuple(self._arg(a) for a in n.args)
+            kwargs = tuple(sorted((k, self._arg(v)) for k, v in n.kwargs.items()))
+            computation = (n.op, n.target if n.op == "call_method" else id(n.target), args, kwargs)
+            self._keys[n] = ("value", self._ids.setdefault(computation, len(self._ids)))
 
     def key(self, node) -> Any:
-        if not isinstance(node, Node):
-            return ("const", type(node).__name__, node) if _hashable(node) else ("object", id(node))
-        if node in self._keys:
+        if isinstance(node, Node):
             return self._keys[node]
-        pure = (node.op == "call_method" and node.target in _PURE_METHODS) or (
-            node.op == "call_function" and _is_pure_function(node.target))
-        if not pure or node in self._touched:
-            key = ("node", node)
-        else:
-            args = tuple(self._arg(a) for a in node.args)
-            kwargs = tuple(sorted((k, self._arg(v)) for k, v in node.kwargs.items()))
-            key = (node.op, node.target if node.op == "call_method" else id(node.target), args, kwargs)
-        self._keys[node] = key
-        return key
+        return ("const", type(node).__name__, node) if _hashable(node) else ("object", id(node))
 
     def _arg(self, a):
         if isinstance(a, (list, tuple)):
