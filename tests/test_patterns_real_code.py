@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rewrite_check import B, EPS, N, T, V, Recorder, check, labels, logits
+from smoothce.patterns.cross_entropy import rewrite_cross_entropy
 
 FILE = os.path.basename(__file__)
 
@@ -283,3 +284,37 @@ def test_mixup_is_named():
     rec = check(timm_mixup, logits(N, V), labels(N), matches=0)
     (miss,) = rec.result.near_misses
     assert miss.reason.startswith("the loss reads two label tensors (a mixup target"), miss
+
+
+# ------------------------------------------------------------------------------------------------
+# Through Inductor: two op calls, uniform_rows, bf16 logits with a float32 loss
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.inductor
+@pytest.mark.parametrize("fn, dtype", [
+    (LabelSmoothingCrossEntropy(EPS, "mean"), torch.float32),  # two calls: different divisors
+    (nll_loss_none_next_to_unmasked_smoothing, torch.float32),  # uniform_rows
+    (log_softmax_dtype_with_masked_fill_, torch.bfloat16),  # bf16 logits read as they are
+], ids=["two_calls", "uniform_rows", "bf16_logits"])
+def test_rewritten_losses_through_inductor(fn, dtype):
+    from torch._inductor.compile_fx import compile_fx
+
+    results = []
+
+    def backend(gm, inputs):
+        results.append(rewrite_cross_entropy(gm))
+        return compile_fx(gm, inputs)
+
+    x = logits(N, V).to(dtype).requires_grad_()
+    y = labels(N, ignore=-100, where=(1, 4))
+    out = torch.compile(fn, backend=backend)(x, y)
+    out.backward()
+    xr = x.detach().double().requires_grad_()
+    ref = fn(xr, y)
+    ref.backward()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    assert out.dtype == fn(x.detach(), y).dtype
+    torch.testing.assert_close(out.double(), ref.double(), **tol)
+    torch.testing.assert_close(x.grad.double(), xr.grad, **tol)
+    assert [len(r.matches) for r in results] == [1]
