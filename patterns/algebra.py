@@ -83,10 +83,6 @@ class Logits:
     cap: Optional[Fraction] = None
     dtype: Any = None
 
-    def scaled(self, c: Fraction) -> "Logits":
-        """c * these logits, c > 0: c cap tanh(s x / cap) = cap' tanh(s' x / cap') with cap' = c cap, s' = c s."""
-        return dataclasses.replace(self, scale=self.scale * c, cap=None if self.cap is None else self.cap * c)
-
 
 @dataclasses.dataclass(frozen=True)
 class CondAtom:

@@ -214,11 +214,9 @@ class Interpretation:
             return "cast", (torch.float64 if fo.dtype == torch.float64 else None), inp
         if op in ("reshape", "flatten", "squeeze", "unsqueeze", "getitem"):
             si, so = shape(inp), shape(n)
-            if not si or not so or si[-1] != so[-1] or len(so) < 1:
+            if not si or not so or si[-1] != so[-1]:
                 return None
             if op == "getitem" and not self._basic_rows_index(n.args[1], si):
-                return None
-            if op in ("squeeze", "unsqueeze") and len(so) in (len(si) - 1, len(si) + 1) and so[-1] != si[-1]:
                 return None
             return "layout", None, inp
         return None
@@ -351,7 +349,7 @@ class Interpretation:
 
     # -- reading the log-probs at the labels ----------------------------------------------------
 
-    def _at_label(self, node, src, dim, label: LabelV, index_shape):
+    def _at_label(self, node, src, dim, label: LabelV):
         """src gathered at the labels along dim (shape checked by the caller)."""
         v = self.val(src)
         if not isinstance(src, Node) or shape(src) is None:
@@ -383,7 +381,7 @@ class Interpretation:
         want[dim] = 1
         if shape(kw["index"]) != tuple(want) and len(want) > 1:
             raise Reject(f"gather index of shape {shape(kw['index'])} does not pick one class per row")
-        return self._at_label(node, src, dim, idx, want)
+        return self._at_label(node, src, dim, idx)
 
     def _op_take_along_dim(self, node, src, kw):
         if kw.get("dim") is None:
@@ -436,7 +434,7 @@ class Interpretation:
             rows, lab = self.val(parts[0]), self.label(parts[1])
             if isinstance(rows, ArangeV) and lab is not None and shape(parts[1]) == (shp[0],) \
                     and rows.n == shp[0]:
-                return self._at_label(node, src, 1, dataclasses.replace(lab, wrap=True), None)
+                return self._at_label(node, src, 1, dataclasses.replace(lab, wrap=True))
             if carries_logits(v):
                 raise Reject(f"{kind(v)} are indexed by tensors that are not (arange, labels) ({describe(node)})")
             return None
@@ -520,7 +518,7 @@ class Interpretation:
             if weight is not None:
                 e = elem_times_weight(e, weight)
             row = dataclasses.replace(scale(elem_class_sum(e, V), Q(-1)), seeds=lp.seeds)
-            return self._reduced(row, kw["reduction"], self._rows_divisor(x, V))
+            return self._reduced(row, kw["reduction"], Divisor(("rows",)))  # PyTorch's mean over rows
         lab = self._target_label(target, "cross_entropy")
         ignore = self._ignore(kw, "cross_entropy")
         q = add(scale(self._one_hot(lab, key.cd), 1 - eps), constant(eps / V, key.cd))
@@ -574,10 +572,6 @@ class Interpretation:
         if weight is None:
             return Divisor(("count", conds))
         return Divisor(("wsum", weight, lab, conds))
-
-    @staticmethod
-    def _rows_divisor(x, V) -> Divisor:
-        return Divisor(("rows",))
 
     def _reduced(self, row: RowV, reduction, divisor: Divisor):
         if reduction == "none":
