@@ -305,7 +305,8 @@ def analyze(gm: torch.fx.GraphModule) -> tuple[list[Plan], list[NearMiss], Inter
         # line the reason is about (the reader that stopped it), ``at`` the sink or reader.
         rank = (1, order[at]) if at_sink else (0, -order[at])
         where = where if where is not None and where.op != "output" else at
-        misses.setdefault((seed, reason), (rank, NearMiss(seed.name, location(where), reason)))
+        if (seed, reason) not in misses or rank > misses[(seed, reason)][0]:
+            misses[(seed, reason)] = (rank, NearMiss(seed.name, location(where), reason))
 
     def read_by(n: Node, u: Node) -> str:
         if u.op == "output":
