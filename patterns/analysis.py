@@ -126,11 +126,18 @@ def dead_after(interp: Interpretation, sinks: list) -> set:
 # ------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
 def eager_accepts(op: str, label_dtype: torch.dtype) -> bool:
     """Whether eager PyTorch accepts labels of this dtype in ``op`` (it differs across versions:
-    gather takes int32 indices on recent torch only). Asked of eager itself, once, on two
-    numbers; a RuntimeError is eager's answer "no", not an error of the detector."""
+    gather takes int32 indices on recent torch only). Asked of eager itself, once per pair; under
+    a tracing mode there is no eager answer, and "no" keeps the loss as written."""
+    if type(torch.zeros(())) is not torch.Tensor:
+        return False
+    return _ask_eager(op, label_dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _ask_eager(op: str, label_dtype: torch.dtype) -> bool:
+    """Run op on two numbers: a RuntimeError is eager's answer "no", not an error of the detector."""
     x = torch.zeros(1, 2)
     y = torch.zeros(1, dtype=label_dtype)
     calls = {
