@@ -128,7 +128,7 @@ def _emit(plan: Plan, head: Optional[Head], b: _Builder) -> Node:
     checks = [c for c in plan.checks if not any(_implied(c, call.target, V) for call in plan.calls)]
     outs = []
     for i, call in enumerate(plan.calls):
-        t = _target(call.target, plan, op_rows, x, b, checks=checks if i == 0 else ())
+        t = _target(call.target, plan, rows, op_rows, x, b, checks=checks if i == 0 else ())
         kwargs = call.form.describe()  # the form in the user's words; defaults left out
         if call.uniform_rows is not None:
             kwargs["uniform_rows"] = _mask(call.uniform_rows, t, op_rows, V, b)
@@ -169,25 +169,23 @@ def _identity(check: LabelCheck) -> Node:
 def _implied(check: LabelCheck, target: Target, classes: int) -> bool:
     """Whether the op's own label check is the eager op's: both read the same labels and reject
     the same values (outside [0, V), apart from an ignore_index that is outside it)."""
-    def outside(k):
-        return {k} - set(range(classes)) if k is not None else set()
+    def outside(k):  # the one value outside [0, V) the check lets through, if any
+        return None if k is None or 0 <= k < classes else k
 
     return (_identity(check) is target.node and not target.fold and (check.low < 0) == target.wrap
             and outside(check.ignore) == outside(target.ignore))
 
 
-def _target(tg: Target, plan: Plan, op_rows, x: Node, b: _Builder, checks) -> Node:
-    """The labels one call reads (its ignore_index is tg.ignore)."""
-    V = plan.classes
-    key = plan.logits
-    shp = logits_shape(key)
+def _target(tg: Target, plan: Plan, rows: tuple, op_rows, x: Node, b: _Builder, checks) -> Node:
+    """The labels one call reads (its ignore_index is tg.ignore), in the op's rows ``op_rows``."""
+    V, cd = plan.classes, plan.logits.cd
     if tg.node is None:
         # no label term: the op still takes labels, and no term reads them
-        t = b.fn(torch.zeros_like, b.method("select", x, (len(shp) + key.cd) if key.cd != -1 else -1, 0),
+        t = b.fn(torch.zeros_like, b.method("select", x, cd if cd == -1 else len(rows) + 1 + cd, 0),
                  dtype=torch.int64)
     else:
         t = tg.node
-        if key.cd == -1 and len(shp) != 2 or shape(t) != tuple(d for i, d in enumerate(shp) if i != len(shp) + key.cd):
+        if op_rows == (-1,) and len(rows) != 1 or shape(t) != rows:
             t = b.method("reshape", t, *op_rows)
         if dtype(t) not in (torch.int64, torch.int32):
             t = b.method("long", t)  # uint8 labels, which nll_loss takes
