@@ -221,17 +221,23 @@ def _reads(plan: Plan) -> list:
     return [r for r in out if isinstance(r, Node)]
 
 
-def _first_seed(value, node, order):
+def _seeds(value) -> frozenset:
+    """The log_softmax / loss calls a value was built from."""
     seeds = seeds_of(value)
-    if isinstance(value, ScalarV) and not seeds:
-        seeds = frozenset().union(*(r.seeds for _, r in value.parts))
+    if isinstance(value, ScalarV):
+        seeds = seeds | frozenset().union(*(r.seeds for _, r in value.parts))
+    return seeds
+
+
+def _first_seed(value, node, order):
+    seeds = _seeds(value)
     return min(seeds, key=order.__getitem__) if seeds else node
 
 
-def _groups(interp: Interpretation, candidates: list) -> list:
+def _groups(candidates: list, cones: dict) -> list:
     """Candidates whose cones share nodes (two terms of one loss split by a graph break, a loss and
     its nll returned for logging): they are rewritten together or not at all."""
-    cones = [set(cone(interp, c[0])) for c in candidates]
+    cones = [set(cones[c[0]]) for c in candidates]
     parent = list(range(len(candidates)))
 
     def root(i):
@@ -249,13 +255,12 @@ def _groups(interp: Interpretation, candidates: list) -> list:
     return list(groups.values())
 
 
-def _group_plans(interp, group: list, modes, mutated, miss, read_by) -> list:
+def _group_plans(interp, group: list, cones: dict, modes, mutated, miss, read_by) -> list:
     """The plans of a group of candidates, or none (with near misses) when one cannot be rewritten."""
     values = interp.values
     sinks = [c[0] for c in group]
     dead = dead_after(interp, sinks)
-    cones = {c[0]: cone(interp, c[0]) for c in group}
-    inside = set().union(*map(set, cones.values()))
+    inside = set().union(*(cones[s] for s in sinks))
     followed = {m for ms in interp.inplace.values() for m in ms}
     plans = []
     for node, value, key, calls, seed in group:
@@ -281,11 +286,9 @@ def _group_plans(interp, group: list, modes, mutated, miss, read_by) -> list:
         except Reject as err:
             miss(seed, node, str(err))
             return []
-        seeds = frozenset(seeds_of(value)) | (frozenset().union(*(r.seeds for _, r in value.parts))
-                                               if isinstance(value, ScalarV) else frozenset())
         builds = any(isinstance(values.get(n), ElemV) and values[n].key is None
                      and any(part[0] == "OH" for (part, _, _), _ in values[n].terms) for n in dead)
-        plan = Plan(node, key, classes, calls, seeds, nodes, dead, checks, dtype(node), builds, len(group))
+        plan = Plan(node, key, classes, calls, _seeds(value), nodes, dead, checks, dtype(node), builds, len(group))
         # the op runs at the sink: an in-place change of what it reads would be seen differently
         changed = [(r, m) for r in _reads(plan) for m in mutated.get(r, ()) if m not in followed]
         if changed:
@@ -331,7 +334,7 @@ def analyze(gm: torch.fx.GraphModule) -> tuple[list[Plan], list[NearMiss], Inter
         node = work.pop(0)
         value = values[node]
         seed = _first_seed(value, node, order)
-        has_seed = seed is not node or bool(seeds_of(value))
+        has_seed = bool(_seeds(value))
         reader = next((u for u in node.users if values.get(u) is None), None)
         focal = next((u for u in node.users if isinstance(interp.rejected.get(u), NotCrossEntropy)), None)
         reader = focal or reader
@@ -353,9 +356,10 @@ def analyze(gm: torch.fx.GraphModule) -> tuple[list[Plan], list[NearMiss], Inter
                         work.append(a)
             continue
         candidates.append((node, value, key, calls, seed))
+    cones = {c[0]: cone(interp, c[0]) for c in candidates}
     plans = []
-    for group in _groups(interp, candidates):
-        plans += _group_plans(interp, group, modes, mutated, miss, read_by)
+    for group in _groups(candidates, cones):
+        plans += _group_plans(interp, group, cones, modes, mutated, miss, read_by)
     # a node that reads log-probs feeds an op the algebra rejected, with no sink downstream
     for node, reason in interp.why.items():
         if op_name(node) in SEED_OPS and not any(carries_logits(values.get(a)) for a in node.all_input_nodes):
