@@ -234,6 +234,19 @@ def _first_seed(value, node, order):
     return min(seeds, key=order.__getitem__) if seeds else node
 
 
+def _computed_from_another(interp: Interpretation, sink: Node, cones: dict) -> bool:
+    """Whether the sink's loss is arithmetic on another sink's loss alone (r.sum() / n of a per-row
+    loss r that is also read elsewhere): rewriting that one leaves this one as written."""
+    for inner in cones:
+        if inner is sink or inner not in cones[sink]:
+            continue
+        rest = set(cones[sink]) - set(cones[inner])
+        if all(a in rest or a is inner for n in rest for a in n.all_input_nodes
+               if carries_logits(interp.values.get(a))):
+            return True
+    return False
+
+
 def _groups(candidates: list, cones: dict) -> list:
     """Candidates whose cones share nodes (two terms of one loss split by a graph break, a loss and
     its nll returned for logging): they are rewritten together or not at all."""
@@ -357,6 +370,7 @@ def analyze(gm: torch.fx.GraphModule) -> tuple[list[Plan], list[NearMiss], Inter
             continue
         candidates.append((node, value, key, calls, seed))
     cones = {c[0]: cone(interp, c[0]) for c in candidates}
+    candidates = [c for c in candidates if not _computed_from_another(interp, c[0], cones)]
     plans = []
     for group in _groups(candidates, cones):
         plans += _group_plans(interp, group, cones, modes, mutated, miss, read_by)

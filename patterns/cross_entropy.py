@@ -52,9 +52,10 @@ def rewrite_cross_entropy(gm: torch.fx.GraphModule, *, fuse_linear: bool = True)
     if not plans:
         return result
     fake_mode = _fake_mode(gm)
-    for plan in plans:
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    names = [(_seed(plan, order).name, location(plan.sink)) for plan in plans]  # before any node goes
+    for plan, (seed, where) in zip(plans, names):
         head, why_not = find_head(plan, plan.dead) if fuse_linear else (None, None)
-        seed, where = _seed(plan).name, location(plan.sink)
         try:
             emit(gm, plan, head, fake_mode)
         except Reject as err:
@@ -69,8 +70,7 @@ def rewrite_cross_entropy(gm: torch.fx.GraphModule, *, fuse_linear: bool = True)
     return result
 
 
-def _seed(plan: Plan) -> Node:
-    order = {n: i for i, n in enumerate(plan.sink.graph.nodes)}
+def _seed(plan: Plan, order: dict) -> Node:
     return min(plan.seeds, key=order.__getitem__) if plan.seeds else plan.sink
 
 

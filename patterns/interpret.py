@@ -1154,13 +1154,12 @@ class Interpretation:
             return None
         loss = va if carries_logits(va) or isinstance(va, ElemV) else vb
         loss_node = a if loss is va else b
-        # where(c, loss, 0): c selects rows; the shapes say whether c is one value per row
-        mask_shape = _keep(shape(loss_node), loss.cd) if isinstance(loss, ElemV) and loss.key is not None \
-            else shape(loss_node) if isinstance(loss, RowV) else None
-        if isinstance(loss, ElemV) and loss.key is None:
-            mask_shape = _keep(shape(loss_node), -1)
-        if shape(c) not in (mask_shape, shape(loss_node)) or shape(c) != mask_shape and isinstance(loss, ElemV) \
-                and shape(c) != shape(node)[:-1]:
+        if not isinstance(loss, (RowV, ElemV)):
+            raise Reject(f"torch.where picks between {kind(va)} and {kind(vb)} ({describe(node)})")
+        # where(c, loss, 0): c selects rows when it has one value per row (size 1 along the classes)
+        rows = shape(loss_node) if isinstance(loss, RowV) else \
+            _keep(shape(loss_node), loss.cd if isinstance(loss, ElemV) and loss.cd is not None else -1)
+        if shape(c) != rows or shape(node) != shape(loss_node):
             raise Reject(f"a mask of shape {shape(c)} that is not one value per row ({describe(node)})")
         ta, tb = self._as_like(va, loss), self._as_like(vb, loss)
         if ta is None or tb is None:
