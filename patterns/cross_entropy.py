@@ -112,16 +112,20 @@ def _family(plan: Plan, form: LossForm) -> str:
 
 
 def _combined_form(plan: Plan) -> LossForm:
-    """The user's parameters: one form for all calls (they differ only in what divides them)."""
+    """The user's parameters: one form for all calls (they differ in what divides them), when
+    their summed coefficients are one; else the form of the call with the label term."""
     calls = plan.calls
+    first = next((c for c in calls if c.a), calls[0]).form
     if len(calls) == 1:
-        return calls[0].form
+        return first
     a, b = sum((c.a for c in calls), Fraction(0)), sum((c.b for c in calls), Fraction(0))
     c, z = sum((c.c for c in calls), Fraction(0)), sum((c.z for c in calls), Fraction(0))
-    first = next((c for c in calls if c.a), calls[0]).form
-    return LossForm.from_coefficients(a, b, float(c), plan.classes, ignore_index=first.ignore_index,
-                                      reduction=first.reduction, z_loss=float(z), softcap=first.softcap,
-                                      logit_scale=first.logit_scale)
+    try:
+        return LossForm.from_coefficients(a, b, float(c), plan.classes, ignore_index=first.ignore_index,
+                                          reduction=first.reduction, z_loss=float(z), softcap=first.softcap,
+                                          logit_scale=first.logit_scale)
+    except ValueError:  # LossForm's "no form has these coefficients"
+        return first
 
 
 def _match(plan: Plan, head: Optional[Head], erased: tuple) -> Match:
