@@ -238,6 +238,9 @@ def draw(rng: random.Random) -> Spelling:
         c["order"] = "rows"
         if c["reduction"] == "sequence":
             c["reduction"] = "token"
+    if c["nll"] in ("nll_sum", "nll_mean") and c["extra"] == "z_loss" and c["mask"] == "none":
+        # nll_loss drops rows labelled -100: a z term over every row is not the op's z-loss
+        c["mask"] = "masked_fill"
     if c["nll"] in ("nll_sum", "nll_mean"):
         c["order"] = "terms"
         if c["mask"] == "boolean":  # nll_loss reduces before any row can be selected
