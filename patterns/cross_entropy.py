@@ -115,7 +115,7 @@ def _combined_form(plan: Plan) -> LossForm:
     """The user's parameters: one form for all calls (they differ in what divides them), when
     their summed coefficients are one; else the form of the call with the label term."""
     calls = plan.calls
-    first = next((c for c in calls if c.a), calls[0]).form
+    first = next((c for c in calls if c.a), calls[0]).words
     if len(calls) == 1:
         return first
     a, b = sum((c.a for c in calls), Fraction(0)), sum((c.b for c in calls), Fraction(0))

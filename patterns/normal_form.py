@@ -59,7 +59,8 @@ class Call:
     columns: tuple  # ((p, w_p), ...): class weights of the target's padding columns (w = 1 elsewhere)
     reduction: str  # the op's: 'none', 'sum' or 'mean'
     divisor: Optional[Divisor]  # what the op's 'sum' is divided by afterwards
-    form: LossForm  # the parameters in the user's words
+    form: LossForm  # the parameters the op gets (for V classes)
+    words: LossForm  # the same loss as the user wrote it (a padding column is no class to spread over)
 
 
 def logits_shape(key: Logits) -> Optional[tuple]:
@@ -259,12 +260,24 @@ def _call(row: RowV, divisor: Optional[Divisor], V: int, key: Logits, per_row: b
     if a == 0 and b == 0:  # a z-loss term divided apart from the cross-entropy: no target at all
         if c:
             raise Reject("a constant term without log-probs")
-        return Call(a, b, c, z, None, target, None, None, (), reduction, after, LossForm(scale=0.0, **fields))
+        form = LossForm(scale=0.0, **fields)
+        return Call(a, b, c, z, None, target, None, None, (), reduction, after, form, form)
     try:
         form = LossForm.from_coefficients(a, b, float(c), V, **fields)
     except ValueError as err:  # the form cannot express these coefficients
         raise Reject(str(err).removeprefix("smoothce: ")) from err
-    return Call(a, b, c, z, label, target, uniform, weight, columns, reduction, after, form)
+    left_out = sum(1 for _, w in columns if w == 0)
+    return Call(a, b, c, z, label, target, uniform, weight, columns, reduction, after, form,
+                _in_words(form, a, b, c, V - left_out, fields) if left_out else form)
+
+
+def _in_words(form: LossForm, a, b, c, classes: int, fields: dict) -> LossForm:
+    """The form over the classes the target spreads eps over: eps / (V - 2) with a padding column
+    left out is eps over the V - 2 classes other than the label."""
+    try:
+        return LossForm.from_coefficients(a, b, float(c), classes, **fields)
+    except ValueError:  # LossForm's "no form has these coefficients"
+        return form
 
 
 def _target(label: Optional[LabelV], mask: frozenset, V: int) -> Target:

@@ -5,6 +5,7 @@ with eager PyTorch in float64 (``rewrite_check.check``).
 """
 
 import copy
+from expecttest import TestCase
 import os
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rewrite_check import B, EPS, N, T, V, Recorder, check, labels, logits
+from rewrite_check import B, EPS, N, T, V, Recorder, check, labels, logits, normalize
 from smoothce.patterns.cross_entropy import rewrite_cross_entropy
 
 FILE = os.path.basename(__file__)
@@ -318,3 +319,79 @@ def test_rewritten_losses_through_inductor(fn, dtype):
     torch.testing.assert_close(out.double(), ref.double(), **tol)
     torch.testing.assert_close(x.grad.double(), xr.grad, **tol)
     assert [len(r.matches) for r in results] == [1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Goldens of what the rewrite emits
+# ------------------------------------------------------------------------------------------------
+
+
+def padding_column_target(x, y):
+    # eps / (V - 2) on every class but the label and the padding class 0; padded rows dropped
+    t = torch.full_like(x, EPS / (V - 2)).scatter(1, y[:, None], 1 - EPS)
+    t[:, 0] = 0
+    loss = -(t * x.log_softmax(-1)).sum(-1)
+    return loss.masked_fill(y == 0, 0.0).sum()
+
+
+def autocast_head(h, w, y):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = F.linear(h, w)
+    return F.cross_entropy(logits.float(), y, label_smoothing=EPS)
+
+
+class Goldens(TestCase):
+    maxDiff = None
+
+    def test_two_calls_for_two_divisors(self):
+        rec = check(LabelSmoothingCrossEntropy(EPS), logits(N, V), labels(N, ignore=-100, where=(2,)), calls=2)
+        self.assertExpectedInline(normalize(rec.gm.code), """\
+def forward(self, L_preds_ : torch.Tensor, L_target_ : torch.Tensor):
+    l_preds_ = L_preds_
+    l_target_ = L_target_
+    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(l_preds_, l_target_, None, ignore_index = -100, reduction = 'mean', scale = 0.9);  l_target_ = None
+    select = l_preds_.select(-1, 0)
+    zeros_like = torch.zeros_like(select, dtype = torch.int64);  select = None
+    fused_cross_entropy_1 = smoothce_kernels_cross_entropy_fused_cross_entropy(l_preds_, zeros_like, None, ignore_index = None, reduction = 'mean', label_smoothing = 1.0, scale = 0.1);  l_preds_ = zeros_like = None
+    add_1 = fused_cross_entropy + fused_cross_entropy_1;  fused_cross_entropy = fused_cross_entropy_1 = None
+    return (add_1,)""")
+
+    def test_uniform_rows_for_a_smoothing_term_masked_apart(self):
+        rec = check(nll_loss_none_next_to_unmasked_smoothing, logits(N, V), labels(N, ignore=-100, where=(2,)))
+        self.assertExpectedInline(normalize(rec.gm.code), """\
+def forward(self, L_x_ : torch.Tensor, L_y_ : torch.Tensor):
+    l_x_ = L_x_
+    l_y_ = L_y_
+    ones_like = torch.ones_like(l_y_, dtype = torch.bool)
+    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(l_x_, l_y_, None, ignore_index = -100, reduction = 'sum', label_smoothing = 0.1, uniform_rows = ones_like);  l_x_ = l_y_ = ones_like = None
+    return (fused_cross_entropy,)""")
+
+    def test_padding_column_as_a_class_weight(self):
+        rec = check(padding_column_target, logits(N, V), labels(N, ignore=0, where=(1, 3)))
+        (m,) = rec.result.matches
+        self.assertEqual((m.params["eps"], m.params["padding_columns"]), (EPS, [0]))
+        self.assertExpectedInline(normalize(rec.gm.code), """\
+def forward(self, L_x_ : torch.Tensor, L_y_ : torch.Tensor):
+    l_x_ = L_x_
+    l_y_ = L_y_
+    arange = torch.arange(11, device = device(type='cpu'))
+    new_ones = l_x_.new_ones((11,), dtype = torch.float32)
+    eq_1 = arange == 0;  arange = None
+    where = torch.where(eq_1, 0.0, new_ones);  eq_1 = new_ones = None
+    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(l_x_, l_y_, where, ignore_index = 0, reduction = 'sum', label_smoothing = 0.12087912087912088, scale = 1.011111111111111);  l_x_ = l_y_ = where = None
+    return (fused_cross_entropy,)""")
+
+    def test_head_under_autocast(self):
+        rec = check(autocast_head, logits(N, D), logits(V, D, seed=3), labels(N), grad=(0, 1), fuse_linear=True,
+                    atol=1e-2, rtol=1e-2)
+        self.assertExpectedInline(normalize(rec.gm.code), """\
+def forward(self, L_h_ : torch.Tensor, L_w_ : torch.Tensor, L_y_ : torch.Tensor):
+    l_h_ = L_h_
+    l_w_ = L_w_
+    l_y_ = L_y_
+    _enter_autocast = torch.amp.autocast_mode._enter_autocast('cpu', torch.bfloat16, True, None)
+    _exit_autocast = torch.amp.autocast_mode._exit_autocast(_enter_autocast);  _enter_autocast = _exit_autocast = None
+    to = l_h_.to(torch.bfloat16);  l_h_ = None
+    to_1 = l_w_.to(torch.bfloat16);  l_w_ = None
+    fused_linear_cross_entropy = smoothce_kernels_linear_cross_entropy_fused_linear_cross_entropy(to, to_1, None, l_y_, None, ignore_index = -100, reduction = 'mean', label_smoothing = 0.1, loss_dtype = torch.float32);  to = to_1 = l_y_ = None
+    return (fused_linear_cross_entropy,)""")
