@@ -13,8 +13,9 @@ _LAZY = {
     "fused_linear_cross_entropy": ("smoothce.kernels.linear_cross_entropy", "fused_linear_cross_entropy"),
     "register_patterns": ("smoothce.compiler.registration", "register_patterns"),
     "unregister_patterns": ("smoothce.compiler.registration", "unregister_patterns"),
+    "move_loss_into_model": ("smoothce.compiler.trainer", "move_loss_into_model"),
     "inspect": ("smoothce.compiler.inspect", "inspect"),
-    "Report": ("smoothce.compiler.inspect", "Report"),
+    "Report": ("smoothce.compiler.report", "Report"),
 }
 
 __all__ = sorted(_LAZY)

@@ -1,4 +1,4 @@
-"""Problems, inputs, timing and peak-memory measurement shared by every benchmark case.
+"""Problems, inputs and timing shared by every benchmark case (peak memory: smoothce.measure.memory).
 
 Every measurement is of one training step of the loss: forward AND backward, gradients of the
 inputs that require grad written (``.grad`` cleared first, so each step allocates its gradients
@@ -8,11 +8,7 @@ the way a real step does).
 from __future__ import annotations
 
 import dataclasses
-import gc
-import os
 import statistics
-import threading
-import time
 import warnings
 from typing import Callable
 
@@ -177,80 +173,3 @@ def copy_bandwidth(device: str, min_run_time: float) -> float:
     step()
     median_ms, _ = time_step(step, device, min_run_time)
     return 2 * nbytes / (median_ms / 1e3)
-
-
-# ---------------------------------------------------------------------------------------------
-# Peak memory
-#
-# GPU: torch.cuda.max_memory_allocated() during one step, minus what was allocated before it
-#      (inputs, compiled code's constants; gradients cleared). Exact, allocator-level.
-# CPU: resident set size of a fresh process (one per method and shape): VmHWM (the kernel's
-#      high-water mark, reset through /proc/self/clear_refs) during one step, minus the resident
-#      size just before it. The process runs with a fixed glibc mmap threshold, so every tensor
-#      above 128 KiB is its own mapping that is returned to the OS when freed: RSS then follows
-#      live tensors instead of a heap that keeps freed memory. Where clear_refs cannot be written
-#      a thread samples /proc/self/statm every 0.2 ms instead (can miss a very short peak).
-
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-
-
-def peak_cuda(step: Callable, inputs: Inputs) -> int:
-    inputs.clear_grads()
-    gc.collect()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
-
-
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * _PAGE
-
-
-def _hwm() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_cpu(step: Callable, inputs: Inputs) -> tuple[int, str]:
-    """(peak resident bytes above the pre-step baseline, how it was measured)."""
-    inputs.clear_grads()
-    gc.collect()
-    base = _rss()
-    if _reset_hwm() and _hwm() <= base + 16 * _PAGE:
-        step()
-        # HWM was reset to the resident size at the reset, a page or two under `base` at most.
-        return max(_hwm() - base, 0), "VmHWM"
-    peak = [base]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss())
-            time.sleep(0.0002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    step()
-    peak[0] = max(peak[0], _rss())
-    stop.set()
-    sampler.join()
-    return peak[0] - base, "statm sampled"

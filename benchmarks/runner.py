@@ -17,19 +17,10 @@ from typing import Callable
 import torch
 
 from benchmarks.cases import Case, Grid, get_case
-from benchmarks.harness import (
-    MALLOC_ENV,
-    Problem,
-    compare,
-    copy_bandwidth,
-    first_call,
-    make_step,
-    peak_cuda,
-    snapshot,
-    time_step,
-)
+from benchmarks.harness import Problem, compare, copy_bandwidth, first_call, make_step, snapshot, time_step
 from benchmarks.methods import Method
-from benchmarks.progress import Progress
+from smoothce.measure.memory import MALLOC_ENV, peak_cuda
+from smoothce.measure.progress import Progress
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -222,7 +213,7 @@ def time_problem(case: Case, p: Problem, methods: list[Method], opts: Options, p
                 row["check"] = compare(reference, snapshot(loss, inputs), p.dtype) or "ok"
                 row["time_ms"], row["time_iqr_ms"] = time_step(step, p.device, opts.min_run_time)
                 if p.device == "cuda" and opts.memory:
-                    row["peak_bytes"] = peak_cuda(step, inputs)
+                    row["peak_bytes"] = peak_cuda(step, inputs.clear_grads)
                     row["memory_method"] = "cuda.max_memory_allocated"
             except Exception as exc:  # one broken method must not stop the suite
                 row["status"] = _short(exc)
@@ -282,7 +273,7 @@ def compile_times(device: str, progress: Progress) -> list[dict]:
     """Cold first-call time (Dynamo + AOTAutograd + Inductor codegen + the step) of a small model,
     each backend in a fresh process with an empty Inductor cache."""
     from benchmarks.methods import smoothce_backend_unavailable
-    from benchmarks.worker import TinyLM
+    from smoothce.measure.tiny_lm import TinyLM
 
     out = []
     for backend in ("inductor", "smoothce"):

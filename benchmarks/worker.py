@@ -24,7 +24,8 @@ def _error(exc: BaseException) -> dict:
 
 def memory_job(job: dict) -> None:
     from benchmarks.cases import get_case
-    from benchmarks.harness import Problem, first_call, make_step, peak_cpu
+    from benchmarks.harness import Problem, first_call, make_step
+    from smoothce.measure.memory import peak_cpu
 
     for spec in job["problems"]:
         p = Problem(**spec)
@@ -34,7 +35,7 @@ def memory_job(job: dict) -> None:
             inputs = case.make_inputs(p)
             step = make_step(method.build(p), inputs)
             first_call(step)  # compile and warm up before the baseline is taken
-            peak, how = peak_cpu(step, inputs)
+            peak, how = peak_cpu(step, inputs.clear_grads)
             out = {"peak_bytes": peak, "memory_method": how}
         except Exception as exc:  # reported in the row, the next problem still runs
             out = _error(exc)
@@ -43,41 +44,11 @@ def memory_job(job: dict) -> None:
         gc.collect()
 
 
-class TinyLM:
-    """Embedding -> pre-norm MLP block -> LM head -> label-smoothed cross-entropy (V=8192, D=256)."""
-
-    V, D, BATCH, SEQ, SMOOTHING = 8192, 256, 4, 256, 0.1
-
-    @classmethod
-    def build(cls, device):
-        import torch
-        import torch.nn.functional as F
-
-        class Model(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.embed = torch.nn.Embedding(cls.V, cls.D)
-                self.norm = torch.nn.LayerNorm(cls.D)
-                self.up = torch.nn.Linear(cls.D, 4 * cls.D)
-                self.down = torch.nn.Linear(4 * cls.D, cls.D)
-                self.head = torch.nn.Linear(cls.D, cls.V, bias=False)
-
-            def forward(self, idx, target):
-                h = self.embed(idx)
-                h = h + self.down(F.gelu(self.up(self.norm(h))))
-                logits = self.head(h)
-                return F.cross_entropy(logits.flatten(0, 1), target.flatten(), label_smoothing=cls.SMOOTHING)
-
-        g = torch.Generator().manual_seed(0)
-        idx = torch.randint(0, cls.V, (cls.BATCH, cls.SEQ), generator=g).to(device)
-        target = torch.randint(0, cls.V, (cls.BATCH, cls.SEQ), generator=g).to(device)
-        return Model().to(device), idx, target
-
-
 def compile_job(job: dict) -> None:
     import torch
 
-    torch.manual_seed(0)
+    from smoothce.measure.tiny_lm import TinyLM
+
     model, idx, target = TinyLM.build(job["device"])
     compiled = torch.compile(model, backend=job["backend"], dynamic=False)
 

@@ -1,1 +1,2 @@
-"""torch.compile entry points: the "smoothce" backend, Inductor pass registration, inspection."""
+"""torch.compile entry points: the "smoothce" backends, Inductor pass registration, the Hugging Face
+Trainer hook, inspection and its report, the command line and the demo."""

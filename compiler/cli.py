@@ -14,24 +14,23 @@ import os
 import sys
 import traceback
 
+from smoothce.compiler import demo
+from smoothce.compiler.errors import UsageError
+
 USAGE_ERROR = 2  # bad input: missing file or factory, factory raising, model that cannot be traced
 EXPECT_FAILED = 1  # --expect N and fewer than N losses would be rewritten
-
-
-class CliError(Exception):
-    """A problem with the user's input, reported as one line on stderr (exit 2)."""
 
 
 def _load_factory(spec: str):
     path, sep, name = spec.rpartition(":")
     if not sep or not path or not name:
-        raise CliError(f"expected FILE.py:FACTORY, got {spec!r}")
+        raise UsageError(f"expected FILE.py:FACTORY, got {spec!r}")
     if not os.path.isfile(path):
-        raise CliError(f"no such file: {path}")
+        raise UsageError(f"no such file: {path}")
     module_name = "_smoothce_user_" + os.path.splitext(os.path.basename(path))[0]
     mod_spec = importlib.util.spec_from_file_location(module_name, path)
     if mod_spec is None or mod_spec.loader is None:
-        raise CliError(f"cannot import {path} (not a Python file?)")
+        raise UsageError(f"cannot import {path} (not a Python file?)")
     module = importlib.util.module_from_spec(mod_spec)
     # The file's own directory first, as `python FILE.py` would have it: sibling imports work.
     sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
@@ -39,12 +38,12 @@ def _load_factory(spec: str):
     try:
         mod_spec.loader.exec_module(module)
     except Exception as e:
-        raise CliError(f"importing {path} failed: {type(e).__name__}: {e}") from e
+        raise UsageError(f"importing {path} failed: {type(e).__name__}: {e}") from e
     factory = getattr(module, name, None)
     if factory is None:
-        raise CliError(f"{path} has no {name!r}")
+        raise UsageError(f"{path} has no {name!r}")
     if not callable(factory):
-        raise CliError(f"{path}:{name} is a {type(factory).__name__}, not a callable factory")
+        raise UsageError(f"{path}:{name} is a {type(factory).__name__}, not a callable factory")
     return factory
 
 
@@ -52,19 +51,19 @@ def _call_factory(factory, spec: str):
     try:
         made = factory()
     except Exception as e:
-        raise CliError(f"factory {spec} raised {type(e).__name__}: {e}") from e
+        raise UsageError(f"factory {spec} raised {type(e).__name__}: {e}") from e
     if not isinstance(made, (tuple, list)) or len(made) not in (2, 3):
-        raise CliError(
+        raise UsageError(
             f"factory {spec} must return (model_or_fn, args) or (model_or_fn, args, kwargs), "
             f"got {type(made).__name__}" + (f" of length {len(made)}" if isinstance(made, (tuple, list)) else "")
         )
     model, args, kwargs = made[0], made[1], made[2] if len(made) == 3 else {}
     if not callable(model):
-        raise CliError(f"factory {spec} returned a {type(model).__name__} as the model, not a callable")
+        raise UsageError(f"factory {spec} returned a {type(model).__name__} as the model, not a callable")
     if not isinstance(args, (tuple, list)):
         args = (args,)  # a single example tensor
     if not isinstance(kwargs, dict):
-        raise CliError(f"factory {spec} returned kwargs of type {type(kwargs).__name__}, expected a dict")
+        raise UsageError(f"factory {spec} returned kwargs of type {type(kwargs).__name__}, expected a dict")
     return model, tuple(args), kwargs
 
 
@@ -95,7 +94,7 @@ def cmd_inspect(args) -> int:
         report = inspect(model, *ex_args, **ex_kwargs)
     except Exception as e:
         hint = " (--verbose for details)" if quiet else ""
-        raise CliError(f"tracing {args.target} failed: {type(e).__name__}: {_first_line(e)}{hint}") from e
+        raise UsageError(f"tracing {args.target} failed: {type(e).__name__}: {_first_line(e)}{hint}") from e
     finally:
         if quiet:
             logging.disable(logging.NOTSET)
@@ -103,7 +102,7 @@ def cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
-        print(report.render(code=args.verbose))
+        print(report.render(verbose=args.verbose))
     if args.graphs:
         written = _write_graphs(report, args.graphs)
         print(f"wrote {len(written)} files to {args.graphs}", file=sys.stderr)
@@ -116,12 +115,6 @@ def cmd_inspect(args) -> int:
         )
         return EXPECT_FAILED
     return USAGE_ERROR if report.errors else 0
-
-
-def cmd_demo(args) -> int:
-    from smoothce.compiler import demo
-
-    return demo.main(args)
 
 
 def _first_line(e: BaseException) -> str:
@@ -153,10 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--graphs", metavar="DIR", help="write each graph's code before/after the rewrite to DIR")
     p.add_argument("--expect", type=int, metavar="N", help="exit with status 1 if fewer than N losses are rewritten")
-    p.add_argument("-v", "--verbose", action="store_true", help="print graph code, and tracebacks on errors")
+    p.add_argument("-v", "--verbose", action="store_true", help="also print the detector's coefficients, graph node names and graph code, and tracebacks on errors")
     p.set_defaults(func=cmd_inspect)
-
-    from smoothce.compiler.demo import add_arguments
 
     d = sub.add_parser(
         "demo",
@@ -166,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
         "cross-entropy with a padding mask, compiled with backend='smoothce' and with plain "
         "Inductor; print the inspection report and loss, step time and peak memory side by side.",
     )
-    add_arguments(d)
-    d.set_defaults(func=cmd_demo)
+    demo.add_arguments(d)
+    d.set_defaults(func=demo.main)
     return parser
 
 
@@ -176,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except CliError as e:
+    except UsageError as e:
         if getattr(args, "verbose", False):
             traceback.print_exc()
         print(f"smoothce {args.command}: error: {_first_line(e)}", file=sys.stderr)

@@ -12,13 +12,22 @@ What differs between the two (read from their sources):
   pass does NOT run on a hit. A pass without a uuid makes 2.13 fall back to running early.
 - ``CustomGraphPass`` exists in both (2.13 adds a ``CustomPassBase`` above it).
 
+- ``torch.compile(isolate_recompiles=True)``: 2.13 only. A compile with it keeps its cache entries
+  in a region of their own, not counted against other compiles of the same function.
+
 Everything else used here (``compile_fx(config_patches=)``, ``list_mode_options``,
-``lookup_backend``, ``fresh_cache``, ``run_and_get_code``) has the same shape in both.
+``lookup_backend``, ``fresh_cache``, ``run_and_get_code``) has the same shape in both. Dynamo's
+per-code memory (``_debug_get_cache_entry_list``, ``reset_code``, ``torch._dynamo.pgo``'s code
+state) predates 2.11 and was checked on 2.13; invalidating one cache entry falls back to leaving
+it where the machinery for it is missing.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+import copy
+import inspect as _inspect
+from typing import Any, Callable, Iterator
 
 import torch
 from torch._inductor import config as inductor_config
@@ -203,3 +212,70 @@ def cache_counters() -> dict[str, int]:
         "autograd_cache_miss": counters["aot_autograd"]["autograd_cache_miss"],
         "autograd_cache_hit": counters["aot_autograd"]["autograd_cache_hit"],
     }
+
+
+# --- Dynamo's memory of traced code ------------------------------------------------------------
+
+# torch.compile keyword arguments for a compile whose entries should not count against the
+# user's own compiles of the same function (nothing on a torch without the option).
+ISOLATED_COMPILE: dict[str, Any] = (
+    {"isolate_recompiles": True} if "isolate_recompiles" in _inspect.signature(torch.compile).parameters else {}
+)
+
+
+def _valid_entries(code) -> list:
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    # An invalidated entry keeps its place in the list with its compiled code set to None.
+    return [e for e in _debug_get_cache_entry_list(code) if e.code is not None]
+
+
+def _traced_codes() -> list:
+    from torch._dynamo import convert_frame
+
+    return [c for ref in list(convert_frame.input_codes.seen) if (c := ref()) is not None]
+
+
+@contextlib.contextmanager
+def dynamo_state_restored() -> Iterator[None]:
+    """Run a trace whose traces Dynamo forgets afterwards.
+
+    Dynamo remembers two things per code object: compiled cache entries (each new backend adds
+    one, up to the recompile limit) and the shapes it saw (automatic dynamic: a later compile
+    with another shape becomes dynamic). On exit, a code object that had no entries before
+    loses all of them (``reset_code``: exactly as found); one that had entries (the user
+    compiled the same function) keeps those and has the new ones invalidated; the shapes seen
+    are put back as they were.
+    """
+    from torch._C._dynamo.eval_frame import reset_code
+    from torch._dynamo import pgo
+
+    before = {id(code): {id(e.code) for e in _valid_entries(code)} for code in _traced_codes()}
+    shapes_seen = copy.deepcopy(dict(pgo.get_code_state()))
+    try:
+        yield
+    finally:
+        for code in _traced_codes():
+            kept = before.get(id(code))
+            if not kept:
+                reset_code(code)
+                continue
+            for entry in _valid_entries(code):
+                if id(entry.code) not in kept:
+                    _invalidate(entry)
+        state = pgo.get_code_state()
+        state.clear()
+        state.update(shapes_seen)
+
+
+def _invalidate(entry) -> None:
+    # What Dynamo does when an object a guard refers to dies: the entry never matches again and
+    # drops its compiled code. Where that machinery is missing the entry just stays: it is
+    # guarded on a backend nobody will pass again, so it never runs.
+    try:
+        from torch._dynamo.guards import DeletedGuardManagerWrapper
+    except ImportError:
+        return
+    extra_state = getattr(entry.guard_manager, "extra_state", None)
+    if extra_state is not None:
+        extra_state.invalidate(entry, DeletedGuardManagerWrapper("smoothce.inspect traced it"))

@@ -35,6 +35,24 @@ def source_hash() -> str:
     return hasher.hexdigest()
 
 
+# The modules whose import registers the smoothce:: ops the rewrite inserts.
+_OP_MODULES = ("smoothce.kernels.cross_entropy", "smoothce.kernels.linear_cross_entropy")
+
+
+def register_ops() -> None:
+    """Register every ``smoothce::`` op a rewritten graph can call (importing their modules).
+
+    Compiled code that calls them can come from Inductor's and AOTAutograd's on-disk caches,
+    where nothing is rewritten and so nothing else imports the kernels: every process that can
+    compile with the pass (it runs it, or has it installed and hits a cache keyed on its uuid)
+    calls this first.
+    """
+    import importlib
+
+    for name in _OP_MODULES:
+        importlib.import_module(name)
+
+
 def _subgraphs(gm: torch.fx.GraphModule):
     """Child GraphModules that ``gm``'s graph reads through get_attr (higher-order op bodies)."""
     used = {n.target for n in gm.graph.find_nodes(op="get_attr")}
@@ -65,9 +83,10 @@ class CrossEntropyPass(compat.CustomGraphPass):
     def rewrite(self, gm: torch.fx.GraphModule, *, fuse_linear: bool | None = None):
         """Rewrite ``gm`` in place; ``fuse_linear`` overrides the pass's setting for this graph."""
         # Imported on first use: importing smoothce must stay cheap and inert.
-        from smoothce.compiler.inspect import rewrite_and_log
+        from smoothce.compiler.rewrite_log import rewrite_and_log
         from smoothce.patterns.cross_entropy import rewrite_cross_entropy
 
+        register_ops()
         fuse = self.fuse_linear if fuse_linear is None else fuse_linear
         result = rewrite_and_log(
             gm, functools.partial(rewrite_cross_entropy, fuse_linear=fuse), name=self.label

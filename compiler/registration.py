@@ -14,7 +14,7 @@ since, in which case only the smoothce pass is taken out of it.
 from __future__ import annotations
 
 from smoothce.compiler import compat
-from smoothce.compiler.passes import CrossEntropyPass
+from smoothce.compiler.passes import CrossEntropyPass, register_ops
 
 _UNSET = object()
 
@@ -40,6 +40,7 @@ def register_patterns(*, fuse_linear: bool = True) -> CrossEntropyPass:
     its logits are never materialised; ``fuse_linear=False`` keeps the head as it is.
     Its ``results`` / ``match_count`` say what each compiled graph contained. Calling it again
     with the same settings returns the installed pass; with other settings it replaces it.
+    Call it before compiling: code Dynamo has already compiled keeps running as it was compiled.
     """
     global _registered, _previous, _installed
     current = registered_pass()
@@ -47,6 +48,9 @@ def register_patterns(*, fuse_linear: bool = True) -> CrossEntropyPass:
         if current.fuse_linear == fuse_linear:
             return current
         unregister_patterns()
+    # On a warm cache Inductor skips the pass (2.13) and loads code that calls the ops: they
+    # must exist before the first compile, not only once something has been rewritten.
+    register_ops()
     new_pass = CrossEntropyPass(label="Inductor pre-grad graph", fuse_linear=fuse_linear)
     previous = compat.get_pre_grad_pass()
     installed = compat.chain_pre_grad_pass(previous, new_pass)

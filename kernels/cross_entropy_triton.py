@@ -52,6 +52,19 @@ def _logits(ptrs, mask, logit_scale, cap, HAS_SOFTCAP: tl.constexpr, ACC: tl.con
 
 
 @triton.jit
+def _rows_of(r, S, S_ONE: tl.constexpr):
+    """(n, s) of flat rows r = n * S + s. With S_ONE (S == 1 at compile time) n is r itself, so
+    row offsets keep the alignment the compiler knows of the strides and loads vectorise."""
+    if S_ONE:
+        n = r
+        s = r * 0
+    else:
+        n = r // S
+        s = r % S
+    return n, s
+
+
+@triton.jit
 def _columns(start, C, row_mask, BLOCK_C: tl.constexpr):
     """Columns [start, start + BLOCK_C) of a tile: (cols, cols < C, the tile's (R, B) mask)."""
     cols = start + tl.arange(0, BLOCK_C)
@@ -63,8 +76,10 @@ def _columns(start, C, row_mask, BLOCK_C: tl.constexpr):
 def _offsets(row_off, cols, stride, CONTIGUOUS: tl.constexpr):
     """(R, B) element offsets; with CONTIGUOUS the column stride is 1 at compile time (loads vectorise)."""
     if CONTIGUOUS:
-        return row_off[:, None] + cols[None, :]
-    return row_off[:, None] + cols.to(tl.int64)[None, :] * stride
+        off = row_off[:, None] + cols[None, :]
+    else:
+        off = row_off[:, None] + cols.to(tl.int64)[None, :] * stride
+    return off
 
 
 @triton.jit
@@ -173,7 +188,7 @@ def _tiles(
     ignore_index, a, b, c, zc, cap, logit_scale,
     HAS_IGNORE: tl.constexpr, HAS_UNIFORM_ROWS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    ROWS_ALONG_S: tl.constexpr, CONTIGUOUS: tl.constexpr, ACC: tl.constexpr,
+    S_ONE: tl.constexpr, ROWS_ALONG_S: tl.constexpr, CONTIGUOUS: tl.constexpr, ACC: tl.constexpr,
     ONE_READ: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, REVERSE: tl.constexpr,
 ):
     """ONE_PASS (ONE_READ: the tile is the whole row) and TWO_PASS: tiles of BLOCK_R rows.
@@ -202,8 +217,7 @@ def _tiles(
         else:
             r = tl.cast(tile, tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
             row_mask = r < N * S
-            n = r // S
-            s = r % S
+            n, s = _rows_of(r, S, S_ONE)
             x_row = n * stride_xn + s * stride_xs
             g_row = n * stride_gn + s * stride_gs
         flat = n * S + s
@@ -286,7 +300,7 @@ def _split_rows(
     ignore_index, a, b, c, zc, cap, logit_scale,
     HAS_IGNORE: tl.constexpr, HAS_UNIFORM_ROWS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_C: tl.constexpr, SPIN: tl.constexpr,
+    S_ONE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, SPIN: tl.constexpr,
 ):
     """SPLIT: P = cdiv(C, BLOCK_C) programs per row, each with one slice in registers.
 
@@ -306,8 +320,7 @@ def _split_rows(
     row = ticket // P
     j = ticket % P
     r = row.to(tl.int64) + tl.zeros((1,), tl.int64)  # the row as a 1-row tile
-    n = r // S
-    s = r % S
+    n, s = _rows_of(r, S, S_ONE)
     x_row = n * stride_xn + s * stride_xs
     x, w, cols, mask, m, d, sum_wx, sum_w = _slice_stats(
         x_ptr, w_ptr, x_row, j, C, logit_scale, cap, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC, BLOCK_C)
@@ -316,6 +329,9 @@ def _split_rows(
     tl.store(part + 1, d)
     tl.store(part + 2, sum_wx)
     tl.store(part + 3, sum_w)
+    # Every thread's stores happen before the flag: the barrier orders them before the thread that
+    # releases it (release is cumulative over what that thread has synchronised with).
+    tl.debug_barrier()
     tl.atomic_xchg(flags_ptr + 1 + ticket, 1, sem="release")
 
     row_m = tl.full((1,), float("-inf"), ACC)
@@ -332,6 +348,7 @@ def _split_rows(
             while (flag == 0) & (polls < SPIN):
                 flag = tl.atomic_add(flags_ptr + 1 + slot, 0, sem="acquire")
                 polls += 1
+            tl.debug_barrier()  # the acquire happens before every thread's loads below
             if flag != 0:
                 q_part = part_ptr + slot.to(tl.int64) * 4 + tl.zeros((1,), tl.int64)
                 q_m = tl.load(q_part, volatile=True)
@@ -418,6 +435,7 @@ def _cross_entropy_kernel(
     HAS_SOFTCAP: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     # layout
+    S_ONE: tl.constexpr,
     ROWS_ALONG_S: tl.constexpr,
     CONTIGUOUS: tl.constexpr,
     ACC: tl.constexpr,
@@ -435,18 +453,18 @@ def _cross_entropy_kernel(
             stride_xn, stride_xs, stride_yn, stride_ys, stride_un, stride_us, stride_gn, stride_gs,
             ignore_index, a, b, c, zc, cap, logit_scale,
             HAS_IGNORE, HAS_UNIFORM_ROWS, HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, HAS_SOFTCAP, COMPUTE_GRAD,
-            ACC, BLOCK_C, SPIN)
+            S_ONE, ACC, BLOCK_C, SPIN)
     else:
         _tiles(
             x_ptr, y_ptr, u_ptr, w_ptr, scale_ptr, loss_ptr, z_ptr, g_ptr, N, C, S,
             stride_xn, stride_xc, stride_xs, stride_yn, stride_ys, stride_un, stride_us, stride_gn, stride_gc,
             stride_gs, ignore_index, a, b, c, zc, cap, logit_scale,
             HAS_IGNORE, HAS_UNIFORM_ROWS, HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, HAS_SOFTCAP, COMPUTE_GRAD,
-            ROWS_ALONG_S, CONTIGUOUS, ACC, MODE == 0, BLOCK_R, BLOCK_C, REVERSE)
+            S_ONE, ROWS_ALONG_S, CONTIGUOUS, ACC, MODE == 0, BLOCK_R, BLOCK_C, REVERSE)
 
 
 _TUNING_KEY = ["C", "HAS_IGNORE", "HAS_UNIFORM_ROWS", "HAS_WEIGHT", "HAS_SMOOTHING", "HAS_ZLOSS", "HAS_SOFTCAP",
-               "COMPUTE_GRAD", "ROWS_ALONG_S", "CONTIGUOUS"]
+               "COMPUTE_GRAD", "S_ONE", "ROWS_ALONG_S", "CONTIGUOUS"]
 
 
 @functools.cache
@@ -568,6 +586,7 @@ def launch_cross_entropy(x3, y2, weight, scales, ce_rows, z_rows, grad3, *, igno
         HAS_ZLOSS=z_loss != 0.0,
         HAS_SOFTCAP=softcap is not None,
         COMPUTE_GRAD=grad3 is not None,
+        S_ONE=S == 1,
         ROWS_ALONG_S=rows_along_s,
         CONTIGUOUS=contiguous,
         ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,

@@ -10,8 +10,9 @@ A plain two-pass kernel reached 66-70% of it at V >= 128K (its second read comes
 at V = 32K where the re-read still hits L2. What each mode is for, and what it is predicted to
 reach (predictions, not measurements):
 
-- ``ONE_PASS``: a tile of rows lives in registers whole (next_pow2(V) <= 64K). Exactly one read
-  and one write, like a copy: predicted 85-90% of copy at V <= 32K.
+- ``ONE_PASS``: a tile of rows lives in registers whole (next_pow2(V) <= 32K). Exactly one read
+  and one write, like a copy: predicted 85-90% of copy at V <= 16K, less at 32K if its spills
+  cost more than the second read they save.
 - ``TWO_PASS``: column blocks streamed twice (statistics, then the gradient), the second pass
   in reverse so the blocks read last come back from L2 first; optionally persistent (a few
   programs per SM walking the rows), which keeps fewer rows in flight and so more of them in L2.
@@ -33,9 +34,12 @@ import triton
 ONE_PASS, TWO_PASS, SPLIT = 0, 1, 2
 MODE_NAMES = {ONE_PASS: "one_pass", TWO_PASS: "two_pass", SPLIT: "split"}
 
-# Elements of a tile held in registers by one program: 32K fp32 values over 512 threads is 64
-# registers each, which leaves room for the exp temporaries without spilling; 64K needs 32 warps.
-_MAX_RESIDENT = 1 << 16
+# Elements of a tile held in registers by one program. Compiled for sm_90 (ptxas via Triton 3.9),
+# a 16K tile over 16 warps (32 values a thread) needs no spill slot; a 32K tile spills a little
+# even over 32 warps (200 bytes of stack a thread with bf16, more with every feature on) and
+# 64K spills kilobytes. So 16K is the fixed choice's limit and 32K (32 warps) only a candidate.
+_MAX_RESIDENT = 1 << 15
+_SPILL_FREE = 1 << 14
 # Problems smaller than this (elements of the logits) use the fixed choice: their time is launch
 # overhead, and tuning them would compile every candidate for nothing.
 AUTOTUNE_MIN_ELEMENTS = 1 << 24
@@ -76,27 +80,27 @@ _MAX_SLICES = 32
 
 
 def _warps(elements: int) -> int:
-    return 4 if elements <= 2048 else 8 if elements <= 8192 else 16 if elements <= 32768 else 32
+    """Warps for a tile of this many elements held in registers: 16 to 32 values a thread."""
+    return 4 if elements <= 2048 else 8 if elements <= 8192 else 16 if elements <= _SPILL_FREE else 32
 
 
 @functools.cache
 def candidates() -> tuple[KernelConfig, ...]:
     """Every configuration autotune may try; ``prune`` keeps those that fit a call."""
     out = []
-    for log_c in range(4, 17):  # one pass: the whole (padded) row, several rows for short ones
+    for log_c in range(4, 16):  # one pass: the whole (padded) row, several rows for short ones
         block_c = 1 << log_c
         for block_r in (1, 2, 4, 8, 16, 32, 64, 128):
             elements = block_c * block_r
-            if 2048 <= elements <= _MAX_RESIDENT or (block_r == 1 and block_c < 2048):
+            if 2048 <= elements <= _SPILL_FREE or (block_r == 1 and block_c < 2048):
                 out.append(KernelConfig(ONE_PASS, block_r, block_c, num_warps=_warps(elements)))
-            if elements == 32768:  # a whole 32K row: 16 warps hold 64 values a thread, 32 warps 32
-                out.append(KernelConfig(ONE_PASS, block_r, block_c, num_warps=32))
+    out.append(KernelConfig(ONE_PASS, 1, _MAX_RESIDENT, num_warps=32))  # a whole 32K row, spilling a little
     for block_c in (8192, 16384):  # two passes, one row per tile
         for programs_per_sm in (0, 2):
             out.append(KernelConfig(TWO_PASS, 1, block_c, reverse=True, programs_per_sm=programs_per_sm,
                                     num_warps=16, num_stages=2))
-    for block_r, block_c in ((16, 256), (32, 512)):  # two passes over tiles along S (class dim 1)
-        out.append(KernelConfig(TWO_PASS, block_r, block_c, reverse=True, num_warps=8, num_stages=2))
+    # two passes over tiles along S (class dim 1); 32 x 512 spills
+    out.append(KernelConfig(TWO_PASS, 16, 256, reverse=True, num_warps=8, num_stages=2))
     for block_c in (8192, 16384, 32768):  # split rows
         out.append(KernelConfig(SPLIT, 1, block_c, num_warps=_warps(block_c)))
     return tuple(out)
@@ -116,10 +120,10 @@ def pick(configs, C: int, rows_along_s: bool, contiguous: bool, in_place: bool) 
         if cfg.mode == ONE_PASS:
             # one padded width per V; rows along S want a tile wide in rows, rows along N few
             if cfg.block_c != resident or (rows_along_s and cfg.block_r < 16) \
-                    or (not rows_along_s and cfg.block_r * cfg.block_c > max(resident, 16384)):
+                    or (not rows_along_s and cfg.block_r * cfg.block_c > max(resident, 8192)):
                 continue
         elif cfg.mode == TWO_PASS:
-            if resident < (4096 if rows_along_s else 16384):
+            if resident < (2048 if rows_along_s else 16384):
                 continue  # a small one-pass tile fits: a second read cannot win
             if (cfg.block_r > 1) != rows_along_s or cfg.block_c >= resident:
                 continue
@@ -155,7 +159,7 @@ def default_config(C: int, rows_along_s: bool, contiguous: bool, in_place: bool)
             block_r = max(16, min(128, 8192 // block_c))
             return KernelConfig(ONE_PASS, block_r, block_c, num_warps=_warps(block_r * block_c))
         return KernelConfig(TWO_PASS, 16, 256, reverse=True, num_warps=8, num_stages=2)
-    if block_c <= 32768:
+    if block_c <= _SPILL_FREE:
         block_r = max(1, min(64, 4096 // block_c))
         return KernelConfig(ONE_PASS, block_r, block_c, num_warps=_warps(block_r * block_c))
     return KernelConfig(TWO_PASS, 1, 16384, reverse=True, num_warps=16, num_stages=2)

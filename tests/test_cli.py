@@ -75,7 +75,8 @@ def test_inspect_text(models):
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == "smoothce: 1 loss rewritten, 0 near misses, 1 graph, 0 graph breaks"
-    assert "models.py:11" in proc.stdout and "eps=0.1 (eps/V)" in proc.stdout
+    words = " ".join(proc.stdout.split())  # cells wrap within their column
+    assert "models.py:11" in proc.stdout and "label_smoothing=0.1 (eps/V), ignore_index=-100, reduction=mean" in words
     assert max(len(l) for l in lines) <= 100
 
 
@@ -85,7 +86,7 @@ def test_inspect_json_graphs_and_kwargs(models, tmp_path):
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["summary"]["matches"] == 1
-    assert data["matches"][0]["params"]["reduction"] == "sum"
+    assert data["matches"][0]["form"] == {"ignore_index": -100, "reduction": "sum"}
     assert sorted(os.listdir(out)) == ["graph_0_after.py", "graph_0_before.py"]
     assert "cross_entropy" in (out / "graph_0_before.py").read_text()
     assert "smoothce" in (out / "graph_0_after.py").read_text()
@@ -153,7 +154,16 @@ def test_demo_runs_tiny(tmp_path):
     # Same seed and data: the two backends start from the same loss.
     assert rows[0][1] == rows[1][1]
     assert "max |loss difference| over 2 steps" in out
-    assert "smoothce_aot_eager / aot_eager: peak memory" in out
+    # A step this small may allocate nothing the resident size shows; then no ratio of zeros.
+    assert ("smoothce_aot_eager / aot_eager: peak memory" in out
+            or "smoothce_aot_eager / aot_eager: no peak-memory ratio (a peak of 0 bytes" in out), out
+    # One timed step each: too few for a spread, so no step-time ratio is claimed.
+    assert "smoothce_aot_eager / aot_eager: no step-time ratio" in out
+    # Where stderr is not a terminal, each progress bar ends on one line with the table's figures.
+    bars = [l for l in proc.stderr.splitlines() if l.startswith(("smoothce_aot_eager ", "aot_eager "))]
+    assert [b.split()[0] for b in bars] == ["smoothce_aot_eager"] * 2 + ["aot_eager"] * 2, proc.stderr
+    for bar, row in zip(bars[1::2], rows):
+        assert f"step {row[5]} ms (IQR {row[7]} ms)" in bar, (bar, row)
 
 
 def test_demo_rejects_bad_steps():
@@ -167,20 +177,46 @@ def test_demo_rejects_bad_steps():
 def test_demo_comparison_table():
     from smoothce.compiler.demo import _comparison
 
+    tight = [0.150, 0.148, 0.152, 0.151, 0.149, 0.150]
     results = [
-        {"backend": "smoothce", "losses": [7.0, 6.9], "first_step_s": 60.0, "step_ms": 150.0,
-         "peak_bytes": 5 * 2**20, "peak_kind": "CPU tensor memory"},
-        {"backend": "inductor", "losses": [7.0, 6.9000014], "first_step_s": 16.0, "step_ms": 100.0,
-         "peak_bytes": 10 * 2**20, "peak_kind": "CPU tensor memory"},
+        {"backend": "smoothce", "losses": [7.0, 6.9], "first_step_s": 60.0, "step_s": tight,
+         "peak_bytes": 5 * 2**20, "peak_method": "VmHWM"},
+        {"backend": "inductor", "losses": [7.0, 6.9000014], "first_step_s": 16.0,
+         "step_s": [t * 2 / 3 for t in tight], "peak_bytes": 10 * 2**20, "peak_method": "VmHWM"},
         {"backend": "broken", "error": "worker exited with status 1"},
     ]
     assert _comparison(results, 100) == textwrap.indent(textwrap.dedent(
         """\
-          backend   loss first  loss last  compile+step 1  step (median)  peak memory
-          smoothce  7.00000     6.90000    60.0 s          150.0 ms       5.0 MiB
-          inductor  7.00000     6.90000    16.0 s          100.0 ms       10.0 MiB
-          broken    -           -          -               -              worker exited with status 1
-          peak memory: CPU tensor memory
+          backend   loss first  loss last  compile+step 1  step median  IQR             peak memory
+          smoothce  7.00000     6.90000    60.0 s          150.0 ms     149.2-150.8 ms  5.0 MiB
+          inductor  7.00000     6.90000    16.0 s          100.0 ms     99.5-100.5 ms   10.0 MiB
+          broken    -           -          -               -            -               worker exited with
+                                                                                        status 1
+          peak memory: resident memory high-water mark during one step above its start (VmHWM)
           max |loss difference| over 2 steps, smoothce vs inductor: 1.40e-06
-          smoothce / inductor: peak memory 0.50x, step time 1.50x"""
+          smoothce / inductor: peak memory 0.50x
+          smoothce / inductor: step time 1.50x (quartiles: 1.49x-1.52x)"""
     ), "  ")
+
+
+@pytest.mark.parametrize(
+    "inductor_steps, reason",
+    [
+        ([0.1, 0.1, 0.3, 0.1, 0.2, 0.05], "inductor: IQR 75% of the median, a ratio needs under 25%); a busy machine?"),
+        ([0.1, 0.1], "inductor: 2 timed steps, a spread needs 5)"),
+    ],
+    ids=["busy-machine", "too-few-steps"],
+)
+def test_demo_prints_no_ratio_when_the_spread_forbids_it(inductor_steps, reason):
+    from smoothce.compiler.demo import _comparison
+
+    results = [
+        {"backend": "smoothce", "losses": [7.0], "first_step_s": 1.0, "step_s": [0.150, 0.148, 0.152, 0.151, 0.149],
+         "peak_bytes": 2**20, "peak_method": "VmHWM"},
+        {"backend": "inductor", "losses": [7.0], "first_step_s": 1.0, "step_s": inductor_steps,
+         "peak_bytes": 2**20, "peak_method": "VmHWM"},
+    ]
+    text = _comparison(results, 100)
+    assert max(len(line) for line in text.splitlines()) <= 100
+    words = " ".join(text.split())  # footer lines wrap to the width
+    assert words.endswith("smoothce / inductor: no step-time ratio (" + reason), text

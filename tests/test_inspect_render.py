@@ -1,6 +1,7 @@
 """Report rendering and JSON, from constructed detector results (no tracing), and backend logging
 through TORCH_LOGS / TORCH_TRACE in fresh processes (the env vars are read at `import torch`)."""
 
+import dataclasses
 import glob
 import json
 import os
@@ -11,8 +12,9 @@ import textwrap
 import expecttest
 import torch
 
-from smoothce.compiler.inspect import GraphBreak, GraphRecord, Report, format_params
+from smoothce.compiler.report import GraphBreak, GraphRecord, Report, loss_words
 from smoothce.compiler.render import Column, table
+from smoothce.kernels.form import LossForm
 from smoothce.patterns.report import Match, NearMiss, RewriteResult
 
 _BREAK_REASON = (
@@ -23,26 +25,35 @@ _BREAK_REASON = (
 )
 
 
+def make_match(family, location, form, replaced, *, classes=16, **details):
+    """A detector Match for ``form`` as the detector builds it: the flat ``params`` every version
+    has, plus ``form`` and ``coefficients`` where Match has those fields."""
+    a, b, c = form.coefficients(classes)
+    coefficients = {"a": a, "b": b, "c": c, "z": form.z_loss}
+    params = {"eps": form.label_smoothing, "target_coef": a, "uniform_coef": b, "constant": c,
+              "z_loss": form.z_loss, "softcap": form.softcap, "logit_scale": form.logit_scale,
+              "ignore_index": form.ignore_index, "reduction": form.reduction,
+              "weight": None, "classes": classes, "dtype": "float32", **details}
+    fields = {f.name for f in dataclasses.fields(Match)}
+    extra = {"form": form, "coefficients": coefficients} if "form" in fields else {}
+    return Match(family, location, params, tuple(replaced), **extra)
+
+
 def _report() -> Report:
-    hand = Match(
-        "hand-written eps/V",
-        "train.py:42",
-        {
-            "eps": 0.1,
-            "convention": "eps/C",
-            "ignore_index": 0,
-            "reduction": "mean",
-            "weight": None,
-            "z_loss": 1e-4,
-            "softcap": None,
-            "dtype": torch.bfloat16,
-        },
-        ("log_softmax", "gather", "squeeze", "neg", "mean", "neg_1", "mul", "mul_1", "add"),
+    hand = make_match(
+        "hand-written eps/(V-1)", "train.py:42",
+        LossForm(label_smoothing=0.1, smoothing="others", ignore_index=0, z_loss=1e-4),
+        ("log_softmax", "gather", "squeeze", "neg", "mean", "neg_1", "mul", "mul_1", "add"), dtype="bfloat16",
     )
-    plain = Match("cross_entropy", "model.py:7", {"eps": 0.0, "reduction": "sum"}, ("cross_entropy",))
+    plain = make_match("cross_entropy", "model.py:7", LossForm(reduction="sum"), ("cross_entropy",))
+    distilled = make_match(
+        "kl_div", "distill.py:30",
+        LossForm(label_smoothing=0.1, kl=True, logit_scale=0.5, softcap=30.0, reduction="sum", ignore_index=None),
+        ("log_softmax", "kl_div"), weight="class_weight",
+    )
     miss = NearMiss("log_softmax_1", "train.py:50", "log-probs also read at train.py:53")
     graphs = [
-        GraphRecord(0, "forward", RewriteResult([hand], [miss]), "before0", "after0", 14, 6),
+        GraphRecord(0, "forward", RewriteResult([hand, distilled], [miss]), "before0", "after0", 14, 6),
         GraphRecord(1, "torch_dynamo_resume_in_loss_fn_at_12", RewriteResult([plain], []), "b1", "a1", 3, 3),
     ]
     brk = GraphBreak(0, "train.py:12", _BREAK_REASON, "loss at model.py:7 (graph 1) reads `logits` from graph 0")
@@ -54,18 +65,20 @@ class TestRender(expecttest.TestCase):
         self.assertExpectedInline(
             _report().render(width=100),
             """\
-smoothce: 2 losses rewritten, 1 near miss, 2 graphs, 1 graph break (1 between a loss and its logits)
+smoothce: 3 losses rewritten, 1 near miss, 2 graphs, 1 graph break (1 between a loss and its logits)
 
 Rewritten losses:
-  #  location     family              parameters                                            replaces
-  1  train.py:42  hand-written eps/V  eps=0.1 (eps/C), ignore_index=0, reduction=mean,      9 nodes
-                                      weight=none, z_loss=0.0001, softcap=none,
-                                      dtype=bfloat16
-  2  model.py:7   cross_entropy       eps=0, reduction=sum                                  1 node
+  #  location       family                  parameters
+  1  train.py:42    hand-written eps/(V-1)  label_smoothing=0.1 (eps/(V-1)), ignore_index=0,
+                                            reduction=mean, z_loss=0.0001
+  2  distill.py:30  kl_div                  label_smoothing=0.1 (eps/V), ignore_index=none,
+                                            reduction=sum, kl=True, softcap=30, logit_scale=0.5
+                                            (temperature 2), weight=class_weight
+  3  model.py:7     cross_entropy           ignore_index=-100, reduction=sum
 
 Near misses:
-  #  location     node           reason
-  1  train.py:50  log_softmax_1  log-probs also read at train.py:53
+  #  location     reason
+  1  train.py:50  log-probs also read at train.py:53
 
 Graph breaks:
   #  location     reason                                    between a loss and its logits
@@ -75,9 +88,9 @@ Graph breaks:
                   ['str'] (has_kwargs False)
 
 Graphs:
-  graph  traced from              nodes    losses  near misses
-  0      forward                  14 -> 6  1       1
-  1      loss_fn (after line 12)  3 -> 3   1       0""",
+  graph  traced from              losses  near misses
+  0      forward                  2       1
+  1      loss_fn (after line 12)  1       0""",
         )
 
     def test_narrow_lines_fit(self):
@@ -86,20 +99,26 @@ Graphs:
         self.assertExpectedInline(
             text.split("\n\nNear misses")[0],
             """\
-smoothce: 2 losses rewritten, 1 near miss, 2 graphs, 1 graph
+smoothce: 3 losses rewritten, 1 near miss, 2 graphs, 1 graph
 break (1 between a loss and its logits)
 
 Rewritten losses:
-  #  location     family         parameters         replaces
-  1  train.py:42  hand-written   eps=0.1 (eps/C),   9 nodes
-                  eps/V          ignore_index=0,
-                                 reduction=mean,
-                                 weight=none,
-                                 z_loss=0.0001,
-                                 softcap=none,
-                                 dtype=bfloat16
-  2  model.py:7   cross_entropy  eps=0,             1 node
-                                 reduction=sum""",
+  #  location       family              parameters
+  1  train.py:42    hand-written        label_smoothing=0.1
+                    eps/(V-1)           (eps/(V-1)),
+                                        ignore_index=0,
+                                        reduction=mean,
+                                        z_loss=0.0001
+  2  distill.py:30  kl_div              label_smoothing=0.1
+                                        (eps/V),
+                                        ignore_index=none,
+                                        reduction=sum,
+                                        kl=True, softcap=30,
+                                        logit_scale=0.5
+                                        (temperature 2),
+                                        weight=class_weight
+  3  model.py:7     cross_entropy       ignore_index=-100,
+                                        reduction=sum""",
         )
 
     def test_empty(self):
@@ -116,7 +135,7 @@ Near misses: none""",
     def test_code_and_detector_error(self):
         g = GraphRecord(0, "f", RewriteResult(), "def forward(x): ...", "def forward(x): ...", 2, 2,
                         error="RuntimeError: boom")
-        text = Report([g]).render(width=80, code=True)
+        text = Report([g]).render(width=80, verbose=True)
         self.assertIn("detector error", text)
         self.assertIn("RuntimeError: boom", text)
         self.assertIn("--- graph 0 after: unchanged ---", text)
@@ -136,32 +155,42 @@ Near misses: none""",
 class TestToDict(expecttest.TestCase):
     def test_json_round_trip(self):
         d = json.loads(json.dumps(_report().to_dict()))
-        self.assertEqual(d["summary"], {"graphs": 2, "matches": 2, "near_misses": 1, "graph_breaks": 1,
+        self.assertEqual(d["summary"], {"graphs": 2, "matches": 3, "near_misses": 1, "graph_breaks": 1,
                                         "loss_splitting_breaks": 1, "errors": 0})
-        self.assertEqual(d["matches"][0]["params"]["dtype"], "bfloat16")
-        self.assertEqual([m["graph"] for m in d["matches"]], [0, 1])
+        self.assertEqual(d["matches"][0]["form"], {"ignore_index": 0, "reduction": "mean", "label_smoothing": 0.1,
+                                                   "smoothing": "others", "z_loss": 0.0001})
+        self.assertEqual(d["matches"][0]["details"]["dtype"], "bfloat16")
+        self.assertEqual([m["graph"] for m in d["matches"]], [0, 0, 1])
         self.assertEqual(d["graphs"][1]["after"], "a1")
         self.assertEqual(d["graph_breaks"][0]["reason"], _BREAK_REASON)
 
     def test_non_finite_and_odd_values_become_strings(self):
-        m = Match("x", "a.py:1", {"eps": float("nan"), "weight": torch.float16, "t": (1, 2.5)}, ())
+        m = make_match("x", "a.py:1", LossForm(), (), weight=torch.float16, t=(1, 2.5), nan=float("nan"))
         d = json.loads(json.dumps(Report([GraphRecord(0, "f", RewriteResult([m]), "", "", 0, 0)]).to_dict(),
                                   allow_nan=False))
-        self.assertEqual(d["matches"][0]["params"], {"eps": "nan", "weight": "float16", "t": [1, 2.5]})
+        details = d["matches"][0]["details"]
+        self.assertEqual((details["weight"], details["t"], details["nan"]), ("float16", [1, 2.5], "nan"))
 
-    def test_format_params_order(self):
-        self.assertEqual(
-            format_params({"softcap": 30.0, "zeta": 1, "reduction": "none", "convention": "eps/(C-1)", "eps": 0.2}),
-            "eps=0.2 (eps/(C-1)), reduction=none, softcap=30, zeta=1",
+    def test_verbose_adds_details_and_coefficients(self):
+        hand = _report().matches[0]
+        self.assertEqual(loss_words(hand), "label_smoothing=0.1 (eps/(V-1)), ignore_index=0, reduction=mean, "
+                                           "z_loss=0.0001")
+        self.assertExpectedInline(
+            loss_words(hand, verbose=True),
+            """label_smoothing=0.1 (eps/(V-1)), ignore_index=0, reduction=mean, z_loss=0.0001, classes=16, dtype=bfloat16, a=0.893333, b=0.00666667, c=0, z=0.0001""",
         )
 
 
 _LOG_SCRIPT = textwrap.dedent(
     """
     import torch
-    from smoothce.compiler.inspect import log_rewrite
-    from smoothce.patterns.report import Match, RewriteResult
-    m = Match("cross_entropy", "m.py:3", {"eps": 0.1, "convention": "eps/C"}, ("cross_entropy",))
+    import sys
+    sys.path.insert(0, TESTS)
+    from test_inspect_render import make_match
+    from smoothce.compiler.rewrite_log import log_rewrite
+    from smoothce.kernels.form import LossForm
+    from smoothce.patterns.report import RewriteResult
+    m = make_match("cross_entropy", "m.py:3", LossForm(label_smoothing=0.1), ("cross_entropy",))
     log_rewrite("forward", RewriteResult([m], []), "BEFORE-CODE", "AFTER-CODE")
     log_rewrite("other", RewriteResult())
     """
@@ -171,7 +200,8 @@ _LOG_SCRIPT = textwrap.dedent(
 def _run_logged(tmp_path, **env_vars):
     env = {k: v for k, v in os.environ.items() if k not in ("TORCH_LOGS", "TORCH_TRACE")}
     env.update(env_vars, COLUMNS="100")
-    proc = subprocess.run([sys.executable, "-c", _LOG_SCRIPT], capture_output=True, text=True, env=env,
+    script = _LOG_SCRIPT.replace("TESTS", repr(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                           cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout + proc.stderr
@@ -188,8 +218,8 @@ def test_torch_logs_smoothce_prints_the_table(tmp_path):
         """\
         smoothce rewrite of forward: 1 loss rewritten, 0 near misses
         Rewritten losses:
-          #  location  family         parameters       replaces
-          1  m.py:3    cross_entropy  eps=0.1 (eps/C)  1 node
+          #  location  family         parameters
+          1  m.py:3    cross_entropy  label_smoothing=0.1 (eps/V), ignore_index=-100, reduction=mean
 
         Near misses: none
         smoothce rewrite of other: no cross-entropy found"""
@@ -212,7 +242,7 @@ def test_torch_trace_gets_the_report_artifact(tmp_path):
     assert len(reports) == 2, lines
     # The payload follows its metadata line, one tab-indented line per payload line.
     payload = json.loads(lines[reports[0] + 1].strip())
-    assert payload["graph"] == "forward" and payload["matches"][0]["params"]["eps"] == 0.1
+    assert payload["graph"] == "forward" and payload["matches"][0]["form"]["label_smoothing"] == 0.1
     assert any('"name": "smoothce_graph_after"' in l for l in lines)
 
 
@@ -239,7 +269,7 @@ def test_torch_logs_while_compiling_with_the_backend(tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = _strip_prefix(proc.stderr)
     assert ": 1 loss rewritten, 0 near misses" in out, out
-    assert "train.py:6" in out and "eps=0.1 (eps/V)" in out, out
+    assert "train.py:6" in out and "label_smoothing=0.1 (eps/V)" in out, out
     lines = [l for f in glob.glob(str(tmp_path / "trace" / "*")) for l in open(f)]
     (i,) = [i for i, l in enumerate(lines) if '"name": "smoothce_report"' in l]
     assert json.loads(lines[i + 1].strip())["matches"][0]["family"] == "cross_entropy"
@@ -247,5 +277,5 @@ def test_torch_logs_while_compiling_with_the_backend(tmp_path):
 
 def test_repr_is_short():
     # A REPL shows repr(report): counts, not pages of graph code.
-    assert repr(_report()) == "Report(matches=2, near_misses=1, graphs=2, graph_breaks=1)"
+    assert repr(_report()) == "Report(matches=3, near_misses=1, graphs=2, graph_breaks=1)"
     assert "before0" not in repr(_report().graphs[0])

@@ -4,6 +4,7 @@ Most checks here look at the hook value only (no compile). The few that compile 
 Inductor (pre-grad passes only run inside it) and are marked `inductor`.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -300,3 +301,72 @@ def test_fx_graph_cache_misses_then_hits_with_the_pass_registered():
     else:
         assert after_edit["fxgraph_cache_miss"] == after_second["fxgraph_cache_miss"] + 1
         assert ours.match_count == len(ours.results) == 2
+
+
+# --- a warm cache in a fresh process -----------------------------------------------------------
+
+_WARM_CACHE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    import torch.nn.functional as F
+    from torch.profiler import profile
+
+    mode = sys.argv[1]
+    if mode == "register_patterns":
+        import smoothce
+        smoothce.register_patterns()
+        backend = "inductor"
+    else:
+        backend = "smoothce"  # through its entry point: no smoothce import here
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 32)
+    x, y = torch.randn(8, 16), torch.randint(0, 32, (8,))
+    logits = torch.randn(8, 32, requires_grad=True)
+
+    def plain(logits, y):  # the loss alone: torch.ops.smoothce.cross_entropy
+        return F.cross_entropy(logits, y, label_smoothing=0.1)
+
+    def fused(x, y):  # head + loss: torch.ops.smoothce.linear_cross_entropy
+        return F.cross_entropy(head(x), y, label_smoothing=0.1)
+
+    losses = []
+    with profile() as prof:
+        for fn, args in ((plain, (logits, y)), (fused, (x, y))):
+            loss = torch.compile(fn, backend=backend)(*args)
+            loss.backward()
+            losses.append(loss.item())
+    ops = sorted({e.name for e in prof.events() if e.name.startswith("smoothce::")})
+    from torch._dynamo.utils import counters
+    hits = counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
+    print(json.dumps({"losses": [l.hex() for l in losses], "ops": ops, "cache_hits": hits}))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def shared_cache_dir(tmp_path_factory):
+    # One directory for both cases: they share the kernels that are not the loss.
+    return str(tmp_path_factory.mktemp("inductor-cache"))
+
+
+@pytest.mark.inductor
+@pytest.mark.parametrize("mode", ["backend", "register_patterns"])
+def test_a_second_process_runs_the_op_from_the_caches(mode, shared_cache_dir):
+    # Two fresh processes run the same script on one Inductor cache directory: the second loads
+    # the compiled code from the FX graph / AOTAutograd caches, where nothing is rewritten, and
+    # must still find the smoothce:: ops it calls.
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCH_LOGS", "TORCH_TRACE")}
+    env["TORCHINDUCTOR_CACHE_DIR"] = shared_cache_dir
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", _WARM_CACHE_SCRIPT, mode], capture_output=True,
+                              text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert second["cache_hits"] >= 2, runs  # the forward graphs of both steps came from the caches
+    assert second["ops"] == first["ops"], runs
+    assert {"smoothce::cross_entropy", "smoothce::linear_cross_entropy"} <= set(second["ops"]), runs
+    assert second["losses"] == first["losses"], runs

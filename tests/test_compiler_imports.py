@@ -1,0 +1,60 @@
+"""The shape of compiler/ and measure/, read from their sources (nothing is imported or run):
+no import circle, the rewrite's log beside the pass and not in the inspection module, and the
+demo and the benchmarks on one tiny LM, one progress bar and one peak-memory method."""
+
+import ast
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _imports() -> dict[str, set[str]]:
+    """smoothce module -> the smoothce modules it imports (at the top or inside functions)."""
+    files = [p for folder in ("compiler", "measure") for p in (ROOT / folder).glob("*.py")]
+    names = {p: "smoothce." + ".".join(p.relative_to(ROOT).with_suffix("").parts) for p in files}
+    known = set(names.values())
+    graph = {}
+    for path, name in names.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("smoothce."):
+                deps.add(node.module)
+                deps.update(f"{node.module}.{a.name}" for a in node.names)  # `from pkg import module`
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
+        graph[name] = deps & known - {name}
+    return graph
+
+
+def _reachable(graph, start):
+    seen, todo = set(), [start]
+    while todo:
+        for dep in graph[todo.pop()]:
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen
+
+
+def test_no_import_circle():
+    graph = _imports()
+    circles = sorted(m for m in graph if m in _reachable(graph, m))
+    assert circles == [], circles
+
+
+def test_the_pass_logs_without_the_inspection_module():
+    graph = _imports()
+    assert "smoothce.compiler.rewrite_log" in graph["smoothce.compiler.passes"]
+    assert "smoothce.compiler.inspect" not in _reachable(graph, "smoothce.compiler.passes")
+
+
+def test_the_demo_and_the_benchmarks_share_the_measuring_pieces():
+    demo = _imports()["smoothce.compiler.demo"]
+    assert {"smoothce.measure.tiny_lm", "smoothce.measure.memory", "smoothce.measure.progress"} <= demo
+    defined = {
+        (path.name, node.name)
+        for path in (ROOT / "benchmarks").rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef)) and node.name in ("TinyLM", "Progress", "peak_cpu", "peak_cuda")
+    }
+    assert defined == set(), defined
