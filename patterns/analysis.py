@@ -297,7 +297,7 @@ def _group_plans(interp, group: list, cones: dict, modes, mutated, miss, read_by
             classes = classes_of(key)
             # the eager label reads that go with this sink: those before it (another sink of the
             # group covers the later ones)
-            before = {n for n in dead if interp.order[n] < interp.order[node] and (n in nodes or n not in inside)}
+            before = {n for n in dead if interp.order[n] <= interp.order[node] and (n in nodes or n not in inside)}
             checks = label_checks(interp, before, classes)
         except Reject as err:
             miss(seed, node, str(err))
