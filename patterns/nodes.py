@@ -17,6 +17,8 @@ from typing import Any, Optional
 import torch
 import torch.fx
 
+from smoothce.patterns.ops import bind, op_name
+
 Node = torch.fx.Node
 
 
@@ -152,14 +154,19 @@ class Structure:
         for n in graph.nodes:
             if n in mutated or mutates(n) or any(a in touched for a in n.all_input_nodes):
                 touched.add(n)
-            pure = (n.op == "call_method" and n.target in _PURE_METHODS) or (
+            op = op_name(n)
+            pure = op is not None or (n.op == "call_method" and n.target in _PURE_METHODS) or (
                 n.op == "call_function" and _is_pure_function(n.target))
             if not pure or n in touched:
                 self._keys[n] = ("node", n)
                 continue
-            args = tuple(self._arg(a) for a in n.args)
-            kwargs = tuple(sorted((k, self._arg(v)) for k, v in n.kwargs.items()))
-            computation = (n.op, n.target if n.op == "call_method" else id(n.target), args, kwargs)
+            if op is not None:  # by meaning: torch.clamp(t, min=1) is t.clamp(1)
+                first, kw = bind(n, op)
+                computation = ("op", op, self._arg(first), tuple(sorted((k, self._arg(v)) for k, v in kw.items())))
+            else:
+                args = tuple(self._arg(a) for a in n.args)
+                kwargs = tuple(sorted((k, self._arg(v)) for k, v in n.kwargs.items()))
+                computation = (n.op, n.target if n.op == "call_method" else id(n.target), args, kwargs)
             self._keys[n] = ("value", self._ids.setdefault(computation, len(self._ids)))
 
     def key(self, node) -> Any:

@@ -135,6 +135,15 @@ def count_written_per_term(x, y):
     return (1 - EPS) * (nll.sum() / keep.sum()) + EPS * (smooth.sum() / keep.sum())
 
 
+def count_clamped_two_ways(x, y):
+    # the same guarded count, spelled as a function and as a method: one divisor
+    lp = x.log_softmax(-1)
+    keep = y != -100
+    nll = -(lp.gather(1, y.clamp(min=0)[:, None]).squeeze(1) * keep).sum() / torch.clamp(keep.sum(), min=1)
+    smooth = -(lp.mean(-1) * keep).sum() / keep.sum().clamp(min=1)
+    return (1 - EPS) * nll + EPS * smooth
+
+
 def nll_loss_none_next_to_unmasked_smoothing(x, y):
     # nll_loss's default ignore_index masks the label term only; the smoothing term counts all rows
     lp = x.log_softmax(-1)
@@ -154,7 +163,8 @@ def labels_changed_with_a_pad_id(x, y):
 
 
 @pytest.mark.parametrize("fn", [terms_scaled_and_reduced_apart, masked_by_where_zeros_like, count_written_per_term,
-                                nll_loss_none_next_to_unmasked_smoothing, labels_changed_with_a_pad_id],
+                                count_clamped_two_ways, nll_loss_none_next_to_unmasked_smoothing,
+                                labels_changed_with_a_pad_id],
                          ids=lambda f: f.__name__)
 def test_terms_masks_and_divisors(fn):
     ignore = PAD if fn is labels_changed_with_a_pad_id else -100
