@@ -97,6 +97,8 @@ def _erase_dead(gm: torch.fx.GraphModule, plan: Plan) -> tuple[str, ...]:
 # ------------------------------------------------------------------------------------------------
 
 def _family(plan: Plan, form: LossForm) -> str:
+    if form.scale < 0:  # the user's value is minus a cross-entropy: a log-likelihood
+        return "log-prob of the label" if not form.label_smoothing else "negated cross-entropy"
     kinds = {op_name(s) for s in plan.seeds}
     if "kl_div" in kinds:
         return "kl_div"

@@ -546,7 +546,9 @@ def test_per_row_factor_stays_user_arithmetic():
         return -(lp.gather(1, y[:, None]).squeeze(1) * torch.sigmoid(x[:, 0])).mean()
 
     rec = check(fn, logits(N, V), labels(N))
-    assert rec.result.matches[0].params["reduction"] == "none"
+    (m,) = rec.result.matches
+    # the op gives the label's log-prob per row (minus its cross-entropy), named as such
+    assert (m.params["reduction"], m.family, m.form.scale) == ("none", "log-prob of the label", -1.0)
     assert any(op_name(n) is None and n.target is torch.sigmoid for n in rec.gm.graph.nodes)
 
 
