@@ -470,9 +470,18 @@ def elem_times_weight(e: ElemV, w: Node) -> ElemV:
     return dataclasses.replace(e, terms=_clean(out))
 
 
+def static_classes(V) -> int:
+    """The class count as a number; Reject when it is symbolic (the coefficients depend on it)."""
+    if isinstance(V, bool) or not isinstance(V, int):
+        raise Reject(f"the class count is dynamic ({V}): the coefficients depend on it; mark it static "
+                     "(torch._dynamo.mark_static(logits, -1), or compile without dynamic=True)")
+    return V
+
+
 def elem_class_sum(e: ElemV, V: int) -> RowV:
     """sum_j E_ij over the class dim, as a per-row value."""
     assert e.key is not None
+    V = static_classes(V)
     row: dict = {}
     weighted: dict = {}  # (part, conds) -> {base: coef}: X and LSE must pair into log-probs
 

@@ -22,10 +22,10 @@ import torch
 import torch.fx
 
 from smoothce.patterns.algebra import (
-    U, ArangeV, ColV, CondAtom, CondV, Divisor, DivisorV, ElemV, LabelV, Logits, NotCrossEntropy, Q, Reject,
-    RowV, ScalarV, SoftmaxV, TWO_LABELS, WeightAtV, add, carries_logits, constant, divide, elem_class_sum, elem_column,
-    elem_gather, elem_mul, elem_times_weight, kind, log_probs, pure_logits, row_times_row,
-    row_times_weight_at, scale, seeds_of, with_conds,
+    TWO_LABELS, U, ArangeV, ColV, CondAtom, CondV, Divisor, DivisorV, ElemV, LabelV, Logits, NotCrossEntropy, Q,
+    Reject, RowV, ScalarV, SoftmaxV, WeightAtV, add, carries_logits, constant, divide, elem_class_sum,
+    elem_column, elem_gather, elem_mul, elem_times_weight, kind, log_probs, pure_logits, row_times_row,
+    row_times_weight_at, scale, seeds_of, static_classes, with_conds,
 )
 from smoothce.patterns.nodes import (
     Structure, describe, dtype, exact, fake, is_bool, is_float, is_int, location, mutates, shape,
@@ -495,9 +495,7 @@ class Interpretation:
         ndim = len(shape(x))
         if ndim < 2:
             raise Reject(f"cross_entropy of an unbatched {ndim}-D input")
-        V = shape(x)[1]
-        if not isinstance(V, int):
-            raise Reject(f"the class count {V} is symbolic")
+        V = static_classes(shape(x)[1])
         eps = exact(kw.get("label_smoothing", 0.0))
         if eps is None:
             raise Reject(f"label_smoothing={kw.get('label_smoothing')!r} is not a constant")
@@ -601,9 +599,7 @@ class Interpretation:
         if shape(target) != shape(lp):
             raise Reject(f"kl_div target of shape {shape(target)} broadcasts against {shape(lp)}")
         A, B, lab = self._target_coefs(p)
-        V = shape(lp)[v.cd]
-        if not isinstance(V, int):
-            raise Reject(f"the class count {V} is symbolic")
+        V = static_classes(shape(lp)[v.cd])
         if B < 0 or A + B < 0:
             raise Reject("kl_div target has negative probabilities")
 
@@ -1036,9 +1032,7 @@ class Interpretation:
             norm_dim(d, nd) for d in (dim if isinstance(dim, (list, tuple)) else [dim])}
         if isinstance(v, ElemV):
             cd = v.cd + nd
-            V = shp[cd]
-            if not isinstance(V, int):
-                raise Reject(f"the class count {V} is symbolic")
+            V = static_classes(shp[cd])
             row = elem_class_sum(v, V)
             row = scale(row, Q(1, V)) if mean else row
             if dims == {cd}:

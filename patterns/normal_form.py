@@ -23,7 +23,7 @@ import torch.fx
 
 from smoothce.kernels.form import LossForm
 from smoothce.patterns.algebra import (
-    TWO_LABELS, CondAtom, Divisor, LabelV, Logits, Q, Reject, RowV, ScalarV, simplify,
+    TWO_LABELS, CondAtom, Divisor, LabelV, Logits, Q, Reject, RowV, ScalarV, simplify, static_classes,
 )
 from smoothce.patterns.nodes import fake, shape
 
@@ -72,10 +72,7 @@ def classes_of(key: Logits) -> int:
     shp = logits_shape(key)
     if shp is None or key.cd is None:
         raise Reject("the logits have no known shape")
-    V = shp[key.cd]
-    if not isinstance(V, int):
-        raise Reject(f"the class count {V} is symbolic")
-    return V
+    return static_classes(shp[key.cd])
 
 
 def normal_form(value) -> tuple[Logits, list[Call]]:

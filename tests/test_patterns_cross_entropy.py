@@ -660,6 +660,22 @@ def test_dynamic_batch():
     assert rec.results and all(len(r.matches) == 1 for r in rec.results), rec.results
 
 
+def test_dynamic_class_count():
+    # dynamic=True makes the class count symbolic for logits that are an input: the coefficients
+    # depend on it, so the loss is left alone and the near miss says how to keep it static
+    rec = Recorder()
+    fn = torch.compile(smooth_masked_mul, backend=rec, dynamic=True)
+    torch.testing.assert_close(fn(logits(N, V), labels(N)), smooth_masked_mul(logits(N, V), labels(N)))
+    assert not [m for r in rec.results for m in r.matches]
+    assert any(n.reason.startswith("the class count is dynamic") for r in rec.results for n in r.near_misses)
+    # a head's weight keeps it static: the loss is rewritten under dynamic=True as well
+    torch.manual_seed(0)
+    model, h, y = TinyLM(), logits(B, T + 1, D, seed=9), labels(B, T + 1)
+    rec = Recorder()
+    torch.testing.assert_close(torch.compile(model, backend=rec, dynamic=True)(h, y), model(h, y))
+    assert [m.family for r in rec.results for m in r.matches] == ["linear+cross_entropy"]
+
+
 def test_mask_that_differs_between_classes_is_left_alone():
     def fn(x, y, keep):  # keep is (N, V): not a mask of rows
         lp = F.log_softmax(x, -1)
