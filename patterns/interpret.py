@@ -246,12 +246,13 @@ class Interpretation:
             return self._unfollowed(node)
         if op is None:
             return None
-        handler = getattr(self, "_op_" + op, None)
-        if handler is None:
-            return None
         first, kw = bind(node, op)
-        value = handler(node, first, kw)
-        if followed:
+        if op in _FILLS:
+            value = self._fill(node, first, kw, *_FILLS[op])
+        else:
+            handler = getattr(self, "_op_" + op, None)
+            value = handler(node, first, kw) if handler is not None else None
+        if followed:  # an in-place op: the tensor it changes takes the value (or turns opaque)
             return self._follow_inplace(node, first, value)
         return value
 
@@ -658,42 +659,14 @@ class Interpretation:
             return None
         return self._one_hot(lab, -1)
 
-    def _full(self, node, c, like=None):
+    def _fill(self, node, first, kw, value, like: bool):
+        """A tensor full of one number (torch.full, zeros_like, new_ones, t.fill_, ...): a
+        constant, with the class dim of the tensor it is like."""
+        c = exact(kw.get(value)) if isinstance(value, str) else Q(value)
         if c is None or shape(node) is None or not shape(node):
             return None
-        v = self.val(like) if isinstance(like, Node) else None
-        cd = v.cd if isinstance(v, ElemV) else -1
-        return constant(c, cd)
-
-    def _op_full(self, node, _, kw):
-        return self._full(node, exact(kw.get("fill_value")))
-
-    def _op_zeros(self, node, _, kw):
-        return self._full(node, Q(0))
-
-    def _op_ones(self, node, _, kw):
-        return self._full(node, Q(1))
-
-    def _op_full_like(self, node, x, kw):
-        return self._full(node, exact(kw.get("fill_value")), x)
-
-    def _op_zeros_like(self, node, x, kw):
-        return self._full(node, Q(0), x)
-
-    def _op_ones_like(self, node, x, kw):
-        return self._full(node, Q(1), x)
-
-    def _op_new_full(self, node, x, kw):
-        return self._full(node, exact(kw.get("fill_value")))
-
-    def _op_new_zeros(self, node, x, kw):
-        return self._full(node, Q(0))
-
-    def _op_new_ones(self, node, x, kw):
-        return self._full(node, Q(1))
-
-    def _op_fill(self, node, t, kw):
-        return self._full(node, exact(kw.get("value")), t)
+        v = self.val(first) if like and isinstance(first, Node) else None
+        return constant(c, v.cd if isinstance(v, ElemV) else -1)
 
     def _op_arange(self, node, _, kw):
         shp = kw.get("shape", ())
@@ -1276,6 +1249,12 @@ def _relayout_index(parts: tuple, shp) -> bool:
         dims = dims[:i] + [slice(None)] * (len(shp) - len(dims) + 1) + dims[i + 1:]
     return len(dims) <= len(shp) and all(not isinstance(p, int) or p in (0, -1) and shp[i] == 1
                                          for i, p in enumerate(dims))
+
+
+# full-of-one-number tensors: (the fill value or the argument holding it, like another tensor)
+_FILLS = {"full": ("fill_value", False), "zeros": (0, False), "ones": (1, False), "new_full": ("fill_value", False),
+          "new_zeros": (0, False), "new_ones": (1, False), "full_like": ("fill_value", True),
+          "zeros_like": (0, True), "ones_like": (1, True), "fill": ("value", True)}
 
 
 def _rank(v) -> int:

@@ -123,3 +123,16 @@ def labels(*shape, seed=1, ignore=None, where=(0,)):
 
 
 
+
+
+def assert_equals_eager_in_float64(compiled, fn, *inputs, rtol=1e-5, atol=1e-5):
+    """compiled(x, *rest) and fn in float64: the same loss and gradient of x (inputs[0])."""
+    x, rest = inputs[0].detach().requires_grad_(), inputs[1:]
+    out = compiled(x, *rest)
+    out.backward()
+    xr = x.detach().double().requires_grad_()
+    ref = fn(xr, *rest)
+    ref.backward()
+    torch.testing.assert_close(out.double(), ref.double(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=rtol, atol=atol)
+    return out
