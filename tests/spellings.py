@@ -250,7 +250,7 @@ def draw(rng: random.Random) -> Spelling:
         # the smooth term is reduced like the nll: sum with sum, a mean over kept rows with mean
         c["reduction"] = {"nll_sum": "sum", "nll_mean": c["reduction"] if c["reduction"] != "sum" else "token"}[c["nll"]]
         if c["nll"] == "nll_mean" and c["mask"] == "none":
-            c["reduction"] = "mean"  # the seed article's formula: nll_loss's mean next to a mean over rows
+            c["reduction"] = "mean"  # the widely copied formula: nll_loss's mean next to a mean over rows
     if c["nll"] == "nll_none" and c["mask"] == "boolean" and c["extra"] == "z_loss":
         # nll_loss drops ignored rows itself, the z term would count on them before the mask
         # (after the graph break): the op counts z-loss on the label term's rows only

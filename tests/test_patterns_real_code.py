@@ -20,7 +20,7 @@ FILE = os.path.basename(__file__)
 
 
 # ------------------------------------------------------------------------------------------------
-# The seed article's LabelSmoothingCrossEntropy (a classifier's loss, copied widely)
+# LabelSmoothingCrossEntropy as blog posts give it (a classifier's loss, copied widely)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -47,7 +47,7 @@ class LabelSmoothingCrossEntropy(nn.Module):
 
 
 @pytest.mark.parametrize("reduction, calls", [("mean", 2), ("sum", 1), ("none", 1)])
-def test_seed_article_label_smoothing(reduction, calls):
+def test_blog_post_label_smoothing(reduction, calls):
     # nll_loss ignores label -100, the smoothing term counts every row: with 'mean' the two terms
     # have different divisors (one op call each), with 'sum' / 'none' the smoothing term gets
     # its own rows (uniform_rows)
