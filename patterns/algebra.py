@@ -1,33 +1,38 @@
-"""Symbolic values for the cross-entropy detector: what each graph node computes, as algebra.
+"""Symbolic values for the cross-entropy detector: what a graph node computes, as algebra.
 
-The detector does not match spellings. It runs an abstract interpretation over the Dynamo graph in
-which every node that touches log-probabilities gets a *symbolic value*, and a loss is rewritten
-only when the value reaching a loss output is an instance of the fused op's form
+The detector does not match spellings. ``interpret`` gives every node that touches the logits a
+value from this module, and a loss is rewritten when the value reaching its output is an instance
+of the fused op's form (``normal_form``)
 
     loss_i = sum_j q_ij (lse_i - x_ij) + c + z lse_i^2,   q_ij = a w[y_i] [j == y_i] + b w_j
 
-restricted to the rows a mask keeps, then reduced. Coefficients are exact rationals
+term by term restricted to rows a mask keeps, then reduced. Coefficients are exact rationals
 (``fractions.Fraction`` of the graph's Python floats), so "0.9 * nll + 0.1 * smooth" recovers
 a = 0.9 and b = 0.1 / V exactly as the user's floats say, with no tolerance anywhere.
 
-Log-probabilities are expanded in the logits, L_ij = x_ij - lse_i, so unweighted rows live in
-the basis {x[y] (XG), sum_j x (XS), lse (LSE), lse^2 (Z), 1 (K)}. For instance
--L[y] = lse - x[y] is {XG: -1, LSE: 1}: the hand-written "lse - x.gather(y)" and
-"-log_softmax(x).gather(y)" are the same value. A class-weighted term cannot be written in that
-basis (its lse coefficient would be a tensor), so w[y] L[y] and sum_j w_j L_j are atoms of their
-own (WG, WS).
+Logits. ``Logits`` names the tensor a loss reads: a source node seen through slices and views,
+with upcasts, a positive constant factor (a temperature) and a softcap cap * tanh(x / cap) as part
+of its identity rather than new tensors: ``x.float() / 2`` and ``x`` are the same logits at scale
+1/2, so the op reads x itself.
 
-Values:
-    LabelV   integer class indices (a label tensor, possibly relaid out or changed on masked rows)
-    CondV    a boolean row mask: a conjunction of atoms such as "y != -100"
-    WeightAtV  w[y]: a class-weight vector read at the labels
-    ElemV    a per-class tensor (shape of the logits): sum of coef * T * B, T in {1, [j == y],
-             w_j, w[y][j == y]}, B in {1, x_ij, lse_i}; target distributions (one_hot, full_like,
-             scatter) are ElemVs without logits
-    RowV     a per-row tensor: linear combination of row atoms, zero on rows the conds drop
-    ScalarV  a full reduction of a RowV: 'sum', 'mean' (over all rows) or 'mean_valid' (PyTorch's
-             cross-entropy mean: divided by the sum of w[y] over the rows it keeps)
-Anything else is opaque (None).
+Per-class values (``ElemV``) are sums of  coef * [conds] * T_ij * B_ij  with
+    T in  U = 1,  OH(y) = [j == y_i],  COL(p) = [j == p],  W(w) = w_j,  OHW(y, w) = w[y_i] [j == y_i]
+    B in  X = x_ij (the logits),  LSE = lse_i,  K = 1.
+Log-probs are X - LSE; a target distribution built from the labels has B = K only (no logits).
+
+Per-row values (``RowV``) are sums of  coef * [conds] * atom_i  with atoms
+    XG(y) = x[i, y_i],  XC(p) = x[i, p],  XS = sum_j x_ij,  LSE = lse_i,  Z = lse_i^2,  K = 1,
+    WG(y, w) = w[y_i] (x[i, y_i] - lse_i),  WS(w) = sum_j w_j (x_ij - lse_i).
+-L[y] = lse - x[y] is {XG: -1, LSE: 1}: "lse - x.gather(y)" and "-log_softmax(x).gather(y)" are
+one value. A class-weighted term cannot be written in the unweighted atoms (its lse coefficient
+would be a tensor), hence WG and WS.
+
+Every term carries its own row mask (``conds``: a conjunction of ``CondAtom``), so a target term
+masked by ignore_index next to an unmasked uniform term is one value, and "(ce + z lse^2) * mask"
+equals "ce * mask + z lse^2 * mask".
+
+A reduced loss (``ScalarV``) is a sum of parts  sum_i row_i / divisor, one per divisor: terms
+divided by equal divisors (the same count, even when computed twice) add up; others stay apart.
 """
 
 from __future__ import annotations
@@ -43,147 +48,257 @@ Q = Fraction
 
 
 class Reject(Exception):
-    """The node cannot be described; the message says why in words a user can act on."""
+    """A node or loss that the algebra cannot describe; the message says why in a user's words."""
+
+
+class NotCrossEntropy(Reject):
+    """A loss built on the cross-entropy but not one (focal, poly: the label's log-prob goes
+    through exp or a power): it is left as written, also the cross-entropy inside it."""
+
+
+TWO_LABELS = ("the loss reads two label tensors (a mixup target, lam * one_hot(y1) + (1 - lam) * one_hot(y2)?); "
+              "the fused op takes one label per row")
+
+
+def _field(default=None):
+    return dataclasses.field(default=default, compare=False)
 
 
 # ------------------------------------------------------------------------------------------------
-# Values
+# Identities: logits, labels, row conditions
 # ------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
-class LabelV:
-    """Class indices equal to ``base`` (up to relayout) except on rows where a cond in ``altered``
-    fails: ``altered`` holds cond keys ("the label may differ where this atom is false") or
-    ("neg",) for clamp(min=0)."""
+class Logits:
+    """The logits a loss reads: cap * tanh(scale * x / cap) (or scale * x without a cap) of
+    x = ``source`` seen through ``layout`` (slices and views, replayed on the source), in
+    ``dtype`` (None: the source's own dtype; float64 when the user's code upcasts to it).
+    ``cd`` is the class dim counted from the end (-1: last), None until an operation fixes it."""
 
-    base: Node
-    altered: frozenset = frozenset()
+    source: Node
+    layout: tuple = ()
+    cd: Optional[int] = None
+    scale: Fraction = Q(1)
+    cap: Optional[Fraction] = None
+    dtype: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
 class CondAtom:
-    """One boolean row condition; ``key`` is its meaning, ``node``/``positive`` how to compute it.
+    """One boolean condition on rows, kept where it is ``holds``.
 
-    key ("ne", base, k) means "base != k" (foldable into ignore_index); ("node", node, positive)
-    is any other boolean tensor (node itself, or its negation when positive is False).
+    key ('ne', labels, k): labels != k;  ('lt', labels, k): labels < k;
+        ('inrange', labels, V): 0 <= labels < V;  ('node', structure key): a boolean tensor,
+        computed by ``node``.
     """
 
     key: tuple
-    node: Optional[Node] = dataclasses.field(compare=False, default=None)
-    positive: bool = dataclasses.field(compare=False, default=True)
-    # ("ne"|"eq", base, k) when node compares a label with a constant
-    info: Optional[tuple] = dataclasses.field(compare=False, default=None)
+    holds: bool = True
+    node: Optional[Node] = _field()
 
-    @staticmethod
-    def make(node: Optional[Node], positive: bool, info: Optional[tuple]) -> "CondAtom":
-        if info is not None and (info[0] == "ne") == positive:
-            key = ("ne", info[1], info[2])
-        else:
-            key = ("node", node, positive)
-        return CondAtom(key, node, positive, info)
+    def negated(self) -> "CondAtom":
+        return CondAtom(self.key, not self.holds, self.node)
 
-    def flipped(self) -> "CondAtom":
-        if self.node is None:
-            raise Reject("cannot negate an internal ignore_index condition")
-        return CondAtom.make(self.node, not self.positive, self.info)
+    @property
+    def label(self) -> Optional[Node]:
+        """The label tensor a label comparison reads."""
+        return self.key[1] if self.key[0] in ("ne", "lt", "inrange") else None
+
+
+def _atom_verdict(atom: CondAtom, base: Node, k: int) -> Optional[bool]:
+    """The atom's truth on rows where ``base == k`` (None: it does not read base)."""
+    if atom.label is not base:
+        return None
+    kind = atom.key[0]
+    value = k != atom.key[2] if kind == "ne" else k < atom.key[2] if kind == "lt" else 0 <= k < atom.key[2]
+    return value == atom.holds
+
+
+def simplify(conds: frozenset) -> Optional[frozenset]:
+    """An equivalent conjunction, or None when no row can satisfy it."""
+    for atom in conds:
+        if atom.negated() in conds:
+            return None
+    out = set(conds)
+    # labels == k decides every other comparison on the same labels
+    equal = [a for a in conds if a.key[0] == "ne" and not a.holds]
+    for eq in equal:
+        base, k = eq.key[1], eq.key[2]
+        for other in list(out):
+            if other is eq or other not in out:
+                continue
+            verdict = _atom_verdict(other, base, k)
+            if verdict is False:
+                return None
+            if verdict is True:
+                out.discard(other)
+    return frozenset(out)
 
 
 @dataclasses.dataclass(frozen=True)
 class CondV:
-    atoms: frozenset  # of CondAtom: the row is kept when all hold
+    """A boolean row mask: the rows where every atom holds."""
+
+    atoms: frozenset
 
     def invert(self) -> "CondV":
         if len(self.atoms) != 1:
             raise Reject("the negation of a combined mask is not a mask of kept rows")
         (atom,) = self.atoms
-        return CondV(frozenset({atom.flipped()}))
+        return CondV(frozenset({atom.negated()}))
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelV:
+    """Class indices: equal to ``base`` (up to views) on the rows where every atom of ``altered``
+    holds (where / masked_fill changed the others). ``wrap``: read as advanced indexing reads
+    them (-1 is the last class). ``node`` is the tensor the user's code reads."""
+
+    base: Node
+    altered: frozenset = frozenset()
+    wrap: bool = False
+    node: Optional[Node] = _field()
+
+    @property
+    def plain(self) -> bool:
+        return not self.altered and not self.wrap
 
 
 @dataclasses.dataclass(frozen=True)
 class WeightAtV:
+    """w[y]: a class-weight vector read at the labels."""
+
     weight: Node
     label: LabelV
+
+
+@dataclasses.dataclass(frozen=True)
+class ArangeV:
+    """torch.arange(n): row positions for advanced indexing."""
+
+    n: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Divisor:
+    """What a reduced loss is divided by.
+
+    ('count', conds): the number of rows where conds hold;  ('wsum', w, label, conds): the sum
+    of w[label] over them (PyTorch's weighted mean);  ('rows',): the number of rows;  ('expr',
+    structure key): any other tensor or size, held by ``node``.
+    """
+
+    key: tuple
+    node: Optional[Node] = _field()
+
+
+@dataclasses.dataclass(frozen=True)
+class DivisorV:
+    """factor * divisor: the value of a node that counts rows (mask.sum(), a token count)."""
+
+    divisor: Divisor
+    factor: Fraction = Q(1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Values that carry the logits
+# ------------------------------------------------------------------------------------------------
 
 
 def _clean(d: dict) -> tuple:
     return tuple(sorted(((k, v) for k, v in d.items() if v != 0), key=repr))
 
 
+U = ("U",)
+
+
 @dataclasses.dataclass(frozen=True)
 class ElemV:
-    """Per-class tensor. key = (x, cd, dtype) when it reads the logits x, None for a target."""
+    """A per-class tensor. ``key``: the logits it is linear in (None: a target built from labels
+    and constants). ``cd``: class dim from the end (None: a target that has not met its logits)."""
 
-    key: Optional[tuple]
-    cd: int  # class dim (non-negative)
-    terms: tuple  # ((tpart, base), coef) pairs; tpart: ("U",), ("OH", LabelV), ("UW", w), ("OHW", LabelV, w)
-    conds: frozenset = frozenset()
-    seeds: frozenset = dataclasses.field(default=frozenset(), compare=False)
+    key: Optional[Logits]
+    cd: Optional[int]
+    terms: tuple  # ((part, base, conds), coef)
+    seeds: frozenset = _field(frozenset())
 
     @property
     def tdict(self) -> dict:
         return dict(self.terms)
 
+    def is_pure_logits(self) -> bool:
+        return self.key is not None and self.tdict == {(U, "X", frozenset()): 1}
+
     def is_logprob(self) -> bool:
-        return self.key is not None and not self.conds and self.tdict == {(("U",), "X"): 1, (("U",), "LSE"): -1}
+        return self.key is not None and self.tdict == {(U, "X", frozenset()): 1, (U, "LSE", frozenset()): -1}
+
+
+def pure_logits(key: Logits, seeds=frozenset()) -> ElemV:
+    return ElemV(key, key.cd, (((U, "X", frozenset()), Q(1)),), seeds)
+
+
+def log_probs(key: Logits, seeds=frozenset()) -> ElemV:
+    return ElemV(key, key.cd, tuple({(U, "X", frozenset()): Q(1), (U, "LSE", frozenset()): Q(-1)}.items()), seeds)
+
+
+def constant(c: Fraction, cd: Optional[int] = None) -> ElemV:
+    """A per-class constant (torch.full, ones_like, ...) that is not tied to logits."""
+    return ElemV(None, cd, (((U, "K", frozenset()), c),) if c else ())
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftmaxV:
+    """softmax of logits: only its log is understood. It does not count as a loss value: the
+    probabilities are often read for metrics, and that leaves a loss on log(softmax) intact."""
+
+    logits: Logits
+    seeds: frozenset = _field(frozenset())
 
 
 @dataclasses.dataclass(frozen=True)
 class RowV:
-    """Per-row value sum_k coef_k * [conds_k hold] * atom_k; every term carries its own row mask,
-    so "(ce + z lse^2) * mask" and "ce * mask + z lse^2 * mask" are the same value."""
+    """A per-row value: sum_k coef_k [conds_k] atom_k (see the module docstring)."""
 
-    key: tuple  # (x, cd, dtype)
-    terms: tuple  # ((atom, conds), coef) pairs; atoms: ("XG", LabelV), ("XS",), ("LSE",), ("WG", LabelV, w), ("WS", w), ("Z",), ("K",)
-    seeds: frozenset = dataclasses.field(default=frozenset(), compare=False)
+    key: Logits
+    terms: tuple  # ((atom, conds), coef)
+    seeds: frozenset = _field(frozenset())
 
     @staticmethod
-    def make(key, atoms: dict, conds: frozenset = frozenset(), seeds: frozenset = frozenset()) -> "RowV":
-        return RowV(key, _clean({(a, conds): c for a, c in dict(atoms).items()}), seeds)
+    def make(key: Logits, atoms: dict, conds: frozenset = frozenset(), seeds=frozenset()) -> "RowV":
+        return RowV(key, _clean({(a, conds): c for a, c in atoms.items()}), seeds)
 
     @property
-    def conds(self) -> frozenset:
-        """The row mask shared by all terms (Reject when terms are masked differently)."""
-        masks = {conds for (_, conds), _ in self.terms}
-        if len(masks) > 1:
-            raise Reject("the terms are masked differently")
-        return next(iter(masks), frozenset())
+    def tdict(self) -> dict:
+        return dict(self.terms)
 
-    @property
-    def adict(self) -> dict:
-        self.conds  # noqa: B018 - uniform masks, or Reject
-        out: dict = {}
-        for (atom, _), c in self.terms:
-            out[atom] = out.get(atom, 0) + c
-        return out
-
-    def with_atoms(self, atoms: dict) -> "RowV":
-        return RowV.make(self.key, atoms, self.conds, self.seeds)
-
-    def is_pure_lse(self) -> bool:
-        return {t for (t, _), _ in self.terms} == {("LSE",)} and not self.conds
+    def lse_only(self) -> Optional[Fraction]:
+        """c when the value is c * lse on every row, else None."""
+        d = self.tdict
+        if len(d) == 1:
+            ((atom, conds), c), = d.items()
+            if atom == ("LSE",) and not conds:
+                return c
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
 class ScalarV:
-    row: RowV
-    kind: Any  # "sum" | "mean" | ("mean_valid", weight node or None) | ("div", count node): sum / count
-    rows: Optional[int]  # number of rows reduced (static), for mixing 'mean' and 'sum'
-    seeds: frozenset = dataclasses.field(default=frozenset(), compare=False)
+    """A reduced loss: sum over parts of (sum_i row_i) / divisor (None: no divisor)."""
 
+    key: Logits
+    parts: tuple  # ((Optional[Divisor], RowV), ...)
+    seeds: frozenset = _field(frozenset())
 
-@dataclasses.dataclass(frozen=True)
-class DivisorV:
-    """factor * node for a one-element tensor node (a token count): what sums get divided by."""
-
-    node: Node
-    factor: Fraction
+    @staticmethod
+    def of(row: RowV, divisor: Optional[Divisor] = None) -> "ScalarV":
+        return ScalarV(row.key, ((divisor, row),), row.seeds)
 
 
 @dataclasses.dataclass(frozen=True)
 class ColV:
-    """A per-class vector: a per-class value already reduced over its rows, e.g.
-    ``(t * lp).mean(0)``. Summing it over the classes gives ``scalar``."""
+    """A per-class vector already reduced over its rows, e.g. ``(t * lp).mean(0)``; summing it
+    over the classes gives ``scalar``."""
 
     scalar: ScalarV
     classes: int
@@ -192,12 +307,21 @@ class ColV:
     def seeds(self):
         return self.scalar.seeds
 
+    @property
+    def key(self):
+        return self.scalar.key
+
 
 CARRYING = (RowV, ScalarV, ColV)
 
 
 def carries_logits(v) -> bool:
+    """Whether a value is computed from the logits (its node belongs to some loss's cone)."""
     return isinstance(v, CARRYING) or (isinstance(v, ElemV) and v.key is not None)
+
+
+def seeds_of(v) -> frozenset:
+    return getattr(v, "seeds", frozenset()) or frozenset()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -205,13 +329,16 @@ def carries_logits(v) -> bool:
 # ------------------------------------------------------------------------------------------------
 
 
+def _scaled_terms(terms: tuple, c: Fraction) -> tuple:
+    return _clean({k: v * c for k, v in terms})
+
+
 def scale(v, c: Fraction):
-    if isinstance(v, RowV):
-        return dataclasses.replace(v, terms=_clean({a: k * c for a, k in v.terms}))
-    if isinstance(v, ElemV):
-        return dataclasses.replace(v, terms=_clean({t: k * c for t, k in v.terms}))
+    """c * v."""
+    if isinstance(v, (RowV, ElemV)):
+        return dataclasses.replace(v, terms=_scaled_terms(v.terms, c))
     if isinstance(v, ScalarV):
-        return dataclasses.replace(v, row=scale(v.row, c))
+        return dataclasses.replace(v, parts=tuple((d, scale(r, c)) for d, r in v.parts))
     if isinstance(v, ColV):
         return dataclasses.replace(v, scalar=scale(v.scalar, c))
     raise Reject("only losses scale")
@@ -224,149 +351,263 @@ def _merge(d1: dict, d2: dict, s: Fraction) -> dict:
     return out
 
 
+def _same_key(k1, k2):
+    if k1 is not None and k2 is not None and k1 != k2:
+        raise Reject("the terms read different logits")
+    return k1 if k1 is not None else k2
+
+
 def add(v1, v2, s: Fraction = Q(1)):
     """v1 + s * v2 for two values of the same kind."""
     if type(v1) is not type(v2):
-        raise Reject(f"cannot add a {type(v1).__name__} and a {type(v2).__name__}")
+        raise Reject(f"cannot add {_kind(v1)} and {_kind(v2)}")
+    seeds = v1.seeds | v2.seeds
     if isinstance(v1, RowV):
-        if v1.key != v2.key:
-            raise Reject("the terms read different logits")
-        return RowV(v1.key, _clean(_merge(dict(v1.terms), dict(v2.terms), s)), v1.seeds | v2.seeds)
+        return RowV(_same_key(v1.key, v2.key), _clean(_merge(v1.tdict, v2.tdict, s)), seeds)
     if isinstance(v1, ElemV):
-        if v1.cd != v2.cd:
-            raise Reject("the terms have different class dims")
-        if v1.conds != v2.conds:
-            raise Reject("the terms are masked differently")
-        if v1.key is not None and v2.key is not None and v1.key != v2.key:
-            raise Reject("the terms read different logits")
-        key = v1.key if v1.key is not None else v2.key
-        return ElemV(key, v1.cd, _clean(_merge(v1.tdict, v2.tdict, s)), v1.conds, v1.seeds | v2.seeds)
+        key = _same_key(v1.key, v2.key)
+        if v1.cd is not None and v2.cd is not None and v1.cd != v2.cd:
+            raise Reject(f"the terms have classes along different dims ({v1.cd} and {v2.cd} from the end)")
+        cd = v1.cd if v1.cd is not None else v2.cd
+        return ElemV(key, cd, _clean(_merge(v1.tdict, v2.tdict, s)), seeds)
     if isinstance(v1, ScalarV):
-        k1, k2, r1, r2 = v1.kind, v2.kind, v1.row, v2.row
-        if k1 != k2:
-            # mean = sum / rows when the row count is a static number
-            if not {k1, k2} <= {"sum", "mean"} or v1.rows is None or v2.rows is None:
-                raise Reject(f"cannot add a {k1} and a {k2} reduction")
-            if k1 == "mean":
-                r1 = scale(r1, Q(1, v1.rows))
-            if k2 == "mean":
-                r2 = scale(r2, Q(1, v2.rows))
-            k1 = "sum"
-        rows = v1.rows if v1.rows == v2.rows else None
-        return ScalarV(add(r1, r2, s), k1, rows, v1.seeds | v2.seeds)
+        key = _same_key(v1.key, v2.key)
+        parts = dict(v1.parts)
+        for d, r in v2.parts:
+            r = scale(r, s)
+            parts[d] = add(parts[d], r) if d in parts else r
+        return ScalarV(key, tuple(parts.items()), seeds)
     if isinstance(v1, ColV):
+        if v1.classes != v2.classes:
+            raise Reject("per-class vectors of different lengths")
         return ColV(add(v1.scalar, v2.scalar, s), v1.classes)
-    raise Reject(f"cannot add {type(v1).__name__}s")
+    raise Reject(f"cannot add {_kind(v1)}s")
 
 
 def with_conds(v, conds: frozenset):
-    if isinstance(v, RowV):
+    """v restricted to the rows where conds hold (zero elsewhere)."""
+    if isinstance(v, (RowV, ElemV)):
         out: dict = {}
-        for (atom, c0), coef in v.terms:
-            k = (atom, c0 | conds)
-            out[k] = out.get(k, 0) + coef
+        for k, coef in v.terms:
+            c = simplify(k[-1] | conds)
+            if c is None:
+                continue
+            nk = (*k[:-1], c)
+            out[nk] = out.get(nk, 0) + coef
         return dataclasses.replace(v, terms=_clean(out))
-    return dataclasses.replace(v, conds=v.conds | conds)
+    raise Reject(f"cannot mask {_kind(v)}")
 
 
-def _tpart_mul(t1: tuple, t2: tuple) -> tuple:
-    """Product of two class-indicator parts (one of them unweighted)."""
-    if t1 == ("U",):
-        return t2
-    if t2 == ("U",):
-        return t1
-    if t1[0] in ("UW", "OHW") and t2[0] in ("UW", "OHW"):
-        raise Reject("class weights applied twice")
-    if t1[0] == "OH" and t2[0] == "OH":
-        if t1[1] != t2[1]:
-            raise Reject("two different label indicators multiplied")
-        return t1
-    oh, uw = (t1, t2) if t1[0] in ("OH", "OHW") else (t2, t1)
-    if oh[0] == "OHW" and uw[0] == "OH":
-        if oh[1] != uw[1]:
-            raise Reject("two different label indicators multiplied")
-        return oh
-    if oh[0] == "OH" and uw[0] == "UW":
-        return ("OHW", oh[1], uw[1])
-    raise Reject("unsupported product of class indicators")
+def label_equals(label: LabelV, p: int) -> CondAtom:
+    """The row condition labels == p (for a one-hot meeting a fixed column)."""
+    if not label.plain:
+        raise Reject("a fixed class column meets changed labels")
+    return CondAtom(("ne", label.base, p), holds=False)
+
+
+def _part_mul(p1: tuple, p2: tuple):
+    """(part, extra conds) of the product of two class parts, or None when it is zero."""
+    if p1 == U:
+        return p2, frozenset()
+    if p2 == U:
+        return p1, frozenset()
+    if p1[0] > p2[0]:  # order: COL, OH, OHW, W
+        p1, p2 = p2, p1
+    kinds = (p1[0], p2[0])
+    if kinds == ("COL", "COL"):
+        return (p1, frozenset()) if p1 == p2 else None
+    if kinds == ("COL", "OH"):
+        return p1, frozenset({label_equals(p2[1], p1[1])})
+    if kinds == ("OH", "OH"):
+        if p1 != p2:
+            raise Reject(TWO_LABELS)
+        return p1, frozenset()
+    if kinds == ("OH", "W"):
+        return ("OHW", p1[1], p2[1]), frozenset()
+    if kinds == ("OH", "OHW"):
+        if p1[1] != p2[1]:
+            raise Reject(TWO_LABELS)
+        return p2, frozenset()
+    if "COL" in kinds:
+        raise Reject("a class-weighted target meets a fixed class column")
+    raise Reject("class weights applied twice")
 
 
 def elem_mul(e1: ElemV, e2: ElemV) -> ElemV:
-    if e1.cd != e2.cd:
-        raise Reject(f"the factors have classes along dims {e1.cd} and {e2.cd}")
+    """The elementwise product; at most one factor may read the logits (linearity)."""
+    if e1.cd is not None and e2.cd is not None and e1.cd != e2.cd:
+        raise Reject(f"the factors have classes along different dims ({e1.cd} and {e2.cd} from the end)")
     if e1.key is not None and e2.key is not None:
         raise Reject("a product of two log-prob tensors is not linear in the log-probs")
     out: dict = {}
-    for (tp1, b1), c1 in e1.terms:
-        for (tp2, b2), c2 in e2.terms:
+    for (tp1, b1, c1), k1 in e1.terms:
+        for (tp2, b2, c2), k2 in e2.terms:
             if b1 != "K" and b2 != "K":
                 raise Reject("a product of two logit terms is not linear in the logits")
-            base = b1 if b2 == "K" else b2
-            t = (_tpart_mul(tp1, tp2), base)
-            out[t] = out.get(t, 0) + c1 * c2
-    return ElemV(e1.key if e1.key is not None else e2.key, e1.cd, _clean(out), e1.conds | e2.conds,
-                 e1.seeds | e2.seeds)
+            prod = _part_mul(tp1, tp2)
+            if prod is None:
+                continue
+            part, extra = prod
+            conds = simplify(c1 | c2 | extra)
+            if conds is None:
+                continue
+            t = (part, b1 if b2 == "K" else b2, conds)
+            out[t] = out.get(t, 0) + k1 * k2
+    cd = e1.cd if e1.cd is not None else e2.cd
+    return ElemV(_same_key(e1.key, e2.key), cd, _clean(out), e1.seeds | e2.seeds)
 
 
 def elem_times_weight(e: ElemV, w: Node) -> ElemV:
-    out = {}
-    for (tp, base), c in e.terms:
-        out[(_tpart_mul(tp, ("UW", w)), base)] = c
+    """e * w with a per-class weight vector w broadcast over the rows."""
+    out: dict = {}
+    for (tp, base, conds), c in e.terms:
+        prod = _part_mul(tp, ("W", w))
+        if prod is None:
+            continue
+        part, extra = prod
+        k = (part, base, conds | extra)
+        out[k] = out.get(k, 0) + c
     return dataclasses.replace(e, terms=_clean(out))
 
 
+def static_classes(V) -> int:
+    """The class count as a number; Reject when it is symbolic (the coefficients depend on it)."""
+    if isinstance(V, bool) or not isinstance(V, int):
+        raise Reject(f"the class count is dynamic ({V}): the coefficients depend on it; mark it static "
+                     "(torch._dynamo.mark_static(logits, -1), or compile without dynamic=True)")
+    return V
+
+
 def elem_class_sum(e: ElemV, V: int) -> RowV:
-    """sum_j E_ij over the class dim, as a row value."""
+    """sum_j E_ij over the class dim, as a per-row value."""
     assert e.key is not None
+    V = static_classes(V)
     row: dict = {}
-    pending: dict = {}  # weighted parts: tpart -> {base: coef}; need X and LSE paired into L
+    weighted: dict = {}  # (part, conds) -> {base: coef}: X and LSE must pair into log-probs
 
-    def put(atom, c):
-        row[atom] = row.get(atom, 0) + c
+    def put(atom, conds, c):
+        row[(atom, conds)] = row.get((atom, conds), 0) + c
 
-    for (tp, base), c in e.terms:
+    for (tp, base, conds), c in e.terms:
         kind = tp[0]
-        if kind in ("UW", "OHW"):
-            pending.setdefault(tp, {})[base] = c
+        if kind in ("W", "OHW"):
+            weighted.setdefault((tp, conds), {})[base] = c
             continue
-        one_hot = kind == "OH"
         if base == "X":
-            put(("XG", tp[1]) if one_hot else ("XS",), c)
-        elif base == "LSE":
-            put(("LSE",), c if one_hot else c * V)
+            atom = {"U": ("XS",), "OH": ("XG", tp[-1]), "COL": ("XC", tp[-1])}[kind]
+            put(atom, conds, c)
         else:
-            put(("K",), c if one_hot else c * V)
-    for tp, bases in pending.items():
+            put(("LSE",) if base == "LSE" else ("K",), conds, c * V if kind == "U" else c)
+    for (tp, conds), bases in weighted.items():
         cx = bases.get("X", 0)
         if bases.get("LSE", 0) != -cx or bases.get("K", 0) != 0:
             raise Reject("class weights multiply something other than the log-probs")
-        put(("WS", tp[1]) if tp[0] == "UW" else ("WG", tp[1], tp[2]), cx)
-    return RowV.make(e.key, row, e.conds, e.seeds)
+        put(("WS", tp[1]) if tp[0] == "W" else ("WG", tp[1], tp[2]), conds, cx)
+    return RowV(e.key, _clean(row), e.seeds)
 
 
 def elem_gather(e: ElemV, label: LabelV) -> RowV:
     """E_{i, y_i}: the class-dim gather of a per-class value at the labels."""
     row: dict = {}
-    for (tp, base), c in e.terms:
-        if tp != ("U",):
-            raise Reject("gather of a value that is not plain log-probs")
-        atom = {"X": ("XG", label), "LSE": ("LSE",), "K": ("K",)}[base]
-        row[atom] = row.get(atom, 0) + c
-    return RowV.make(e.key, row, e.conds, e.seeds)
+    for (tp, base, conds), c in e.terms:
+        if tp == U or (tp[0] == "OH" and tp[1] == label):
+            atom = {"X": ("XG", label), "LSE": ("LSE",), "K": ("K",)}[base]
+        elif tp[0] == "COL":
+            conds = simplify(conds | {label_equals(label, tp[1])})
+            if conds is None:
+                continue
+            atom = {"X": ("XG", label), "LSE": ("LSE",), "K": ("K",)}[base]
+        else:
+            raise Reject("a gather of a weighted or differently labelled value")
+        row[(atom, conds)] = row.get((atom, conds), 0) + c
+    return RowV(e.key, _clean(row), e.seeds)
+
+
+def elem_column(e: ElemV, p: int) -> RowV:
+    """E_{i, p}: one fixed class column of a per-class value."""
+    row: dict = {}
+    for (tp, base, conds), c in e.terms:
+        if tp[0] == "OH":
+            conds = simplify(conds | {label_equals(tp[1], p)})
+            if conds is None:
+                continue
+        elif tp[0] == "COL":
+            if tp[1] != p:
+                continue
+        elif tp != U:
+            raise Reject("a class column of a weighted value")
+        atom = {"X": ("XC", p), "LSE": ("LSE",), "K": ("K",)}[base]
+        row[(atom, conds)] = row.get((atom, conds), 0) + c
+    return RowV(e.key, _clean(row), e.seeds)
+
+
+def _groups(r: RowV) -> dict:
+    """conds -> {atom: coef}."""
+    out: dict = {}
+    for (atom, conds), c in r.terms:
+        out.setdefault(conds, {})[atom] = c
+    return out
 
 
 def row_times_weight_at(r: RowV, wy: WeightAtV) -> RowV:
     """w[y] * (c * L[y]) -> c * (w[y] L[y]); nothing else can carry a per-row class weight."""
-    d = r.adict
-    xg = [a for a in d if a[0] == "XG"]
-    if len(xg) != 1 or set(d) != {xg[0], ("LSE",)} or d[("LSE",)] != -d[xg[0]]:
-        raise Reject("w[y] multiplies something other than the log-prob of the label")
-    if xg[0][1] != wy.label:
-        raise Reject("w[y] is read at different labels than the log-probs")
-    return r.with_atoms({("WG", wy.label, wy.weight): d[xg[0]]})
+    row: dict = {}
+    for conds, d in _groups(r).items():
+        xg = [a for a in d if a[0] == "XG"]
+        if len(xg) != 1 or set(d) != {xg[0], ("LSE",)} or d[("LSE",)] != -d[xg[0]]:
+            raise Reject("w[y] multiplies something other than the log-prob of the label")
+        if xg[0][1] != wy.label:
+            raise Reject("w[y] is read at different labels than the log-probs")
+        row[(("WG", wy.label, wy.weight), conds)] = d[xg[0]]
+    return RowV(r.key, _clean(row), r.seeds)
 
 
 def row_times_row(r1: RowV, r2: RowV) -> RowV:
-    if r1.is_pure_lse() and r2.is_pure_lse() and r1.key == r2.key:
-        return r1.with_atoms({("Z",): r1.adict[("LSE",)] * r2.adict[("LSE",)]})
+    """lse * lse (z-loss); any other product of per-row losses is not linear in the log-probs."""
+    if r1.key == r2.key:
+        g1, g2 = _groups(r1), _groups(r2)
+        if all(set(d) == {("LSE",)} for d in (*g1.values(), *g2.values())):
+            row: dict = {}
+            for c1, d1 in g1.items():
+                for c2, d2 in g2.items():
+                    conds = simplify(c1 | c2)
+                    if conds is not None:
+                        k = (("Z",), conds)
+                        row[k] = row.get(k, 0) + d1[("LSE",)] * d2[("LSE",)]
+            return RowV(r1.key, _clean(row), r1.seeds | r2.seeds)
     raise Reject("a product of two per-row losses is not linear in the log-probs")
+
+
+def divide(v: ScalarV, d: DivisorV) -> ScalarV:
+    """A reduced loss divided by a count (times a constant)."""
+    if d.factor == 0:
+        raise Reject("a loss divided by zero")
+    parts = []
+    for div, row in v.parts:
+        if div is not None:
+            raise Reject(f"a loss already divided by a count is divided by another ({_divisor_words(d.divisor)})")
+        parts.append((d.divisor, scale(row, 1 / d.factor)))
+    return dataclasses.replace(v, parts=tuple(parts))
+
+
+def _divisor_words(d: Divisor) -> str:
+    return getattr(d.node, "name", None) or d.key[0]
+
+
+_KIND = {RowV: "a per-row loss", ScalarV: "a reduced loss", ColV: "a per-class vector", LabelV: "labels",
+         CondV: "a mask", WeightAtV: "w[y]", DivisorV: "a count", SoftmaxV: "softmax probabilities", ArangeV: "torch.arange"}
+
+
+def _kind(v) -> str:
+    if isinstance(v, ElemV):
+        if v.key is None:
+            return "a target distribution"
+        return "logits" if v.is_pure_logits() else "log-probs"
+    if isinstance(v, Fraction):
+        return repr(float(v))
+    return _KIND.get(type(v), type(v).__name__)
+
+
+def kind(v) -> str:
+    """Words for a value in a near-miss reason ('log-probs', 'a per-row loss', ...)."""
+    return _kind(v)

@@ -3,29 +3,46 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
+
+from smoothce.kernels.form import LossForm
 
 
 @dataclasses.dataclass(frozen=True)
 class Match:
-    """One loss subgraph replaced by a smoothce op."""
+    """One loss replaced by smoothce op calls.
 
-    family: str  # "cross_entropy", "log_softmax+nll", "hand-written eps/V", "hand-written eps/(V-1)", "kl_div", ...
-    location: str  # user source "file.py:42" from the node's stack trace, "<unknown>" without one
-    params: dict[str, Any]  # recovered parameters: eps, convention, ignore_index, reduction, weight, z_loss, softcap, dtype
-    replaced: tuple[str, ...]  # names of the graph nodes the op replaces
+    ``form`` holds the parameters in the user's words (label_smoothing and its convention,
+    ignore_index, reduction, class weights, z_loss, softcap, logit_scale = 1 / temperature);
+    ``coefficients`` the exact numbers the detector recovered (a, b, c, z of the form in
+    ``algebra``'s docstring), for a verbose view. ``params`` is the flat dict earlier readers
+    use: eps and convention, the form's fields, the coefficients, classes and dtypes.
+    """
+
+    family: str  # "cross_entropy", "log_softmax+nll", "kl_div", "smoothed-target", "hand-written eps/V", ...
+    location: str  # the line that produces the loss, "file.py:42" ("<unknown>" without a stack trace)
+    params: dict[str, Any]
+    replaced: tuple[str, ...]  # names of the graph nodes the op calls replace
+    form: Optional[LossForm] = None
+    coefficients: Optional[dict[str, float]] = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = {"family": self.family, "location": self.location, "params": dict(self.params),
+               "replaced": list(self.replaced)}
+        if self.form is not None:
+            out["form"] = self.form.describe()
+        if self.coefficients is not None:
+            out["coefficients"] = dict(self.coefficients)
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
 class NearMiss:
-    """A cross-entropy-like subgraph left alone, with a reason a person can act on."""
+    """A cross-entropy-like computation left alone, with a reason a person can act on."""
 
     node: str  # graph node the candidate starts from (the log_softmax or the loss call)
-    location: str
-    reason: str  # e.g. "log-probs also read at model.py:42"
+    location: str  # the line where the detector stopped ("file.py:42")
+    reason: str  # e.g. "log-probs also read at model.py:42 (argmax)"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

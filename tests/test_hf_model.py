@@ -101,13 +101,13 @@ def train(loss_fn, backend):
 
 
 # (loss, eps, reduction and family the rewrite must recover). The LabelSmoother divides by the
-# token count itself, so what it hands the fused op is a sum. Where the step returns only the
-# loss, the LM head has no other reader and is fused with it: the logits are never materialised.
+# count of non-padding tokens, which is the op's mean. Where the step returns only the loss, the
+# LM head has no other reader and is fused with it: the logits are never materialised.
 LOSSES = [
     pytest.param(hf_loss, 0.0, "mean", "linear+cross_entropy", id="hf-labels-mean"),
     pytest.param(hf_loss_num_items, 0.0, "sum", "linear+cross_entropy", id="hf-labels-num-items"),
-    pytest.param(user_smoothed_loss, 0.1, "mean", "cross_entropy", id="user-label-smoothing"),
-    pytest.param(trainer_label_smoother, 0.1, "sum", "linear+hand-written eps/V", id="trainer-label-smoother"),
+    pytest.param(user_smoothed_loss, 0.1, "mean", "linear+cross_entropy", id="user-label-smoothing"),
+    pytest.param(trainer_label_smoother, 0.1, "mean", "linear+hand-written eps/V", id="trainer-label-smoother"),
 ]
 
 

@@ -82,7 +82,7 @@ def hand_written(x, w, y):
 
 def logprobs_returned(x, w, y):
     lp = torch.log_softmax(x @ w, dim=-1)  # L:logprobs
-    return F.nll_loss(lp, y), lp
+    return F.nll_loss(lp, y), lp  # L:logprobs_nll
 
 
 def break_before_loss(x, w, y):
@@ -159,7 +159,7 @@ smoothce: 1 loss rewritten, 0 near misses, 1 graph, 0 graph breaks
 
 Rewritten losses:
   #  location      family              parameters
-  1  tiny_lm.py:N  hand-written eps/V  label_smoothing=0.2 (eps/V), ignore_index=0, reduction=sum
+  1  tiny_lm.py:N  hand-written eps/V  label_smoothing=0.2 (eps/V), ignore_index=0, reduction=mean
 
 Near misses: none
 
@@ -179,8 +179,9 @@ smoothce: 0 losses rewritten, 1 near miss, 1 graph, 0 graph breaks
 Rewritten losses: none
 
 Near misses:
-  #  location                  reason
-  1  test_inspect.py:logprobs  log-probs returned from the graph: log-probs
+  #  location                      reason
+  1  test_inspect.py:logprobs_nll  log-probs (lp, test_inspect.py:logprobs) also returned from the
+                                   graph
 
 Graphs:
   graph  traced from        losses  near misses

@@ -7,136 +7,28 @@ a golden. Negative cases check that the graph is unchanged and that the near mis
 Shapes are tiny (N=6 rows, V=11 classes: odd, so eps/V and eps/(V-1) differ visibly).
 """
 
+import copy
+import inspect
 import os
 
-os.environ.setdefault("SMOOTHCE_KERNEL", "torch")  # the op's CPU torch path: no Triton interpreter
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from expecttest import TestCase
+from torch._dynamo.backends.common import aot_autograd
+from torch._dynamo.backends.debugging import aot_eager
+from torch._functorch.aot_autograd import make_boxed_func
 
-import copy  # noqa: E402
-import inspect  # noqa: E402
+from rewrite_check import (
+    B, EPS, N, T, V, Recorder, assert_equals_eager_in_float64, check, fused_calls, labels, logits, normalize,
+)
+from smoothce.kernels.cross_entropy import fused_cross_entropy
+from smoothce.kernels.linear_cross_entropy import fused_linear_cross_entropy
+from smoothce.patterns.cross_entropy import rewrite_cross_entropy
+from smoothce.patterns.ops import op_name
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from expecttest import TestCase  # noqa: E402
-from torch._dynamo.backends.common import aot_autograd  # noqa: E402
-from torch._dynamo.backends.debugging import aot_eager  # noqa: E402
-from torch._functorch.aot_autograd import make_boxed_func  # noqa: E402
-
-from smoothce.kernels.cross_entropy import fused_cross_entropy  # noqa: E402
-from smoothce.kernels.linear_cross_entropy import fused_linear_cross_entropy  # noqa: E402
-from smoothce.patterns.cross_entropy import rewrite_cross_entropy  # noqa: E402
-from smoothce.patterns.interpret import op_name  # noqa: E402
-
-N, V = 6, 11
-B, T = 2, 4
-EPS = 0.1
 FILE = os.path.basename(__file__)
-
-# ops that must be gone once a loss is rewritten
-ORIGINAL_OPS = {"log_softmax", "nll_loss", "cross_entropy", "kl_div", "gather", "logsumexp", "one_hot",
-                "scatter", "full_like"}
-
-
-class Recorder:
-    """A torch.compile backend: the detector, then aot_eager. Keeps each graph and result."""
-
-    def __init__(self, **options):
-        self.graphs, self.results, self.options = [], [], options
-
-    def __call__(self, gm, example_inputs):
-        self.results.append(rewrite_cross_entropy(gm, **self.options))
-        self.graphs.append(gm)
-        return aot_eager(gm, example_inputs)
-
-    @property
-    def result(self):
-        assert len(self.results) == 1, f"expected one graph, got {len(self.results)}"
-        return self.results[0]
-
-    @property
-    def gm(self):
-        return self.graphs[0]
-
-
-def normalize(code: str) -> str:
-    lines = [line.rstrip() for line in code.strip().splitlines() if line.strip()]
-    return "\n".join(lines)
-
-
-def fused_calls(gm) -> int:
-    ops = (fused_cross_entropy, fused_linear_cross_entropy)
-    return sum(n.op == "call_function" and n.target in ops for n in gm.graph.nodes)
-
-
-def left_ops(gm) -> set:
-    return {op_name(n) for n in gm.graph.nodes} & ORIGINAL_OPS
-
-
-def _cast(t, dtype):
-    return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-
-
-def check(fn, *inputs, grad=(0,), dtype=torch.float32, atol=1e-5, rtol=1e-5, no_grad=False, matches=1,
-          reference=None, kept=frozenset(), fuse_linear=False):
-    """Compile fn with the detector, compare with float64 eager; returns the Recorder.
-
-    inputs: float tensors are cast to `dtype` (compiled) and float64 (eager, from the same rounded
-    values); the ones at positions `grad` require grad. A fixed random cotangent weights each output
-    so reduction='none' gradients are checked row by row.
-    """
-    ours = [_cast(t, dtype) for t in inputs]
-    ref = [_cast(t, torch.float64) for t in ours]
-    for i in grad:
-        ours[i] = ours[i].detach().requires_grad_(not no_grad)
-        ref[i] = ref[i].detach().requires_grad_(not no_grad)
-    rec = Recorder(fuse_linear=fuse_linear)
-    compiled = torch.compile(fn, backend=rec, fullgraph=True)
-    with torch.set_grad_enabled(not no_grad):
-        out_ref = (reference or fn)(*ref)
-        out = compiled(*ours)
-        with torch.no_grad():
-            out_same = fn(*ours)  # eager at the compiled precision: the dtypes to expect
-    out_ref = out_ref if isinstance(out_ref, tuple) else (out_ref,)
-    out = out if isinstance(out, tuple) else (out,)
-    out_same = out_same if isinstance(out_same, tuple) else (out_same,)
-    gen = torch.Generator().manual_seed(7)
-    loss_ref, loss = 0, 0
-    for o, r, e in zip(out, out_ref, out_same):
-        if not r.is_floating_point():
-            torch.testing.assert_close(o, r)
-            continue
-        assert o.dtype == e.dtype and o.shape == e.shape, (o, e)
-        torch.testing.assert_close(o.double(), r.double(), atol=atol, rtol=rtol)
-        if r.requires_grad:
-            cot = torch.randn(r.shape, generator=gen, dtype=torch.float64)
-            loss_ref = loss_ref + (r * cot).sum()
-            loss = loss + (o * cot.to(o.dtype)).sum()
-    if not no_grad and grad:
-        loss_ref.backward()
-        loss.backward()
-        for i in grad:
-            torch.testing.assert_close(ours[i].grad.double(), ref[i].grad.double(), atol=atol, rtol=rtol)
-    if matches is not None:
-        assert len(rec.result.matches) == matches, rec.result
-    if matches:
-        assert fused_calls(rec.gm) == matches, rec.gm.code
-        assert left_ops(rec.gm) == set(kept), rec.gm.code
-    return rec
-
-
-def logits(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 2
-
-
-def labels(*shape, seed=1, ignore=None, where=(0,)):
-    y = torch.randint(0, V, shape, generator=torch.Generator().manual_seed(seed))
-    if ignore is not None:
-        flat = y.view(-1)
-        for i in where:
-            flat[i] = ignore
-    return y
-
 
 WEIGHT = torch.rand(V, generator=torch.Generator().manual_seed(3)) + 0.5
 
@@ -283,8 +175,8 @@ def test_lm_loss_divided_by_token_count(dtype):
     rec = check(lm_loss_token_mean, logits(B, T + 1, V), labels(B, T + 1, ignore=-100, where=(3, 7)),
                 dtype=dtype, **tol)
     (m,) = rec.result.matches
-    assert m.params["dtype"] == "float32"  # the op reads the upcast logits
-    assert m.params["reduction"] == "sum"
+    assert m.params["dtype"] == ("bfloat16" if dtype == torch.bfloat16 else "float32")  # the logits as they are
+    assert m.params["reduction"] == "mean"  # sum / (labels != -100).sum() is PyTorch's mean
 
 
 class GoldensLM(TestCase):
@@ -296,18 +188,13 @@ class GoldensLM(TestCase):
 def forward(self, L_x_ : torch.Tensor, L_y_ : torch.Tensor):
     l_x_ = L_x_
     l_y_ = L_y_
-    logits_ = l_x_.float();  l_x_ = None
-    getitem = logits_[(Ellipsis, slice(None, -1, None), slice(None, None, None))];  logits_ = None
-    shift_logits = getitem.contiguous();  getitem = None
     getitem_1 = l_y_[(Ellipsis, slice(1, None, None))];  l_y_ = None
     shift_labels = getitem_1.contiguous();  getitem_1 = None
-    view = shift_logits.view(-1, 11);  shift_logits = None
-    ne = shift_labels != -100
-    sum_1 = ne.sum();  ne = None
-    reshape = shift_labels.reshape(-1);  shift_labels = None
-    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(view, reshape, None, ignore_index = -100, reduction = 'sum');  view = reshape = None
-    truediv_1 = fused_cross_entropy / sum_1;  fused_cross_entropy = sum_1 = None
-    return (truediv_1,)""")
+    getitem_2 = l_x_[(Ellipsis, slice(None, -1, None), slice(None, None, None))];  l_x_ = None
+    reshape = getitem_2.reshape(-1, 11);  getitem_2 = None
+    reshape_1 = shift_labels.reshape(-1);  shift_labels = None
+    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(reshape, reshape_1, None, ignore_index = -100, reduction = 'mean');  reshape = reshape_1 = None
+    return (fused_cross_entropy,)""")
 
     def test_hf_label_smoother_golden(self):
         trainer_pt_utils = pytest.importorskip("transformers.trainer_pt_utils")
@@ -323,20 +210,23 @@ def forward(self, L_x_ : torch.Tensor, L_y_ : torch.Tensor):
 def forward(self, L_x_ : torch.Tensor, L_y_ : torch.Tensor):
     l_x_ = L_x_
     l_y_ = L_y_
-    getitem = l_x_[(Ellipsis, slice(None, -1, None), slice(None, None, None))];  l_x_ = None
-    logits = getitem.contiguous();  getitem = None
     getitem_1 = l_y_[(Ellipsis, slice(1, None, None))];  l_y_ = None
     labels = getitem_1.contiguous();  getitem_1 = None
     labels_1 = labels.unsqueeze(-1)
-    padding_mask = labels_1.eq(-100);  labels_1 = None
-    long = padding_mask.long();  padding_mask = None
-    sum_2 = long.sum();  long = None
-    denominator = 8 - sum_2;  sum_2 = None
-    reshape = logits.reshape(-1, 11);  logits = None
-    reshape_1 = labels.reshape(-1);  labels = None
-    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(reshape, reshape_1, None, ignore_index = -100, reduction = 'sum', label_smoothing = 0.1);  reshape = reshape_1 = None
-    truediv_2 = fused_cross_entropy / denominator;  fused_cross_entropy = denominator = None
-    return (truediv_2,)""")
+    labels_2 = torch.clamp(labels_1, min = 0);  labels_1 = None
+    getitem_2 = l_x_[(Ellipsis, slice(None, -1, None), slice(None, None, None))];  l_x_ = None
+    reshape = getitem_2.reshape(-1, 11);  getitem_2 = None
+    reshape_1 = labels_2.reshape(-1)
+    ne = labels != -100;  labels = None
+    reshape_2 = ne.reshape(-1);  ne = None
+    where = torch.where(reshape_2, reshape_1, -100);  reshape_2 = reshape_1 = None
+    reshape_3 = labels_2.reshape(-1);  labels_2 = None
+    lt = reshape_3 < 0
+    ge = reshape_3 >= 11;  reshape_3 = None
+    or_ = lt | ge;  lt = ge = None
+    where_1 = torch.where(or_, 11, where);  or_ = where = None
+    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(reshape, where_1, None, ignore_index = -100, reduction = 'mean', label_smoothing = 0.1);  reshape = where_1 = None
+    return (fused_cross_entropy,)""")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -417,19 +307,24 @@ class GoldensHand(TestCase):
     def test_eps_over_v_golden(self):
         rec = check(smooth_masked_mul, logits(N, V), labels(N, ignore=-100, where=(1, 2)))
         (m,) = rec.result.matches
-        # the location is the user's log_softmax line; the graph nodes it replaced are listed
-        self.assertEqual(m.location, f"{FILE}:{inspect.getsourcelines(smooth_masked_mul)[1] + 1}")
+        # the location is the line that produces the loss; the graph nodes it replaced are listed
+        self.assertEqual(m.location, f"{FILE}:{inspect.getsourcelines(smooth_masked_mul)[1] + 6}")
         self.assertIn("lp", m.replaced)
         self.assertExpectedInline(normalize(rec.gm.code), """\
 def forward(self, L_x_ : torch.Tensor, L_y_ : torch.Tensor):
     l_x_ = L_x_
     l_y_ = L_y_
-    ne = l_y_ != -100
-    mask = ne.float();  ne = None
-    sum_2 = mask.sum();  mask = None
-    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(l_x_, l_y_, None, ignore_index = -100, reduction = 'sum', label_smoothing = 0.1);  l_x_ = l_y_ = None
-    truediv_1 = fused_cross_entropy / sum_2;  fused_cross_entropy = sum_2 = None
-    return (truediv_1,)""")
+    clamp = l_y_.clamp(min = 0)
+    ne_1 = l_y_ != -100;  l_y_ = None
+    reshape = ne_1.reshape(-1);  ne_1 = None
+    where = torch.where(reshape, clamp, -100);  reshape = None
+    reshape_1 = clamp.reshape(-1);  clamp = None
+    lt = reshape_1 < 0
+    ge = reshape_1 >= 11;  reshape_1 = None
+    or_ = lt | ge;  lt = ge = None
+    where_1 = torch.where(or_, 11, where);  or_ = where = None
+    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(l_x_, where_1, None, ignore_index = -100, reduction = 'mean', label_smoothing = 0.1);  l_x_ = where_1 = None
+    return (fused_cross_entropy,)""")
 
     def test_eps_over_v_minus_one_golden(self):
         rec = check(smooth_other_classes, logits(N, V), labels(N, ignore=0, where=(0, 3)))
@@ -441,11 +336,8 @@ def forward(self, L_x_ : torch.Tensor, L_y_ : torch.Tensor):
 def forward(self, L_x_ : torch.Tensor, L_y_ : torch.Tensor):
     l_x_ = L_x_
     l_y_ = L_y_
-    mask = l_y_ != 0
-    sum_3 = mask.sum();  mask = None
-    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(l_x_, l_y_, None, ignore_index = 0, reduction = 'sum', label_smoothing = 0.1, smoothing = 'others');  l_x_ = l_y_ = None
-    truediv_1 = fused_cross_entropy / sum_3;  fused_cross_entropy = sum_3 = None
-    return (truediv_1,)""")
+    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(l_x_, l_y_, None, ignore_index = 0, reduction = 'mean', label_smoothing = 0.1, smoothing = 'others');  l_x_ = l_y_ = None
+    return (fused_cross_entropy,)""")
 
 
 def test_hand_written_weighted():
@@ -618,7 +510,8 @@ def test_dense_targets_are_left_alone():
         return -(p * F.log_softmax(x, -1)).sum(-1).mean()
 
     p = torch.softmax(logits(N, V, seed=5), -1)
-    assert _unchanged(fn, logits(N, V), p) == ["targets are a dense input (l_p_), not built from the labels"]
+    assert _unchanged(fn, logits(N, V), p) == [
+        "targets are class probabilities from outside the graph (l_p_), not built from the labels"]
 
 
 def test_dense_targets_to_cross_entropy_are_left_alone():
@@ -626,7 +519,8 @@ def test_dense_targets_to_cross_entropy_are_left_alone():
         return F.cross_entropy(x, p)
 
     p = torch.softmax(logits(N, V, seed=5), -1)
-    assert _unchanged(fn, logits(N, V), p) == ["targets are a dense input (l_p_), not built from the labels"]
+    assert _unchanged(fn, logits(N, V), p) == [
+        "targets are class probabilities from outside the graph (l_p_), not built from the labels"]
 
 
 def test_log_probs_read_elsewhere_are_left_alone():
@@ -654,7 +548,9 @@ def test_per_row_factor_stays_user_arithmetic():
         return -(lp.gather(1, y[:, None]).squeeze(1) * torch.sigmoid(x[:, 0])).mean()
 
     rec = check(fn, logits(N, V), labels(N))
-    assert rec.result.matches[0].params["reduction"] == "none"
+    (m,) = rec.result.matches
+    # the op gives the label's log-prob per row (minus its cross-entropy), named as such
+    assert (m.params["reduction"], m.family, m.form.scale) == ("none", "log-prob of the label", -1.0)
     assert any(op_name(n) is None and n.target is torch.sigmoid for n in rec.gm.graph.nodes)
 
 
@@ -666,6 +562,34 @@ def test_unknown_op_is_left_alone():
     reasons = _unchanged(fn, logits(N, V), labels(N))
     line = inspect.getsourcelines(fn)[1] + 2
     assert reasons == [f"log-probs also read at {FILE}:{line} (exp)"], reasons
+
+
+def focal_loss(x, y, gamma=2.0):
+    logpt = F.log_softmax(x, -1).gather(1, y[:, None]).squeeze(1)
+    pt = logpt.exp()
+    return (-((1 - pt) ** gamma) * logpt).mean()
+
+
+def poly1_loss(x, y, epsilon=1.0):
+    ce = F.cross_entropy(x, y, reduction="none")
+    pt = torch.sum(F.one_hot(y, V) * F.softmax(x, -1), dim=-1)
+    return (ce + epsilon * (1 - pt)).mean()
+
+
+def test_focal_loss_is_left_alone_in_words():
+    # the label's log-prob goes through exp: not a cross-entropy, and not reported as one
+    reasons = _unchanged(focal_loss, logits(N, V), labels(N))
+    line = inspect.getsourcelines(focal_loss)[1] + 2
+    assert reasons == [f"exp of a per-row loss at {FILE}:{line}: a focal, poly or entropy term, not a "
+                       "cross-entropy; left as written"], reasons
+
+
+def test_poly_loss_keeps_its_probability_term():
+    # Poly-1: the cross-entropy is fused (one row each), the softmax term stays as written
+    rec = check(poly1_loss, logits(N, V), labels(N), kept={"one_hot"})
+    (m,) = rec.result.matches
+    assert (m.family, m.params["reduction"]) == ("cross_entropy", "none")
+    assert any(op_name(n) == "softmax" for n in rec.gm.graph.nodes)
 
 
 def test_labels_changed_in_place_are_left_alone():
@@ -738,6 +662,22 @@ def test_dynamic_batch():
     assert rec.results and all(len(r.matches) == 1 for r in rec.results), rec.results
 
 
+def test_dynamic_class_count():
+    # dynamic=True makes the class count symbolic for logits that are an input: the coefficients
+    # depend on it, so the loss is left alone and the near miss says how to keep it static
+    rec = Recorder()
+    fn = torch.compile(smooth_masked_mul, backend=rec, dynamic=True)
+    torch.testing.assert_close(fn(logits(N, V), labels(N)), smooth_masked_mul(logits(N, V), labels(N)))
+    assert not [m for r in rec.results for m in r.matches]
+    assert any(n.reason.startswith("the class count is dynamic") for r in rec.results for n in r.near_misses)
+    # a head's weight keeps it static: the loss is rewritten under dynamic=True as well
+    torch.manual_seed(0)
+    model, h, y = TinyLM(), logits(B, T + 1, D, seed=9), labels(B, T + 1)
+    rec = Recorder()
+    torch.testing.assert_close(torch.compile(model, backend=rec, dynamic=True)(h, y), model(h, y))
+    assert [m.family for r in rec.results for m in r.matches] == ["linear+cross_entropy"]
+
+
 def test_mask_that_differs_between_classes_is_left_alone():
     def fn(x, y, keep):  # keep is (N, V): not a mask of rows
         lp = F.log_softmax(x, -1)
@@ -745,7 +685,8 @@ def test_mask_that_differs_between_classes_is_left_alone():
 
     keep = torch.rand(N, V, generator=torch.Generator().manual_seed(4)) > 0.3
     reasons = _unchanged(fn, logits(N, V), labels(N), keep)
-    assert reasons == ["masked_fill with a mask that is not one value per row"], reasons
+    line = inspect.getsourcelines(fn)[1] + 2
+    assert reasons == [f"a mask of shape (6, 11) that is not one value per row (masked_fill at {FILE}:{line})"], reasons
 
 
 def test_learned_class_weight_stays_user_arithmetic():
@@ -763,8 +704,16 @@ def test_log_softmax_dtype_upcast():
         return F.nll_loss(F.log_softmax(x, -1, dtype=torch.float32), y)
 
     rec = check(fn, logits(N, V), labels(N), dtype=torch.bfloat16, atol=1e-2, rtol=1e-2)
-    assert rec.result.matches[0].params["dtype"] == "bfloat16"
-    assert any(n.target == "to" for n in rec.gm.graph.nodes)
+    (m,) = rec.result.matches
+    assert (m.params["dtype"], m.params["loss_dtype"]) == ("bfloat16", "float32")
+    assert_reads_logits_in_their_dtype(rec.gm, torch.float32)
+
+
+def assert_reads_logits_in_their_dtype(gm, loss_dtype):
+    """No float32 copy of the logits: the op reads them as they are and returns loss_dtype."""
+    assert not any(op_name(n) == "cast" for n in gm.graph.nodes), gm.code
+    (call,) = [n for n in gm.graph.nodes if n.target in (fused_cross_entropy, fused_linear_cross_entropy)]
+    assert call.kwargs["loss_dtype"] == loss_dtype
 
 
 # ------------------------------------------------------------------------------------------------
@@ -820,8 +769,10 @@ def test_logits_returned_keep_the_plain_op():
     rec = check_head(TinyLM(return_logits=True))
     (m,) = rec.result.matches
     assert m.family == "cross_entropy"
+    line = inspect.getsourcelines(TinyLM.forward)[1] + 1
     assert [nm.reason for nm in rec.result.near_misses] == [
-        "not fused with its LM head: logits returned to the caller"]
+        f"not fused with the linear layer that produces the logits (linear at {FILE}:{line}): "
+        "the logits are returned to the caller"]
 
 
 @pytest.mark.parametrize("fuse_linear, family", [(None, "linear+cross_entropy"), (False, "cross_entropy")])
@@ -861,15 +812,8 @@ def test_rewritten_graph_through_inductor():
         results.append(rewrite_cross_entropy(gm))
         return compile_fx(gm, inputs)
 
-    x = logits(N, V).requires_grad_()
-    y = labels(N, ignore=-100, where=(1,))
-    loss = torch.compile(smooth_masked_mul, backend=backend)(x, y)
-    loss.backward()
-    xr = x.detach().double().requires_grad_()
-    ref = smooth_masked_mul(xr, y)
-    ref.backward()
-    torch.testing.assert_close(loss.double(), ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(x.grad.double(), xr.grad, atol=1e-5, rtol=1e-5)
+    assert_equals_eager_in_float64(torch.compile(smooth_masked_mul, backend=backend), smooth_masked_mul,
+                                   logits(N, V), labels(N, ignore=-100, where=(1,)))
     assert [m.family for r in results for m in r.matches] == ["hand-written eps/V"]
 
 
@@ -883,8 +827,8 @@ def test_grad_mode_switch_inside_the_loss_is_left_alone():
     assert len(reasons) == 1 and reasons[0].startswith("the grad mode changes inside the loss"), reasons
 
 
-def test_autocast_style_upcast_reads_the_logits_upcast():
-    # bf16 logits, float32 loss: the op reads float32 logits instead of rounding the loss to bf16
+def test_bf16_log_probs_with_a_float32_target_give_a_float32_loss():
+    # bf16 logits, float32 loss: the op reads the bf16 logits and returns the loss in float32
     def fn(x, y):
         t = F.one_hot(y, V).float() * (1 - EPS) + EPS / V
         return -(t * x.log_softmax(-1)).sum(-1).mean()
@@ -893,7 +837,7 @@ def test_autocast_style_upcast_reads_the_logits_upcast():
     out = torch.compile(fn, backend=Recorder())(logits(N, V).bfloat16(), labels(N))
     ref = fn(logits(N, V).bfloat16().double(), labels(N))
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)  # float32 accuracy
-    assert any(n.target == "to" for n in rec.gm.graph.nodes)
+    assert_reads_logits_in_their_dtype(rec.gm, torch.float32)
 
 
 def test_targets_built_under_no_grad():
@@ -917,7 +861,8 @@ def test_kl_div_none_masked():
 
     rec = check(fn, logits(N, V), labels(N, ignore=-100, where=(0, 4)))
     (m,) = rec.result.matches
-    assert (m.family, m.params["reduction"], m.params["ignore_index"]) == ("kl_div", "sum", -100)
+    # (kl * mask).sum() / mask.sum() with mask = y != -100 is the op's mean over kept rows
+    assert (m.family, m.params["reduction"], m.params["ignore_index"]) == ("kl_div", "mean", -100)
 
 
 def test_graph_without_a_loss_is_untouched():
@@ -985,14 +930,13 @@ def test_fairseq_criterion():
     assert (m.family, m.params["eps"], m.params["ignore_index"]) == ("hand-written eps/(V-1)", EPS, 1)
 
 
-def test_fairseq_criterion_returning_nll_is_left_alone():
-    # the nll part is returned too (for logging): one op cannot give both
+def test_fairseq_criterion_returning_nll_gets_its_own_call():
+    # the nll part is returned too (for logging): each output gets its op call, no log-probs stay
     def fn(x, y):
         return fairseq_label_smoothed_nll_loss(F.log_softmax(x, -1), y, EPS, ignore_index=1)
 
-    reasons = _unchanged(fn, logits(N, V), labels(N, ignore=1, where=(0,)))
-    assert len(reasons) == 1 and reasons[0].startswith("the loss (nll_loss_1, "), reasons
-    assert reasons[0].endswith(") is also returned from the graph")
+    rec = check(fn, logits(N, V), labels(N, ignore=1, where=(0,)), matches=2)
+    assert sorted(m.params["eps"] for m in rec.result.matches) == [0.0, EPS]
 
 
 @pytest.mark.parametrize("how", ["mul_", "scatter_", "setitem", "label clamp_"])

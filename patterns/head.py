@@ -1,0 +1,129 @@
+"""The layer that produces the logits: a linear head the loss can be fused with.
+
+When the logits a loss reads come straight from ``F.linear(h, W, b)`` or ``h @ W.t()`` (through
+the views, slices, upcasts, constant factors and softcap that :class:`algebra.Logits` absorbs)
+and nothing else reads them, the loss becomes one ``fused_linear_cross_entropy`` call on the
+head's input: the logits never exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any, Optional
+
+import torch
+import torch.fx
+
+from smoothce.patterns.nodes import dtype, location, shape, target_name
+from smoothce.patterns.ops import op_name
+
+Node = torch.fx.Node
+
+__all__ = ["Head", "head_call", "find_head"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Head:
+    """hidden @ weight.T (+ bias), computed in ``compute_dtype`` (its output's dtype: under
+    torch.autocast the autocast dtype, to which autocast casts hidden, weight and bias)."""
+
+    node: Node  # the call that produces the logits
+    hidden: Node  # (..., D)
+    weight: Node  # (V, D)
+    bias: Optional[Node]  # (V,)
+    compute_dtype: Any
+
+    @property
+    def words(self) -> str:
+        return f"the linear layer that produces the logits ({target_name(self.node)} at {location(self.node)})"
+
+
+def head_call(node: Node) -> Optional[Head]:
+    """The head when ``node`` is F.linear(h, W, b), h @ W.t() or h @ W.T, else None."""
+    if node.op != "call_function":
+        return None
+    if node.target in (torch._C._nn.linear, torch.nn.functional.linear):
+        args = list(node.args) + [None] * 3
+        h = node.kwargs.get("input", args[0])
+        w = node.kwargs.get("weight", args[1])
+        b = node.kwargs.get("bias", args[2])
+        if isinstance(h, Node) and isinstance(w, Node) and (b is None or isinstance(b, Node)):
+            return _head(node, h, w, b)
+        return None
+    if node.target in (torch.matmul, operator.matmul) and len(node.args) == 2 and not node.kwargs:
+        h, wt = node.args
+        if not isinstance(h, Node) or not isinstance(wt, Node):
+            return None
+        transposed = (wt.op == "call_method" and wt.target == "t" and len(wt.args) == 1) or (
+            wt.op == "call_function" and wt.target is getattr and wt.args[1:] == ("T",))
+        if transposed and isinstance(wt.args[0], Node):
+            return _head(node, h, wt.args[0], None)
+    return None
+
+
+def _head(node, h, w, b) -> Optional[Head]:
+    ws = shape(w)
+    if ws is None or len(ws) != 2 or shape(h) is None or shape(h)[-1] != ws[1] or dtype(node) is None:
+        return None
+    if b is not None and shape(b) != (ws[0],):
+        return None
+    return Head(node, h, w, b, dtype(node))
+
+
+def replays_on_hidden(layout: tuple, classes: int) -> bool:
+    """Whether the logits' views and slices can be replayed on the hidden states (last dim D)."""
+    for n in layout:
+        op = op_name(n)
+        if op == "reshape":
+            sizes = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (list, tuple)) else n.args[1:]
+            if not sizes or sizes[-1] not in (classes, -1):
+                return False
+        elif op not in ("getitem", "squeeze", "unsqueeze", "flatten"):
+            return False
+    return True
+
+
+def find_head(plan, dead: set) -> tuple[Optional[Head], Optional[str]]:
+    """(the head to fuse, None), (None, why not) for a head that cannot be fused, or (None, None)
+    when no linear layer produces the logits."""
+    key = plan.logits
+    head = head_call(key.source)
+    if head is None:
+        return None, None
+    if shape(head.weight)[0] != plan.classes:
+        return None, None
+    if key.cd != -1:
+        return None, f"not fused with {head.words}: the classes of its logits are not the last dim"
+    if plan.group > 1:  # each loss would run the head's matmul again
+        return None, f"not fused with {head.words}: its logits feed {plan.group} losses"
+    if key.dtype is not None:
+        return None, (f"not fused with {head.words}: its logits are upcast to "
+                      f"{str(key.dtype).removeprefix('torch.')} before the loss")
+    if not replays_on_hidden(key.layout, plan.classes):
+        return None, f"not fused with {head.words}: its logits are reshaped in a way its input cannot follow"
+    if key.source not in dead:
+        reader = _live_reader(key.source, dead)
+        where = "returned to the caller" if reader is None or reader.op == "output" else \
+            f"also read at {location(reader)} ({target_name(reader)})"
+        return None, f"not fused with {head.words}: the logits are {where}"
+    return head, None
+
+
+# what logits go through on their way to a loss or to the caller
+_PASS = {"cast", "contiguous", "clone", "reshape", "getitem", "squeeze", "unsqueeze", "flatten", "mul", "div", "tanh"}
+
+
+def _live_reader(source: Node, dead: set) -> Optional[Node]:
+    """The first reader of the logits that outlives the loss, past views, casts and scaling."""
+    seen, frontier = set(), [source]
+    while frontier:
+        n = frontier.pop(0)
+        for u in n.users:
+            if u in dead or u in seen:
+                continue
+            seen.add(u)
+            if u.op == "output" or op_name(u) not in _PASS:
+                return u
+            frontier.append(u)
+    return None

@@ -1,0 +1,315 @@
+"""The normal form: is a loss value an instance of the fused op's form, and with which parameters?
+
+A value reaching a loss output (``RowV`` per row, ``ScalarV`` reduced) is a sum of terms, each
+restricted to the rows its own mask keeps. ``normal_form`` groups the terms by mask and reads
+every group as
+
+    a * L_label + b * sum_j w_j L_j + z * lse^2 + c,    L = lse - x  (minus the log-probs)
+
+with w_j = 1 except at "padding columns" the target leaves out. A loss is an instance of the op
+when there is one label term (its mask folds into the labels as ignore_index), one uniform term
+(its own mask becomes the op's ``uniform_rows``), the z and constant terms on the label term's
+rows, and one divisor per op call. Terms divided by different counts (PyTorch's nll_loss mean next
+to a plain mean over rows) become one call each. Anything else is a Reject that says why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from fractions import Fraction
+from typing import Optional
+
+import torch.fx
+
+from smoothce.kernels.form import LossForm
+from smoothce.patterns.algebra import (
+    TWO_LABELS, CondAtom, Divisor, LabelV, Logits, Q, Reject, RowV, ScalarV, simplify, static_classes,
+)
+from smoothce.patterns.nodes import fake, shape
+
+Node = torch.fx.Node
+
+__all__ = ["Target", "Call", "normal_form", "classes_of", "logits_shape"]
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """The labels one op call reads: ``node`` (the user's labels, or the tensor their code built
+    from them), ``ignore`` (the op's ignore_index; None: no label is ignored), ``fold``: the
+    conditions of the label term's mask that are not "labels != ignore" and are folded into the
+    labels as where(fold, labels, ignore); ``wrap``: negative labels count from the end."""
+
+    node: Optional[Node]
+    ignore: Optional[int]
+    fold: frozenset = frozenset()
+    wrap: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """One fused op call: the terms of a loss that share a divisor."""
+
+    a: Fraction
+    b: Fraction
+    c: Fraction
+    z: Fraction
+    label: Optional[LabelV]
+    target: Target
+    uniform_rows: Optional[frozenset]  # None: the label term's rows; else the uniform term's own mask
+    weight: Optional[Node]  # the user's class weights
+    columns: tuple  # ((p, w_p), ...): class weights of the target's padding columns (w = 1 elsewhere)
+    reduction: str  # the op's: 'none', 'sum' or 'mean'
+    divisor: Optional[Divisor]  # what the op's 'sum' is divided by afterwards
+    form: LossForm  # the parameters the op gets (for V classes)
+    words: LossForm  # the same loss as the user wrote it (a padding column is no class to spread over)
+
+
+def logits_shape(key: Logits) -> Optional[tuple]:
+    node = key.layout[-1] if key.layout else key.source
+    return shape(node)
+
+
+def classes_of(key: Logits) -> int:
+    shp = logits_shape(key)
+    if shp is None or key.cd is None:
+        raise Reject("the logits have no known shape")
+    return static_classes(shp[key.cd])
+
+
+def normal_form(value) -> tuple[Logits, list[Call]]:
+    """(the logits, the op calls) for a loss value, or Reject."""
+    if isinstance(value, RowV):
+        parts, per_row = ((None, value),), True
+    elif isinstance(value, ScalarV):
+        parts, per_row = value.parts, False
+    else:
+        raise Reject("not a loss")
+    key = value.key
+    V = classes_of(key)
+    shp = logits_shape(key)
+    if len(shp) < 2:
+        raise Reject("the logits are 1-D (one unbatched row)")
+    if key.cd not in (-1, 1 - len(shp)):
+        raise Reject(f"classes along dim {len(shp) + key.cd} of a {len(shp)}-D tensor "
+                     "(the op takes them at dim 1 or last)")
+    if fake(key.source) is None or not fake(key.source).dtype.is_floating_point:
+        raise Reject("the logits are not a floating-point tensor")
+    calls = [_call(row, divisor, V, key, per_row) for divisor, row in parts if row.terms]
+    calls.sort(key=lambda c: (c.a == 0, c.b == 0))  # the call with the label term first
+    if not calls or all(c.a == 0 and c.b == 0 for c in calls):
+        # lse^2 alone: the op would add a gradient buffer where logsumexp needs none
+        raise Reject("no log-prob term (a z-loss alone is left as written)")
+    labels = {c.label for c in calls if c.label is not None}
+    if len(labels) > 1:
+        raise Reject(TWO_LABELS)
+    return key, calls
+
+
+# ------------------------------------------------------------------------------------------------
+# One call
+# ------------------------------------------------------------------------------------------------
+
+
+def _merge_masks(terms: dict) -> dict:
+    """k [C] + (-k) [C and c] = k [C and not c]: a term minus its masked copy."""
+    changed = True
+    while changed:
+        changed = False
+        for (atom, conds), k in list(terms.items()):
+            for c in conds:
+                smaller = (atom, conds - {c})
+                if terms.get(smaller) == -k and (atom, conds) in terms:
+                    rest = simplify((conds - {c}) | {c.negated()})
+                    del terms[(atom, conds)], terms[smaller]
+                    if rest is not None:
+                        terms[(atom, rest)] = terms.get((atom, rest), 0) + k
+                    changed = True
+                    break
+            if changed:
+                break
+    return {k: v for k, v in terms.items() if v != 0}
+
+
+def _label_of(terms: dict) -> Optional[LabelV]:
+    labels = {atom[1] for atom, _ in terms if atom[0] in ("XG", "WG")}
+    if len(labels) > 1:
+        raise Reject(TWO_LABELS)
+    return next(iter(labels), None)
+
+
+def _columns_at_label(terms: dict, label: Optional[LabelV]) -> dict:
+    """x[i, p] on rows where the label is p is x at the label."""
+    out: dict = {}
+    for (atom, conds), k in terms.items():
+        if atom[0] == "XC" and label is not None and label.plain \
+                and CondAtom(("ne", label.base, atom[1]), False) in conds:
+            atom = ("XG", label)
+        out[(atom, conds)] = out.get((atom, conds), 0) + k
+    return {k: v for k, v in out.items() if v != 0}
+
+
+@dataclasses.dataclass
+class _Group:
+    a: Fraction = Q(0)
+    b: Fraction = Q(0)
+    cols: dict = dataclasses.field(default_factory=dict)  # p -> coefficient of x[:, p]
+    lse: Fraction = Q(0)
+    z: Fraction = Q(0)
+    c: Fraction = Q(0)
+    weight: Optional[Node] = None
+    weighted: bool = False
+
+
+def _read_group(atoms: dict, V: int) -> _Group:
+    g = _Group()
+    weights = {a[-1] for a in atoms if a[0] in ("WG", "WS")}
+    if len(weights) > 1:
+        raise Reject("two different class-weight tensors")
+    if weights:
+        (g.weight,) = weights
+        g.weighted = True
+    for atom, k in atoms.items():
+        kind = atom[0]
+        if kind in ("XG", "XS", "XC", "LSE") and g.weighted:
+            raise Reject("weighted and unweighted log-prob terms are mixed")
+        if kind in ("XG", "WG"):
+            g.a -= k
+        elif kind in ("XS", "WS"):
+            g.b -= k
+        elif kind == "XC":
+            g.cols[atom[1]] = g.cols.get(atom[1], 0) + k
+        elif kind == "LSE":
+            g.lse += k
+        elif kind == "Z":
+            g.z += k
+        else:
+            g.c += k
+    if not g.weighted:
+        # lse must enter with the target mass: then the group is sum_j q_j (lse - x_j)
+        mass = g.a + g.b * V - sum(g.cols.values(), Q(0))
+        if g.lse != mass:
+            if g.a == 0 and g.b == 0 and not g.cols:
+                if g.lse:
+                    raise Reject("logsumexp alone is not a log-prob term (only its square is a z-loss)")
+            else:
+                raise Reject(f"lse enters with coefficient {float(g.lse)!r} but the target mass is "
+                             f"{float(mass)!r}: not log-probs")
+    if g.cols and g.b == 0:
+        raise Reject(f"the loss reads the log-prob of class {min(g.cols)} alone (not a padding "
+                     "column of a smoothed target)")
+    return g
+
+
+def _one(groups: dict, what: str, field_: str):
+    found = [(m, g) for m, g in groups.items() if getattr(g, field_)]
+    if len(found) > 1:
+        raise Reject(f"the {what} terms are masked in {len(found)} different ways")
+    return found[0] if found else (None, None)
+
+
+def _call(row: RowV, divisor: Optional[Divisor], V: int, key: Logits, per_row: bool) -> Call:
+    terms = _merge_masks(dict(row.terms))
+    label = _label_of(terms)
+    terms = _columns_at_label(terms, label)
+    by_mask: dict = {}
+    for (atom, conds), k in terms.items():
+        by_mask.setdefault(conds, {})[atom] = k
+    groups = {m: _read_group(atoms, V) for m, atoms in by_mask.items()}
+    m_a, ga = _one(groups, "label", "a")
+    m_b, gb = _one(groups, "uniform", "b")
+    m_z, gz = _one(groups, "z-loss", "z")
+    m_c, gc = _one(groups, "constant", "c")
+    if ga is None and gb is None and gz is None:
+        raise Reject("no term reads the log-probs")
+    rows = m_a if ga is not None else m_b if gb is not None else m_z
+    for what, m in (("z-loss", m_z), ("constant", m_c)):
+        if m is not None and m != rows:
+            raise Reject(f"the {what} term is masked differently from the label term")
+    weights = {g.weight for g in groups.values() if g.weighted}
+    weight = next(iter(weights), None)
+    if len(weights) > 1:
+        raise Reject("two different class-weight tensors")
+    if weight is not None and any(not g.weighted and (g.a or g.b) for g in groups.values()):
+        raise Reject("weighted and unweighted log-prob terms are mixed")
+    a = ga.a if ga is not None else Q(0)
+    b = gb.b if gb is not None else Q(0)
+    z = gz.z if gz is not None else Q(0)
+    c = gc.c if gc is not None else Q(0)
+    if z < 0:
+        raise Reject(f"the z-loss coefficient {float(z)!r} is negative")
+    columns = tuple(sorted((p, 1 - k / b) for p, k in (gb.cols.items() if gb is not None else ())))
+    if weight is not None and (fake(weight) is None or fake(weight).requires_grad):
+        raise Reject(f"the class weight {weight.name} requires grad (the op does not differentiate it)")
+    if columns and weight is not None:
+        raise Reject("class weights and a padding column together")
+    if label is None and a != 0:
+        raise Reject("no term reads the log-prob of the label")
+    target = _target(label, rows, V)
+    # the op weighs the label term by w[y] too: a padding column p needs rows with label p dropped
+    for p, w in columns:
+        if w != 1 and a != 0 and not _drops_label(target, label, m_a, p):
+            raise Reject(f"the target leaves out class {p} but keeps rows whose label is {p}")
+    uniform = None if gb is None or ga is None or m_b == m_a else m_b
+    if uniform is not None and c:
+        raise Reject("a KL divergence whose smoothing term is masked apart from its label term")
+    reduction, after = _reduction(divisor, per_row, weight, label, rows, uniform, z, c)
+    fields = dict(ignore_index=target.ignore, reduction=reduction, z_loss=float(z),
+                  softcap=None if key.cap is None else float(key.cap), logit_scale=float(key.scale))
+    if a == 0 and b == 0:  # a z-loss term divided apart from the cross-entropy: no target at all
+        if c:
+            raise Reject("a constant term without log-probs")
+        form = LossForm(scale=0.0, **fields)
+        return Call(a, b, c, z, None, target, None, None, (), reduction, after, form, form)
+    try:
+        form = LossForm.from_coefficients(a, b, float(c), V, **fields)
+    except ValueError as err:  # the form cannot express these coefficients
+        raise Reject(str(err).removeprefix("smoothce: ")) from err
+    left_out = sum(1 for _, w in columns if w == 0)
+    return Call(a, b, c, z, label, target, uniform, weight, columns, reduction, after, form,
+                _in_words(form, a, b, c, V - left_out, fields) if left_out else form)
+
+
+def _in_words(form: LossForm, a, b, c, classes: int, fields: dict) -> LossForm:
+    """The form over the classes the target spreads eps over: eps / (V - 2) with a padding column
+    left out is eps over the V - 2 classes other than the label."""
+    try:
+        return LossForm.from_coefficients(a, b, float(c), classes, **fields)
+    except ValueError:  # LossForm's "no form has these coefficients"
+        return form
+
+
+def _target(label: Optional[LabelV], mask: frozenset, V: int) -> Target:
+    """Which labels the op reads and how the label term's mask folds into them."""
+    if label is None:
+        return Target(None, None if not mask else -100, mask)
+    node = label.base if label.altered <= mask else label.node
+    ks = sorted(atom.key[2] for atom in mask
+                if atom.key[0] == "ne" and atom.holds and atom.key[1] is node)
+    if ks and not label.wrap:
+        ignore = -100 if -100 in ks else ks[0]
+        rest = frozenset(a for a in mask if not (a.key[0] == "ne" and a.holds and a.key[1] is node
+                                                 and a.key[2] == ignore))
+        return Target(node, ignore, rest, label.wrap)
+    if not mask:
+        return Target(node, None, frozenset(), label.wrap)
+    return Target(node, -100, mask, label.wrap)
+
+
+def _drops_label(target: Target, label: LabelV, mask: frozenset, p: int) -> bool:
+    return target.node is label.base and (target.ignore == p or CondAtom(("ne", label.base, p)) in mask)
+
+
+def _reduction(divisor, per_row, weight, label, rows, uniform, z, c) -> tuple[str, Optional[Divisor]]:
+    """The op's reduction, and the divisor left to apply after it."""
+    if per_row:
+        return "none", None
+    if divisor is None:
+        return "sum", None
+    kind = divisor.key[0]
+    same_rows = uniform is None
+    if kind == "count" and weight is None and divisor.key[1] == rows and same_rows:
+        return "mean", None  # PyTorch's mean: divided by the number of kept rows
+    if kind == "rows" and weight is None and not rows and same_rows:
+        return "mean", None  # no row is dropped: the mean over all rows
+    if kind == "wsum" and divisor.key[1:] == (weight, label, rows) and same_rows and z == 0 and c == 0:
+        return "mean", None  # divided by the sum of w[y] over kept rows
+    return "sum", divisor

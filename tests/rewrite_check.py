@@ -1,0 +1,138 @@
+"""Helpers of the detector's tests: compile a loss with the detector, compare it with eager in float64.
+
+Shapes are tiny (N=6 rows, V=11 classes: odd, so eps/V and eps/(V-1) differ visibly).
+"""
+
+import torch
+from torch._dynamo.backends.debugging import aot_eager
+
+from smoothce.kernels.cross_entropy import fused_cross_entropy
+from smoothce.kernels.linear_cross_entropy import fused_linear_cross_entropy
+from smoothce.patterns.cross_entropy import rewrite_cross_entropy
+from smoothce.patterns.ops import op_name
+
+N, V = 6, 11
+B, T = 2, 4
+EPS = 0.1
+
+
+# ops that must be gone once a loss is rewritten
+ORIGINAL_OPS = {"log_softmax", "nll_loss", "cross_entropy", "kl_div", "gather", "logsumexp", "one_hot",
+                "scatter", "full_like"}
+
+
+class Recorder:
+    """A torch.compile backend: the detector, then aot_eager. Keeps each graph and result."""
+
+    def __init__(self, **options):
+        self.graphs, self.results, self.options = [], [], options
+
+    def __call__(self, gm, example_inputs):
+        self.results.append(rewrite_cross_entropy(gm, **self.options))
+        self.graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    @property
+    def result(self):
+        assert len(self.results) == 1, f"expected one graph, got {len(self.results)}"
+        return self.results[0]
+
+    @property
+    def gm(self):
+        return self.graphs[0]
+
+
+def normalize(code: str) -> str:
+    lines = [line.rstrip() for line in code.strip().splitlines() if line.strip()]
+    return "\n".join(lines)
+
+
+def fused_calls(gm) -> int:
+    ops = (fused_cross_entropy, fused_linear_cross_entropy)
+    return sum(n.op == "call_function" and n.target in ops for n in gm.graph.nodes)
+
+
+def left_ops(gm) -> set:
+    return {op_name(n) for n in gm.graph.nodes} & ORIGINAL_OPS
+
+
+def _cast(t, dtype):
+    return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+
+def check(fn, *inputs, grad=(0,), dtype=torch.float32, atol=1e-5, rtol=1e-5, no_grad=False, matches=1,
+          calls=None, reference=None, kept=frozenset(), fuse_linear=False):
+    """Compile fn with the detector, compare with float64 eager; returns the Recorder.
+
+    inputs: float tensors are cast to `dtype` (compiled) and float64 (eager, from the same rounded
+    values); the ones at positions `grad` require grad. A fixed random cotangent weights each output
+    so reduction='none' gradients are checked row by row. ``calls``: op calls expected (default:
+    one per match).
+    """
+    ours = [_cast(t, dtype) for t in inputs]
+    ref = [_cast(t, torch.float64) for t in ours]
+    for i in grad:
+        ours[i] = ours[i].detach().requires_grad_(not no_grad)
+        ref[i] = ref[i].detach().requires_grad_(not no_grad)
+    rec = Recorder(fuse_linear=fuse_linear)
+    compiled = torch.compile(fn, backend=rec, fullgraph=True)
+    with torch.set_grad_enabled(not no_grad):
+        out_ref = (reference or fn)(*ref)
+        out = compiled(*ours)
+        with torch.no_grad():
+            out_same = fn(*ours)  # eager at the compiled precision: the dtypes to expect
+    out_ref = out_ref if isinstance(out_ref, tuple) else (out_ref,)
+    out = out if isinstance(out, tuple) else (out,)
+    out_same = out_same if isinstance(out_same, tuple) else (out_same,)
+    gen = torch.Generator().manual_seed(7)
+    loss_ref, loss = 0, 0
+    for o, r, e in zip(out, out_ref, out_same):
+        if not r.is_floating_point():
+            torch.testing.assert_close(o, r)
+            continue
+        assert o.dtype == e.dtype and o.shape == e.shape, (o, e)
+        torch.testing.assert_close(o.double(), r.double(), atol=atol, rtol=rtol)
+        if r.requires_grad:
+            cot = torch.randn(r.shape, generator=gen, dtype=torch.float64)
+            loss_ref = loss_ref + (r * cot).sum()
+            loss = loss + (o * cot.to(o.dtype)).sum()
+    if not no_grad and grad:
+        loss_ref.backward()
+        loss.backward()
+        for i in grad:
+            torch.testing.assert_close(ours[i].grad.double(), ref[i].grad.double(), atol=atol, rtol=rtol)
+    if matches is not None:
+        assert len(rec.result.matches) == matches, rec.result
+    if matches:
+        assert fused_calls(rec.gm) == (calls or matches), rec.gm.code
+        assert left_ops(rec.gm) == set(kept), rec.gm.code
+    return rec
+
+
+def logits(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+def labels(*shape, seed=1, ignore=None, where=(0,)):
+    y = torch.randint(0, V, shape, generator=torch.Generator().manual_seed(seed))
+    if ignore is not None:
+        flat = y.view(-1)
+        for i in where:
+            flat[i] = ignore
+    return y
+
+
+
+
+
+def assert_equals_eager_in_float64(compiled, fn, *inputs, rtol=1e-5, atol=1e-5):
+    """compiled(x, *rest) and fn in float64: the same loss and gradient of x (inputs[0])."""
+    x, rest = inputs[0].detach().requires_grad_(), inputs[1:]
+    out = compiled(x, *rest)
+    out.backward()
+    xr = x.detach().double().requires_grad_()
+    ref = fn(xr, *rest)
+    ref.backward()
+    torch.testing.assert_close(out.double(), ref.double(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=rtol, atol=atol)
+    return out

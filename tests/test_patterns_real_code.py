@@ -1,0 +1,394 @@
+"""Losses as real code writes them: each spelling that once stopped the detector, rewritten exactly.
+
+Every case compiles with the detector (then aot_eager) and compares the loss and the gradient
+with eager PyTorch in float64 (``rewrite_check.check``).
+"""
+
+import copy
+from expecttest import TestCase
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rewrite_check import B, EPS, N, T, V, Recorder, assert_equals_eager_in_float64, check, labels, logits, normalize
+from smoothce.patterns.cross_entropy import rewrite_cross_entropy
+
+FILE = os.path.basename(__file__)
+
+
+# ------------------------------------------------------------------------------------------------
+# LabelSmoothingCrossEntropy as blog posts give it (a classifier's loss, copied widely)
+# ------------------------------------------------------------------------------------------------
+
+
+def linear_combination(x, y, epsilon):
+    return epsilon * x + (1 - epsilon) * y
+
+
+def reduce_loss(loss, reduction="mean"):
+    return loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
+
+
+class LabelSmoothingCrossEntropy(nn.Module):
+    def __init__(self, epsilon: float = 0.1, reduction="mean"):
+        super().__init__()
+        self.epsilon = epsilon
+        self.reduction = reduction
+
+    def forward(self, preds, target):
+        n = preds.size()[-1]
+        log_preds = F.log_softmax(preds, dim=-1)
+        loss = reduce_loss(-log_preds.sum(dim=-1), self.reduction)
+        nll = F.nll_loss(log_preds, target, reduction=self.reduction)
+        return linear_combination(loss / n, nll, self.epsilon)
+
+
+@pytest.mark.parametrize("reduction, calls", [("mean", 2), ("sum", 1), ("none", 1)])
+def test_blog_post_label_smoothing(reduction, calls):
+    # nll_loss ignores label -100, the smoothing term counts every row: with 'mean' the two terms
+    # have different divisors (one op call each), with 'sum' / 'none' the smoothing term gets
+    # its own rows (uniform_rows)
+    rec = check(LabelSmoothingCrossEntropy(EPS, reduction), logits(N, V), labels(N, ignore=-100, where=(2,)),
+                calls=calls)
+    (m,) = rec.result.matches
+    assert (m.family, m.params["eps"], m.params["convention"]) == ("log_softmax+nll", EPS, "eps/V")
+
+
+# ------------------------------------------------------------------------------------------------
+# The spellings of the label term and of the target distribution
+# ------------------------------------------------------------------------------------------------
+
+
+def nll_by_advanced_indexing(x, y):
+    lp = F.log_softmax(x, -1)
+    nll = -lp[torch.arange(x.shape[0]), y]
+    return ((1 - EPS) * nll - EPS * lp.mean(-1)).mean()
+
+
+def one_hot_by_arange(x, y):
+    t = (torch.arange(V) == y[:, None]).float() * (1 - EPS) + EPS / V
+    return -(t * x.log_softmax(-1)).sum(-1).mean()
+
+
+def one_hot_by_where(x, y):
+    t = torch.where(y.unsqueeze(1) == torch.arange(V), 1 - EPS + EPS / V, EPS / V)
+    return -(t * x.log_softmax(-1)).sum(-1).mean()
+
+
+def one_hot_of_clamped_labels(x, y):
+    keep = y != -100
+    t = F.one_hot(y.clamp(min=0), V) * (1 - EPS) + EPS / V
+    loss = -(t * x.log_softmax(-1)).sum(-1)
+    return (loss * keep).sum() / keep.sum()
+
+
+def one_hot_by_full_scatter(x, y):
+    # timm's one_hot: torch.full(..., off).scatter_(1, y, on)
+    t = torch.full((x.shape[0], V), EPS / V).scatter_(1, y[:, None], 1 - EPS + EPS / V)
+    return torch.sum(-t * F.log_softmax(x, dim=-1), dim=-1).mean()
+
+
+def one_hot_by_zeros_like_scatter(x, y):
+    t = torch.zeros_like(x).scatter_(1, y[:, None], 1.0)
+    t = t * (1 - EPS) + EPS / V
+    return -(t * x.log_softmax(-1)).sum(-1).sum()
+
+
+@pytest.mark.parametrize("fn", [nll_by_advanced_indexing, one_hot_by_arange, one_hot_by_where,
+                                one_hot_of_clamped_labels, one_hot_by_full_scatter, one_hot_by_zeros_like_scatter],
+                         ids=lambda f: f.__name__)
+def test_label_spellings(fn):
+    y = labels(N, ignore=-100, where=(3,)) if fn is one_hot_of_clamped_labels else labels(N)
+    (m,) = check(fn, logits(N, V), y).result.matches
+    # on = 1 - eps + eps / V, off = eps / V in floats: eps comes back within a rounding
+    assert (m.params["eps"], m.params["convention"]) == (pytest.approx(EPS, rel=1e-15), "eps/V"), m.params
+
+
+# ------------------------------------------------------------------------------------------------
+# Terms reduced apart, masks, divisors
+# ------------------------------------------------------------------------------------------------
+
+
+def terms_scaled_and_reduced_apart(x, y):
+    lp = x.log_softmax(-1)
+    nll = -lp.gather(1, y[:, None]).squeeze(1)
+    return 0.9 * nll.mean() + 0.1 * (-lp.mean(-1)).mean()
+
+
+def masked_by_where_zeros_like(x, y):
+    lp = x.log_softmax(-1)
+    keep = y != -100
+    t = -(1 - EPS) * lp.gather(1, torch.where(keep, y, 0)[:, None]).squeeze(1) - EPS * lp.mean(-1)
+    t = torch.where(keep, t, torch.zeros_like(t))
+    return t.sum() / keep.sum()
+
+
+def count_written_per_term(x, y):
+    # each term divided by its own keep.sum(): two nodes, one value
+    lp = x.log_softmax(-1)
+    keep = y != -100
+    nll = -lp.gather(1, y.clamp(min=0)[:, None]).squeeze(1) * keep
+    smooth = -lp.mean(-1) * keep
+    return (1 - EPS) * (nll.sum() / keep.sum()) + EPS * (smooth.sum() / keep.sum())
+
+
+def count_clamped_two_ways(x, y):
+    # the same guarded count, spelled as a function and as a method: one divisor
+    lp = x.log_softmax(-1)
+    keep = y != -100
+    nll = -(lp.gather(1, y.clamp(min=0)[:, None]).squeeze(1) * keep).sum() / torch.clamp(keep.sum(), min=1)
+    smooth = -(lp.mean(-1) * keep).sum() / keep.sum().clamp(min=1)
+    return (1 - EPS) * nll + EPS * smooth
+
+
+def nll_loss_none_next_to_unmasked_smoothing(x, y):
+    # nll_loss's default ignore_index masks the label term only; the smoothing term counts all rows
+    lp = x.log_softmax(-1)
+    return ((1 - EPS) * F.nll_loss(lp, y, reduction="none") - EPS * lp.mean(-1)).sum()
+
+
+PAD = 1
+
+
+def labels_changed_with_a_pad_id(x, y):
+    # the padding id is a class (1), not ignore_index: the mask folds into the labels
+    lp = x.log_softmax(-1)
+    keep = y != PAD
+    safe = y.masked_fill(~keep, 0)
+    row = -(1 - EPS) * lp.gather(1, safe[:, None]).squeeze(1) - EPS * lp.mean(-1)
+    return (row * keep).sum() / keep.sum()
+
+
+@pytest.mark.parametrize("fn", [terms_scaled_and_reduced_apart, masked_by_where_zeros_like, count_written_per_term,
+                                count_clamped_two_ways, nll_loss_none_next_to_unmasked_smoothing,
+                                labels_changed_with_a_pad_id],
+                         ids=lambda f: f.__name__)
+def test_terms_masks_and_divisors(fn):
+    ignore = PAD if fn is labels_changed_with_a_pad_id else -100
+    y = labels(N) if fn is terms_scaled_and_reduced_apart else labels(N, ignore=ignore, where=(1, 4))
+    (m,) = check(fn, logits(N, V), y).result.matches
+    assert m.params["eps"] == pytest.approx(EPS, abs=1e-15)
+
+
+def test_count_written_per_term_is_the_op_mean():
+    (m,) = check(count_written_per_term, logits(N, V), labels(N, ignore=-100, where=(1,))).result.matches
+    assert (m.params["reduction"], m.params["ignore_index"]) == ("mean", -100)
+
+
+# ------------------------------------------------------------------------------------------------
+# dtypes, in-place masks, KL divergence, graph breaks
+# ------------------------------------------------------------------------------------------------
+
+
+def log_softmax_dtype_with_masked_fill_(x, y):
+    # bf16 logits, float32 log-probs, rows masked in place
+    lp = F.log_softmax(x, dim=-1, dtype=torch.float32)
+    pad = y == -100
+    nll = -lp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    smooth = -lp.sum(-1)
+    nll.masked_fill_(pad, 0.0)
+    smooth.masked_fill_(pad, 0.0)
+    return ((1 - EPS) * nll.sum() + EPS / V * smooth.sum()) / (~pad).sum()
+
+
+def test_log_softmax_dtype_and_masked_fill_in_place():
+    rec = check(log_softmax_dtype_with_masked_fill_, logits(N, V), labels(N, ignore=-100, where=(0, 3)),
+                dtype=torch.bfloat16, atol=2e-2, rtol=2e-2)
+    (m,) = rec.result.matches
+    assert (m.params["dtype"], m.params["loss_dtype"], m.params["reduction"]) == ("bfloat16", "float32", "mean")
+
+
+def kl_div_none_masked_normalised(x, y):
+    keep = y != -100
+    p = torch.full_like(x, EPS / (V - 1)).scatter(1, y.clamp(min=0)[:, None], 1 - EPS)
+    kl = F.kl_div(F.log_softmax(x, -1), p, reduction="none").sum(-1)
+    return (kl * keep).sum() / keep.sum().clamp(min=1)
+
+
+def test_kl_div_none_with_a_mask_and_a_normaliser():
+    (m,) = check(kl_div_none_masked_normalised, logits(N, V), labels(N, ignore=-100, where=(2,))).result.matches
+    assert (m.family, m.form.kl, m.params["convention"]) == ("kl_div", True, "eps/(V-1)")
+
+
+def normalised_by_item(x, y):
+    # .item() breaks the graph: the graph before the break holds the whole summed loss
+    lp = x.log_softmax(-1)
+    keep = y != -100
+    loss = -(lp.gather(1, y.clamp(min=0)[:, None]).squeeze(1) * keep).sum()
+    return loss / keep.sum().item()
+
+
+def test_loss_normalised_by_a_python_number_from_item():
+    rec = Recorder()
+    assert_equals_eager_in_float64(torch.compile(normalised_by_item, backend=rec), normalised_by_item,
+                                   logits(N, V), labels(N, ignore=-100, where=(2,)))
+    assert len(rec.graphs) == 2 and [len(r.matches) for r in rec.results] == [1, 0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Heads: softcap with casts, shifted logits of hand-written losses
+# ------------------------------------------------------------------------------------------------
+
+D = 5
+
+
+class SoftcappedLM(nn.Module):
+    """Gemma 2 through Hugging Face: the model softcaps in bf16, the loss upcasts."""
+
+    def __init__(self, hand_written=False):
+        super().__init__()
+        self.head = nn.Linear(D, V, bias=False)
+        self.hand_written = hand_written
+
+    def forward(self, h, y):
+        logits = self.head(h)
+        logits = logits / 30.0
+        logits = torch.tanh(logits)
+        logits = logits * 30.0
+        shift_logits = logits[..., :-1, :].contiguous().float()
+        shift_labels = y[..., 1:].contiguous()
+        if not self.hand_written:
+            return F.cross_entropy(shift_logits.view(-1, V), shift_labels.view(-1), label_smoothing=EPS)
+        lp = shift_logits.log_softmax(-1)
+        keep = shift_labels != -100
+        nll = -lp.gather(-1, shift_labels.clamp(min=0)[..., None]).squeeze(-1)
+        row = (1 - EPS) * nll - EPS * lp.mean(-1)
+        return (row * keep).sum() / keep.sum()
+
+
+@pytest.mark.parametrize("hand_written", [False, True], ids=["cross_entropy", "hand_written"])
+def test_softcap_and_shift_fuse_the_head(hand_written):
+    torch.manual_seed(0)
+    model = SoftcappedLM(hand_written)
+    h, y = logits(B, T + 1, D, seed=9), labels(B, T + 1, ignore=-100, where=(2,))
+    rec = check(model, h, y, reference=copy.deepcopy(model).double(), fuse_linear=True)
+    (m,) = rec.result.matches
+    assert m.family.startswith("linear+")
+    assert (m.params["softcap"], m.params["eps"]) == (30.0, EPS)
+
+
+# ------------------------------------------------------------------------------------------------
+# Not one cross-entropy: the reason says what it is
+# ------------------------------------------------------------------------------------------------
+
+
+def timm_mixup(x, y):
+    # timm's mixup_target: two smoothed one-hots mixed with lam, built inside the graph
+    lam = 0.7
+    off, on = EPS / V, 1 - EPS + EPS / V
+    y1 = torch.full((x.shape[0], V), off).scatter_(1, y[:, None], on)
+    y2 = torch.full((x.shape[0], V), off).scatter_(1, y.flip(0)[:, None], on)
+    target = y1 * lam + y2 * (1 - lam)
+    return torch.sum(-target * F.log_softmax(x, dim=-1), dim=-1).mean()
+
+
+def test_mixup_is_named():
+    rec = check(timm_mixup, logits(N, V), labels(N), matches=0)
+    (miss,) = rec.result.near_misses
+    assert miss.reason.startswith("the loss reads two label tensors (a mixup target"), miss
+
+
+# ------------------------------------------------------------------------------------------------
+# Through Inductor: two op calls, uniform_rows, bf16 logits with a float32 loss
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.inductor
+@pytest.mark.parametrize("fn, dtype", [
+    (LabelSmoothingCrossEntropy(EPS, "mean"), torch.float32),  # two calls: different divisors
+    (nll_loss_none_next_to_unmasked_smoothing, torch.float32),  # uniform_rows
+    (log_softmax_dtype_with_masked_fill_, torch.bfloat16),  # bf16 logits read as they are
+], ids=["two_calls", "uniform_rows", "bf16_logits"])
+def test_rewritten_losses_through_inductor(fn, dtype):
+    from torch._inductor.compile_fx import compile_fx
+
+    results = []
+
+    def backend(gm, inputs):
+        results.append(rewrite_cross_entropy(gm))
+        return compile_fx(gm, inputs)
+
+    x, y = logits(N, V).to(dtype), labels(N, ignore=-100, where=(1, 4))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    out = assert_equals_eager_in_float64(torch.compile(fn, backend=backend), fn, x, y, **tol)
+    assert out.dtype == fn(x, y).dtype
+    assert [len(r.matches) for r in results] == [1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Goldens of what the rewrite emits
+# ------------------------------------------------------------------------------------------------
+
+
+def padding_column_target(x, y):
+    # eps / (V - 2) on every class but the label and the padding class 0; padded rows dropped
+    t = torch.full_like(x, EPS / (V - 2)).scatter(1, y[:, None], 1 - EPS)
+    t[:, 0] = 0
+    loss = -(t * x.log_softmax(-1)).sum(-1)
+    return loss.masked_fill(y == 0, 0.0).sum()
+
+
+def autocast_head(h, w, y):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = F.linear(h, w)
+    return F.cross_entropy(logits.float(), y, label_smoothing=EPS)
+
+
+class Goldens(TestCase):
+    maxDiff = None
+
+    def test_two_calls_for_two_divisors(self):
+        rec = check(LabelSmoothingCrossEntropy(EPS), logits(N, V), labels(N, ignore=-100, where=(2,)), calls=2)
+        self.assertExpectedInline(normalize(rec.gm.code), """\
+def forward(self, L_preds_ : torch.Tensor, L_target_ : torch.Tensor):
+    l_preds_ = L_preds_
+    l_target_ = L_target_
+    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(l_preds_, l_target_, None, ignore_index = -100, reduction = 'mean', scale = 0.9);  l_target_ = None
+    select = l_preds_.select(-1, 0)
+    zeros_like = torch.zeros_like(select, dtype = torch.int64);  select = None
+    fused_cross_entropy_1 = smoothce_kernels_cross_entropy_fused_cross_entropy(l_preds_, zeros_like, None, ignore_index = None, reduction = 'mean', label_smoothing = 1.0, scale = 0.1);  l_preds_ = zeros_like = None
+    add_1 = fused_cross_entropy + fused_cross_entropy_1;  fused_cross_entropy = fused_cross_entropy_1 = None
+    return (add_1,)""")
+
+    def test_uniform_rows_for_a_smoothing_term_masked_apart(self):
+        rec = check(nll_loss_none_next_to_unmasked_smoothing, logits(N, V), labels(N, ignore=-100, where=(2,)))
+        self.assertExpectedInline(normalize(rec.gm.code), """\
+def forward(self, L_x_ : torch.Tensor, L_y_ : torch.Tensor):
+    l_x_ = L_x_
+    l_y_ = L_y_
+    ones_like = torch.ones_like(l_y_, dtype = torch.bool)
+    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(l_x_, l_y_, None, ignore_index = -100, reduction = 'sum', label_smoothing = 0.1, uniform_rows = ones_like);  l_x_ = l_y_ = ones_like = None
+    return (fused_cross_entropy,)""")
+
+    def test_padding_column_as_a_class_weight(self):
+        rec = check(padding_column_target, logits(N, V), labels(N, ignore=0, where=(1, 3)))
+        (m,) = rec.result.matches
+        self.assertEqual((m.params["eps"], m.params["padding_columns"]), (EPS, [0]))
+        self.assertExpectedInline(normalize(rec.gm.code), """\
+def forward(self, L_x_ : torch.Tensor, L_y_ : torch.Tensor):
+    l_x_ = L_x_
+    l_y_ = L_y_
+    arange = torch.arange(11, device = device(type='cpu'))
+    new_ones = l_x_.new_ones((11,), dtype = torch.float32)
+    eq_1 = arange == 0;  arange = None
+    where = torch.where(eq_1, 0.0, new_ones);  eq_1 = new_ones = None
+    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(l_x_, l_y_, where, ignore_index = 0, reduction = 'sum', label_smoothing = 0.12087912087912088, scale = 1.011111111111111);  l_x_ = l_y_ = where = None
+    return (fused_cross_entropy,)""")
+
+    def test_head_under_autocast(self):
+        rec = check(autocast_head, logits(N, D), logits(V, D, seed=3), labels(N), grad=(0, 1), fuse_linear=True,
+                    atol=1e-2, rtol=1e-2)
+        self.assertExpectedInline(normalize(rec.gm.code), """\
+def forward(self, L_h_ : torch.Tensor, L_w_ : torch.Tensor, L_y_ : torch.Tensor):
+    l_h_ = L_h_
+    l_w_ = L_w_
+    l_y_ = L_y_
+    _enter_autocast = torch.amp.autocast_mode._enter_autocast('cpu', torch.bfloat16, True, None)
+    _exit_autocast = torch.amp.autocast_mode._exit_autocast(_enter_autocast);  _enter_autocast = _exit_autocast = None
+    to = l_h_.to(torch.bfloat16);  l_h_ = None
+    to_1 = l_w_.to(torch.bfloat16);  l_w_ = None
+    fused_linear_cross_entropy = smoothce_kernels_linear_cross_entropy_fused_linear_cross_entropy(to, to_1, None, l_y_, None, ignore_index = -100, reduction = 'mean', label_smoothing = 0.1, loss_dtype = torch.float32);  to = to_1 = l_y_ = None
+    return (fused_linear_cross_entropy,)""")
