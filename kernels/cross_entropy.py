@@ -16,7 +16,9 @@ Since d lse_i / d x_ij = softmax_ij = p_ij,
 times 1 - (x_ij / cap)^2 under a softcap and logit_scale. Rows whose label is ignore_index
 contribute 0 (with uniform_rows, the b term counts on those rows instead). 'mean' divides the
 cross-entropy part by sum of w[y_i] over non-ignored rows (PyTorch's rule, which keeps smoothing
-and weights consistent) and the z part by the count of non-ignored rows. Those divisors depend
+and weights consistent) and the z part by the count of non-ignored rows; with uniform_rows the b
+term is divided by the number of its own rows instead (a hand-written smoothing term averaged
+over every row next to nll_loss's mean over the rows it keeps). Those divisors depend
 only on the labels, so they are computed before the logits are read and the kernel writes the
 finished gradient in the same launch: backward only scales it by grad_output. Nothing here
 synchronises with the device.
@@ -95,8 +97,6 @@ def cross_entropy_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, z_term, gradient of the loss for grad_output = 1); the loss as LossForm describes it."""
     form = LossForm(ignore_index, reduction, label_smoothing, smoothing, scale, kl, z_loss, softcap, logit_scale)
-    if uniform_rows is not None and reduction == "mean":
-        raise ValueError("smoothce: reduction='mean' with uniform_rows has no single divisor; use 'sum' or 'none'")
     x3, y2 = _as_rows(logits, target)
     u2 = uniform_rows.reshape(y2.shape) if uniform_rows is not None else None
     N, C, S = x3.shape
@@ -108,12 +108,14 @@ def cross_entropy_op(
     labels = Labels(y2, weight, ignore_index, C, acc, u2)
     ce_rows = torch.empty(N * S, device=logits.device, dtype=acc)
     z_rows = torch.zeros(N * S, device=logits.device, dtype=acc)
+    smooth_rows = torch.empty(N * S, device=logits.device, dtype=acc) if u2 is not None else None
     grad = torch.empty_like(logits) if compute_grad else None
     grad3 = grad.view(N, C, S) if grad is not None else None
     _runner(logits)(x3, y2, weight, labels.scales(reduction), ce_rows, z_rows, grad3, ignore_index=ignore_index,
                     a=a, b=b, c=c, z_loss=form.z_loss, softcap=form.softcap, logit_scale=form.logit_scale,
-                    uniform_rows=u2)
-    loss, z = labels.reduce(ce_rows.view(y2.shape), z_rows.view(y2.shape), reduction, form.z_loss)
+                    uniform_rows=u2, smooth_rows=smooth_rows)
+    loss, z = labels.reduce(ce_rows.view(y2.shape), z_rows.view(y2.shape), reduction, form.z_loss,
+                            None if smooth_rows is None else smooth_rows.view(y2.shape))
     if reduction == "none":
         loss, z = loss.view(target.shape), z.view(target.shape)
     dtype = loss_dtype or logits.dtype
@@ -218,7 +220,9 @@ def fused_cross_entropy(
     smoothce::cross_entropy.
 
     uniform_rows (bool, target's shape): the smoothing term counts on exactly those rows, the label
-    term and z-loss on rows whose label is not ignore_index ('sum' / 'none' only). loss_dtype: the
+    term and z-loss on rows whose label is not ignore_index; 'mean' then divides each term by its
+    own rows (the label term by the sum of w[y] over kept rows, the smoothing term by the number
+    of uniform rows). loss_dtype: the
     returned loss's dtype (default: the logits'). The gradient is computed in the forward launch
     only when autograd will need it.
     """

@@ -34,8 +34,9 @@ _TINY = 2.0 ** -100
 
 
 def torch_cross_entropy(x3, y2, weight, scales, ce_rows, z_rows, grad3, *, ignore_index, a, b, c, z_loss,
-                        softcap, logit_scale=1.0, uniform_rows=None):
-    """Same contract as launch_cross_entropy: fills ce_rows, z_rows (N * S,) and grad3 (if given)."""
+                        softcap, logit_scale=1.0, uniform_rows=None, smooth_rows=None):
+    """Same contract as launch_cross_entropy: fills ce_rows, z_rows (N * S,) and grad3 (if given);
+    with uniform_rows the smoothing part goes to smooth_rows, and scales[2] is its gradient scale."""
     N, C, S = x3.shape
     acc = acc_dtype(x3.dtype)
     labels = Labels(y2, weight, ignore_index, C, acc, uniform_rows)
@@ -49,6 +50,8 @@ def torch_cross_entropy(x3, y2, weight, scales, ce_rows, z_rows, grad3, *, ignor
     per_row = dict(y=labels.y, label_on=labels.row_mask, uniform_on=labels.uniform_mask, w_y=labels.wy)
     per_row = {k: v.reshape(rows) for k, v in per_row.items()}
     ce_out, z_out = ce_rows.view(rows), z_rows.view(rows)
+    apart = uniform_rows is not None  # the smoothing part is reduced by its own divisor
+    smooth_out = smooth_rows.view(rows) if apart else None
 
     whole = grad is not None and grad.dtype == acc and softcap is None
     step = max(N, 1) if whole else max(1, _BLOCK_ELEMENTS // max(C * S, 1))
@@ -56,17 +59,22 @@ def torch_cross_entropy(x3, y2, weight, scales, ce_rows, z_rows, grad3, *, ignor
         n1 = min(N, n0 + step)
         block = {k: v[n0:n1] for k, v in per_row.items()}
         work = grad[n0:n1] if whole else torch.empty(x[n0:n1].shape, dtype=acc, device=x.device)
-        ce, z = _block(x[n0:n1], work, w, block, labels.w_sum, scales, grad is not None, a, b, c, z_loss, softcap,
-                       logit_scale)
-        ce_out[n0:n1] = ce
+        ce, smooth, z = _block(x[n0:n1], work, w, block, labels.w_sum, scales, grad is not None, apart, a, b, c,
+                               z_loss, softcap, logit_scale)
+        if apart:
+            ce_out[n0:n1] = ce
+            smooth_out[n0:n1] = smooth
+        else:
+            ce_out[n0:n1] = ce + smooth
         z_out[n0:n1] = z
         if grad is not None and not whole:
             grad[n0:n1] = work
 
 
-def _block(x, work, w, rows, w_sum, scales, compute_grad, a, b, c, z_loss, softcap, logit_scale):
-    """Loss parts of a block of rows (classes on dim 1); with compute_grad, work ends as the
-    gradient. work (acc) may be the gradient buffer itself."""
+def _block(x, work, w, rows, w_sum, scales, compute_grad, apart, a, b, c, z_loss, softcap, logit_scale):
+    """Loss parts (label, smoothing, z) of a block of rows (classes on dim 1); with compute_grad,
+    work ends as the gradient. work (acc) may be the gradient buffer itself. ``apart``: the
+    smoothing part has its own gradient scale, scales[2]."""
     acc = work.dtype
     y, label_on, uniform_on, w_y = rows["y"], rows["label_on"], rows["uniform_on"], rows["w_y"]
     t = None
@@ -98,16 +106,15 @@ def _block(x, work, w, rows, w_sum, scales, compute_grad, a, b, c, z_loss, softc
         lse = torch.where(tiny, m - work.amax(1, keepdim=True).log(), lse)
     lse = torch.where(counts, lse, 0.0)  # rows that count nowhere: no inf * 0
     ce = label_on * (a * w_y * (lse - x_y) + c)
-    if b != 0.0:
-        ce = ce + uniform_on * b * (w_sum * lse - sum_wx)
+    smooth = uniform_on * b * (w_sum * lse - sum_wx) if b != 0.0 else torch.zeros_like(ce)
     z = z_loss * lse * lse * label_on if z_loss else torch.zeros_like(ce)
     if not compute_grad:
-        return ce, z
+        return ce, smooth, z
 
     # Rows that do not count: exactly 0 even when 'mean' found no row at all (1 / 0 scale), as
     # PyTorch. logit_scale chains the gradient back through x -> logit_scale * x.
     s_label = torch.where(label_on == 0.0, 0.0, scales[0] * label_on) * logit_scale
-    s_uniform = torch.where(uniform_on == 0.0, 0.0, scales[0] * uniform_on) * logit_scale
+    s_uniform = torch.where(uniform_on == 0.0, 0.0, scales[2 if apart else 0] * uniform_on) * logit_scale
     coef_y = s_label * a * w_y
     coef_w = s_uniform * b
     coef_p = coef_y + coef_w * w_sum if b != 0.0 else coef_y
@@ -124,7 +131,7 @@ def _block(x, work, w, rows, w_sum, scales, compute_grad, a, b, c, z_loss, softc
     work.scatter_add_(1, y, -coef_y)
     if t is not None:
         work.mul_(t.square_().neg_().add_(1.0))  # d softcap(u) / du = 1 - tanh^2
-    return ce, z
+    return ce, smooth, z
 
 
 def _weighted_sum(src, w):

@@ -3,15 +3,17 @@
 For a row with label y, class weights w (ones without weight), x = softcap(logit_scale * logits),
 lse = logsumexp(x), and the (a, b, c) of LossForm.coefficients(V):
 
-    loss  = label_on * (a w_y (lse - x_y) + c) + uniform_on * b (sum_j w_j lse - sum_j w_j x_j)
+    loss  = label_on * (a w_y (lse - x_y) + c) + smooth
+    smooth = uniform_on * b (sum_j w_j lse - sum_j w_j x_j)
     z     = z_loss * lse^2 * label_on
     dx_j  = (A + B sum_k w_k + 2 z_loss lse Z) p_j - A [j == y] - B w_j,   p = softmax(x),
 
-with A = s_ce a w_y label_on, B = s_ce b uniform_on, Z = s_z label_on (s_ce, s_z: the gradient
+with A = s_ce a w_y label_on, B = s_u b uniform_on, Z = s_z label_on (s_ce, s_z, s_u: the gradient
 scales, 1 or the 'mean' divisors), times logit_scale, and times 1 - (x_j / cap)^2 under a
 softcap. label_on is 1, 0 on an ignored row, nan for a label outside [0, V) (the loudest result
-that needs no host sync; such a label is never dereferenced). uniform_on is label_on, or the
-row's entry of uniform_rows.
+that needs no host sync; such a label is never dereferenced). uniform_on is label_on and s_u is
+s_ce; with uniform_rows, uniform_on is the row's entry of it, s_u the smoothing part's own scale,
+and the smoothing part of the loss is written apart, to be reduced by its own divisor.
 
 Layout, low to high: jit helpers -> the three modes (tiles of rows in one or two passes; split
 rows) -> the kernel -> autotuned versions -> the backward's scaling -> the launcher. Which mode and block sizes run where
@@ -136,17 +138,21 @@ def _row_labels(y_ptrs, u_ptrs, row_mask, C, ignore_index, HAS_IGNORE: tl.conste
 @triton.jit
 def _row_results(lse, x_y, w_y, sum_w, sum_wx, label_on, uniform_on, scale_ptr, a, b, c, zc, logit_scale,
                  HAS_UNIFORM_ROWS: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr):
-    """Per row: the cross-entropy part, the z part, and the gradient's coefficients
-    (of p, of [j == y], of w_j); see the module docstring."""
+    """Per row: the cross-entropy part, the smoothing part when it is kept apart (uniform_rows:
+    it is reduced by its own divisor), the z part, and the gradient's coefficients (of p, of
+    [j == y], of w_j); see the module docstring."""
     ce = label_on * (a * w_y * (lse - x_y) + c)
+    smooth = tl.zeros_like(ce)
     if HAS_SMOOTHING:
-        ce += uniform_on * b * (sum_w * lse - sum_wx)
+        smooth = uniform_on * b * (sum_w * lse - sum_wx)
+        if not HAS_UNIFORM_ROWS:
+            ce += smooth
     # Rows that do not count get an exact 0 gradient even when 'mean' found no row (1 / 0 scale),
     # as in PyTorch, whose loss is nan there but whose gradient is 0.
     ce_scale = tl.load(scale_ptr)
     s_label = tl.where(label_on == 0.0, 0.0, ce_scale * label_on) * logit_scale
     if HAS_UNIFORM_ROWS:
-        s_uniform = tl.where(uniform_on == 0.0, 0.0, ce_scale * uniform_on) * logit_scale
+        s_uniform = tl.where(uniform_on == 0.0, 0.0, tl.load(scale_ptr + 2) * uniform_on) * logit_scale
     else:
         s_uniform = s_label
     coef_y = s_label * a * w_y
@@ -160,7 +166,7 @@ def _row_results(lse, x_y, w_y, sum_w, sum_wx, label_on, uniform_on, scale_ptr, 
         coef_p += tl.where(label_on == 0.0, 0.0, z_scale * label_on) * logit_scale * 2.0 * zc * lse
     else:
         z = tl.zeros_like(ce)
-    return ce, z, coef_p, coef_y, coef_w
+    return ce, smooth, z, coef_p, coef_y, coef_w
 
 
 @triton.jit
@@ -182,7 +188,7 @@ def _grad_tile(x, lse, cols, y, w, coef_p, coef_y, coef_w, cap, HAS_SMOOTHING: t
 
 @triton.jit
 def _tiles(
-    x_ptr, y_ptr, u_ptr, w_ptr, scale_ptr, loss_ptr, z_ptr, g_ptr,
+    x_ptr, y_ptr, u_ptr, w_ptr, scale_ptr, loss_ptr, smooth_ptr, z_ptr, g_ptr,
     N, C, S,
     stride_xn, stride_xc, stride_xs, stride_yn, stride_ys, stride_un, stride_us, stride_gn, stride_gc, stride_gs,
     ignore_index, a, b, c, zc, cap, logit_scale,
@@ -251,10 +257,12 @@ def _tiles(
                 sum_w += sum_w_b
         # rows past the end of the tile's range: finite garbage, never stored
         lse = tl.where(row_mask, m, 0.0) + tl.log(tl.where(row_mask, d, 1.0))
-        ce, z, coef_p, coef_y, coef_w = _row_results(
+        ce, smooth, z, coef_p, coef_y, coef_w = _row_results(
             lse, x_y, w_y, sum_w, sum_wx, label_on, uniform_on, scale_ptr, a, b, c, zc, logit_scale,
             HAS_UNIFORM_ROWS, HAS_SMOOTHING, HAS_ZLOSS)
         tl.store(loss_ptr + flat, ce, mask=row_mask)
+        if HAS_UNIFORM_ROWS:
+            tl.store(smooth_ptr + flat, smooth, mask=row_mask)
         if HAS_ZLOSS:
             tl.store(z_ptr + flat, z, mask=row_mask)
 
@@ -294,7 +302,7 @@ def _slice_stats(x_ptr, w_ptr, x_row, j, C, logit_scale, cap, HAS_WEIGHT: tl.con
 
 @triton.jit
 def _split_rows(
-    x_ptr, y_ptr, u_ptr, w_ptr, scale_ptr, loss_ptr, z_ptr, g_ptr, flags_ptr, part_ptr,
+    x_ptr, y_ptr, u_ptr, w_ptr, scale_ptr, loss_ptr, smooth_ptr, z_ptr, g_ptr, flags_ptr, part_ptr,
     N, C, S,
     stride_xn, stride_xs, stride_yn, stride_ys, stride_un, stride_us, stride_gn, stride_gs,
     ignore_index, a, b, c, zc, cap, logit_scale,
@@ -372,11 +380,13 @@ def _split_rows(
         w_y = tl.load(w_ptr + y_safe).to(ACC)
     else:
         w_y = tl.full((1,), 1.0, ACC)
-    ce, z, coef_p, coef_y, coef_w = _row_results(
+    ce, smooth, z, coef_p, coef_y, coef_w = _row_results(
         lse, x_y, w_y, row_w, row_wx, label_on, uniform_on, scale_ptr, a, b, c, zc, logit_scale,
         HAS_UNIFORM_ROWS, HAS_SMOOTHING, HAS_ZLOSS)
     first = (r * 0 + j) == 0  # one program stores the row's results
     tl.store(loss_ptr + r, ce, mask=first)
+    if HAS_UNIFORM_ROWS:
+        tl.store(smooth_ptr + r, smooth, mask=first)
     if HAS_ZLOSS:
         tl.store(z_ptr + r, z, mask=first)
     if COMPUTE_GRAD:
@@ -397,8 +407,9 @@ def _cross_entropy_kernel(
     y_ptr,  # (N, S) labels
     u_ptr,  # (N, S) bool: rows whose smoothing term counts; read only when HAS_UNIFORM_ROWS
     w_ptr,  # (C,) class weights; read only when HAS_WEIGHT
-    scale_ptr,  # (2,) gradient scales in ACC: [cross-entropy part, z part]
-    loss_ptr,  # (N * S,) per-row cross-entropy part, in ACC
+    scale_ptr,  # (2,) gradient scales in ACC: [cross-entropy part, z part]; (3,) with uniform_rows: + smoothing part
+    loss_ptr,  # (N * S,) per-row cross-entropy part, in ACC (without the smoothing part when HAS_UNIFORM_ROWS)
+    smooth_ptr,  # (N * S,) per-row smoothing part, in ACC; written only when HAS_UNIFORM_ROWS
     z_ptr,  # (N * S,) per-row z part, in ACC; written only when HAS_ZLOSS
     g_ptr,  # (N, C, S) gradient; written only when COMPUTE_GRAD (may be x_ptr: in place)
     flags_ptr,  # (1 + N * S * P,) int32, zeroed: SPLIT's ticket counter and published flags
@@ -449,14 +460,14 @@ def _cross_entropy_kernel(
 ):
     if MODE == 2:  # SPLIT
         _split_rows(
-            x_ptr, y_ptr, u_ptr, w_ptr, scale_ptr, loss_ptr, z_ptr, g_ptr, flags_ptr, part_ptr, N, C, S,
+            x_ptr, y_ptr, u_ptr, w_ptr, scale_ptr, loss_ptr, smooth_ptr, z_ptr, g_ptr, flags_ptr, part_ptr, N, C, S,
             stride_xn, stride_xs, stride_yn, stride_ys, stride_un, stride_us, stride_gn, stride_gs,
             ignore_index, a, b, c, zc, cap, logit_scale,
             HAS_IGNORE, HAS_UNIFORM_ROWS, HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, HAS_SOFTCAP, COMPUTE_GRAD,
             S_ONE, ACC, BLOCK_C, SPIN)
     else:
         _tiles(
-            x_ptr, y_ptr, u_ptr, w_ptr, scale_ptr, loss_ptr, z_ptr, g_ptr, N, C, S,
+            x_ptr, y_ptr, u_ptr, w_ptr, scale_ptr, loss_ptr, smooth_ptr, z_ptr, g_ptr, N, C, S,
             stride_xn, stride_xc, stride_xs, stride_yn, stride_ys, stride_un, stride_us, stride_gn, stride_gc,
             stride_gs, ignore_index, a, b, c, zc, cap, logit_scale,
             HAS_IGNORE, HAS_UNIFORM_ROWS, HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, HAS_SOFTCAP, COMPUTE_GRAD,
@@ -537,11 +548,14 @@ def scale_in_place(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def launch_cross_entropy(x3, y2, weight, scales, ce_rows, z_rows, grad3, *, ignore_index, a, b, c, z_loss,
-                         softcap, logit_scale=1.0, uniform_rows=None, config: Optional[KernelConfig] = None):
+                         softcap, logit_scale=1.0, uniform_rows=None, smooth_rows=None,
+                         config: Optional[KernelConfig] = None):
     """Runs the kernel over the (N, C, S) view; fills ce_rows, z_rows and grad3 (if given).
 
     (a, b, c) are LossForm.coefficients(C); softcap is None or > 0; uniform_rows (N, S) bool or
-    None; grad3 may be x3 itself (the gradient written over the logits). ``config`` forces a
+    None; with uniform_rows, scales holds a third entry (the smoothing part's gradient scale) and
+    the smoothing part goes to smooth_rows (N * S,) instead of ce_rows. grad3 may be x3 itself
+    (the gradient written over the logits). ``config`` forces a
     variant (tests); by default CUDA autotunes large problems and everything else takes the
     tuning table's fixed choice.
     """
@@ -553,6 +567,8 @@ def launch_cross_entropy(x3, y2, weight, scales, ce_rows, z_rows, grad3, *, igno
     rows_along_s = S > 1 and x3.stride(2) == 1 and g.stride(2) == 1
     contiguous = x3.stride(1) == 1 and g.stride(1) == 1
     u = uniform_rows if uniform_rows is not None else y2
+    if uniform_rows is not None and (smooth_rows is None or scales.numel() < 3):
+        raise ValueError("smoothce: uniform_rows needs smooth_rows and a third scale")
     interpreted = x3.device.type != "cuda"
     acc_dtype = torch.float64 if x3.dtype == torch.float64 else torch.float32
 
@@ -572,7 +588,8 @@ def launch_cross_entropy(x3, y2, weight, scales, ce_rows, z_rows, grad3, *, igno
     parts = torch.empty(max(N * S * slices * 4, 1), dtype=acc_dtype, device=x3.device)
 
     args = (
-        x3, y2, u, weight if weight is not None else x3, scales, ce_rows, z_rows, g, flags, parts,
+        x3, y2, u, weight if weight is not None else x3, scales, ce_rows,
+        smooth_rows if smooth_rows is not None else ce_rows, z_rows, g, flags, parts,
         N, C, S,
         x3.stride(0), x3.stride(1), x3.stride(2), y2.stride(0), y2.stride(1), u.stride(0), u.stride(1),
         g.stride(0), g.stride(1), g.stride(2),

@@ -99,8 +99,6 @@ def check_uniform_rows(uniform_rows, target: torch.Tensor, form) -> None:
     if tuple(uniform_rows.shape) != tuple(target.shape):
         raise ValueError(f"smoothce: uniform_rows shape {tuple(uniform_rows.shape)} must equal target shape "
                          f"{tuple(target.shape)}")
-    if form.reduction == "mean":
-        raise ValueError("smoothce: reduction='mean' with uniform_rows has no single divisor; use 'sum' or 'none'")
     if form.kl:
         raise ValueError("smoothce: kl=True with uniform_rows is not supported (the KL constant belongs to "
                          "rows where both terms count)")
@@ -132,7 +130,8 @@ class Labels:
     clamped into [0, classes), a safe index. ``row_mask`` (acc): 1, 0 on ignored rows, nan for a
     label out of range; it multiplies the label term, c and z. ``uniform_mask``: multiplies the
     smoothing term (row_mask, or uniform_rows). ``wy``: w[y] on valid rows, 0 elsewhere.
-    ``count`` / ``wy_sum``: the 'mean' divisors of the z part and the cross-entropy part.
+    ``count`` / ``wy_sum``: the 'mean' divisors of the z part and the cross-entropy part;
+    ``uniform_count``: with uniform_rows, the smoothing part's own (the number of its rows).
     """
 
     def __init__(self, target: torch.Tensor, class_weight: Optional[torch.Tensor], ignore_index: Optional[int],
@@ -184,23 +183,37 @@ class Labels:
     def wy_sum(self) -> torch.Tensor:
         return self.count if self.class_weight is None else self.wy.sum()
 
+    @functools.cached_property
+    def uniform_count(self) -> torch.Tensor:
+        return self.uniform_rows.sum(dtype=self.acc)
+
     def scales(self, reduction: str) -> torch.Tensor:
-        """(2,) d(reduced loss) / d(per-row loss) on counted rows: [cross-entropy part, z part]."""
+        """d(reduced loss) / d(per-row loss) on counted rows: [cross-entropy part, z part], and with
+        uniform_rows a third, the smoothing part's (its own 'mean' divisor: the number of its rows)."""
+        parts = 2 if self.uniform_rows is None else 3
         if reduction != "mean":
-            return torch.ones(2, dtype=self.acc, device=self.target.device)
+            return torch.ones(parts, dtype=self.acc, device=self.target.device)
         # All rows ignored: 1 / 0, kept off the gradient by the row masks (0 gradient, nan loss,
         # as PyTorch).
-        return 1.0 / torch.stack([self.wy_sum, self.count])
+        divisors = [self.wy_sum, self.count] + ([self.uniform_count] if parts == 3 else [])
+        return 1.0 / torch.stack(divisors)
 
-    def reduce(self, ce_rows: torch.Tensor, z_rows: torch.Tensor, reduction: str, z_loss: float):
-        """(loss, z part) from per-row parts shaped like the target; 'mean' as PyTorch."""
+    def reduce(self, ce_rows: torch.Tensor, z_rows: torch.Tensor, reduction: str, z_loss: float,
+               smooth_rows: Optional[torch.Tensor] = None):
+        """(loss, z part) from per-row parts shaped like the target; 'mean' as PyTorch. smooth_rows:
+        the smoothing part kept apart (uniform_rows), which 'mean' divides by its own row count."""
         if reduction == "none":
-            return ce_rows + z_rows, z_rows
+            ce = ce_rows if smooth_rows is None else ce_rows + smooth_rows
+            return ce + z_rows, z_rows
         if reduction == "sum":
             z = z_rows.sum()
-            return ce_rows.sum() + z, z
+            ce = ce_rows.sum() if smooth_rows is None else ce_rows.sum() + smooth_rows.sum()
+            return ce + z, z
         z = z_rows.sum() / self.count if z_loss else z_rows.sum()
-        return ce_rows.sum() / self.wy_sum + z, z  # every row ignored: 0 / 0 = nan, as PyTorch
+        loss = ce_rows.sum() / self.wy_sum + z  # every row ignored: 0 / 0 = nan, as PyTorch
+        if smooth_rows is not None:
+            loss = loss + smooth_rows.sum() / self.uniform_count
+        return loss, z
 
 
 # --------------------------------------------------------------------------------------------

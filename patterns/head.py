@@ -95,6 +95,9 @@ def find_head(plan, dead: set) -> tuple[Optional[Head], Optional[str]]:
         return None, None
     if key.cd != -1:
         return None, f"not fused with {head.words}: the classes of its logits are not the last dim"
+    if any(call.uniform_rows is not None for call in plan.calls):
+        return None, (f"not fused with {head.words}: its smoothing term counts on other rows than its label "
+                      "term, which the fused head does not take")
     if plan.group > 1:  # each loss would run the head's matmul again
         return None, f"not fused with {head.words}: its logits feed {plan.group} losses"
     if key.dtype is not None:

@@ -9,8 +9,10 @@ every group as
 with w_j = 1 except at "padding columns" the target leaves out. A loss is an instance of the op
 when there is one label term (its mask folds into the labels as ignore_index), one uniform term
 (its own mask becomes the op's ``uniform_rows``), the z and constant terms on the label term's
-rows, and one divisor per op call. Terms divided by different counts (PyTorch's nll_loss mean next
-to a plain mean over rows) become one call each. Anything else is a Reject that says why.
+rows, and one divisor per op call. A label term under PyTorch's mean next to a uniform term averaged
+over its own rows (the seed formula: nll_loss's mean next to (-lp.sum(-1)).mean()) is one call,
+the op's 'mean' with uniform_rows dividing each term by its own rows; other terms divided by
+different counts become one call each. Anything else is a Reject that says why.
 """
 
 from __future__ import annotations
@@ -93,8 +95,10 @@ def normal_form(value) -> tuple[Logits, list[Call]]:
                      "(the op takes them at dim 1 or last)")
     if fake(key.source) is None or not fake(key.source).dtype.is_floating_point:
         raise Reject("the logits are not a floating-point tensor")
-    calls = [_call(row, divisor, V, key, per_row) for divisor, row in parts if row.terms]
-    calls.sort(key=lambda c: (c.a == 0, c.b == 0))  # the call with the label term first
+    pairs = [(divisor, _call(row, divisor, V, key, per_row)) for divisor, row in parts if row.terms]
+    pairs.sort(key=lambda p: (p[1].a == 0, p[1].b == 0))  # the call with the label term first
+    merged = _own_means(pairs, V)
+    calls = [merged] if merged is not None else [c for _, c in pairs]
     if not calls or all(c.a == 0 and c.b == 0 for c in calls):
         # lse^2 alone: the op would add a gradient buffer where logsumexp needs none
         raise Reject("no log-prob term (a z-loss alone is left as written)")
@@ -266,6 +270,32 @@ def _call(row: RowV, divisor: Optional[Divisor], V: int, key: Logits, per_row: b
     left_out = sum(1 for _, w in columns if w == 0)
     return Call(a, b, c, z, label, target, uniform, weight, columns, reduction, after, form,
                 _in_words(form, a, b, c, V - left_out, fields) if left_out else form)
+
+
+def _own_means(pairs: list, V: int) -> Optional[Call]:
+    """One call for a label term under PyTorch's mean and a uniform term averaged over its own
+    rows: the op's 'mean' with uniform_rows divides each by its own rows. None when the two calls
+    are not that."""
+    if len(pairs) != 2:
+        return None
+    (_, label), (divisor, uniform) = pairs
+    if label.a == 0 or label.b != 0 or label.c != 0 or label.reduction != "mean" or label.divisor is not None:
+        return None
+    if uniform.a != 0 or uniform.b == 0 or uniform.c != 0 or uniform.z != 0 or uniform.columns:
+        return None
+    if uniform.weight is not label.weight or divisor is None:
+        return None
+    rows = uniform.target.fold  # the uniform term's own mask (no label reads it)
+    kind = divisor.key[0]
+    if not (kind == "rows" and not rows or kind == "count" and divisor.key[1] == rows):
+        return None
+    f = label.form
+    try:
+        form = LossForm.from_coefficients(label.a, uniform.b, 0.0, V, ignore_index=f.ignore_index, reduction="mean",
+                                          z_loss=f.z_loss, softcap=f.softcap, logit_scale=f.logit_scale)
+    except ValueError:  # LossForm's "no form has these coefficients"
+        return None
+    return dataclasses.replace(label, b=uniform.b, uniform_rows=rows, form=form, words=form)
 
 
 def _in_words(form: LossForm, a, b, c, classes: int, fields: dict) -> LossForm:

@@ -295,11 +295,12 @@ def test_no_ignore_index_checks_every_label_on_cpu(cpu_path):
         fused_cross_entropy(torch.randn(6, 11), torch.tensor([0, -100, 1, 2, 3, 4]), ignore_index=None)
 
 
-@pytest.mark.parametrize("reduction", ["none", "sum"])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_uniform_rows(path, reduction, weighted):
     # nll_loss(reduction='none') masks the label term with ignore_index -100; a hand-written
-    # uniform term next to it counts on the rows of its own mask.
+    # uniform term next to it counts on the rows of its own mask. 'mean' divides each term by its
+    # own rows (the seed formula: nll_loss's mean next to a smoothing term averaged over every row).
     torch.manual_seed(14)
     x = torch.randn(2, 9, 4)  # class dim 1, K-dim rows
     y = torch.randint(0, 9, (2, 4))
@@ -444,7 +445,6 @@ def test_bad_input_is_named(kwargs, error, message):
         (dict(scale="2"), TypeError, "scale must be a number, got str '2'"),
         (dict(uniform_rows=torch.ones(3)), TypeError, "uniform_rows must be a bool tensor, got torch.float32"),
         (dict(uniform_rows=torch.ones(4, dtype=torch.bool)), ValueError, r"uniform_rows shape \(4,\) must equal"),
-        (dict(uniform_rows=torch.ones(3, dtype=torch.bool)), ValueError, "reduction='mean' with uniform_rows"),
         (dict(uniform_rows=torch.ones(3, dtype=torch.bool), reduction="sum", kl=True), ValueError,
          "kl=True with uniform_rows"),
         (dict(loss_dtype=torch.int32), TypeError, "loss_dtype=torch.int32 must be None or a floating point"),
@@ -589,3 +589,24 @@ def test_backward_allocates_no_logits_sized_buffer():
         loss.backward()
     allocated = sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
     assert allocated < x.numel() * x.element_size() // 4, allocated
+
+
+@pytest.mark.parametrize("ignored", ["some", "all"])
+def test_uniform_rows_mean_is_the_seed_formula(path, ignored):
+    # eps * (-lp.sum(-1)).mean() / V + (1 - eps) * F.nll_loss(lp, y): the smoothing term averaged
+    # over every row, the label term over the rows nll_loss keeps. With every label ignored eager's
+    # loss is nan (nll_loss's 0 / 0) and its gradient the smoothing term's alone.
+    torch.manual_seed(3)
+    x = torch.randn(6, 7, dtype=torch.float64)
+    y = torch.tensor([1, -100, 4, 0, -100, 6]) if ignored == "some" else torch.full((6,), -100)
+    eps = 0.1
+    x_ref = x.clone().requires_grad_()
+    lp = F.log_softmax(x_ref, -1)
+    ref = eps * (-lp.sum(-1)).mean() / 7 + (1 - eps) * F.nll_loss(lp, y)
+    ref.backward()
+    xd = x.to(path).requires_grad_()
+    out = fused_cross_entropy(xd, y.to(path), label_smoothing=eps, uniform_rows=torch.ones(6, dtype=torch.bool,
+                              device=path))
+    out.backward()
+    torch.testing.assert_close(out.cpu(), ref.detach(), equal_nan=True)
+    torch.testing.assert_close(xd.grad.cpu(), x_ref.grad)

@@ -109,8 +109,9 @@ def check_against_reference(x, y, kwargs, reduction, device, no_grad=False):
 
 
 def _reductions(feature):
-    # 'sum' runs the kernel exactly as 'none' does (gradient scale 1); 'mean' scales it.
-    return ["none", "sum"] if FEATURES[feature].get("uniform") else ["none", "mean"]
+    # 'sum' runs the kernel exactly as 'none' does (gradient scale 1); 'mean' scales it, and with
+    # uniform_rows gives the smoothing part a scale of its own.
+    return ["none", "sum", "mean"] if FEATURES[feature].get("uniform") else ["none", "mean"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,7 +335,7 @@ from smoothce.kernels.cross_entropy_tuning import KernelConfig
 features = dict(HAS_IGNORE=True, HAS_UNIFORM_ROWS=True, HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_ZLOSS=True,
                 HAS_SOFTCAP=True, COMPUTE_GRAD=True)
 pointers = dict(x_ptr="*bf16", y_ptr="*i64", u_ptr="*i1", w_ptr="*fp32", scale_ptr="*fp32", loss_ptr="*fp32",
-                z_ptr="*fp32", g_ptr="*bf16", flags_ptr="*i32", part_ptr="*fp32")
+                smooth_ptr="*fp32", z_ptr="*fp32", g_ptr="*bf16", flags_ptr="*i32", part_ptr="*fp32")
 out = {}
 for mode, block_r, block_c, warps, stages, along_s in json.loads(sys.argv[1]):
     cfg = KernelConfig(mode, block_r, block_c, reverse=True, num_warps=warps, num_stages=stages)

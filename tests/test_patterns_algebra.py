@@ -25,7 +25,7 @@ def g():
     graph = torch.fx.Graph()
     nodes = {}
     for name, val in (("x", torch.empty(N, V)), ("y", torch.empty(N, dtype=torch.long)),
-                      ("w", torch.empty(V)), ("m", torch.empty(N, dtype=torch.bool))):
+                      ("w", torch.empty(V)), ("m", torch.empty(N, dtype=torch.bool)), ("t", torch.empty(()))):
         nodes[name] = graph.placeholder(name)
         nodes[name].meta["val"] = val
     return nodes
@@ -219,13 +219,26 @@ def test_a_z_loss_alone_is_left_as_written(g):
         normal_form(RowV.make(key(g), {("Z",): Q(1)}))
 
 
-def test_terms_with_different_divisors_are_one_call_each(g):
+def test_a_mean_per_term_is_one_call(g):
+    # nll_loss's mean over the rows it keeps next to a smoothing term averaged over every row:
+    # the op's 'mean' with uniform_rows (all rows) divides each term by its own rows
     nll = with_conds(scale(elem_gather(log_probs(key(g)), lab(g)), Q(-1)), frozenset({ne(g, -100)}))
     smooth = scale(elem_class_sum(log_probs(key(g)), V), Q(-1, V))
-    value = add(ScalarV.of(nll, Divisor(("count", frozenset({ne(g, -100)})))),
+    value = add(ScalarV.of(scale(nll, Q(0.9)), Divisor(("count", frozenset({ne(g, -100)})))),
+                ScalarV.of(scale(smooth, Q(0.1)), Divisor(("rows",))))
+    _, (call,) = normal_form(value)
+    assert (call.reduction, call.uniform_rows, call.divisor) == ("mean", frozenset(), None)
+    assert (call.form.label_smoothing, call.form.smoothing, call.form.ignore_index) == (0.1, "all", -100)
+
+
+def test_terms_with_different_divisors_are_one_call_each(g):
+    # the label term over a count the caller passes, the smoothing term over the rows
+    nll = with_conds(scale(elem_gather(log_probs(key(g)), lab(g)), Q(-1)), frozenset({ne(g, -100)}))
+    smooth = scale(elem_class_sum(log_probs(key(g)), V), Q(-1, V))
+    value = add(ScalarV.of(nll, Divisor(("expr", g["t"]), g["t"])),
                 ScalarV.of(scale(smooth, Q(0.1)), Divisor(("rows",))))
     _, calls = normal_form(value)
-    assert [(c.reduction, c.a != 0, c.b != 0) for c in calls] == [("mean", True, False), ("mean", False, True)]
+    assert [(c.reduction, c.a != 0, c.b != 0) for c in calls] == [("sum", True, False), ("mean", False, True)]
 
 
 def test_a_target_with_uniform_term_only_as_a_loss_of_no_label(g):

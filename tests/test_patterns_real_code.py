@@ -46,15 +46,27 @@ class LabelSmoothingCrossEntropy(nn.Module):
         return linear_combination(loss / n, nll, self.epsilon)
 
 
-@pytest.mark.parametrize("reduction, calls", [("mean", 2), ("sum", 1), ("none", 1)])
-def test_blog_post_label_smoothing(reduction, calls):
-    # nll_loss ignores label -100, the smoothing term counts every row: with 'mean' the two terms
-    # have different divisors (one op call each), with 'sum' / 'none' the smoothing term gets
-    # its own rows (uniform_rows)
-    rec = check(LabelSmoothingCrossEntropy(EPS, reduction), logits(N, V), labels(N, ignore=-100, where=(2,)),
-                calls=calls)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("ignored", [(2,), tuple(range(N))], ids=["one_label_ignored", "every_label_ignored"])
+def test_blog_post_label_smoothing(reduction, ignored):
+    # nll_loss ignores label -100, the smoothing term counts every row: the smoothing term gets its
+    # own rows (uniform_rows), and with 'mean' its own divisor too, in one op call. Every label
+    # ignored: eager's mean is nan (nll_loss's 0 / 0), its gradient the smoothing term's alone.
+    rec = check(LabelSmoothingCrossEntropy(EPS, reduction), logits(N, V), labels(N, ignore=-100, where=ignored))
     (m,) = rec.result.matches
     assert (m.family, m.params["eps"], m.params["convention"]) == ("log_softmax+nll", EPS, "eps/V")
+
+
+def nll_over_tokens_next_to_smoothing_mean(x, y, tokens):
+    # the label term divided by a count the caller passes, the smoothing term by the rows: two
+    # divisors the op cannot hold at once
+    lp = x.log_softmax(-1)
+    return (1 - EPS) * F.nll_loss(lp, y, reduction="sum") / tokens - EPS * lp.mean(-1).mean()
+
+
+def test_two_divisors_two_calls():
+    check(nll_over_tokens_next_to_smoothing_mean, logits(N, V), labels(N, ignore=-100, where=(2,)),
+          torch.tensor(float(N - 1)), calls=2)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -270,6 +282,22 @@ def test_softcap_and_shift_fuse_the_head(hand_written):
     assert (m.params["softcap"], m.params["eps"]) == (30.0, EPS)
 
 
+def blog_post_on_a_head(h, w, y):
+    return LabelSmoothingCrossEntropy(EPS)(F.linear(h, w), y)
+
+
+def test_uniform_rows_keep_the_head_apart():
+    # the fused head takes one row mask: a smoothing term over every row next to nll_loss's
+    # ignore_index runs the plain op on the head's logits, and the near miss says why
+    D = 8
+    rec = check(blog_post_on_a_head, logits(N, D), logits(V, D, seed=3), labels(N, ignore=-100, where=(2,)),
+                grad=(0, 1), fuse_linear=True)
+    (m,) = rec.result.matches
+    assert not m.family.startswith("linear+")
+    (miss,) = rec.result.near_misses
+    assert "smoothing term counts on other rows than its label term" in miss.reason
+
+
 # ------------------------------------------------------------------------------------------------
 # Not one cross-entropy: the reason says what it is
 # ------------------------------------------------------------------------------------------------
@@ -298,10 +326,10 @@ def test_mixup_is_named():
 
 @pytest.mark.inductor
 @pytest.mark.parametrize("fn, dtype", [
-    (LabelSmoothingCrossEntropy(EPS, "mean"), torch.float32),  # two calls: different divisors
+    (LabelSmoothingCrossEntropy(EPS, "mean"), torch.float32),  # uniform_rows, a divisor per term
     (nll_loss_none_next_to_unmasked_smoothing, torch.float32),  # uniform_rows
     (log_softmax_dtype_with_masked_fill_, torch.bfloat16),  # bf16 logits read as they are
-], ids=["two_calls", "uniform_rows", "bf16_logits"])
+], ids=["per_term_mean", "uniform_rows", "bf16_logits"])
 def test_rewritten_losses_through_inductor(fn, dtype):
     from torch._inductor.compile_fx import compile_fx
 
@@ -340,18 +368,15 @@ def autocast_head(h, w, y):
 class Goldens(TestCase):
     maxDiff = None
 
-    def test_two_calls_for_two_divisors(self):
-        rec = check(LabelSmoothingCrossEntropy(EPS), logits(N, V), labels(N, ignore=-100, where=(2,)), calls=2)
+    def test_one_call_for_a_mean_per_term(self):
+        rec = check(LabelSmoothingCrossEntropy(EPS), logits(N, V), labels(N, ignore=-100, where=(2,)))
         self.assertExpectedInline(normalize(rec.gm.code), """\
 def forward(self, L_preds_ : torch.Tensor, L_target_ : torch.Tensor):
     l_preds_ = L_preds_
     l_target_ = L_target_
-    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(l_preds_, l_target_, None, ignore_index = -100, reduction = 'mean', scale = 0.9);  l_target_ = None
-    select = l_preds_.select(-1, 0)
-    zeros_like = torch.zeros_like(select, dtype = torch.int64);  select = None
-    fused_cross_entropy_1 = smoothce_kernels_cross_entropy_fused_cross_entropy(l_preds_, zeros_like, None, ignore_index = None, reduction = 'mean', label_smoothing = 1.0, scale = 0.1);  l_preds_ = zeros_like = None
-    add_1 = fused_cross_entropy + fused_cross_entropy_1;  fused_cross_entropy = fused_cross_entropy_1 = None
-    return (add_1,)""")
+    ones_like = torch.ones_like(l_target_, dtype = torch.bool)
+    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(l_preds_, l_target_, None, ignore_index = -100, reduction = 'mean', label_smoothing = 0.1, uniform_rows = ones_like);  l_preds_ = l_target_ = ones_like = None
+    return (fused_cross_entropy,)""")
 
     def test_uniform_rows_for_a_smoothing_term_masked_apart(self):
         rec = check(nll_loss_none_next_to_unmasked_smoothing, logits(N, V), labels(N, ignore=-100, where=(2,)))
