@@ -1,4 +1,4 @@
-"""Problems, inputs and timing shared by every benchmark case (peak memory: smoothce.measure.memory).
+"""Problems, inputs and timing shared by every benchmark case (peak memory: smoothce.compiler.measure.memory).
 
 Every measurement is of one training step of the loss: forward AND backward, gradients of the
 inputs that require grad written (``.grad`` cleared first, so each step allocates its gradients

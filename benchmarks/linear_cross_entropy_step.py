@@ -11,7 +11,7 @@ for hidden and weight (no bias), as when training a head. Methods:
     fused+compile   the same call inside torch.compile (Inductor)
 
 Every method runs in a fresh subprocess. Peak memory: one step after the warm-up (compiling)
-steps, by smoothce.measure.memory.peak_cpu (the resident set's high-water mark above its start,
+steps, by smoothce.compiler.measure.memory.peak_cpu (the resident set's high-water mark above its start,
 with glibc's mmap threshold pinned so freed buffers go back to the OS). Time: several steps per
 process in other processes, with the default allocator; methods alternate over rounds. Reported:
 the best round's median, and the median and interquartile range of all timed steps, with the load
@@ -67,7 +67,7 @@ def worker(method: str, n: int, d: int, v: int, eps: float, mode: str, repeats: 
     for _ in range(2):  # compile and warm up
         loss = run()
     if mode == "memory":
-        from smoothce.measure.memory import peak_cpu
+        from smoothce.compiler.measure.memory import peak_cpu
 
         def clear():
             h.grad = w.grad = None
@@ -84,7 +84,7 @@ def worker(method: str, n: int, d: int, v: int, eps: float, mode: str, repeats: 
 
 
 def _spawn(method, args, mode) -> dict:
-    from smoothce.measure.memory import MALLOC_ENV
+    from smoothce.compiler.measure.memory import MALLOC_ENV
 
     env = {**os.environ, **MALLOC_ENV} if mode == "memory" else dict(os.environ)
     cmd = [sys.executable, __file__, "--worker", method, "--mode", mode, "--n", str(args.n), "--d", str(args.d),

@@ -19,8 +19,8 @@ import torch
 from benchmarks.cases import Case, Grid, get_case
 from benchmarks.harness import Problem, compare, copy_bandwidth, first_call, make_step, snapshot, time_step
 from benchmarks.methods import Method
-from smoothce.measure.memory import MALLOC_ENV, peak_cuda
-from smoothce.measure.progress import Progress
+from smoothce.compiler.measure.memory import MALLOC_ENV, peak_cuda
+from smoothce.compiler.measure.progress import Progress
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -273,7 +273,7 @@ def compile_times(device: str, progress: Progress) -> list[dict]:
     """Cold first-call time (Dynamo + AOTAutograd + Inductor codegen + the step) of a small model,
     each backend in a fresh process with an empty Inductor cache."""
     from benchmarks.methods import smoothce_backend_unavailable
-    from smoothce.measure.tiny_lm import TinyLM
+    from smoothce.compiler.measure.tiny_lm import TinyLM
 
     out = []
     for backend in ("inductor", "smoothce"):

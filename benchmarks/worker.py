@@ -25,7 +25,7 @@ def _error(exc: BaseException) -> dict:
 def memory_job(job: dict) -> None:
     from benchmarks.cases import get_case
     from benchmarks.harness import Problem, first_call, make_step
-    from smoothce.measure.memory import peak_cpu
+    from smoothce.compiler.measure.memory import peak_cpu
 
     for spec in job["problems"]:
         p = Problem(**spec)
@@ -47,7 +47,7 @@ def memory_job(job: dict) -> None:
 def compile_job(job: dict) -> None:
     import torch
 
-    from smoothce.measure.tiny_lm import TinyLM
+    from smoothce.compiler.measure.tiny_lm import TinyLM
 
     model, idx, target = TinyLM.build(job["device"])
     compiled = torch.compile(model, backend=job["backend"], dynamic=False)

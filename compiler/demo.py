@@ -4,8 +4,8 @@ loss, compiled with ``backend="smoothce"`` and with plain Inductor, side by side
 Each backend trains in a fresh Python process (same seed, same data, an Inductor cache of its
 own), so compile caches and memory of one run cannot leak into the other. Step times are the
 median and interquartile range of every step after the first (which compiles); a ratio of two
-medians is printed only when both spreads allow it (:mod:`smoothce.measure.timing`). Peak memory
-is one extra step after the timed ones (:mod:`smoothce.measure.memory`).
+medians is printed only when both spreads allow it (:mod:`smoothce.compiler.measure.timing`). Peak memory
+is one extra step after the timed ones (:mod:`smoothce.compiler.measure.memory`).
 """
 
 from __future__ import annotations
@@ -68,14 +68,14 @@ def _device(name: str) -> str:
 
 
 def _build(args, device):
-    from smoothce.measure.tiny_lm import TinyLM
+    from smoothce.compiler.measure.tiny_lm import TinyLM
 
     return TinyLM.build(device, vocab=args.vocab, dim=args.dim, batch=args.batch, seq=args.seq, seed=args.seed)
 
 
 def make_loss_fn(eps: float):
     """The step the demo compiles: the model's logits into the hand-written smoothed loss."""
-    from smoothce.measure.tiny_lm import smoothed_cross_entropy
+    from smoothce.compiler.measure.tiny_lm import smoothed_cross_entropy
 
     def train_loss(model, inputs, targets):
         logits = model(inputs)
@@ -98,9 +98,9 @@ def run_worker(args) -> dict:
     """Train with one backend; returns losses, step times and peak memory."""
     import torch
 
-    from smoothce.measure.memory import peak_cpu, peak_cuda
-    from smoothce.measure.progress import Progress
-    from smoothce.measure.timing import Spread
+    from smoothce.compiler.measure.memory import peak_cpu, peak_cuda
+    from smoothce.compiler.measure.progress import Progress
+    from smoothce.compiler.measure.timing import Spread
 
     device = _device(args.device)
     model, inputs, targets = _build(args, device)
@@ -170,7 +170,7 @@ def _worker_env(backend: str) -> dict:
     directories (kept between runs) make both cold the first time and both warm after.
     """
     from smoothce.compiler import compat
-    from smoothce.measure.memory import MALLOC_ENV
+    from smoothce.compiler.measure.memory import MALLOC_ENV
 
     env = {**os.environ, **MALLOC_ENV}
     env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(compat.inductor_cache_dir(), f"smoothce-demo-{backend}")
@@ -192,8 +192,8 @@ def _mib(n: int) -> str:
 
 def _comparison(results: list[dict], width: int) -> str:
     from smoothce.compiler.render import Column, table
-    from smoothce.measure.memory import describe
-    from smoothce.measure.timing import MAX_RELATIVE_SPREAD, MIN_SAMPLES, Spread, ratio
+    from smoothce.compiler.measure.memory import describe
+    from smoothce.compiler.measure.timing import MAX_RELATIVE_SPREAD, MIN_SAMPLES, Spread, ratio
 
     ok = [r for r in results if "error" not in r]
     spreads = {r["backend"]: Spread.of(r["step_s"]) for r in ok}

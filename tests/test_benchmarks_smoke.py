@@ -126,7 +126,7 @@ def test_inputs_are_rebuilt_after_a_method_that_writes_into_them(benchmarks):
     from benchmarks.cross_entropy import METHODS, ce_grid, make_inputs
     from benchmarks.harness import Problem
     from benchmarks.methods import Method
-    from smoothce.measure.progress import Progress
+    from smoothce.compiler.measure.progress import Progress
 
     def overwriting(p):
         def loss(logits, target):

@@ -130,7 +130,7 @@ def test_loss_curve_equals_eager(loss_fn, eps, reduction, family):
 
 _PEAK_SCRIPT = """
 import json, torch, transformers
-from smoothce.measure.memory import peak_cpu
+from smoothce.compiler.measure.memory import peak_cpu
 
 torch.manual_seed(0)
 config = transformers.LlamaConfig(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -152,7 +152,7 @@ def test_fused_head_lowers_the_step_peak():
     # With a vocabulary large against the hidden size, the logits dominate a step's memory: the
     # fused head + loss must peak well below the same step with the head left alone. Measured
     # the way the demo and the benchmarks measure (resident memory in a fresh process), not timed.
-    from smoothce.measure.memory import MALLOC_ENV
+    from smoothce.compiler.measure.memory import MALLOC_ENV
 
     env = {**os.environ, **MALLOC_ENV}
     proc = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT], capture_output=True, text=True, env=env,

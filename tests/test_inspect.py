@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import smoothce
-from smoothce.measure.tiny_lm import smoothed_cross_entropy
+from smoothce.compiler.measure.tiny_lm import smoothed_cross_entropy
 from smoothce.compiler.report import Report
 from smoothce.patterns.report import RewriteResult
 

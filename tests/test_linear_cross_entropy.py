@@ -395,10 +395,10 @@ def test_gradients_are_the_stored_buffers(device):
 
 def step_peak_bytes(step, device) -> int:
     """Peak bytes allocated while ``step`` runs, above what was allocated before it: the CUDA
-    caching allocator's counters on a GPU (smoothce.measure); on CPU the allocator's records (every
+    caching allocator's counters on a GPU (smoothce.compiler.measure); on CPU the allocator's records (every
     allocation and free, timed) as the profiler keeps them, which need no fresh process."""
     if device.type == "cuda":
-        from smoothce.measure.memory import peak_cuda
+        from smoothce.compiler.measure.memory import peak_cuda
 
         return peak_cuda(step)
     gc.collect()  # what is garbage now must not be freed, unrecorded, inside the profile

@@ -1,4 +1,4 @@
-"""measure/: the tiny LM, step-time statistics and the progress bar shared by the demo and the
+"""compiler/measure/: the tiny LM, step-time statistics and the progress bar shared by the demo and the
 benchmarks (peak memory is exercised by the HF test and the benchmark smoke test, in fresh
 processes)."""
 
@@ -9,9 +9,9 @@ import statistics
 import pytest
 import torch
 
-from smoothce.measure import timing
-from smoothce.measure.progress import Progress
-from smoothce.measure.tiny_lm import PAD, TinyLM, smoothed_cross_entropy
+from smoothce.compiler.measure import timing
+from smoothce.compiler.measure.progress import Progress
+from smoothce.compiler.measure.tiny_lm import PAD, TinyLM, smoothed_cross_entropy
 
 
 def test_tiny_lm_is_the_same_in_every_process_and_pads_its_targets():
