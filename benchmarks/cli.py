@@ -54,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads for torch (default: torch's default). On a shared machine 1 "
                          "avoids OpenMP workers spinning against other processes")
+    ap.add_argument("--busy", type=int, default=0, metavar="K",
+                    help="keep K other processes spinning on the CPU for the whole run (the CPU promises "
+                         "hold on a shared machine too); recorded in the JSON")
     ap.add_argument("--note", action="append", default=[], help="free text stored in the JSON (repeatable)")
     ap.add_argument("--commit", default=None,
                     help="the commit being measured, recorded where the checkout has no git metadata")
@@ -118,6 +121,8 @@ def main(argv=None) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         return _error("--device cuda but torch.cuda.is_available() is False")
+    if args.busy < 0:
+        return _error(f"--busy must be >= 0, got {args.busy}")
     if args.threads is not None:
         if args.threads < 1:
             return _error(f"--threads must be >= 1, got {args.threads}")
@@ -138,10 +143,12 @@ def main(argv=None) -> int:
     config = {
         "cases": list(args.case), "methods": list(args.methods) if args.methods else None, "quick": args.quick,
         "min_run_time_s": min_run_time, "threads": torch.get_num_threads(),
+        "busy_processes": args.busy,
         "argv": sys.argv[1:] if argv is None else list(argv),
     }
     out = args.out or RESULTS_DIR
     suffix = "" if tuple(args.case) == DEFAULT_CASES else "-" + "-".join(args.case)
+    suffix += f"-busy{args.busy}" if args.busy else ""
     paths = {}
 
     def save(record: dict) -> str:
@@ -152,7 +159,10 @@ def main(argv=None) -> int:
         report.write_json({**record, "config": config, "notes": args.note}, paths["json"])
         return paths["json"]
 
-    record = runner.run(opts, checkpoint=save)
+    from benchmarks.load import busy
+
+    with busy(args.busy):
+        record = runner.run(opts, checkpoint=save)
     path = save(record)
     record = {**record, "config": config, "notes": args.note}
     print(report.table(record))

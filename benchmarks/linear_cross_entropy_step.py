@@ -1,6 +1,6 @@
 """One training step of an LM head + label-smoothed cross-entropy on CPU: peak memory and time.
 
-    python benchmarks/linear_cross_entropy_step.py [--n 4096 --d 256 --v 32768 --eps 0.1]
+    python benchmarks/linear_cross_entropy_step.py [--n 4096 --d 256 --v 32768 --eps 0.1] [--busy 2]
 
 Step: loss = CE(hidden @ weight.T, target, label_smoothing=eps); loss.backward() with gradients
 for hidden and weight (no bias), as when training a head. Methods:
@@ -15,7 +15,8 @@ steps, by smoothce.compiler.measure.memory.peak_cpu (the resident set's high-wat
 with glibc's mmap threshold pinned so freed buffers go back to the OS). Time: several steps per
 process in other processes, with the default allocator; methods alternate over rounds. Reported:
 the best round's median, and the median and interquartile range of all timed steps, with the load
-average before and after.
+average before and after. ``--busy K`` keeps K other processes spinning on the CPU throughout
+(benchmarks/load.py).
 """
 from __future__ import annotations
 
@@ -104,6 +105,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed steps per process (median)")
     p.add_argument("--rounds", type=int, default=2, help="timing processes per method (best kept)")
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--busy", type=int, default=0, metavar="K", help="other processes kept spinning throughout")
     p.add_argument("--worker", choices=METHODS)
     p.add_argument("--mode", choices=("memory", "time"), default="time")
     args = p.parse_args(argv)
@@ -113,8 +115,18 @@ def main(argv=None):
 
     import torch
 
+    if __package__ in (None, ""):  # run as a script: the repository root holds the benchmarks package
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks.load import busy
+
+    with busy(args.busy):
+        _measure(args, torch)
+
+
+def _measure(args, torch):
     logits_mib = args.n * args.v * 4 / 2**20
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, threads {torch.get_num_threads()}")
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, threads {torch.get_num_threads()}, "
+          f"{args.busy} other process(es) kept busy")
     print(f"step: Linear({args.d} -> {args.v}, no bias) + CE(label_smoothing={args.eps}), N = {args.n}; "
           f"fp32 logits would be {logits_mib:.0f} MiB")
     methods = args.methods.split(",")

@@ -49,11 +49,20 @@ def _notes(r: dict) -> str:
     return "; ".join(notes)
 
 
+def _load(loadavg) -> str:
+    return "?" if not loadavg else f"{loadavg[0]:.1f}"
+
+
 def table(record: dict) -> str:
     """One block per problem; times relative to eager PyTorch of the same block."""
     dev = record["device"]
     lines = [f"device: {dev['name']} ({dev['type']})   torch {record['torch']}   triton {record['triton']}   "
              f"{record['date']}"]
+    config = record.get("config") or {}
+    if dev["type"] == "cpu":
+        lines.append(f"CPU: {dev.get('cores')} cores, {config.get('threads', dev.get('threads'))} torch thread(s), "
+                     f"{config.get('busy_processes', 0)} other process(es) kept busy (--busy); load average "
+                     f"{_load(record.get('loadavg_start'))} at start, {_load(record.get('loadavg_end'))} at end")
     if dev.get("copy_Bps"):
         lines.append(f"copy bandwidth (measured, bytes read + written): {dev['copy_Bps'] / 1e9:,.0f} GB/s"
                      + (f";  datasheet peak {dev['peak_bandwidth_Bps'] / 1e9:,.0f} GB/s"

@@ -154,3 +154,14 @@ def test_a_run_leaves_its_rows_after_every_shape(benchmarks):
     record = runner.run(opts, checkpoint=lambda r: seen.append((len(r["rows"]), r["complete"])))
     assert seen == [(1, False), (2, False)]
     assert record["complete"] is True and len(record["rows"]) == 2
+
+
+def test_busy_keeps_processes_running_for_the_run_only(benchmarks):
+    import benchmarks.load
+
+    with benchmarks.load.busy(2) as procs:
+        assert len(procs) == 2 and all(p.poll() is None for p in procs)
+    assert all(p.returncode is not None for p in procs)
+    with pytest.raises(ValueError, match="-1"):
+        with benchmarks.load.busy(-1):
+            pass
