@@ -181,6 +181,17 @@ def inductor_config_patches(mode: str | None, options: dict[str, Any] | None) ->
 # --- test and inspection helpers ---------------------------------------------------------------
 
 
+def graph_input_source(node: torch.fx.Node) -> str | None:
+    """Where Dynamo took a graph input from, as Dynamo writes it (``L['self']._buffers['w']``), or
+    None for a node that is not such an input. ``Source.name`` is a method on older torches and a
+    cached property on newer ones."""
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    if source is None:
+        return None
+    name = source.name
+    return name() if callable(name) else name
+
+
 def inductor_cache_dir() -> str:
     """Inductor's default on-disk cache directory (TORCHINDUCTOR_CACHE_DIR or its default)."""
     from torch._inductor.runtime.cache_dir_utils import cache_dir

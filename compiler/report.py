@@ -158,9 +158,22 @@ def _loss_parts(m: Match) -> tuple[LossForm, dict[str, Any], dict[str, float]]:
 
 def loss_words(m: Match, verbose: bool = False) -> str:
     """The loss's parameters as its author wrote them, in LossForm's words:
-    'label_smoothing=0.1 (eps/V), ignore_index=-100, reduction=mean, weight=w'. ``verbose`` adds
-    the detector's details (classes, dtype, ...) and the coefficients the kernels use."""
+    'label_smoothing=0.1 (eps/V), ignore_index=-100, reduction=mean, weight=w'; op calls with
+    different class weights each in brackets, joined by '+'. ``verbose`` adds the detector's
+    details (classes, dtype, ...) and the coefficients the kernels use."""
     form, details, coefficients = _loss_parts(m)
+    call_forms = getattr(m, "call_forms", ())
+    if call_forms:
+        parts = [" + ".join(f"[{_form_words(f, w)}]" for f, w in call_forms)]
+    else:
+        parts = [_form_words(form, details.get("weight"))]
+    if verbose:
+        parts += [f"{k}={_fmt_value(v)}" for k, v in details.items() if k != "weight"]
+        parts += [f"{k}={_fmt_value(v)}" for k, v in coefficients.items()]
+    return ", ".join(parts)
+
+
+def _form_words(form: LossForm, weight: str | None) -> str:
     said = form.describe()
     parts = []
     if "label_smoothing" in said:
@@ -171,18 +184,18 @@ def loss_words(m: Match, verbose: bool = False) -> str:
         if key == "logit_scale":
             text += f" (temperature {_fmt_value(1.0 / value)})"
         parts.append(text)
-    if details.get("weight") is not None:
-        parts.append(f"weight={_fmt_value(details['weight'])}")
-    if verbose:
-        parts += [f"{k}={_fmt_value(v)}" for k, v in details.items() if k != "weight"]
-        parts += [f"{k}={_fmt_value(v)}" for k, v in coefficients.items()]
+    if weight is not None:
+        parts.append(f"weight={_fmt_value(weight)}")
     return ", ".join(parts)
 
 
 def _match_dict(m: Match) -> dict[str, Any]:
     form, details, coefficients = _loss_parts(m)
-    return jsonable({"family": m.family, "location": m.location, "form": form.describe(),
-                     "details": details, "coefficients": coefficients, "replaced": list(m.replaced)})
+    out = {"family": m.family, "location": m.location, "form": form.describe(),
+           "details": details, "coefficients": coefficients, "replaced": list(m.replaced)}
+    if getattr(m, "call_forms", ()):
+        out["calls"] = [{"form": f.describe(), "weight": w} for f, w in m.call_forms]
+    return jsonable(out)
 
 
 def result_dict(result: RewriteResult) -> dict[str, Any]:

@@ -117,7 +117,8 @@ class LossForm:
         """The form whose coefficients are (a, b, c) for ``classes`` classes; ValueError when none is.
 
         The convention is the one whose eps is the shorter decimal (what the user most likely
-        wrote: 0.1 rather than 0.0999...). A nonzero c must be the KL term of that distribution.
+        wrote: 0.1 rather than 0.0999...); eps and the scale are read within a few ulps of the
+        recovered values (:func:`_shortest`). A nonzero c must be the KL term of that distribution.
         """
         a, b = Fraction(a), Fraction(b)
         mass = a + b * classes
@@ -131,7 +132,7 @@ class LossForm:
             options.append((len(repr(_shortest(eps))), smoothing, _shortest(eps)))
         options.sort(key=lambda o: (o[0], o[1] != "all"))
         _, smoothing, eps = options[0]
-        form = cls(label_smoothing=eps, smoothing=smoothing if eps else "all", scale=float(mass), **fields)
+        form = cls(label_smoothing=eps, smoothing=smoothing if eps else "all", scale=_shortest(mass), **fields)
         if c:
             kl = dataclasses.replace(form, kl=True)
             expected = kl.coefficients(classes)[2]
@@ -159,11 +160,18 @@ class LossForm:
         return out
 
 
+# A recovered eps went through the user's own float arithmetic (eps / (V - 1), then times V - 1
+# here): each operation rounds by half an ulp, so the constant the user wrote is within a few
+# ulps of the double recovered (0.2 / 10 * 10 is 0.19999999999999998).
+_ULPS = 4
+
+
 def _shortest(q: Fraction) -> float:
-    """The shortest decimal float that is q rounded to a double (0.1 for the Fraction of 0.1)."""
+    """The shortest decimal within a few ulps of q rounded to a double (0.1 for the Fraction of
+    0.1, and for 0.1 / 31 * 31)."""
     raw = float(q)
     for digits in range(1, 18):
         short = float(f"{raw:.{digits}g}")
-        if short == raw:
+        if abs(short - raw) <= _ULPS * math.ulp(raw):
             return short
     return raw

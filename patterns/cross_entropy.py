@@ -24,7 +24,7 @@ from smoothce.patterns.algebra import Reject
 from smoothce.patterns.analysis import Plan, analyze
 from smoothce.patterns.emit import emit
 from smoothce.patterns.head import Head, find_head
-from smoothce.patterns.nodes import dtype, fake, location
+from smoothce.patterns.nodes import dtype, fake, location, user_name
 from smoothce.patterns.ops import op_name
 from smoothce.patterns.report import Match, NearMiss, RewriteResult
 
@@ -133,6 +133,9 @@ def _combined_form(plan: Plan) -> LossForm:
 def _match(plan: Plan, head: Optional[Head], erased: tuple) -> Match:
     form = _combined_form(plan)
     calls = plan.calls
+    weights = [user_name(c.weight) if c.weight is not None else None for c in calls]
+    # calls with different class weights: their summed coefficients describe no loss
+    call_forms = tuple(zip((c.words for c in calls), weights)) if len(set(weights)) > 1 else ()
     coefficients = {name: float(sum((getattr(c, name) for c in calls), Fraction(0))) for name in "abcz"}
     params = {
         "eps": form.label_smoothing,
@@ -141,7 +144,7 @@ def _match(plan: Plan, head: Optional[Head], erased: tuple) -> Match:
         "z_loss": form.z_loss, "softcap": form.softcap,
         **({"logit_scale": form.logit_scale} if form.logit_scale != 1.0 or head is not None else {}),
         "ignore_index": form.ignore_index, "reduction": form.reduction,
-        "weight": calls[0].weight.name if calls[0].weight is not None else None,
+        "weight": weights[0] if not call_forms else weights,
         "classes": plan.classes, "dtype": str(dtype(plan.logits.source)).removeprefix("torch."),
     }
     if plan.loss_dtype is not None and plan.loss_dtype != dtype(plan.logits.source):
@@ -155,4 +158,4 @@ def _match(plan: Plan, head: Optional[Head], erased: tuple) -> Match:
     if head is not None:
         params["head"] = location(head.node)
     family = ("linear+" if head is not None else "") + _family(plan, form)
-    return Match(family, location(plan.sink), params, erased, form, coefficients)
+    return Match(family, location(plan.sink), params, erased, form, coefficients, call_forms)

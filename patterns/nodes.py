@@ -88,6 +88,21 @@ def location(node: Optional[Node]) -> str:
     return f"{os.path.basename(path)}:{line}"
 
 
+_MODULE_DICT = re.compile(r"\._(?:buffers|parameters|modules)\['([^']+)'\]")
+_FRAME_LOCAL = re.compile(r"^[LG]\['([^']+)'\]")
+
+
+def user_name(node: Node) -> str:
+    """The name the user's code gives a graph input: ``class_w`` for an argument, ``self.weight``
+    for a module's buffer, ``W`` for a global; the node's own name for anything computed."""
+    from smoothce.compiler.compat import graph_input_source
+
+    source = graph_input_source(node) if node.op == "placeholder" else None
+    if source is None:
+        return node.target if node.op == "get_attr" else node.name
+    return _MODULE_DICT.sub(r".\1", _FRAME_LOCAL.sub(r"\1", source))
+
+
 def target_name(node: Node) -> str:
     t = node.target
     if isinstance(t, str):

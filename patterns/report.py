@@ -25,12 +25,17 @@ class Match:
     replaced: tuple[str, ...]  # names of the graph nodes the op calls replace
     form: Optional[LossForm] = None
     coefficients: Optional[dict[str, float]] = None
+    # Op calls whose class weights differ are no one form: each call's form and weight's name,
+    # in the order of ``params["weight"]``; empty when ``form`` describes the whole loss.
+    call_forms: tuple[tuple[LossForm, Optional[str]], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         out = {"family": self.family, "location": self.location, "params": dict(self.params),
                "replaced": list(self.replaced)}
         if self.form is not None:
             out["form"] = self.form.describe()
+        if self.call_forms:
+            out["calls"] = [{"form": f.describe(), "weight": w} for f, w in self.call_forms]
         if self.coefficients is not None:
             out["coefficients"] = dict(self.coefficients)
         return out

@@ -117,6 +117,24 @@ class TinyClassifier(torch.nn.Module):
         return F.cross_entropy(self.head(x), target, reduction="sum")  # L:module
 
 
+GLOBAL_WEIGHT = torch.rand(16)
+
+
+class WeightedLosses(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("class_weight", torch.rand(16))
+
+    def forward(self, x, w, y, class_w):
+        logits = x @ w
+        own = F.cross_entropy(logits, y, weight=self.class_weight, label_smoothing=0.1)
+        return own + F.cross_entropy(logits, y, weight=class_w)  # L:two_weights
+
+
+def global_weight(x, w, y):
+    return F.cross_entropy(x @ w, y, weight=GLOBAL_WEIGHT)  # L:global_weight
+
+
 class TestInspect(expecttest.TestCase):
     def render(self, report):
         return normalized(report).render(width=100)
@@ -251,6 +269,24 @@ Graphs:
         data = json.loads(json.dumps(report.to_dict()))
         self.assertEqual(data["matches"][0]["form"], {"ignore_index": -100, "reduction": "sum"})
         self.assertEqual(data["summary"]["matches"], 1)
+
+    def test_class_weights_by_the_names_the_code_gives_them(self):
+        # Dynamo's names for graph inputs (l_self_buffers_class_weight_, g_global_weight_) are not
+        # the user's. Two calls with different weights are no one form: each is shown as written.
+        report = smoothce.inspect(WeightedLosses(), *_inputs(), torch.rand(16))
+        self.assertExpectedInline(
+            self.render(report).split("\n\nNear misses")[0],
+            """\
+smoothce: 1 loss rewritten, 0 near misses, 1 graph, 0 graph breaks
+
+Rewritten losses:
+  #  location                     family         parameters
+  1  test_inspect.py:two_weights  cross_entropy  [label_smoothing=0.1 (eps/V), ignore_index=-100,
+                                                 reduction=mean, weight=self.class_weight] +
+                                                 [ignore_index=-100, reduction=mean, weight=class_w]""",
+        )
+        (m,) = smoothce.inspect(global_weight, *_inputs()).matches
+        self.assertEqual(m.params["weight"], "GLOBAL_WEIGHT")
 
     def test_detector_error_is_reported_not_raised(self):
         import smoothce.compiler.inspect as si

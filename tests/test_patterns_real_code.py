@@ -225,6 +225,22 @@ def test_kl_div_none_with_a_mask_and_a_normaliser():
     assert (m.family, m.form.kl, m.params["convention"]) == ("kl_div", True, "eps/(V-1)")
 
 
+def smoothed_target_by_hand(classes, eps):
+    def loss(x, y):
+        p = torch.full_like(x, eps / (classes - 1)).scatter_(1, y[:, None], 1 - eps)
+        return -(p * F.log_softmax(x, -1)).sum(-1).mean()
+
+    return loss
+
+
+@pytest.mark.parametrize("classes, eps", [(11, 0.1), (11, 0.2), (32, 0.1), (7, 0.3)])
+def test_the_convention_is_read_back_through_float_rounding(classes, eps):
+    # eps / (V - 1) times V - 1 is not eps in floats at these sizes (0.2 / 10 * 10 is
+    # 0.19999999999999998): the form still reads eps as the user wrote it, in its convention.
+    (m,) = check(smoothed_target_by_hand(classes, eps), logits(N, classes), labels(N)).result.matches
+    assert (m.form.label_smoothing, m.form.smoothing, m.form.scale) == (eps, "others", 1.0)
+
+
 def normalised_by_item(x, y):
     # .item() breaks the graph: the graph before the break holds the whole summed loss
     lp = x.log_softmax(-1)
@@ -400,7 +416,7 @@ def forward(self, L_x_ : torch.Tensor, L_y_ : torch.Tensor):
     new_ones = l_x_.new_ones((11,), dtype = torch.float32)
     eq_1 = arange == 0;  arange = None
     where = torch.where(eq_1, 0.0, new_ones);  eq_1 = new_ones = None
-    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(l_x_, l_y_, where, ignore_index = 0, reduction = 'sum', label_smoothing = 0.12087912087912088, scale = 1.011111111111111);  l_x_ = l_y_ = where = None
+    fused_cross_entropy = smoothce_kernels_cross_entropy_fused_cross_entropy(l_x_, l_y_, where, ignore_index = 0, reduction = 'sum', label_smoothing = 0.1208791208791209, scale = 1.011111111111111);  l_x_ = l_y_ = where = None
     return (fused_cross_entropy,)""")
 
     def test_head_under_autocast(self):
