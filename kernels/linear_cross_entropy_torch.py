@@ -1,6 +1,7 @@
 """The fused LM head's chunk loop in torch ops: CPU, and float64 anywhere.
 
-Chunk logits are computed in the accumulation dtype (fp32; fp64 for fp64 input). Without a
+Chunk logits are computed in the accumulation dtype (fp32; fp64 for fp64 input); a 16-bit head's
+matmul runs in its own dtype, so the loss is that of the rounded logits F.linear returns. Without a
 softcap the gradient is factored through the softmax (:func:`_softmax_grads_finish`): a chunk
 costs a log_softmax and an exp pass in place, and the label and smoothing terms go through
 (N, D)-sized work once, after the chunk buffer is freed. With a softcap the gradient is written
@@ -173,12 +174,25 @@ def torch_chunks(hidden, weight, bias, tg, ignore_index, a, b, c, z, softcap, lo
         gh_acc = grad_h if grad_h.dtype == acc else torch.empty(n, d, dtype=acc, device=dev)
 
     buf = torch.empty(min(rows, n), v, dtype=acc, device=dev)  # reused by every chunk
+    # 16-bit heads: the logits F.linear returns are rounded to its dtype, and the loss is of those.
+    # The chunk's matmul runs in that dtype, as F.linear's does, then is read into the fp32 chunk.
+    rounded = hidden.dtype != acc
+    low_buf = torch.empty(min(rows, n), v, dtype=hidden.dtype, device=dev) if rounded else None
     for start in range(0, n, rows):
         end = min(start + rows, n)
         h = hidden[start:end].to(acc)
         logits = buf[: end - start]
         # (C, D) x (D, V) -> (C, V), logit_scale folded into the matmul
-        if b_work is None:
+        if rounded:
+            low = low_buf[: end - start]
+            if bias is None:
+                torch.mm(hidden[start:end], weight.t(), out=low)
+            else:
+                torch.addmm(bias, hidden[start:end], weight.t(), out=low)
+            logits.copy_(low)
+            if logit_scale != 1.0:
+                logits.mul_(logit_scale)
+        elif b_work is None:
             torch.mm(h, w_work.t(), out=logits)
             if logit_scale != 1.0:
                 logits.mul_(logit_scale)
@@ -198,7 +212,9 @@ def torch_chunks(hidden, weight, bias, tg, ignore_index, a, b, c, z, softcap, lo
                     grad_b += logits.sum(dim=0)
             continue
         sx = None
-        if b:
+        if b and rounded:  # of the rounded logits themselves
+            sx = logits.sum(dim=1) if tg.class_weight is None else torch.mv(logits, tg.class_weight)
+        elif b:
             # sum_j w_j x_ij = logit_scale (h_i . sum_j w_j W_j + sum_j w_j bias_j): (C, D) work
             # instead of a pass over the (C, V) logits.
             sx = torch.mv(h, u)

@@ -242,18 +242,16 @@ def test_no_ignore_index(device):
 
 def test_loss_dtype(device):
     # The loss in the dtype the user's code produced: an upcast bf16 head, F.cross_entropy(F.linear(h,
-    # W, b).float(), y), returns float32, with the value of that code: both loops reach it within
-    # float32 rounding of the float64 loss of the same bf16 logits (the Triton loop's logits are
-    # F.linear's bf16 ones; the torch loop computes them in float32).
+    # W, b).float(), y), returns float32, with the value of that code: both loops take F.linear's
+    # bf16 logits, so they agree with it to float32 rounding, while the float64 loss of the exact
+    # logits is a bf16 rounding away (about 1e-4 relative here).
     h, w, b, t = make(dtype=torch.bfloat16, device=device)
     loss = fused_linear_cross_entropy(h, w, b, t, label_smoothing=0.1, loss_dtype=torch.float32, chunk_size=CHUNK)
     assert loss.dtype == torch.float32
     user = F.cross_entropy(F.linear(h, w, b).float(), t, label_smoothing=0.1)
     exact = F.cross_entropy(F.linear(*[x.double() for x in (h, w, b)]), t, label_smoothing=0.1)
-    if device.type == "cuda" or os.environ.get("SMOOTHCE_KERNEL") == "triton":
-        torch.testing.assert_close(loss, user, rtol=2e-6, atol=2e-6)
-    else:
-        torch.testing.assert_close(loss.double(), exact, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, user, rtol=2e-6, atol=2e-6)
+    assert abs(loss.double() - exact) > 10 * abs(loss - user)  # the rounding of the logits counts
 
 
 def test_leading_dims_reduction_none(device):

@@ -3,8 +3,9 @@
 Autocast runs the head's matmul in its dtype, casting hidden states, weight and bias to it; the
 loss after it is float32. The fused op gets the same casts (so a float32 weight meets bf16
 activations as autocast's own cast would make it), and returns the loss in the user's dtype.
-The logits are rounded to the autocast dtype in eager and not inside the fused op, so values
-agree within that rounding.
+Its head matmul runs in the autocast dtype too, so the loss is that of the same rounded logits;
+gradients differ from eager's by the autocast dtype's rounding (eager rounds the logits'
+gradient to it, the op keeps it in float32).
 """
 
 import pytest
@@ -53,8 +54,8 @@ def test_head_under_cpu_autocast(fn, dtype, hidden_dtype):
     # autocast's casts: hidden, weight and bias in the autocast dtype; the loss in float32
     assert [a.meta["example_value"].dtype for a in call.args[:3]] == [dtype] * 3
     assert out.dtype == ref.dtype == torch.float32
-    tol = dict(rtol=1e-2, atol=1e-2)  # the autocast dtype's rounding of the logits
-    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)  # the same logits: float32 rounding
+    tol = dict(rtol=1e-2, atol=1e-2)  # the autocast dtype's rounding of the logits' gradient
     for g, r in zip(grads, ref_grads):
         assert g.dtype == r.dtype
         torch.testing.assert_close(g, r, **tol)
@@ -95,3 +96,37 @@ def test_upcast_head_logits_give_a_float32_loss():
     torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
     (call,) = _fused(rec)
     assert call.kwargs["loss_dtype"] == torch.float32
+
+
+@pytest.mark.inductor
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_head_under_cpu_autocast_through_inductor_equals_inductor(dtype):
+    # Both ways users reach the rewrite, compiled by Inductor: no compile error, the fused op runs,
+    # and loss and gradients are Inductor's within the autocast dtype's rounding.
+    import smoothce
+    from torch.profiler import profile
+
+    h, w, b, y = logits(N, D), logits(V, D, seed=3), logits(V, seed=4), labels(N)
+
+    def step(compile_with):
+        torch._dynamo.reset()
+        params = [t.detach().clone().requires_grad_() for t in (h, w, b)]
+        with profile() as prof:
+            loss = torch.compile(loss_inside_the_region, backend=compile_with)(*params, y, dtype)
+            loss.backward()
+        ran = {e.name for e in prof.events() if e.name.startswith("smoothce::")}
+        return loss.detach(), [p.grad for p in params], ran
+
+    ref, ref_grads, _ = step("inductor")
+    runs = {"backend": step("smoothce")}
+    smoothce.register_patterns()
+    try:
+        runs["register_patterns"] = step("inductor")
+    finally:
+        smoothce.unregister_patterns()
+    for name, (loss, grads, ran) in runs.items():
+        assert ran == {"smoothce::linear_cross_entropy"}, name
+        assert loss.dtype == ref.dtype == torch.float32
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5, msg=name)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, rtol=1e-2, atol=1e-2, msg=name)
