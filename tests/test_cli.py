@@ -164,6 +164,9 @@ def test_demo_runs_tiny(tmp_path):
     assert [b.split()[0] for b in bars] == ["smoothce_aot_eager"] * 2 + ["aot_eager"] * 2, proc.stderr
     for bar, row in zip(bars[1::2], rows):
         assert f"step {row[5]} ms (IQR {row[7]} ms)" in bar, (bar, row)
+    # Nothing else on stderr: no warning a fresh install would print ("Failed to initialize NumPy")
+    others = [l for l in proc.stderr.splitlines() if l.strip() and l not in bars]
+    assert not others, proc.stderr
 
 
 def test_demo_rejects_bad_steps():

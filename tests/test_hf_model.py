@@ -242,6 +242,16 @@ def test_trainer_loss_in_the_compiled_model(tmp_path, inductor_cache, label_smoo
     assert "smoothce::linear_cross_entropy" in ops and "smoothce::cross_entropy" not in ops, ops
 
 
+def test_accelerate_refuses_the_backend_name(tmp_path):
+    # Why Trainer users reach smoothce through register_patterns() (README): accelerate checks
+    # torch_compile_backend against the backends it knows.
+    pytest.importorskip("accelerate")
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], torch_compile=True,
+                                          torch_compile_backend="smoothce")
+    with pytest.raises(ValueError, match="SMOOTHCE"):
+        transformers.Trainer(model=tiny_llama(layers=1), args=args)
+
+
 def test_move_loss_into_model_rejects_what_it_cannot_move(tmp_path):
     pytest.importorskip("accelerate")
     import smoothce
