@@ -55,7 +55,7 @@ BENCH_ARGS = {
 SMOKE_BENCH_ARGS = {  # CPU peak memory takes a fresh process per row: left out of the smoke run
     "ce": ["--device", "cpu", "--n", "64", "--v", "512,1024", "--min-run-time", "0.01", "--no-memory"],
     "head": ["--device", "cpu", "--n", "64", "--d", "32", "--v", "512", "--min-run-time", "0.01", "--no-memory"],
-    "llama": ["--device", "cpu", "--quick", "--min-run-time", "0.01", "--no-memory"],
+    "llama": ["--device", "cpu", "--n", "64", "--v", "512", "--d", "32", "--min-run-time", "0.01", "--no-memory"],
 }
 SMOKE_TESTS = ["tests/test_benchmarks_smoke.py"]
 REDRAW_S = 30  # for drawing the plots of a benchmark stopped at its limit
