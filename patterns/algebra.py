@@ -43,6 +43,8 @@ from typing import Any, Optional
 
 import torch.fx
 
+from smoothce.patterns.nodes import words
+
 Node = torch.fx.Node
 Q = Fraction
 
@@ -152,12 +154,14 @@ class CondV:
 @dataclasses.dataclass(frozen=True)
 class LabelV:
     """Class indices: equal to ``base`` (up to views) on the rows where every atom of ``altered``
-    holds (where / masked_fill changed the others). ``wrap``: read as advanced indexing reads
-    them (-1 is the last class). ``node`` is the tensor the user's code reads."""
+    holds (where / masked_fill changed the others). ``wrap``: how the reading op maps them to a
+    class, None for as they are, "neg" as advanced indexing reads them (-1 is the last class),
+    "mod" as take_along_dim does (y mod V, so none is out of range). ``node`` is the tensor the
+    user's code reads."""
 
     base: Node
     altered: frozenset = frozenset()
-    wrap: bool = False
+    wrap: Optional[str] = None
     node: Optional[Node] = _field()
 
     @property
@@ -175,9 +179,12 @@ class WeightAtV:
 
 @dataclasses.dataclass(frozen=True)
 class ArangeV:
-    """torch.arange(n): row positions for advanced indexing."""
+    """torch.arange(n) along dim ``axis`` (from the end) of its tensor, the same along the others
+    (arange(n)[None, :], .view(1, -1), .expand(m, n)): row positions for advanced indexing, or
+    class positions for a one-hot."""
 
     n: Any
+    axis: int = -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -591,7 +598,9 @@ def divide(v: ScalarV, d: DivisorV) -> ScalarV:
 
 
 def _divisor_words(d: Divisor) -> str:
-    return getattr(d.node, "name", None) or d.key[0]
+    if d.node is not None:
+        return words(d.node)
+    return {"count": "a count of rows", "wsum": "a sum of class weights"}.get(d.key[0], "the number of rows")
 
 
 _KIND = {RowV: "a per-row loss", ScalarV: "a reduced loss", ColV: "a per-class vector", LabelV: "labels",

@@ -30,7 +30,7 @@ from smoothce.patterns.algebra import (
     ArangeV, ElemV, LabelV, Logits, NotCrossEntropy, Reject, RowV, ScalarV, carries_logits, kind, seeds_of,
 )
 from smoothce.patterns.interpret import Interpretation
-from smoothce.patterns.nodes import dtype, location, mutations, target_name
+from smoothce.patterns.nodes import describe, dtype, location, mutations, shape, target_name, words
 from smoothce.patterns.normal_form import Call, normal_form, classes_of
 from smoothce.patterns.ops import SEED_OPS, bind, op_name
 from smoothce.patterns.report import NearMiss
@@ -113,8 +113,8 @@ def dead_after(interp: Interpretation, sinks: list) -> set:
         if n.op == "call_function" and n.is_impure() or n in interp.changed_by.values():
             continue
         # what reads n, or reads the in-place ops on n (they return n itself)
-        ops = [u for u in n.users if followed.get(u) is n]
-        users = [u for u in n.users if followed.get(u) is not n] + [v for op in ops for v in op.users]
+        ops = interp.inplace.get(n, [])
+        users = [u for u in n.users if u not in ops] + [v for op in ops for v in op.users if v not in ops]
         if users and all(u in dead for u in users):
             dead.add(n)
             dead.update(ops)
@@ -143,6 +143,7 @@ def _ask_eager(op: str, label_dtype: torch.dtype) -> bool:
     calls = {
         "nll_loss": lambda: F.nll_loss(x, y),
         "gather": lambda: x.gather(1, y[:, None]),
+        "take_along_dim": lambda: torch.take_along_dim(x, y[:, None], 1),
         "scatter": lambda: x.scatter(1, y[:, None], 1.0),
         "one_hot": lambda: F.one_hot(y, 2),
         "index": lambda: x[torch.arange(1), y],
@@ -156,7 +157,8 @@ def _ask_eager(op: str, label_dtype: torch.dtype) -> bool:
 
 
 def _label_reads(interp: Interpretation, node: Node, classes: int):
-    """(op kind, the labels it reads, low, ignore) for an eager op that reads labels, else None."""
+    """(op kind, the labels it reads, low, ignore) for an eager op that reads labels, else None;
+    low None: no label value makes the op raise."""
     op = op_name(node)
     if op is None:
         return None
@@ -166,23 +168,37 @@ def _label_reads(interp: Interpretation, node: Node, classes: int):
         if lab is None or isinstance(kw.get("ignore_index"), bool) or not isinstance(kw.get("ignore_index"), int):
             return None
         return "nll_loss", lab, 0, kw["ignore_index"]
-    if op in ("gather", "scatter", "take_along_dim"):
-        lab = interp.label(kw.get("index", kw.get("indices")))
-        return ("gather" if op != "scatter" else "scatter", lab, 0, None) if lab is not None else None
+    if op in ("gather", "scatter"):
+        lab = interp.label(kw.get("index"))
+        return (op, lab, 0, None) if lab is not None and _indexes_classes(first, kw.get("dim"), classes) else None
+    if op == "take_along_dim":  # it reads labels mod V: only their dtype can make it raise
+        lab = interp.label(kw.get("indices"))
+        return (op, lab, None, None) if lab is not None else None
     if op == "one_hot":
         lab = interp.label(first)
         return ("one_hot", lab, 0, None) if lab is not None else None
     if op == "index_select":
         lab = interp.label(kw.get("index"))
-        return ("index_select", lab, 0, None) if lab is not None else None
+        return ("index_select", lab, 0, None) if lab is not None and _indexes_classes(first, kw.get("dim"), classes) \
+            else None
     if op in ("getitem", "setitem") and len(node.args) >= 2:
         index = node.args[1]
         parts = index if isinstance(index, tuple) else (index,)
-        labels = [p for p in parts if isinstance(p, Node) and not isinstance(interp.values.get(p), ArangeV)]
-        if len(labels) == 1 and all(isinstance(p, Node) for p in parts):
-            lab = interp.label(labels[0])
+        labels = [i for i, p in enumerate(parts) if isinstance(p, Node) and not isinstance(interp.values.get(p), ArangeV)]
+        if len(labels) == 1 and all(isinstance(p, Node) for p in parts) and _indexes_classes(first, labels[0], classes):
+            lab = interp.label(parts[labels[0]])
             return ("index", lab, -classes, None) if lab is not None else None
     return None
+
+
+def _indexes_classes(src, dim, classes: int) -> bool:
+    """Whether an op's index runs along a dim of ``classes`` entries (unknown: assume it does). An
+    index into another dim (the positions a causal mask is built from) is checked by eager against
+    that dim's size, not by the op's label check."""
+    shp = shape(src) if isinstance(src, Node) else None
+    if shp is None or not isinstance(dim, int) or not -len(shp) <= dim < len(shp):
+        return True
+    return shp[dim] == classes
 
 
 def label_checks(interp: Interpretation, dead: set, classes: int) -> tuple:
@@ -196,10 +212,11 @@ def label_checks(interp: Interpretation, dead: set, classes: int) -> tuple:
         op, lab, low, ignore = read
         label_dtype = dtype(lab.node) if lab.node is not None else dtype(lab.base)
         if label_dtype is not None and not eager_accepts(op, label_dtype):
-            raise Reject(f"the labels {lab.node.name if lab.node is not None else lab.base.name} are "
+            raise Reject(f"the labels {words(lab.node if lab.node is not None else lab.base)} are "
                          f"{str(label_dtype).removeprefix('torch.')}, which {target_name(n)} at "
                          f"{location(n)} rejects: eager raises, so the loss is left to it")
-        checks.append(LabelCheck(lab, low, ignore))
+        if low is not None:
+            checks.append(LabelCheck(lab, low, ignore))
     return tuple(dict.fromkeys(checks))
 
 
@@ -309,7 +326,7 @@ def _group_plans(interp, group: list, cones: dict, modes, mutated, miss, read_by
         changed = [(r, m) for r in _reads(plan) for m in mutated.get(r, ()) if m not in followed]
         if changed:
             r, m = changed[0]
-            miss(seed, node, f"{r.name} is changed in place by {target_name(m)} at {location(m)}", where=m)
+            miss(seed, node, f"{words(r)} is changed in place by {describe(m)}", where=m)
             return []
         plans.append(plan)
     return plans
@@ -336,7 +353,7 @@ def analyze(gm: torch.fx.GraphModule) -> tuple[list[Plan], list[NearMiss], Inter
 
     def read_by(n: Node, u: Node) -> str:
         if u.op == "output":
-            return f"{kind(values[n])} ({n.name}, {location(n)}) also returned from the graph"
+            return f"{kind(values[n])} ({describe(n)}) also returned from the graph"
         return f"{kind(values[n])} also read at {location(u)} ({target_name(u)})"
 
     # Sinks: logit-derived values read by something the algebra does not describe (zeros_like(t)

@@ -11,7 +11,8 @@ Exceptions: the rewrite removes eager ops that raise for invalid labels (gather,
 one_hot, advanced indexing). The op raises on CPU for a label outside [0, V) that is not its
 ignore_index, so the labels it reads are invalid exactly where an eager op's were: rows whose
 labels an eager op rejects get a sentinel outside [0, V), unless the op's own check is provably
-the same (it reads those very labels with the same ignore_index).
+the same (it reads those very labels with the same ignore_index). take_along_dim rejects no label
+value: it reads y mod V, and so does the op.
 """
 
 from __future__ import annotations
@@ -128,7 +129,8 @@ def _emit(plan: Plan, head: Optional[Head], b: _Builder) -> Node:
     checks = [c for c in plan.checks if not any(_implied(c, call.target, V) for call in plan.calls)]
     outs = []
     for i, call in enumerate(plan.calls):
-        t = _target(call.target, plan, rows, op_rows, x, b, checks=checks if i == 0 else ())
+        t = _target(call.target, plan, rows, op_rows, x, b, checks=checks if i == 0 else (),
+                    placeholder=_unpadded_class(call.columns, V))
         kwargs = call.form.describe()  # the form in the user's words; defaults left out
         if call.uniform_rows is not None:
             kwargs["uniform_rows"] = _mask(call.uniform_rows, t, op_rows, V, b)
@@ -172,17 +174,28 @@ def _implied(check: LabelCheck, target: Target, classes: int) -> bool:
     def outside(k):  # the one value outside [0, V) the check lets through, if any
         return None if k is None or 0 <= k < classes else k
 
-    return (_identity(check) is target.node and not target.fold and (check.low < 0) == target.wrap
+    # a wrapped read accepts what its wrap maps into [0, V): y >= -V for "neg", every y for "mod"
+    low = {None: 0, "neg": -classes}.get(target.wrap)
+    return (_identity(check) is target.node and not target.fold and check.low == low
             and outside(check.ignore) == outside(target.ignore))
 
 
-def _target(tg: Target, plan: Plan, rows: tuple, op_rows, x: Node, b: _Builder, checks) -> Node:
-    """The labels one call reads (its ignore_index is tg.ignore), in the op's rows ``op_rows``."""
+def _unpadded_class(columns: tuple, V: int) -> int:
+    """A class whose weight is 1 among a target's padding columns ((p, w_p), ...)."""
+    padded = {p for p, w in columns if w != 1}
+    return next(c for c in range(V) if c not in padded)
+
+
+def _target(tg: Target, plan: Plan, rows: tuple, op_rows, x: Node, b: _Builder, checks, placeholder: int = 0) -> Node:
+    """The labels one call reads (its ignore_index is tg.ignore), in the op's rows ``op_rows``.
+    Without a label term they are all ``placeholder``, a class of weight 1: no term reads them,
+    but the op's 'mean' divides by their weights' sum, the number of rows."""
     V, cd = plan.classes, plan.logits.cd
     if tg.node is None:
-        # no label term: the op still takes labels, and no term reads them
         t = b.fn(torch.zeros_like, b.method("select", x, cd if cd == -1 else len(rows) + 1 + cd, 0),
                  dtype=torch.int64)
+        if placeholder:
+            t = b.fn(operator.add, t, placeholder)
     else:
         t = tg.node
         if op_rows == (-1,) and len(rows) != 1 or shape(t) != rows:
@@ -190,8 +203,10 @@ def _target(tg: Target, plan: Plan, rows: tuple, op_rows, x: Node, b: _Builder, 
         if dtype(t) not in (torch.int64, torch.int32):
             t = b.method("long", t)  # uint8 labels, which nll_loss takes
     ignore = tg.ignore
-    if tg.wrap:  # advanced indexing: -1 is the last class
+    if tg.wrap == "neg":  # advanced indexing: -1 is the last class
         t = b.fn(torch.where, b.fn(operator.lt, t, 0), b.fn(operator.add, t, V), t)
+    elif tg.wrap == "mod":  # take_along_dim: y mod V, the sign of V
+        t = b.fn(torch.remainder, t, V)
     if tg.fold:
         t = b.fn(torch.where, _mask(tg.fold, t, op_rows, V, b), t, ignore)
     bad = [_invalid(c, op_rows, V, b) for c in checks]

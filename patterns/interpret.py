@@ -7,8 +7,9 @@ can say what stopped the match and where.
 
 In-place operations are followed where they change a fresh tensor that nothing else aliases (a
 loss term masked with ``masked_fill_``, a target built with ``zeros_like(...).scatter_``): the
-mutated node takes the new value for the readers after it. Any other in-place change makes the
-tensor opaque from there on, so no value from before the change is ever used after it.
+mutated node, and the in-place calls that returned it (``empty(...).fill_(c).scatter_(...)``),
+take the new value for the readers after it. Any other in-place change makes the tensor opaque
+from there on, so no value from before the change is ever used after it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from smoothce.patterns.algebra import (
 )
 from smoothce.patterns.nodes import (
     Structure, describe, dtype, exact, fake, is_bool, is_float, is_int, location, mutates, shape,
-    static_shape,
+    static_shape, words,
 )
 from smoothce.patterns.ops import FRESH, INPLACE, SEED_OPS, bind, op_name
 
@@ -86,6 +87,22 @@ def _is_scalar_like(node) -> bool:
     return isinstance(v, (torch.SymInt, torch.SymFloat, int, float)) and not isinstance(v, bool)
 
 
+def _labels_of(target: ElemV) -> frozenset:
+    """The label tensors a target distribution's one-hots read."""
+    return frozenset(part[1].base for (part, _, _), _ in target.terms if part[0] in ("OH", "OHW"))
+
+
+def _numel(shp):
+    return None if shp is None else math.prod(shp)
+
+
+def _padded(shp, ndim: int):
+    """shp broadcast to ndim dims (size-1 dims in front), None when it has more."""
+    if shp is None or len(shp) > ndim:
+        return None
+    return (1,) * (ndim - len(shp)) + tuple(shp)
+
+
 def _keep(shp, cd):
     """shp with size 1 at the class dim (cd counted from the end)."""
     if shp is None or cd is None:
@@ -106,6 +123,10 @@ class Interpretation:
         self.rejected: dict[Node, Reject] = {}
         self.inplace: dict[Node, list[Node]] = {}  # mutated node -> the in-place ops followed on it
         self.changed_by: dict[Node, Node] = {}  # node -> an in-place op the algebra does not follow
+        self.alias_of: dict[Node, Node] = {}  # a followed in-place op -> the tensor it changes (and returns)
+        # opaque nodes computed from a target distribution: (where it turned opaque, the label tensors
+        # it was built from)
+        self.lost: dict[Node, tuple[Node, frozenset]] = {}
         self.order = {n: i for i, n in enumerate(graph.nodes)}
         for node in graph.nodes:
             try:
@@ -116,6 +137,40 @@ class Interpretation:
                     self.why[node] = str(err)
                     self.rejected[node] = err
             self.values[node] = value
+            if value is None:
+                self._note_lost_target(node)
+
+    def _note_lost_target(self, node: Node):
+        """An opaque node computed from a target distribution (or torch.arange compared with
+        something): where the target turned opaque, and the label tensors it was built from."""
+        at, labels = None, set()
+        for a in node.all_input_nodes:
+            v = self.values.get(a)
+            if isinstance(v, ElemV) and v.key is None:
+                at = node
+                labels |= _labels_of(v)
+            elif isinstance(v, ArangeV) and op_name(node) in ("eq", "ne"):
+                at = node
+            elif a in self.lost:
+                at = at or self.lost[a][0]
+                labels |= self.lost[a][1]
+        if at is not None:
+            self.lost[node] = (at, frozenset(labels))
+
+    def _lost_reason(self, b, what: str) -> Optional[str]:
+        """Why b, a tensor built from a target distribution, has no value (None: it is not one);
+        ``what`` says how the loss reads it."""
+        if not isinstance(b, Node) or b not in self.lost:
+            return None
+        at, labels = self.lost[b]
+        if len(labels) > 1:
+            return TWO_LABELS
+        others = [a for a in at.all_input_nodes if fake(a) is not None and a not in self.lost
+                  and not isinstance(self.values.get(a), (ElemV, ArangeV))]
+        met = ""
+        if others and op_name(at) in ("mul", "div", "add", "sub"):
+            met = f" (where it meets {', '.join(words(a) for a in others)}, a tensor and not a number)"
+        return f"{what} a target distribution the detector cannot follow past {describe(at)}{met}"
 
     # -- reading arguments ---------------------------------------------------------------------
 
@@ -132,8 +187,8 @@ class Interpretation:
         v = self.val(arg) if isinstance(arg, Node) else None
         if isinstance(v, LabelV):
             return v
-        if isinstance(arg, Node) and v is None and is_int(arg):
-            return LabelV(arg, node=arg)
+        if isinstance(arg, Node) and (v is None or isinstance(v, ArangeV)) and is_int(arg):
+            return LabelV(arg, node=arg)  # any integer tensor: torch.arange(n) are the labels 0, ..., n - 1
         return None
 
     def cond(self, arg) -> Optional[CondV]:
@@ -247,49 +302,85 @@ class Interpretation:
         if op is None:
             return None
         first, kw = bind(node, op)
-        if op in _FILLS:
-            value = self._fill(node, first, kw, *_FILLS[op])
-        else:
-            handler = getattr(self, "_op_" + op, None)
-            value = handler(node, first, kw) if handler is not None else None
+        try:
+            if op in _FILLS:
+                value = self._fill(node, first, kw, *_FILLS[op])
+            else:
+                handler = getattr(self, "_op_" + op, None)
+                value = handler(node, first, kw) if handler is not None else None
+            if isinstance(value, ElemV):
+                self._check_label_rows(node, first if followed else node)
+        except Reject:
+            if followed and isinstance(first, Node):  # the change is not followed: no old value survives it
+                self._opaque(self._aliases(first)[1], node)
+            raise
         if followed:  # an in-place op: the tensor it changes takes the value (or turns opaque)
             return self._follow_inplace(node, first, value)
         return value
+
+    def _check_label_rows(self, node: Node, out: Node):
+        """A one-hot broadcast to more elements than it has (one_hot(y[:1]) * lp) repeats its
+        labels over rows: they are not one label per row, as the op reads them. ``out``: the
+        tensor node computes (an in-place op's is the one it changes)."""
+        size = _numel(shape(out))
+        for a in node.all_input_nodes if size is not None else ():
+            v = self.values.get(a)
+            if isinstance(v, ElemV) and _labels_of(v) and _numel(shape(a)) != size:
+                raise Reject(f"a one-hot of shape {shape(a)} is broadcast to {shape(out)} ({describe(node)}); "
+                             "the op takes one label per row")
 
     def _unfollowed(self, node: Node):
         # an in-place change the algebra does not follow (y.clamp_, t.index_put_): later readers
         # of the tensor must not see its old value
         changed = node.args[0]
         old = self.values.get(changed)
-        self.values[changed] = None
-        self.changed_by[changed] = node
+        self._opaque(self._aliases(changed)[1], node)
         if carries_logits(old):
             raise Reject(f"a loss value is changed in place by {describe(node)}")
         return None
 
+    def _aliases(self, n: Node) -> tuple:
+        """(the tensor, every node that returns it): an in-place method returns the tensor it
+        changes, so t, t.fill_(c) and t.fill_(c).scatter_(...) are one tensor."""
+        root = self.alias_of.get(n, n)
+        return root, [root, *(m for m in self.inplace.get(root, ()) if m.op == "call_method")]
+
+    def _opaque(self, group: list, node: Node):
+        for m in group:
+            old = self.values.get(m)
+            if isinstance(old, ElemV) and old.key is None:  # a target lost to the change
+                self.lost[m] = (node, _labels_of(old))
+            self.values[m] = None
+            self.changed_by[m] = node
+
     def _follow_inplace(self, node: Node, first, value):
-        old = self.values.get(first)
-        if not isinstance(first, Node) or not (carries_logits(old) or isinstance(old, ElemV)):
-            self.values[first] = None  # a label, mask or unknown tensor changed in place: opaque from here
-            self.changed_by[first] = node
+        if not isinstance(first, Node):
             return None
-        aliases = [u for u in first.users if self.order[u] < self.order[node] and op_name(u) not in FRESH
-                   and u not in self.inplace.get(first, ())]
-        if op_name(first) not in FRESH or aliases:
-            self.values[first] = None
-            self.changed_by[first] = node
+        root, group = self._aliases(first)
+        old = self.values.get(first)
+        # fill_ writes every element: what the tensor held does not matter (torch.empty)
+        known = carries_logits(old) or isinstance(old, ElemV) or op_name(node) == "fill" and old is None
+        if not known:
+            self._opaque(group, node)  # a label, mask or unknown tensor changed in place: opaque from here
+            return None
+        done = self.inplace.get(root, ())
+        aliases = [u for m in group for u in m.users if self.order[u] < self.order[node]
+                   and op_name(u) not in FRESH and u not in done]
+        if op_name(root) not in FRESH or aliases:
+            self._opaque(group, node)
             if carries_logits(old):
-                raise Reject(f"in-place {node.target} ({describe(node)}) on {first.name}, which may alias "
+                raise Reject(f"in-place {node.target} ({describe(node)}) on {words(first)}, which may alias "
                              "other tensors")
             return None
         if value is None:
-            self.values[first] = None
-            self.changed_by[first] = node
+            self._opaque(group, node)
             if carries_logits(old):
                 raise Reject(f"in-place {node.target} on a loss value ({describe(node)})")
             return None
-        self.values[first] = value  # readers after this point see the mutated value
-        self.inplace.setdefault(first, []).append(node)
+        for m in group:
+            self.values[m] = value  # readers after this point see the mutated value
+        self.inplace.setdefault(root, []).append(node)
+        self.alias_of[node] = root
         return value
 
     # -- logits and log-probabilities -----------------------------------------------------------
@@ -371,8 +462,10 @@ class Interpretation:
             raise Reject(f"{kind(v)} are read at the labels ({describe(node)})")
         return None
 
-    def _op_gather(self, node, src, kw):
+    def _op_gather(self, node, src, kw, wrap=None):
         idx = self.label(kw.get("index"))
+        if idx is not None and wrap is not None:
+            idx = dataclasses.replace(idx, wrap=wrap) if idx.wrap is None else None
         if idx is None or not isinstance(src, Node) or shape(src) is None:
             if carries_logits(self.val(src)):
                 raise Reject(f"log-probs gathered at an index that is not built from the labels ({describe(node)})")
@@ -385,9 +478,10 @@ class Interpretation:
         return self._at_label(node, src, dim, idx)
 
     def _op_take_along_dim(self, node, src, kw):
+        # torch.take_along_dim is gather at indices.remainder(size): no label is out of range
         if kw.get("dim") is None:
             return None
-        return self._op_gather(node, src, {"dim": kw["dim"], "index": kw.get("indices")})
+        return self._op_gather(node, src, {"dim": kw["dim"], "index": kw.get("indices")}, wrap="mod")
 
     def _op_index_select(self, node, src, kw):
         idx = self.label(kw.get("index"))
@@ -430,20 +524,18 @@ class Interpretation:
         if isinstance(index, Node) and shp is not None and len(shp) == 1 and v is None and is_float(src):
             idx = self.label(index)
             return WeightAtV(src, idx) if idx is not None else None  # (-1 reads the last class: checked apart)
-        # lp[torch.arange(n), y]: the label's entry of each row
-        if len(parts) == 2 and all(isinstance(p, Node) for p in parts) and shp is not None and len(shp) == 2:
-            rows, lab = self.val(parts[0]), self.label(parts[1])
-            if isinstance(rows, ArangeV) and lab is not None and shape(parts[1]) == (shp[0],) \
-                    and rows.n == shp[0]:
-                return self._at_label(node, src, 1, dataclasses.replace(lab, wrap=True))
-            if carries_logits(v):
-                raise Reject(f"{kind(v)} are indexed by tensors that are not (arange, labels) ({describe(node)})")
-            return None
+        # lp[torch.arange(n), y], lp[arange(B)[:, None], arange(T)[None, :], y]: the label's entry of each row
+        at = self._label_index(parts, shp)
+        if at is not None and shape(node) == shape(parts[at[0]]):
+            return self._at_label(node, src, *at)
         if any(isinstance(p, Node) for p in parts):
-            if carries_logits(v):
-                raise Reject(f"{kind(v)} are indexed by a tensor ({describe(node)}); a boolean mask "
-                             "selects rows with a data-dependent count")
-            return None
+            if not carries_logits(v):
+                return None
+            if any(is_bool(p) for p in parts if isinstance(p, Node)):
+                raise Reject(f"{kind(v)} are indexed by a boolean mask ({describe(node)}); it selects rows "
+                             "with a data-dependent count")
+            raise Reject(f"{kind(v)} are indexed by tensors that are not the labels at the class dim and "
+                         f"torch.arange at each other dim ({describe(node)})")
         # x[:, p], x[..., p]: one class column
         if shp is not None and parts and isinstance(parts[-1], int) and not isinstance(parts[-1], bool) \
                 and all(p == slice(None) or p is Ellipsis for p in parts[:-1]) \
@@ -453,6 +545,27 @@ class Interpretation:
                 if out is not None:
                     return out
         return self._slice(node, src, parts)
+
+    def _label_index(self, parts: tuple, shp) -> Optional[tuple]:
+        """(class dim, labels) of an advanced index that reads one label per row: labels of the
+        rows' shape at one dim, and at each other dim torch.arange along that dim's place among
+        the rows (lp[arange(n), y], lp[arange(B)[:, None], arange(T)[None, :], y])."""
+        if shp is None or len(shp) < 2 or len(parts) != len(shp) or not all(isinstance(p, Node) for p in parts):
+            return None
+        others = [i for i, p in enumerate(parts) if not isinstance(self.values.get(p), ArangeV)]
+        if len(others) > 1:
+            return None
+        # aranges only (lp[arange(n), arange(n)]): the labels at the last dim first
+        for c in others or reversed(range(len(shp))):
+            row_dims = [i for i in range(len(shp)) if i != c]
+            rows = [(j, self.values[parts[i]], parts[i], shp[i]) for j, i in enumerate(row_dims)]
+            lab = self.label(parts[c])
+            if lab is None or lab.wrap or shape(parts[c]) != tuple(shp[i] for i in row_dims):
+                continue
+            if all(len(shape(p)) <= len(rows) and len(rows) + r.axis == j and r.n == n
+                   and dtype(p) in (torch.int64, torch.int32) for j, r, p, n in rows):  # eager's index dtypes
+                return c, dataclasses.replace(lab, wrap="neg")
+        return None
 
     def _slice(self, node, src, parts):
         """Basic indexing: None, Ellipsis, full slices and 0 at a dim of size 1 keep the values."""
@@ -510,7 +623,10 @@ class Interpretation:
             # class probabilities: loss_i = -sum_j w_j p'_ij L_ij with p' = (1 - eps) p + eps / V
             p = self.val(target)
             if not (isinstance(p, ElemV) and p.key is None):
-                raise Reject(f"targets are class probabilities from outside the graph ({target.name}), "
+                lost = self._lost_reason(target, "cross_entropy reads")
+                if lost is not None:
+                    raise Reject(lost)
+                raise Reject(f"targets are class probabilities from outside the graph ({words(target)}), "
                              "not built from the labels")
             q = add(scale(p, 1 - eps), constant(eps / V, key.cd))
             e = elem_mul(q, lp)
@@ -537,7 +653,7 @@ class Interpretation:
     def _target_label(self, target, name) -> LabelV:
         lab = self.label(target)
         if lab is None:
-            raise Reject(f"the {name} target {getattr(target, 'name', target)!r} is not a label tensor")
+            raise Reject(f"the {name} target {words(target)} is not a label tensor")
         return lab
 
     @staticmethod
@@ -593,8 +709,11 @@ class Interpretation:
         target = kw["target"]
         p = self.val(target) if isinstance(target, Node) else None
         if not (isinstance(p, ElemV) and p.key is None):
+            lost = self._lost_reason(target, "kl_div reads")
+            if lost is not None:
+                raise Reject(lost)
             raise Reject(f"targets are class probabilities from outside the graph "
-                         f"({getattr(target, 'name', target)}), not built from the labels")
+                         f"({words(target)}), not built from the labels")
         if p.cd is not None and p.cd != v.cd:
             raise Reject(f"kl_div target has classes along dim {p.cd}, log-probs along dim {v.cd} (from the end)")
         if shape(target) != shape(lp):
@@ -669,9 +788,26 @@ class Interpretation:
         return constant(c, v.cd if isinstance(v, ElemV) else -1)
 
     def _op_arange(self, node, _, kw):
-        shp = kw.get("shape", ())
-        if len(shp) == 1 and (shape(node) or (None,))[0] is not None:
-            return ArangeV(shp[0])
+        # arange(n), arange(0, n), arange(0, n, 1) in a dtype that holds 0, ..., n - 1 exactly
+        args = kw.get("shape", ())
+        start = args[0] if len(args) > 1 else kw.get("start", 0)
+        step = args[2] if len(args) > 2 else kw.get("step", 1)
+        shp = shape(node)
+        if not (args or "end" in kw) or not _is_number(start, 0) or not _is_number(step, 1) \
+                or shp is None or len(shp) != 1 or dtype(node) not in _EXACT_UP_TO:
+            return None
+        n = shp[0]
+        if dtype(node) not in (torch.int64, torch.int32) and not (isinstance(n, int) and n <= _EXACT_UP_TO[dtype(node)]):
+            return None
+        return ArangeV(n)
+
+    def _op_expand(self, node, a, kw):
+        # expand aligns the trailing dims: the arange stays at its dim from the end
+        v = self.val(a)
+        if isinstance(v, ArangeV):
+            return v
+        if carries_logits(v):
+            raise Reject(f"{kind(v)} are expanded ({describe(node)})")
         return None
 
     def _op_scatter(self, node, t, kw):
@@ -714,11 +850,11 @@ class Interpretation:
                 col = ElemV(None, -1, (((("COL", parts[-1] % V), "K", frozenset()), Q(1)),))
                 return self._write_at(dataclasses.replace(tv, cd=-1), col, c)
         # t[arange(n), y] = c: the label's entry of each row
-        if len(parts) == 2 and all(isinstance(p, Node) for p in parts) and len(shp) == 2:
-            rows, lab = self.val(parts[0]), self.label(parts[1])
-            if isinstance(rows, ArangeV) and lab is not None and rows.n == shp[0]:
-                oh = self._one_hot(dataclasses.replace(lab, wrap=True), -1)
-                return self._write_at(dataclasses.replace(tv, cd=-1), oh, c)
+        at = self._label_index(parts, shp)
+        if at is not None:
+            cd = at[0] - len(shp)
+            if tv.cd in (None, cd) or as_constant(tv) is not None:
+                return self._write_at(dataclasses.replace(tv, cd=cd), self._one_hot(at[1], cd), c)
         # t[mask] = c with a row mask
         if isinstance(index, Node):
             m = self.cond(index)
@@ -802,7 +938,7 @@ class Interpretation:
                 rv = ElemV(r.key, cd, tuple(terms.items()), r.seeds)
                 return add(e, rv, s) if er_sign is not None else add(scale(e, s), rv)
         if carries_logits(va) or carries_logits(vb):
-            raise Reject(f"{kind(va) if va is not None else a.name} and {kind(vb) if vb is not None else b.name} "
+            raise Reject(f"{kind(va) if va is not None else words(a)} and {kind(vb) if vb is not None else words(b)} "
                          f"are added ({describe(node)})")
         return None
 
@@ -874,7 +1010,7 @@ class Interpretation:
         if isinstance(va, DivisorV) and isinstance(vb, Fraction):
             return DivisorV(va.divisor, va.factor * vb)
         if carries_logits(va):
-            raise Reject(f"{kind(va)} is multiplied by {kind(vb) if vb is not None else b.name} ({describe(node)})")
+            raise Reject(f"{kind(va)} is multiplied by {kind(vb) if vb is not None else words(b)} ({describe(node)})")
         return None
 
     def _times_constant(self, node, a, va, c: Fraction):
@@ -907,9 +1043,12 @@ class Interpretation:
         return b
 
     def _dense_reason(self, b, vb, per_row=False):
-        name = getattr(b, "name", repr(b))
+        name = words(b)
         if isinstance(b, Node) and b in self.changed_by:
             return f"{name} is changed in place by {describe(self.changed_by[b])}"
+        lost = self._lost_reason(b, "the log-probs are multiplied by")
+        if not per_row and lost is not None:
+            return lost
         if per_row:
             return (f"the per-row loss is multiplied by {name} ({kind(vb) if vb is not None else 'a tensor'}), "
                     "which is not a boolean mask of rows")
@@ -935,7 +1074,7 @@ class Interpretation:
             if vb is None and _is_scalar_like(b):
                 return divide(va, DivisorV(Divisor(("expr", self.structure.key(b)), b)))
         if carries_logits(va):
-            raise Reject(f"{kind(va)} is divided by {kind(vb) if vb is not None else getattr(b, 'name', b)} "
+            raise Reject(f"{kind(va)} is divided by {kind(vb) if vb is not None else words(b)} "
                          f"({describe(node)})")
         return None
 
@@ -1031,14 +1170,20 @@ class Interpretation:
         """Label comparisons with constants, and arange == labels (a one-hot)."""
         va, vb = self.val(a), self.val(b) if isinstance(b, Node) else None
         if isinstance(va, ArangeV) or isinstance(vb, ArangeV):
-            r, other = (va, b) if isinstance(va, ArangeV) else (vb, a)
-            lab = self.label(other)
-            if how in ("eq", "ne") and lab is not None and not lab.wrap and shape(node) is not None \
-                    and len(shape(node)) >= 2 and shape(node)[-1] == r.n and isinstance(r.n, int):
-                # [j == y_i] for the labels in range; a label outside [0, V) matches no class
-                inrange = CondAtom(("inrange", lab.base if lab.plain else lab.node, r.n))
-                oh = ElemV(None, -1, (((("OH", lab), "K", frozenset({inrange})), Q(1)),))
-                return oh if how == "eq" else add(constant(Q(1), -1), oh, Q(-1))
+            # arange == arange: the classes along the last dim first, where log-probs have them
+            pairs = sorted(((r, other) for r, other in ((va, b), (vb, a)) if isinstance(r, ArangeV)),
+                           key=lambda p: p[0].axis != -1)
+            out = shape(node)
+            for r, other in pairs:
+                lab, cd = self.label(other), r.axis
+                if how in ("eq", "ne") and lab is not None and not lab.wrap and out is not None \
+                        and len(out) >= 2 and isinstance(r.n, int) and out[cd] == r.n \
+                        and _padded(shape(other), len(out)) == _keep(out, cd):
+                    # [j == y_i] with j along the arange's dim and one label per row; a label outside
+                    # [0, V) matches no class
+                    inrange = CondAtom(("inrange", lab.base if lab.plain else lab.node, r.n))
+                    oh = ElemV(None, cd, (((("OH", lab), "K", frozenset({inrange})), Q(1)),))
+                    return oh if how == "eq" else add(constant(Q(1), cd), oh, Q(-1))
             return None
         lab = self.label(a)
         k = b if isinstance(b, int) and not isinstance(b, bool) else None
@@ -1185,6 +1330,8 @@ class Interpretation:
         if isinstance(v, ElemV):
             sa, sn = shape(a), shape(node)
             return v if sa and sn and sa[-1] == sn[-1] and v.cd in (None, -1) else None
+        if isinstance(v, ArangeV):
+            return _arange_view(v, shape(a), shape(node))
         if carries_logits(v):
             raise Reject(f"{kind(v)} are reshaped ({describe(node)})")
         if v is None and isinstance(a, Node):  # the user's labels or mask, seen through a view
@@ -1214,6 +1361,9 @@ class Interpretation:
         to = dtype(node)
         if isinstance(v, CondV):
             return v  # a 0/1 tensor multiplies like the mask itself
+        if isinstance(v, ArangeV):  # the same numbers while the new dtype holds them
+            fits = to == torch.int64 or to in _EXACT_UP_TO and isinstance(v.n, int) and v.n <= _EXACT_UP_TO[to]
+            return v if fits else None
         if isinstance(v, LabelV):
             return v if is_int(node) and to in (torch.int64, torch.int32) else None
         if isinstance(v, DivisorV):
@@ -1234,6 +1384,32 @@ class Interpretation:
         if carries_logits(v):
             raise Reject(f"the loss is detached ({describe(node)})")
         return None
+
+
+# the integers a dtype holds exactly from 0 on
+_EXACT_UP_TO = {torch.int64: 2 ** 63, torch.int32: 2 ** 31, torch.int16: 2 ** 15, torch.int8: 2 ** 7,
+                torch.uint8: 2 ** 8, torch.float64: 2 ** 53, torch.float32: 2 ** 24, torch.float16: 2 ** 11,
+                torch.bfloat16: 2 ** 8}
+
+
+def _is_number(v, k) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v == k
+
+
+def _static_one(d) -> bool:
+    return isinstance(d, int) and d == 1
+
+
+def _arange_view(v: ArangeV, before, after) -> Optional[ArangeV]:
+    """A view of an arange that is 1 outside its axis (not expanded): the n values in order, so
+    the arange of the view's one dim of size n (any dim when n is 1)."""
+    if before is None or after is None or not after \
+            or not all(_static_one(d) for i, d in enumerate(before) if i != len(before) + v.axis):
+        return None
+    dims = [i for i, d in enumerate(after) if not _static_one(d)]
+    if len(dims) > 1:
+        return None
+    return ArangeV(v.n, dims[0] - len(after) if dims else -1)
 
 
 def _relayout_index(parts: tuple, shp) -> bool:

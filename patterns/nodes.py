@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 import torch.fx
 
-from smoothce.patterns.ops import bind, op_name
+from smoothce.patterns.ops import UNINITIALIZED, bind, op_name
 
 Node = torch.fx.Node
 
@@ -103,6 +103,16 @@ def user_name(node: Node) -> str:
     return _MODULE_DICT.sub(r".\1", _FRAME_LOCAL.sub(r"\1", source))
 
 
+def words(node) -> str:
+    """A tensor in a near-miss reason: the user's name of a graph input (``y``, ``self.weight``),
+    else what computes it and where ("neg at loss.py:7"), never a graph node's name."""
+    if not isinstance(node, Node):
+        return repr(node)
+    if node.op in ("placeholder", "get_attr"):
+        return user_name(node)
+    return describe(node)
+
+
 def target_name(node: Node) -> str:
     t = node.target
     if isinstance(t, str):
@@ -170,7 +180,8 @@ class Structure:
             if n in mutated or mutates(n) or any(a in touched for a in n.all_input_nodes):
                 touched.add(n)
             op = op_name(n)
-            pure = op is not None or (n.op == "call_method" and n.target in _PURE_METHODS) or (
+            pure = op is not None and op not in UNINITIALIZED or (
+                n.op == "call_method" and n.target in _PURE_METHODS) or (
                 n.op == "call_function" and _is_pure_function(n.target))
             if not pure or n in touched:
                 self._keys[n] = ("node", n)

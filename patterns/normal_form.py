@@ -27,7 +27,7 @@ from smoothce.kernels.form import LossForm
 from smoothce.patterns.algebra import (
     TWO_LABELS, CondAtom, Divisor, LabelV, Logits, Q, Reject, RowV, ScalarV, simplify, static_classes,
 )
-from smoothce.patterns.nodes import fake, shape
+from smoothce.patterns.nodes import fake, shape, words
 
 Node = torch.fx.Node
 
@@ -38,12 +38,13 @@ class Target:
     """The labels one op call reads: ``node`` (the user's labels, or the tensor their code built
     from them), ``ignore`` (the op's ignore_index; None: no label is ignored), ``fold``: the
     conditions of the label term's mask that are not "labels != ignore" and are folded into the
-    labels as where(fold, labels, ignore); ``wrap``: negative labels count from the end."""
+    labels as where(fold, labels, ignore); ``wrap``: the labels' ``LabelV.wrap`` (applied before
+    the fold)."""
 
     node: Optional[Node]
     ignore: Optional[int]
     fold: frozenset = frozenset()
-    wrap: bool = False
+    wrap: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,7 +243,7 @@ def _call(row: RowV, divisor: Optional[Divisor], V: int, key: Logits, per_row: b
         raise Reject(f"the z-loss coefficient {float(z)!r} is negative")
     columns = tuple(sorted((p, 1 - k / b) for p, k in (gb.cols.items() if gb is not None else ())))
     if weight is not None and (fake(weight) is None or fake(weight).requires_grad):
-        raise Reject(f"the class weight {weight.name} requires grad (the op does not differentiate it)")
+        raise Reject(f"the class weight {words(weight)} requires grad (the op does not differentiate it)")
     if columns and weight is not None:
         raise Reject("class weights and a padding column together")
     if label is None and a != 0:

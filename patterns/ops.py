@@ -30,15 +30,16 @@ _SHARED = {
     "reshape": "reshape", "flatten": "flatten", "tanh": "tanh", "index_select": "index_select",
     "select": "select", "matmul": "matmul", "mv": "matmul", "count_nonzero": "count_nonzero",
     "full_like": "full_like", "ones_like": "ones_like", "zeros_like": "zeros_like", "clone": "clone",
-    "detach": "detach", "index_fill": "index_fill", "numel": "numel",
+    "detach": "detach", "index_fill": "index_fill", "numel": "numel", "broadcast_to": "expand",
 }
-_FUNCTION_ONLY = {"full": "full", "zeros": "zeros", "ones": "ones", "arange": "arange"}
+_FUNCTION_ONLY = {"full": "full", "zeros": "zeros", "ones": "ones", "arange": "arange", "empty": "empty",
+                  "empty_like": "empty_like"}
 _METHOD_ONLY = {
     "__getitem__": "getitem", "view": "reshape", "view_as": "reshape_as", "reshape_as": "reshape_as",
-    "new_full": "new_full", "new_zeros": "new_zeros", "new_ones": "new_ones",
+    "new_full": "new_full", "new_zeros": "new_zeros", "new_ones": "new_ones", "new_empty": "new_empty",
     "float": "cast", "double": "cast", "half": "cast", "bfloat16": "cast", "to": "cast",
     "type_as": "cast", "type": "cast", "long": "cast", "int": "cast", "bool": "cast",
-    "contiguous": "contiguous", "size": "size", "exp": "exp",
+    "contiguous": "contiguous", "size": "size", "exp": "exp", "expand": "expand", "expand_as": "expand",
 }
 
 
@@ -77,7 +78,10 @@ INPLACE = {"masked_fill_": "masked_fill", "mul_": "mul", "div_": "div", "neg_": 
 FRESH = {"gather", "sum", "mean", "mul", "add", "sub", "div", "neg", "log_softmax", "cross_entropy",
          "nll_loss", "masked_fill", "where", "logsumexp", "pow", "square", "full", "zeros", "ones",
          "full_like", "zeros_like", "ones_like", "new_full", "new_zeros", "new_ones", "one_hot", "scatter",
-         "clone", "take_along_dim", "log", "softmax", "index_fill", "matmul", "kl_div"}
+         "clone", "take_along_dim", "log", "softmax", "index_fill", "matmul", "kl_div", "empty", "new_empty",
+         "empty_like"}
+# Fresh tensors whose contents are unspecified until written: two calls are not one value.
+UNINITIALIZED = {"empty", "new_empty", "empty_like"}
 
 # Calls that are a loss by themselves: their rejection is a near miss even without log-probs.
 SEED_OPS = {"cross_entropy", "nll_loss", "kl_div"}

@@ -198,8 +198,8 @@ Rewritten losses: none
 
 Near misses:
   #  location                      reason
-  1  test_inspect.py:logprobs_nll  log-probs (lp, test_inspect.py:logprobs) also returned from the
-                                   graph
+  1  test_inspect.py:logprobs_nll  log-probs (log_softmax at test_inspect.py:logprobs) also returned
+                                   from the graph
 
 Graphs:
   graph  traced from        losses  near misses

@@ -175,6 +175,17 @@ def test_a_label_term_masked_by_ignore_index_next_to_an_unmasked_uniform_term(g)
     assert call.uniform_rows == frozenset() and call.target.ignore == -100 and call.reduction == "sum"
 
 
+def test_labels_read_mod_the_classes_fold_their_mask_after_the_wrap(g):
+    # take_along_dim reads y mod V: "y != -100" cannot be the op's ignore_index on the wrapped labels,
+    # it folds in as where(y != -100, y mod V, -100)
+    y = LabelV(g["y"], wrap="mod", node=g["y"])
+    nll = scale(elem_gather(log_probs(key(g)), y), Q(-1))
+    _, (call,) = normal_form(ScalarV.of(nll))
+    assert (call.target.wrap, call.target.ignore, call.target.fold) == ("mod", None, frozenset())
+    _, (call,) = normal_form(ScalarV.of(with_conds(nll, frozenset({ne(g, -100)}))))
+    assert (call.target.wrap, call.target.ignore, call.target.fold) == ("mod", -100, frozenset({ne(g, -100)}))
+
+
 def test_a_term_minus_its_masked_copy_is_the_term_on_the_other_rows(g):
     nll = scale(elem_gather(log_probs(key(g)), lab(g)), Q(-1))
     row = add(nll, with_conds(nll, frozenset({ne(g, 7).negated()})), Q(-1))  # nll - nll * (y == 7)

@@ -511,7 +511,7 @@ def test_dense_targets_are_left_alone():
 
     p = torch.softmax(logits(N, V, seed=5), -1)
     assert _unchanged(fn, logits(N, V), p) == [
-        "targets are class probabilities from outside the graph (l_p_), not built from the labels"]
+        "targets are class probabilities from outside the graph (p), not built from the labels"]
 
 
 def test_dense_targets_to_cross_entropy_are_left_alone():
@@ -520,7 +520,7 @@ def test_dense_targets_to_cross_entropy_are_left_alone():
 
     p = torch.softmax(logits(N, V, seed=5), -1)
     assert _unchanged(fn, logits(N, V), p) == [
-        "targets are class probabilities from outside the graph (l_p_), not built from the labels"]
+        "targets are class probabilities from outside the graph (p), not built from the labels"]
 
 
 def test_log_probs_read_elsewhere_are_left_alone():
@@ -531,6 +531,34 @@ def test_log_probs_read_elsewhere_are_left_alone():
     reasons = _unchanged(fn, logits(N, V), labels(N))
     line = inspect.getsourcelines(fn)[1] + 2
     assert reasons == [f"log-probs also read at {FILE}:{line} (argmax)"]
+
+
+def test_log_probs_returned_are_named_by_their_line():
+    def fn(x, y):
+        lp = x.log_softmax(-1)
+        return F.nll_loss(lp, y), lp
+
+    line = inspect.getsourcelines(fn)[1] + 1
+    assert _unchanged(fn, logits(N, V), labels(N)) == [
+        f"log-probs (log_softmax at {FILE}:{line}) also returned from the graph"]
+
+
+def test_log_probs_indexed_by_other_tensors_say_how():
+    def by_positions(x, y, rows):  # rows are not torch.arange: a row may be read twice
+        return -x.log_softmax(-1)[rows, y].mean()
+
+    def by_mask(x, y):
+        return -x.log_softmax(-1)[y != 0].mean()
+
+    rows = torch.tensor([0, 0, 1, 2, 3, 4])
+    line = inspect.getsourcelines(by_positions)[1] + 1
+    assert _unchanged(by_positions, logits(N, V), labels(N), rows) == [
+        f"log-probs are indexed by tensors that are not the labels at the class dim and torch.arange at each "
+        f"other dim (indexing at {FILE}:{line})"]
+    line = inspect.getsourcelines(by_mask)[1] + 1
+    assert _unchanged(by_mask, logits(N, V), labels(N)) == [
+        f"log-probs are indexed by a boolean mask (indexing at {FILE}:{line}); it selects rows with a "
+        "data-dependent count"]
 
 
 def test_log_softmax_over_dim_0_is_left_alone():
@@ -600,7 +628,8 @@ def test_labels_changed_in_place_are_left_alone():
 
     rec = check(fn, logits(N, V), labels(N).clamp(min=V - 3), no_grad=True, matches=0)
     reasons = [nm.reason for nm in rec.result.near_misses]
-    assert len(reasons) == 1 and reasons[0].startswith("l_y_ is changed in place by clamp_"), reasons
+    line = inspect.getsourcelines(fn)[1] + 2
+    assert reasons == [f"y is changed in place by clamp_ at {FILE}:{line}"], reasons
 
 
 # ------------------------------------------------------------------------------------------------

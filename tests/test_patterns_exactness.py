@@ -5,11 +5,16 @@ exception of the same type (the op's out-of-range error is both the IndexError o
 the RuntimeError of gather and indexing); otherwise the values (and dtypes) must agree.
 """
 
+import inspect
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from rewrite_check import EPS, N, V, Recorder, labels, logits
+from rewrite_check import B, EPS, N, T, V, Recorder, labels, logits
+
+FILE = os.path.basename(__file__)
 
 
 def same_as_eager(fn, *inputs, rewritten=True):
@@ -64,6 +69,16 @@ def one_hot_target(x, y):
     return -(F.one_hot(y, V) * x.log_softmax(-1)).sum(-1).mean()
 
 
+def take_along_nll(x, y):
+    return -torch.take_along_dim(x.log_softmax(-1), y[:, None], dim=1).mean()
+
+
+def target_by_index_assignment(x, y):
+    p = torch.full_like(x, EPS / (V - 1))
+    p[torch.arange(x.shape[0]), y] = 1 - EPS
+    return -(p * x.log_softmax(-1)).sum(-1).mean()
+
+
 @pytest.mark.parametrize("fn, label", [
     (gather_nll, -100),  # a stray ignore value the code never masks: eager raises, so must we
     (gather_nll, V),
@@ -73,9 +88,50 @@ def one_hot_target(x, y):
     (arange_one_hot, -5),  # matches no class: that row has the smoothing term only
     (arange_one_hot, V + 3),
     (one_hot_target, -1),
+    (gather_nll, -1),
+    (take_along_nll, -1),  # take_along_dim reads y mod V: no label raises
+    (take_along_nll, -5),
+    (take_along_nll, V),
+    (take_along_nll, 100),
+    (take_along_nll, -100),
+    (target_by_index_assignment, -1),  # writes the last class
+    (target_by_index_assignment, -V - 1),
+    (target_by_index_assignment, V),
 ], ids=lambda v: getattr(v, "__name__", repr(v)))
 def test_labels_outside_the_classes(fn, label):
     same_as_eager(fn, logits(N, V), with_label(label))
+
+
+def indexed_nll_over_time(x, y):
+    b, t, _ = x.shape
+    return -x.log_softmax(-1)[torch.arange(b)[:, None], torch.arange(t)[None, :], y].mean()
+
+
+@pytest.mark.parametrize("label", [-1, -V, -V - 1, V, -100])
+def test_labels_outside_the_classes_over_time(label):
+    # advanced indexing of (B, T, V): -V to -1 count from the end, the rest raise
+    y = labels(B, T)
+    y[1, 2] = label
+    same_as_eager(indexed_nll_over_time, logits(B, T, V), y)
+
+
+def one_hot_of_labels_per_class(x, labels_per_class):
+    return -((torch.arange(V) == labels_per_class).float() * x.log_softmax(-1)).sum(-1).mean()
+
+
+def one_hot_of_one_label_for_every_row(x, y):
+    return -(F.one_hot(y[:1], V).float() * x.log_softmax(-1)).sum(-1).mean()
+
+
+def test_labels_that_are_not_one_per_row_are_left_alone():
+    # the op reads one label per row: a label per class, or one label broadcast over the rows, is not that
+    per_class = torch.randint(0, V, (N, V), generator=torch.Generator().manual_seed(3))
+    same_as_eager(one_hot_of_labels_per_class, logits(N, V), per_class, rewritten=False)
+    rec = same_as_eager(one_hot_of_one_label_for_every_row, logits(N, V), labels(N), rewritten=False)
+    (miss,) = rec.results[0].near_misses
+    line = inspect.getsourcelines(one_hot_of_one_label_for_every_row)[1] + 1
+    assert miss.reason == (f"a one-hot of shape (1, {V}) is broadcast to ({N}, {V}) (mul at {FILE}:{line}); the op "
+                           "takes one label per row"), miss
 
 
 def test_a_label_on_a_masked_row_that_eager_gathers():
@@ -97,7 +153,8 @@ def test_label_smoothing_above_one_raises_as_eager():
                   rewritten=None)
 
 
-@pytest.mark.parametrize("fn", [lambda x, y: F.cross_entropy(x, y), gather_nll], ids=["cross_entropy", "gather"])
+@pytest.mark.parametrize("fn", [lambda x, y: F.cross_entropy(x, y), gather_nll, take_along_nll],
+                         ids=["cross_entropy", "gather", "take_along_dim"])
 def test_int32_labels(fn):
     # eager's verdict on int32 labels (nll_loss refuses them, gather takes them on recent torch)
     same_as_eager(fn, logits(N, V), labels(N).int(), rewritten=None)
@@ -110,7 +167,9 @@ def test_int32_labels_of_a_one_hot_are_left_alone():
     (result,) = rec.results
     assert not result.matches
     (miss,) = result.near_misses
-    assert miss.reason.startswith("the labels l_y_ are int32, which one_hot at"), miss
+    line = inspect.getsourcelines(one_hot_target)[1] + 1
+    assert miss.reason == (f"the labels y are int32, which one_hot at {FILE}:{line} rejects: eager raises, "
+                           "so the loss is left to it"), miss
 
 
 @pytest.mark.parametrize("smoothing", ["all", "others"])

@@ -5,8 +5,10 @@ with eager PyTorch in float64 (``rewrite_check.check``).
 """
 
 import copy
-from expecttest import TestCase
+import inspect
 import os
+
+from expecttest import TestCase
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rewrite_check import B, EPS, N, T, V, Recorder, assert_equals_eager_in_float64, check, labels, logits, normalize
+from smoothce.patterns.algebra import TWO_LABELS
 from smoothce.patterns.cross_entropy import rewrite_cross_entropy
 
 FILE = os.path.basename(__file__)
@@ -117,6 +120,154 @@ def test_label_spellings(fn):
     (m,) = check(fn, logits(N, V), y).result.matches
     # on = 1 - eps + eps / V, off = eps / V in floats: eps comes back within a rounding
     assert (m.params["eps"], m.params["convention"]) == (pytest.approx(EPS, rel=1e-15), "eps/V"), m.params
+
+
+# the class positions as a row of the (N, V) comparison with the labels, each spelling
+RESHAPED_ARANGES = {
+    "none_colon": lambda: torch.arange(V)[None, :],
+    "none": lambda: torch.arange(V)[None],
+    "unsqueeze": lambda: torch.arange(V).unsqueeze(0),
+    "view": lambda: torch.arange(V).view(1, -1),
+    "expand": lambda: torch.arange(V).expand(N, V),
+    "start_and_cast": lambda: torch.arange(0, V).long().reshape(1, V),
+}
+
+
+@pytest.mark.parametrize("arange", RESHAPED_ARANGES.values(), ids=RESHAPED_ARANGES.keys())
+@pytest.mark.parametrize("spelling", ["where", "float", "to_dtype_next_to_smoothing"])
+def test_one_hot_by_a_reshaped_arange(arange, spelling):
+    def fn(x, y):
+        lp = x.log_softmax(-1)
+        if spelling == "where":
+            t = torch.where(y[:, None] == arange(), 1 - EPS, EPS / (V - 1))
+            return -(t * lp).sum(-1).mean()
+        if spelling == "float":
+            t = (arange() == y[:, None]).float() * (1 - EPS) + EPS / V
+            return -(t * lp).sum(-1).mean()
+        onehot = (y.view(-1, 1) == arange()).to(x.dtype)
+        return (-(1 - EPS) * (onehot * lp).sum(-1) - EPS * lp.mean(-1)).mean()
+
+    (m,) = check(fn, logits(N, V), labels(N)).result.matches
+    convention = "eps/(V-1)" if spelling == "where" else "eps/V"
+    assert (m.params["eps"], m.params["convention"]) == (pytest.approx(EPS, rel=1e-15), convention), m.params
+
+
+def one_hot_by_arange_over_time(x, y):
+    # (B, T, V): the class positions at the last dim of three
+    t = (torch.arange(V)[None, None, :] == y[..., None]).float() * (1 - EPS) + EPS / V
+    return -(t * x.log_softmax(-1)).sum(-1).mean()
+
+
+def one_hot_by_arange_classes_at_dim_1(x, y):
+    # (B, V, T): the class positions down a column, arange(V)[:, None]
+    t = (torch.arange(V)[:, None] == y[:, None]).float() * (1 - EPS) + EPS / V
+    return -(t * x.log_softmax(1)).sum(1).mean()
+
+
+@pytest.mark.parametrize("fn, shape", [(one_hot_by_arange_over_time, (B, T, V)),
+                                       (one_hot_by_arange_classes_at_dim_1, (B, V, T))],
+                         ids=["over_time", "classes_at_dim_1"])
+def test_one_hot_by_arange_in_three_dims(fn, shape):
+    (m,) = check(fn, logits(*shape), labels(B, T)).result.matches
+    assert m.params["eps"] == pytest.approx(EPS, rel=1e-15)
+
+
+def smoothed_target_by_empty_fill_scatter(x, y):
+    # the LabelSmoothingLoss of many repositories: an uninitialised tensor filled, then scattered
+    with torch.no_grad():
+        t = torch.empty(size=(x.size(0), V), device=x.device).fill_(EPS / (V - 1))
+        t = t.scatter_(1, y.data.unsqueeze(1), 1.0 - EPS)
+    return torch.mean(torch.sum(-t * F.log_softmax(x, -1), dim=-1))
+
+
+def smoothed_target_by_new_empty(x, y):
+    t = x.new_empty(x.shape).fill_(EPS / (V - 1))
+    t.scatter_(1, y[:, None], 1 - EPS)
+    return -(t * x.log_softmax(-1)).sum(-1).mean()
+
+
+def smoothed_target_by_empty_like(x, y):
+    t = torch.empty_like(x).fill_(EPS / (V - 1)).scatter_(1, y[:, None], 1 - EPS)
+    return -(t * x.log_softmax(-1)).sum(-1).sum()
+
+
+@pytest.mark.parametrize("fn", [smoothed_target_by_empty_fill_scatter, smoothed_target_by_new_empty,
+                                smoothed_target_by_empty_like], ids=lambda f: f.__name__)
+def test_a_target_filled_after_empty(fn):
+    (m,) = check(fn, logits(N, V), labels(N)).result.matches
+    assert (m.params["eps"], m.params["convention"]) == (pytest.approx(EPS, rel=1e-15), "eps/(V-1)"), m.params
+
+
+def nll_by_advanced_indexing_over_time(x, y):
+    b, t, _ = x.shape
+    lp = F.log_softmax(x, -1)
+    return -lp[torch.arange(b)[:, None], torch.arange(t)[None, :], y].mean()
+
+
+def smoothed_by_advanced_indexing_over_time(x, y):
+    b, t, _ = x.shape
+    lp = F.log_softmax(x, -1)
+    nll = -lp[torch.arange(b).unsqueeze(1), torch.arange(t), y]
+    return ((1 - EPS) * nll - EPS * lp.mean(-1)).sum()
+
+
+def nll_by_advanced_indexing_classes_at_dim_1(x, y):
+    b, _, t = x.shape
+    lp = F.log_softmax(x, 1)
+    return -lp[torch.arange(b)[:, None], y, torch.arange(t)].mean()
+
+
+def target_written_by_advanced_indexing_over_time(x, y):
+    b, t, _ = x.shape
+    p = torch.full(x.shape, EPS / (V - 1))
+    p[torch.arange(b)[:, None], torch.arange(t)[None, :], y] = 1 - EPS
+    return -(p * x.log_softmax(-1)).sum(-1).mean()
+
+
+@pytest.mark.parametrize("fn, shape", [
+    (nll_by_advanced_indexing_over_time, (B, T, V)),
+    (smoothed_by_advanced_indexing_over_time, (B, T, V)),
+    (nll_by_advanced_indexing_classes_at_dim_1, (B, V, T)),
+    (target_written_by_advanced_indexing_over_time, (B, T, V)),
+], ids=lambda v: getattr(v, "__name__", None))
+def test_advanced_indexing_in_three_dims(fn, shape):
+    check(fn, logits(*shape), labels(B, T))
+
+
+def nll_by_take_along_dim(x, y):
+    return -torch.take_along_dim(x.log_softmax(-1), y[:, None], dim=1).mean()
+
+
+def smoothed_by_take_along_dim_masked(x, y):
+    lp = x.log_softmax(-1)
+    keep = y != -100
+    nll = -lp.take_along_dim(y[:, None], 1).squeeze(1)
+    return (((1 - EPS) * nll - EPS * lp.mean(-1)) * keep).sum() / keep.sum()
+
+
+def test_take_along_dim_reads_labels_mod_the_classes():
+    # eager's take_along_dim reads y mod V, so -1 and V + 2 are classes there (no error)
+    y = labels(N)
+    y[1], y[3] = -1, V + 2
+    check(nll_by_take_along_dim, logits(N, V), y)
+    y[4] = -100  # masked: the op ignores it
+    (m,) = check(smoothed_by_take_along_dim_masked, logits(N, V), y).result.matches
+    assert (m.params["eps"], m.params["ignore_index"]) == (pytest.approx(EPS, rel=1e-15), -100)
+
+
+def contrastive(x):
+    # CLIP: the label of row i is i
+    return (F.cross_entropy(x, torch.arange(x.shape[0])) + F.cross_entropy(x.t(), torch.arange(x.shape[0]))) / 2
+
+
+def contrastive_by_indexing(x):
+    n = x.shape[0]
+    return -x.log_softmax(-1)[torch.arange(n), torch.arange(n)].mean()
+
+
+def test_arange_labels_of_a_contrastive_loss():
+    check(contrastive, logits(N, N), matches=2)
+    check(contrastive_by_indexing, logits(N, N))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -335,6 +486,29 @@ def test_mixup_is_named():
     assert miss.reason.startswith("the loss reads two label tensors (a mixup target"), miss
 
 
+def mixup_with_a_tensor_lam(x, y, lam):
+    t = lam * F.one_hot(y, V) + (1 - lam) * F.one_hot(y.flip(0), V)
+    return torch.sum(-t * F.log_softmax(x, dim=-1), dim=-1).mean()
+
+
+def smoothing_by_a_tensor(x, y, eps):
+    t = (1 - eps) * F.one_hot(y, V) + eps / V
+    return torch.sum(-t * F.log_softmax(x, dim=-1), dim=-1).mean()
+
+
+def test_a_tensor_mixing_targets_is_named():
+    # lam a tensor: the targets are no constant mix, and the reason says where, in the code's words
+    rec = check(mixup_with_a_tensor_lam, logits(N, V), labels(N), torch.tensor(0.7), matches=0)
+    (miss,) = rec.result.near_misses
+    assert miss.reason == TWO_LABELS, miss
+    rec = check(smoothing_by_a_tensor, logits(N, V), labels(N), torch.tensor(EPS), matches=0)
+    (miss,) = rec.result.near_misses
+    line = inspect.getsourcelines(smoothing_by_a_tensor)[1] + 1
+    assert miss.reason == ("the log-probs are multiplied by a target distribution the detector cannot follow "
+                           f"past mul at {FILE}:{line} (where it meets sub at {FILE}:{line}, a tensor and not "
+                           "a number)"), miss
+
+
 # ------------------------------------------------------------------------------------------------
 # Through Inductor: two op calls, uniform_rows, bf16 logits with a float32 loss
 # ------------------------------------------------------------------------------------------------
@@ -373,6 +547,19 @@ def padding_column_target(x, y):
     t[:, 0] = 0
     loss = -(t * x.log_softmax(-1)).sum(-1)
     return loss.masked_fill(y == 0, 0.0).sum()
+
+
+def padding_class_zero_smoothing_averaged_apart(x, y):
+    # nll_loss ignores the padding class 0, the smoothing term (class 0 left out) averages every row:
+    # the smoothing call reads no label, and its 'mean' must not weigh rows by class 0's weight 0
+    lp = F.log_softmax(x, dim=-1)
+    nll = F.nll_loss(lp, y, ignore_index=0)
+    smooth = (-lp.sum(dim=-1) + lp[:, 0]).mean()
+    return (1 - EPS - EPS / (V - 2)) * nll + EPS / (V - 2) * smooth
+
+
+def test_a_padding_class_zero_next_to_a_smoothing_mean():
+    check(padding_class_zero_smoothing_averaged_apart, logits(N, V), labels(N, where=(1, 3), ignore=0), calls=2)
 
 
 def autocast_head(h, w, y):
