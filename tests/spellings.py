@@ -2,8 +2,11 @@
 
 Each draw picks one value on every axis below and writes the loss as Python source, the way a
 person would write it. The axes are independent except where PyTorch itself rules a pair out
-(advanced indexing needs 2-D log-probs, nll_loss takes classes at dim 1, ...): ``draw`` then
-moves the later axis to a value that works, so every draw is a valid program.
+(nll_loss reduces its term itself, logsumexp takes no dtype=, ...) or where the detector leaves the
+pair alone (``draw`` quotes its reason): ``draw`` then moves the later axis to a value that works,
+so every draw is a valid program the detector rewrites. ``Spelling.calls`` is the number of op
+calls the rewrite needs; ``Spelling.source("float64")`` is the same program upcasting its
+bfloat16 logits to float64 (the reference).
 
     logprobs     F.log_softmax | torch.log_softmax | method | x - logsumexp | log(softmax)
     nll          gather | nll_loss none/sum/mean | one_hot | index | scatter | arange ==
@@ -15,7 +18,7 @@ moves the later axis to a value that works, so every draw is a valid program.
     reduction    mean | sum | per-token count | per sequence then batch
     order        terms combined per row, then reduced | each term reduced, then combined
     dtype        float32 | bfloat16 + .float() | bfloat16 + log_softmax(dtype=float32)
-    layout       (N, V) | (B, T, V) flattened | (B, T, V) kept | (N, V, T) classes at dim 1
+    layout       (N, V) | (B, T, V) flattened | (B, T, V) kept | (B, V, T) classes at dim 1
     extra        none | z-loss | softcap | temperature | class weights
 """
 
@@ -74,9 +77,41 @@ class Spelling:
     def class_dim(self) -> int:
         return 1 if self.layout == "cd1" else -1
 
+    @property
+    def calls(self) -> int:
+        """The fused op calls the rewrite makes: one, but two where the terms cannot share one."""
+        if self.order == "terms" and (self.mask == "boolean" or self.reduction == "sequence"):
+            # each term reaches its own output of the graph before the break at r[keep], or is
+            # averaged per sequence apart: a per-row call each
+            return 2
+        if self.nll == "index" and self.extra == "weight":
+            # lp[arange(N), y_] reads a negative label from the end: the detector keeps w[y_]
+            # apart (a per-row call for the label term, times w[y_] in the graph, and one for the
+            # smooth term, even at eps = 0), where one call with weight=w would do
+            return 2
+        if self.nll == "nll_mean" and self.reduction == "mean" and (self.extra == "z_loss"
+                                                                    or self.eps and self.mask != "none"):
+            # the z (or masked smooth) term divided by all rows, nll_loss's by the kept ones: one
+            # call divides each term by its own rows only for an unmasked smooth term and no z
+            return 2
+        if self.eps == 0:
+            return 1  # no smooth term: the label term (and z) alone
+        if self.convention == "pad" and (self.mask in ("none", "boolean") and not self.nll.startswith("nll_")
+                                         or self.nll == "nll_mean" and self.mask == "none"):
+            # rows labelled with the padding class count in the label term (no mask, or only
+            # after the break) but the padding column is a class weight of the smooth term alone
+            # (nll_loss's ignore_index drops those rows itself: one call, but for nll_loss's
+            # mean next to the smooth term's over all rows, which one call divides by their own
+            # rows only without padding columns)
+            return 2
+        return 1
+
     # -- source -------------------------------------------------------------------------------
 
-    def source(self) -> str:
+    def source(self, upcast: str = "float32") -> str:
+        """The loss as Python source. ``upcast``: the float dtype a bfloat16 spelling converts its
+        logits to (``x.float()``, ``log_softmax(..., dtype=torch.float32)`` as drawn; the float64
+        reference runs the same program with ``x.double()``, ``dtype=torch.float64``)."""
         lines = ["def loss_fn(x, y, w):"]
         add = lines.append
         cd = self.class_dim
@@ -84,12 +119,12 @@ class Spelling:
             add(f"    x = x.view(-1, {V})")
             add("    y = y.view(-1)")
         if self.dtype == "bfloat16":
-            add("    x = x.float()")
+            add("    x = " + {"float32": "x.float()", "float64": "x.double()"}[upcast])
         if self.extra == "softcap":
             add("    x = 5.0 * torch.tanh(x / 5.0)")
         elif self.extra == "temperature":
             add("    x = x / 2.0")
-        add(f"    lp = {self._logprobs(cd)}")
+        add(f"    lp = {self._logprobs(cd, upcast)}")
         masked = self.mask != "none"
         if masked:
             add(f"    keep = y != {self.ignored}")
@@ -99,7 +134,10 @@ class Spelling:
             add("    nll = nll * w[y_]")
         add(f"    smooth = {self._uniform(cd)}")
         if self.convention == "pad":
-            col = f"lp[:, {PAD}]" if cd == -1 and self.layout != "bt" else f"lp[..., {PAD}]"
+            # (lp[:, pad] of the (B, V, T) log-probs is the same column, but the detector reads
+            # it as a slice: "log-probs are sliced")
+            col = {"flat": f"lp[:, {PAD}]", "flattened": f"lp[:, {PAD}]", "bt": f"lp[..., {PAD}]",
+                   "cd1": f"lp.select(1, {PAD})"}[self.layout]
             add(f"    smooth = smooth + {col}  # the padding column gets no mass")
         if self.extra == "z_loss":
             add(f"    zl = 1e-4 * torch.logsumexp(x, dim={cd}) ** 2")
@@ -133,8 +171,8 @@ class Spelling:
         # label's share from the smooth term
         return f"(1 - {eps} - {eps} / {spread})", f"{eps} / {spread}"
 
-    def _logprobs(self, cd) -> str:
-        dt = ", dtype=torch.float32" if self.dtype == "bfloat16_dtype" else ""
+    def _logprobs(self, cd, upcast) -> str:
+        dt = f", dtype=torch.{upcast}" if self.dtype == "bfloat16_dtype" else ""
         return {
             "F": f"F.log_softmax(x, dim={cd}{dt})",
             "torch": f"torch.log_softmax(x, {cd}{dt})",
@@ -162,12 +200,17 @@ class Spelling:
                 out += f".view({B}, {T})"
             return out
         unsq = "[..., None]" if cd == -1 else "[:, None]"
+        index = {  # the label's entry of each row: torch.arange at every dim but the classes'
+            "cd1": f"lp[torch.arange({B})[:, None], y_, torch.arange({T})]",
+            "bt": f"lp[torch.arange({B})[:, None], torch.arange({T}), y_]",
+        }.get(self.layout, "lp[torch.arange(lp.shape[0]), y_]")
+        classes = f"torch.arange({V})" if cd == -1 else f"torch.arange({V})[:, None]"
         return {
             "gather": f"-lp.gather({cd}, y_{unsq}).squeeze({cd})",
             "one_hot": f"-(F.one_hot(y_, {V}).float() * lp).sum({cd})",
-            "index": "-lp[torch.arange(lp.shape[0]), y_]",
+            "index": f"-{index}",
             "scatter": f"-(torch.zeros_like(lp).scatter_({cd}, y_{unsq}, 1.0) * lp).sum({cd})",
-            "arange": f"-((torch.arange({V}) == y_[..., None]).float() * lp).sum({cd})",
+            "arange": f"-(({classes} == y_{unsq}).float() * lp).sum({cd})",
         }[self.nll]
 
     def _uniform(self, cd) -> str:
@@ -207,42 +250,18 @@ class Spelling:
 
 
 def draw(rng: random.Random) -> Spelling:
-    """One spelling with a value on every axis, adjusted where PyTorch rules a pair out."""
+    """One spelling with a value on every axis, moved where PyTorch rules a pair out, or where the
+    detector leaves the pair alone (the reason it gives is quoted)."""
     c = {axis: rng.choice(values) for axis, values in AXES.items()}
-    if c["layout"] in ("cd1", "bt"):
-        if c["nll"] in ("index",):  # advanced indexing of (rows, classes) only
-            c["nll"] = "gather"
-        if c["layout"] == "cd1" and c["nll"] in ("one_hot", "arange"):  # one-hots put classes last
-            c["nll"] = "scatter"
-        if c["layout"] == "cd1" and c["uniform"] == "ones_matmul":  # a matmul sums the last dim
-            c["uniform"] = "sum"
-        if c["convention"] == "pad":  # the padding column as lp[:, pad] needs classes last, 2-D
-            c["layout"] = "flattened" if c["layout"] == "bt" else "flat"
-    if c["nll"] == "arange" and c["extra"] == "z_loss":
-        # arange == y matches no class for a label outside [0, V): eager keeps the z term of such a
-        # row without its label term, which one op call (z on the label term's rows) cannot
-        c["nll"] = "one_hot"
-    if c["nll"] == "index" and c["layout"] == "bt":
-        c["layout"] = "flattened"
-    if c["reduction"] == "sequence" and c["layout"] not in ("bt", "flattened"):
+    # -- what PyTorch rules out ------------------------------------------------------------------
+    if c["reduction"] == "sequence" and c["layout"] == "flat":  # rows of no sequence
         c["layout"] = "flattened"
     if c["dtype"] == "bfloat16_dtype" and c["logprobs"] in ("lse", "log_softmax_of_softmax"):
-        c["dtype"] = "bfloat16"
-    if c["convention"] == "pad" and c["extra"] == "weight":  # a padding column is a class weight itself
-        c["extra"] = "none"
-    if c["convention"] == "pad" and c["mask"] in ("none", "boolean"):
-        c["mask"] = "masked_fill"  # rows labelled with the padding class are masked in the loss's graph
-    if c["mask"] == "boolean":
-        # r[keep] has a data-dependent size: Dynamo breaks the graph there, and terms indexed one
-        # by one would hand the log-probs to two outputs of the graph before the break
-        c["order"] = "rows"
-        if c["reduction"] == "sequence":
-            c["reduction"] = "token"
-    if c["nll"] in ("nll_sum", "nll_mean") and c["extra"] == "z_loss" and c["mask"] == "none":
-        # nll_loss drops rows labelled -100: a z term over every row is not the op's z-loss
-        c["mask"] = "masked_fill"
+        c["dtype"] = "bfloat16"  # logsumexp and softmax + log take no dtype=
+    if c["mask"] == "boolean" and c["reduction"] == "sequence":
+        c["reduction"] = "token"  # r[keep] is one flat vector: no sequence is left in it
     if c["nll"] in ("nll_sum", "nll_mean"):
-        c["order"] = "terms"
+        c["order"] = "terms"  # nll_loss reduces its own term
         if c["mask"] == "boolean":  # nll_loss reduces before any row can be selected
             c["mask"] = "masked_fill"
         if c["reduction"] == "sequence":
@@ -251,12 +270,34 @@ def draw(rng: random.Random) -> Spelling:
         c["reduction"] = {"nll_sum": "sum", "nll_mean": c["reduction"] if c["reduction"] != "sum" else "token"}[c["nll"]]
         if c["nll"] == "nll_mean" and c["mask"] == "none":
             c["reduction"] = "mean"  # the widely copied formula: nll_loss's mean next to a mean over rows
-    if c["nll"] == "nll_none" and c["mask"] == "boolean" and c["extra"] == "z_loss":
-        # nll_loss drops ignored rows itself, the z term would count on them before the mask
-        # (after the graph break): the op counts z-loss on the label term's rows only
+    # -- what the detector leaves alone ----------------------------------------------------------
+    if c["layout"] == "cd1":
+        # F.one_hot(y_, V).float().permute(0, 2, 1) * lp: "the log-probs are multiplied by
+        # permute, which is not built from the labels"
+        if c["nll"] == "one_hot":
+            c["nll"] = "scatter"
+        # torch.ones(V) @ lp sums dim 1 of (B, V, T): "log-probs in a matrix product (matmul at
+        # ...)" (lp.new_ones(V) @ lp: "log-probs also read at ... (new_ones)")
+        if c["uniform"] == "ones_matmul":
+            c["uniform"] = "sum"
+    if c["convention"] == "pad" and c["extra"] == "weight":
+        # a padding column is a class weight of the smooth term alone: "weighted and unweighted
+        # log-prob terms are mixed" (left alone on purpose)
+        c["extra"] = "none"
+    if c["convention"] == "pad" and c["extra"] == "z_loss" and c["mask"] in ("none", "boolean") and c["order"] == "rows":
+        # the label term and the smooth term become two calls (Spelling.calls): the detector
+        # leaves the z term of their row in the graph, logsumexp and all, with no near miss
         c["mask"] = "masked_fill"
-    if c["nll"] == "nll_none" and c["mask"] == "none":
-        c["mask"] = "masked_fill"  # nll_loss masks its term: the smooth term must be masked alike
+    if c["extra"] == "z_loss" and (c["nll"] == "arange" or c["nll"] in ("nll_none", "nll_sum") and c["mask"] == "none"
+                                   or c["nll"] == "nll_none" and c["mask"] == "boolean"):
+        # The z term counts on rows the label term drops (arange == y matches no class of a label
+        # outside [0, V); nll_loss drops the rows labelled -100, with no mask or before the
+        # boolean one): the detector rewrites the cross-entropy terms and leaves the z term in
+        # the graph, logsumexp and all, with no near miss (nll_mean, no mask: a second call)
+        if c["nll"] == "arange":
+            c["nll"] = "one_hot" if c["layout"] != "cd1" else "scatter"
+        else:
+            c["mask"] = "masked_fill"
     return Spelling(**c)
 
 
@@ -277,12 +318,13 @@ def inputs(s: Spelling, seed: int):
     return x, y, w
 
 
-def function(s: Spelling):
-    """The spelling as a Python function (compiled from its source, so frames name real lines)."""
+def function(s: Spelling, upcast: str = "float32"):
+    """The spelling as a Python function (compiled from its source, so frames name real lines).
+    ``upcast``: the dtype a bfloat16 spelling upcasts to (float64: the reference's program)."""
     import torch
     import torch.nn.functional as F
 
-    source = s.source()
+    source = s.source(upcast)
     namespace = {"torch": torch, "F": F}
     exec(compile(source, f"<spelling {textwrap.shorten(repr(s), 60)}>", "exec"), namespace)
     return namespace["loss_fn"]
