@@ -3,7 +3,7 @@
 Chunk logits are computed in the accumulation dtype (fp32; fp64 for fp64 input); a 16-bit head's
 matmul runs in its own dtype, so the loss is that of the rounded logits F.linear returns. Without a
 softcap the gradient is factored through the softmax (:func:`_softmax_grads_finish`): a chunk
-costs a log_softmax and an exp pass in place, and the label and smoothing terms go through
+costs one softmax pass in place, and the label and smoothing terms go through
 (N, D)-sized work once, after the chunk buffer is freed. With a softcap the gradient is written
 explicitly, over cache-sized blocks of in-place elementwise ops. Weight and bias gradients
 accumulate in the accumulation dtype, which is the weight's own on CPU's usual fp32.
@@ -16,6 +16,7 @@ the deferred gradient terms.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -89,6 +90,10 @@ def _block_ce(
     return ce, z_rows
 
 
+# p_y below this (2^-100) is too close to fp32's subnormal range for x_y - log p_y to be lse.
+_TINY = 2.0 ** -100
+
+
 def _chunk_softmax(
     x: Tensor,  # (R, V) logits in the acc dtype; overwritten with softmax(x), or log_softmax(x) without p
     y: Tensor,  # (R, 1) int64 labels, ignored / bad ones replaced by 0
@@ -98,25 +103,38 @@ def _chunk_softmax(
     sx: Optional[Tensor],  # (R,) sum_j w_j x_ij, needed when b != 0
     a: float, b: float, c: float, z: float,
     p: bool,  # leave the softmax in x (for the gradient)
+    recompute,  # rows -> those rows' logits again (from the hidden states)
 ) -> tuple[Tensor, Tensor, Tensor]:
     """ce_i, z_i and lse_i of a chunk of rows without a softcap.
 
-    Two elementwise passes, one parallel op each: log_softmax in place, then (for the gradient) exp
-    in place. lse = x_y - logp_y, and
+    One elementwise pass, one parallel op: softmax in place when the gradient needs p (lse = x_y -
+    log p_y), else log_softmax (lse = x_y - logp_y). Then
     ce_i = -a w[y] logp_iy - b (sum_j w_j x_ij - lse_i sum_j w_j) + c,
-    with sum_j w_j x_ij = sx_i given by the caller (from the hidden state, no pass over x).
+    with sum_j w_j x_ij = sx_i given by the caller (from the hidden state, no pass over x). A row
+    whose p_y underflows (a confidently wrong model) has its logits recomputed for an exact lse;
+    on CPU finding such rows costs no device sync, elsewhere log_softmax and exp keep it exact.
     """
     x_y = x.gather(1, y).squeeze(1)
-    torch.log_softmax(x, dim=1, out=x)  # in place: the row kernel reads a row before writing it
-    lp_y = x.gather(1, y).squeeze(1)
-    lse = x_y - lp_y
+    if p and x.device.type == "cpu":
+        torch.softmax(x, dim=1, out=x)  # in place: the row kernel reads a row before writing it
+        p_y = x.gather(1, y).squeeze(1)
+        lse = x_y - p_y.log()
+        tiny = (row_mask != 0) & ~(p_y >= _TINY)
+        if bool(tiny.any()):
+            rows = tiny.nonzero().squeeze(1)
+            lse[rows] = torch.logsumexp(recompute(rows), dim=1)
+        lp_y = x_y - lse
+    else:
+        torch.log_softmax(x, dim=1, out=x)
+        lp_y = x.gather(1, y).squeeze(1)
+        lse = x_y - lp_y
+        if p:
+            x.exp_()
     ce = c - a * wy * lp_y
     if b:
         ce = ce - b * (sx - lse * w_sum)
     ce = ce * row_mask
     z_rows = z * lse * lse * row_mask if z else torch.zeros_like(ce)
-    if p:
-        x.exp_()
     return ce, z_rows, lse
 
 
@@ -223,7 +241,8 @@ def torch_chunks(hidden, weight, bias, tg, ignore_index, a, b, c, z, softcap, lo
             if logit_scale != 1.0:
                 sx *= logit_scale
         ce_rows[start:end], z_rows[start:end], lse_rows[start:end] = _chunk_softmax(
-            logits, tg.y[start:end, None], tg.wy[start:end], tg.row_mask[start:end], tg.w_sum, sx, a, b, c, z, grads)
+            logits, tg.y[start:end, None], tg.wy[start:end], tg.row_mask[start:end], tg.w_sum, sx, a, b, c, z, grads,
+            functools.partial(_logits_of_rows, hidden, weight, bias, start, logit_scale, acc))
         if grads:
             # Only the coef_i p_ij part per chunk (see _softmax_grads_finish).
             coef = gce[start:end] * (a * tg.wy[start:end] + b * tg.w_sum)
@@ -244,6 +263,14 @@ def torch_chunks(hidden, weight, bias, tg, ignore_index, a, b, c, z, softcap, lo
         grad_w = grad_w.to(weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)
     return ce_rows, z_rows, grad_h, grad_w, grad_b
+
+
+def _logits_of_rows(hidden, weight, bias, start, logit_scale, acc, rows):
+    """The logits of rows ``start + rows`` as the chunk loop computes them (the rounding of a
+    16-bit head's matmul included)."""
+    h = hidden[start + rows]
+    x = torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
+    return x.to(acc) * logit_scale
 
 
 def _softmax_grads_finish(hidden, grad_h, grad_w, grad_b, tg, a, b, gce, coef_rows, w_work, u):

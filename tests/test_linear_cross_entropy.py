@@ -558,3 +558,22 @@ def test_inductor_scales_gradients_in_place():
     loss_ref.backward()
     for ours, theirs in zip((h.grad, w.grad), (ref[0].grad, ref[1].grad)):
         torch.testing.assert_close(ours.double(), theirs, rtol=2e-2, atol=2e-2 * theirs.abs().max().item())
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_a_label_whose_probability_underflows(device, eps):
+    # A confidently wrong row: its label's probability underflows float32 (exp(-500)), so the CPU
+    # loop's lse = x_y - log p_y would be inf; the loss and its gradient are still exact.
+    h, w, b, t = make(dtype=torch.float32, device=device)
+    with torch.no_grad():
+        h[0] *= 60.0
+        logits = F.linear(h, w, b)
+        t[0] = logits[0].argmin()
+        assert (logits[0].max() - logits[0].min()).item() > 500
+    loss = fused_linear_cross_entropy(h, w, b, t, label_smoothing=eps, reduction="sum", chunk_size=CHUNK)
+    ref_h, ref_w, ref_b = as_reference(h, w, b)
+    ref = reference(ref_h, ref_w, ref_b, t.cpu(), label_smoothing=eps, reduction="sum")
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss.double().cpu(), ref, rtol=1e-5, atol=1e-3)
+    for ours, theirs in zip(grads(loss, (h, w, b)), grads(ref, (ref_h, ref_w, ref_b))):
+        torch.testing.assert_close(ours.double().cpu(), theirs, rtol=1e-4, atol=1e-3)
