@@ -1,6 +1,6 @@
 """One training step of an LM head + label-smoothed cross-entropy on CPU: peak memory and time.
 
-    python benchmarks/linear_cross_entropy_step.py [--n 4096 --d 256 --v 32768 --eps 0.1] [--busy 2]
+    python benchmarks/linear_cross_entropy_step.py [--n 4096 --d 256 --v 32768 --eps 0.1] [--busy 2] [--json F]
 
 Step: loss = CE(hidden @ weight.T, target, label_smoothing=eps); loss.backward() with gradients
 for hidden and weight (no bias), as when training a head. Methods:
@@ -106,6 +106,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=2, help="timing processes per method (best kept)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--busy", type=int, default=0, metavar="K", help="other processes kept spinning throughout")
+    p.add_argument("--json", metavar="PATH", help="also write the figures, the machine and the versions to PATH")
     p.add_argument("--worker", choices=METHODS)
     p.add_argument("--mode", choices=("memory", "time"), default="time")
     args = p.parse_args(argv)
@@ -124,6 +125,9 @@ def main(argv=None):
 
 
 def _measure(args, torch):
+    from benchmarks.runner import environment
+
+    record = environment("cpu")
     logits_mib = args.n * args.v * 4 / 2**20
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, threads {torch.get_num_threads()}, "
           f"{args.busy} other process(es) kept busy")
@@ -147,10 +151,21 @@ def _measure(args, torch):
     base = "inductor" if "inductor" in methods else methods[0]
     print(f"{'method':<15}{'peak MiB':>10}{'vs ' + base:>13}{'best s':>9}{'vs ' + base:>13}"
           f"{'median s':>10}{'IQR s':>14}{'vs ' + base:>13}{'loss':>12}")
+    rows = []
     for m in methods:
         q1, median, q3 = typical[m]
-        print(f"{m:<15}{peaks[m]:>10.1f}{peaks[m] / peaks[base]:>12.1%}{best[m]:>9.3f}{best[m] / best[base]:>12.2f}x"
+        peak_share = f"{peaks[m] / peaks[base]:.1%}" if peaks[base] else "-"  # a tiny step may show no peak
+        print(f"{m:<15}{peaks[m]:>10.1f}{peak_share:>13}{best[m]:>9.3f}{best[m] / best[base]:>12.2f}x"
               f"{median:>10.3f}{f'{q1:.3f}-{q3:.3f}':>14}{median / typical[base][1]:>12.2f}x{losses[m]:>12.6f}")
+        rows.append({"method": m, "peak_mib": peaks[m], "best_s": best[m], "median_s": median, "iqr_s": [q1, q3],
+                     "times_s": samples[m], "loss": losses[m]})
+    if args.json:
+        record.update(loadavg_end=os.getloadavg(), rows=rows, baseline=base, config={
+            "n": args.n, "d": args.d, "v": args.v, "eps": args.eps, "rounds": args.rounds, "repeats": args.repeats,
+            "busy_processes": args.busy, "threads": torch.get_num_threads()})
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
+        print(f"wrote {args.json}")
 
 if __name__ == "__main__":
     main()

@@ -220,6 +220,23 @@ def _by_method(rows: list[dict]):
         yield name, sorted((r for r in rows if r["method"] == name), key=lambda r: r["v"])
 
 
+def _bars(axes, rows: list[dict], what: str) -> None:
+    """Time and peak memory of one shape as horizontal bars from 0, each labelled with its value."""
+    names = [r["label"] for r in rows][::-1]
+    colors = [_STYLE.get(r["method"], (None,))[0] or "#888888" for r in rows][::-1]
+    for ax, key, scale, unit, label in ((axes[0], "time_ms", 1.0, "ms", "time per step, fwd+bwd (ms)"),
+                                        (axes[1], "peak_bytes", 1.0 / MIB, "MiB", "peak memory above inputs (MiB)")):
+        values = [(r[key] or 0.0) * scale for r in rows][::-1]
+        ax.barh(names, values, color=colors)
+        for y, v in enumerate(values):
+            ax.text(v, y, f" {v:,.0f} {unit}" if v else " not measured", va="center", fontsize=8)
+        ax.set_xlim(0, max(values + [1.0]) * 1.25)
+        ax.set_xlabel(label)
+        ax.tick_params(axis="y", labelsize=8)
+        ax.grid(True, axis="x", alpha=0.3)
+        ax.set_title(f"{label.split(' (')[0]}, {what}", fontsize=10)
+
+
 def plot(record: dict, out_dir: str, stem: str) -> list[str]:
     """Time and peak memory vs V per method (one PNG per case and dtype, largest N), and where the
     case counts bytes, the effective bandwidth against the measured copy bandwidth. Returns the
@@ -283,8 +300,13 @@ def plot(record: dict, out_dir: str, stem: str) -> list[str]:
         n, rows = _largest_n([r for r in ok_rows if r["case"] == case and r["dtype"] == dtype])
         smoothings = sorted({r["smoothing"] for r in rows})
         missing = not_shown([r for r in record["rows"] if r["case"] == case and r["dtype"] == dtype])
+        vs = sorted({r["v"] for r in rows})
         fig, axes = plt.subplots(len(smoothings), 2, figsize=(12, 3.6 * len(smoothings) + 2.0), squeeze=False)
         for i, s in enumerate(smoothings):
+            if len(vs) == 1:  # one shape: a bar per method reads better than lone points on log axes
+                _bars(axes[i], [mrows[0] for _, mrows in _by_method([r for r in rows if r["smoothing"] == s])],
+                      f"V={vs[0]}, label_smoothing={s:g}")
+                continue
             for name, mrows in _by_method([r for r in rows if r["smoothing"] == s]):
                 color, marker, line = _STYLE.get(name, (None, "x", ":"))
                 kw = dict(color=color, marker=marker, linestyle=line, label=mrows[0]["label"])
