@@ -18,3 +18,8 @@ term by term on the rows its masks keep, and nothing else reads the log-probs. B
     emit         the op calls that replace a loss
     report       the records: Match (the LossForm and the exact coefficients), NearMiss
 """
+
+if "." not in __name__:  # imported from a clone's root as a top-level module: _toplevel.py
+    from smoothce._toplevel import step_aside
+
+    step_aside(__name__, __file__)

@@ -1,7 +1,10 @@
 import os
+import re
+from importlib import metadata
 
 import pytest
 import torch
+from packaging.markers import Marker
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -12,6 +15,40 @@ def pytest_configure(config):
     # runs them compiled, on CUDA tensors.
     if not HAS_CUDA:
         os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def installed_versions(*roots: tuple[str, tuple[str, ...]]) -> dict[str, str]:
+    """{distribution: version} of each (distribution, extras) root and of every distribution it
+    requires, transitively, as installed; what is not installed is left out."""
+    found: dict[str, str] = {}
+    todo = list(roots)
+    while todo:
+        name, wanted = todo.pop()
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        if key in found:
+            continue
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        found[key] = dist.version
+        for req in dist.requires or ():
+            spec, _, marker = req.partition(";")
+            if marker.strip():
+                env_extras = wanted or ("",)
+                if not any(Marker(marker).evaluate({"extra": e}) for e in env_extras):
+                    continue
+            todo.append((re.split(r"[\s<>=!~\[(;]", spec.strip(), maxsplit=1)[0], ()))
+    return found
+
+
+def pytest_report_header(config):
+    # When a new release of a dependency breaks the suite, the log says which versions ran.
+    # smoothce's own metadata may be missing (a GPU machine's --target install): the four whose
+    # releases matter most are named as well.
+    versions = installed_versions(("smoothce", ("test",)), *((name, ()) for name in
+                                                             ("torch", "triton", "transformers", "accelerate")))
+    return "installed: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))
 
 
 def pytest_collection_modifyitems(config, items):
