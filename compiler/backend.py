@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from smoothce.compiler import compat
+from smoothce import compat
 from smoothce.compiler.passes import CrossEntropyPass
 
 # The pass both backends run. ``rewrite_pass.results`` holds one RewriteResult per compiled graph

@@ -169,7 +169,7 @@ def _worker_env(backend: str) -> dict:
     the first and its "compile + step 1" looks several seconds cheaper than it is. Separate
     directories (kept between runs) make both cold the first time and both warm after.
     """
-    from smoothce.compiler import compat
+    from smoothce import compat
     from smoothce.compiler.measure.memory import MALLOC_ENV
 
     env = {**os.environ, **MALLOC_ENV}

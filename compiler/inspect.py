@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 from typing import Callable
 
-from smoothce.compiler import compat
+from smoothce import compat
 from smoothce.compiler.graph_breaks import BreakTracker
 from smoothce.compiler.report import GraphRecord, Report
 from smoothce.patterns.report import RewriteResult

@@ -8,7 +8,7 @@ import pathlib
 
 import torch
 
-from smoothce.compiler import compat
+from smoothce import compat
 
 _PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent.parent
 

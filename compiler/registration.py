@@ -13,7 +13,7 @@ since, in which case only the smoothce pass is taken out of it.
 
 from __future__ import annotations
 
-from smoothce.compiler import compat
+from smoothce import compat
 from smoothce.compiler.passes import CrossEntropyPass, register_ops
 
 _UNSET = object()

@@ -95,7 +95,7 @@ _FRAME_LOCAL = re.compile(r"^[LG]\['([^']+)'\]")
 def user_name(node: Node) -> str:
     """The name the user's code gives a graph input: ``class_w`` for an argument, ``self.weight``
     for a module's buffer, ``W`` for a global; the node's own name for anything computed."""
-    from smoothce.compiler.compat import graph_input_source
+    from smoothce.compat import graph_input_source
 
     source = graph_input_source(node) if node.op == "placeholder" else None
     if source is None:

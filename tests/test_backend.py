@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch._dynamo.testing import normalize_gm
 from torch.testing._internal.common_utils import TestCase
 
-from smoothce.compiler import compat
+from smoothce import compat
 from smoothce.compiler.backend import rewrite_pass, smoothce_aot_eager, smoothce_backend
 
 # float64 eager reference vs float32 compiled: the loss is a mean over a few rows of terms of

@@ -1,6 +1,7 @@
 """The shape of compiler/ (and compiler/measure/), read from their sources (nothing is imported or run):
-no import circle, the rewrite's log beside the pass and not in the inspection module, and the
-demo and the benchmarks on one tiny LM, one progress bar and one peak-memory method."""
+no import circle, the rewrite's log beside the pass and not in the inspection module, the demo
+and the benchmarks on one tiny LM, one progress bar and one peak-memory method, and no import
+from patterns/ or kernels/ up into compiler/."""
 
 import ast
 import pathlib
@@ -58,3 +59,22 @@ def test_the_demo_and_the_benchmarks_share_the_measuring_pieces():
         if isinstance(node, (ast.ClassDef, ast.FunctionDef)) and node.name in ("TinyLM", "Progress", "peak_cpu", "peak_cuda")
     }
     assert defined == set(), defined
+
+
+def _imported_names(path: pathlib.Path):
+    """(line, every module name an import statement may bind) for each import in the file."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield node.lineno, [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            yield node.lineno, [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+
+
+def test_patterns_and_kernels_never_import_compiler():
+    """compiler/ builds on patterns/ and kernels/, never the other way round; what they share with
+    it (compat.py: the torch version differences) sits below all three and imports none of them."""
+    upward = [f"{path.relative_to(ROOT)}:{line}" for folder in ("patterns", "kernels")
+              for path in sorted((ROOT / folder).rglob("*.py")) for line, names in _imported_names(path)
+              if any(n == "smoothce.compiler" or n.startswith("smoothce.compiler.") for n in names)]
+    assert upward == []
+    assert [line for line, names in _imported_names(ROOT / "compat.py") if any(n.startswith("smoothce") for n in names)] == []

@@ -174,7 +174,7 @@ def test_fused_head_lowers_the_step_peak():
 
 @pytest.fixture(scope="module")
 def inductor_cache():
-    from smoothce.compiler import compat
+    from smoothce import compat
 
     with compat.fresh_inductor_cache():
         yield

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch._inductor import config as inductor_config
 
-from smoothce.compiler import compat, passes, registration
+from smoothce import compat
+from smoothce.compiler import passes, registration
 from smoothce.compiler.passes import CrossEntropyPass
 
 

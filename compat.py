@@ -1,5 +1,9 @@
 """Every private PyTorch API smoothce touches, in one place, for torch 2.11 and 2.13.
 
+It sits at the package's root, below compiler/ and patterns/, because both read it: compiler/
+for Inductor's pass hooks and caches, patterns/ for the names Dynamo gives graph inputs
+(``graph_input_source``), and patterns/ never imports compiler/. It imports nothing of smoothce.
+
 What differs between the two (read from their sources):
 
 - ``torch._inductor.config.pre_grad_custom_pass``: 2.11 types it as ONE callable (or None) and
