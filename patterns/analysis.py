@@ -205,7 +205,7 @@ def label_checks(interp: Interpretation, dead: set, classes: int) -> tuple:
     """The label checks of the eager ops the rewrite removes; Reject when eager would raise for
     the labels' dtype whatever their values."""
     checks = []
-    for n in dead:
+    for n in sorted(dead, key=interp.order.__getitem__):  # graph order: the same graph every run
         read = _label_reads(interp, n, classes)
         if read is None:
             continue
