@@ -11,7 +11,8 @@ term by term on the rows its masks keep, and nothing else reads the log-probs. B
     nodes        what a node is: fake tensors, source lines, equal subexpressions
     ops          which torch calls mean the same operation, and their arguments by name
     algebra      the values (logits, labels, masks, per-class, per-row and reduced losses)
-    interpret    the abstract interpretation of a graph into those values
+    interpret/   the abstract interpretation of a graph into those values: the walk and one
+                 file per op family (softmax, losses, indexing, targets, arithmetic, ...)
     normal_form  is a value the op's form, and with which LossForm (kernels/form.py)
     analysis     the sinks, their cones, what the eager code would raise, near misses
     head         the linear layer behind the logits, fused into the loss

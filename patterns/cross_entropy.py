@@ -4,6 +4,7 @@
 twin. The stages, one module each:
 
   interpret    every node's value as algebra (``algebra``): log-probs, per-row and reduced losses
+               (a package: one file per op family)
   analysis     the sinks whose values are losses, their cones, near misses (``normal_form``
                decides whether a value is an instance of the op's form)
   head         the linear layer that produces the logits, fused into the loss when nothing else
