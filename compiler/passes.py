@@ -12,15 +12,17 @@ from smoothce import compat
 
 _PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-# What decides the rewritten graph: the detector, the functions it inserts (their argument checks,
-# fake kernels and autograd formulas are traced into the compiled graph) and this file.
+# What decides the rewritten graph: the detector (with its subpackages and the version
+# differences it reads graphs through), the functions it inserts (their argument checks, fake
+# kernels and autograd formulas are traced into the compiled graph) and this file.
 _SOURCE_DIRS = ("patterns", "kernels")
+_SOURCE_MODULES = ("compat.py",)
 
 
 def _source_files() -> list[pathlib.Path]:
-    files = [pathlib.Path(__file__).resolve()]
+    files = [pathlib.Path(__file__).resolve()] + [_PACKAGE_ROOT / name for name in _SOURCE_MODULES]
     for folder in _SOURCE_DIRS:
-        files.extend(sorted((_PACKAGE_ROOT / folder).glob("*.py")))
+        files.extend(sorted((_PACKAGE_ROOT / folder).rglob("*.py")))
     return files
 
 
