@@ -71,3 +71,23 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+def _ranks(world: int):
+    from ranks import Ranks
+
+    group = Ranks(world)
+    yield group
+    group.close()
+
+
+@pytest.fixture(scope="session")
+def ranks2():
+    """Two CPU processes in a gloo process group (tests/ranks.py), started once per session."""
+    yield from _ranks(2)
+
+
+@pytest.fixture(scope="session")
+def ranks4():
+    """Four CPU processes in a gloo process group (tests/ranks.py), started once per session."""
+    yield from _ranks(4)
