@@ -30,7 +30,7 @@ from smoothce.patterns.algebra import (
     ArangeV, ElemV, LabelV, Logits, NotCrossEntropy, Reject, RowV, ScalarV, carries_logits, kind, seeds_of,
 )
 from smoothce.patterns.interpret import Interpretation
-from smoothce.patterns.nodes import describe, dtype, location, mutations, shape, target_name, words
+from smoothce.patterns.nodes import describe, dtype, location, mutations, shape, subclass, target_name, words
 from smoothce.patterns.normal_form import Call, normal_form, classes_of
 from smoothce.patterns.ops import SEED_OPS, bind, op_name
 from smoothce.patterns.report import NearMiss
@@ -238,6 +238,28 @@ def _reads(plan: Plan) -> list:
     return [r for r in out if isinstance(r, Node)]
 
 
+def _role(plan: Plan, node: Node) -> str:
+    """What a tensor the op reads is to the loss, in a reason's words."""
+    if node is plan.logits.source or node in plan.logits.layout:
+        return "the logits"
+    if any(node is c.target.node for c in plan.calls):
+        return "the labels"
+    if any(node is c.weight for c in plan.calls):
+        return "the class weights"
+    return words(node)
+
+
+def subclass_reason(plan: Plan) -> Optional[str]:
+    """Why the op cannot read the plan's tensors: one is a tensor subclass it has no rule for
+    (its fake value runs the subclass's own code, which knows nothing of smoothce's ops)."""
+    for node in _reads(plan):
+        name = subclass(node)
+        if name is not None:
+            return (f"{_role(plan, node)} ({words(node)}) are a {name}, a tensor subclass smoothce's op has no "
+                    "rule for: the loss is left to PyTorch")
+    return None
+
+
 def _seeds(value) -> frozenset:
     """The log_softmax / loss calls a value was built from."""
     seeds = seeds_of(value)
@@ -322,6 +344,10 @@ def _group_plans(interp, group: list, cones: dict, modes, mutated, miss, read_by
         builds = any(isinstance(values.get(n), ElemV) and values[n].key is None
                      and any(part[0] == "OH" for (part, _, _), _ in values[n].terms) for n in dead)
         plan = Plan(node, key, classes, calls, _seeds(value), nodes, dead, checks, dtype(node), builds, len(group))
+        why = subclass_reason(plan)
+        if why is not None:
+            miss(seed, node, why)
+            return []
         # the op runs at the sink: an in-place change of what it reads would be seen differently
         changed = [(r, m) for r in _reads(plan) for m in mutated.get(r, ()) if m not in followed]
         if changed:

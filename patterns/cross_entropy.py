@@ -62,6 +62,12 @@ def rewrite_cross_entropy(gm: torch.fx.GraphModule, *, fuse_linear: bool = True)
         except Reject as err:
             result.near_misses.append(NearMiss(seed, where, str(err)))
             continue
+        except Exception as err:  # noqa: BLE001 - never worse than the graph as written
+            # An op that cannot take these inputs (found while its call runs on the fake values)
+            # or a fault of the rewrite: this loss stays as the user wrote it, the rest goes on.
+            result.near_misses.append(NearMiss(seed, where, f"the rewrite raised {type(err).__name__} "
+                                                            f"({_first_line(err)}): the loss is left as written"))
+            continue
         match = _match(plan, head, _erase_dead(gm, plan))
         result.matches.append(match)
         if why_not:
@@ -69,6 +75,11 @@ def rewrite_cross_entropy(gm: torch.fx.GraphModule, *, fuse_linear: bool = True)
     gm.graph.lint()
     gm.recompile()
     return result
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else "no message"
 
 
 def _seed(plan: Plan, order: dict) -> Node:

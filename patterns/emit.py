@@ -51,6 +51,7 @@ class _Builder:
 
     def __call__(self, kind: str, target, *args, **kwargs) -> Node:
         n = self.graph.create_node(kind, target, tuple(args), kwargs)
+        self.added.append(n)  # before its fake value, which may raise: a rollback erases it too
         n.meta["stack_trace"] = self.sink.meta.get("stack_trace")
         if self.fake_mode is not None:
             def to_fake(a):
@@ -61,7 +62,6 @@ class _Builder:
             with self.fake_mode:
                 n.meta["example_value"] = (getattr(fargs[0], target)(*fargs[1:], **fkwargs)
                                            if kind == "call_method" else target(*fargs, **fkwargs))
-        self.added.append(n)
         return n
 
     def method(self, name, *args, **kwargs) -> Node:
@@ -73,12 +73,13 @@ class _Builder:
 
 def emit(gm: torch.fx.GraphModule, plan: Plan, head: Optional[Head], fake_mode) -> list[Node]:
     """Insert the op calls for a plan before its sink and send the sink's uses to them.
-    Returns the nodes added; on a Reject the graph is left as it was."""
+    Returns the nodes added; when anything raises (a Reject, or an op that fails on the fake
+    inputs) the graph is left as it was and the exception goes on."""
     b = _Builder(gm.graph, plan.sink, fake_mode)
     try:
         with gm.graph.inserting_before(plan.sink):
             out = _emit(plan, head, b)
-    except Reject:
+    except Exception:
         for n in reversed(b.added):
             gm.graph.erase_node(n)
         raise

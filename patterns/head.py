@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 import torch.fx
 
-from smoothce.patterns.nodes import dtype, location, shape, target_name
+from smoothce.patterns.nodes import dtype, location, shape, subclass, target_name, words
 from smoothce.patterns.ops import op_name
 
 Node = torch.fx.Node
@@ -105,6 +105,10 @@ def find_head(plan, dead: set) -> tuple[Optional[Head], Optional[str]]:
                       f"{str(key.dtype).removeprefix('torch.')} before the loss")
     if not replays_on_hidden(key.layout, plan.classes):
         return None, f"not fused with {head.words}: its logits are reshaped in a way its input cannot follow"
+    foreign = next(((n, subclass(n)) for n in (head.hidden, head.weight, head.bias) if subclass(n)), None)
+    if foreign is not None:
+        return None, (f"not fused with {head.words}: {words(foreign[0])} is a {foreign[1]}, a tensor subclass "
+                      "the fused head has no rule for")
     if key.source not in dead:
         reader = _live_reader(key.source, dead)
         where = "returned to the caller" if reader is None or reader.op == "output" else \

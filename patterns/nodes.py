@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import torch
 import torch.fx
+from torch._subclasses.fake_tensor import FakeTensor
 
 from smoothce.patterns.ops import UNINITIALIZED, bind, op_name
 
@@ -29,6 +30,15 @@ def fake(node) -> Optional[torch.Tensor]:
         if isinstance(v, torch.Tensor):
             return v
     return None
+
+
+def subclass(node) -> Optional[str]:
+    """The name of the tensor subclass a node's value is (DTensor, a quantized weight, ...); None
+    for a plain tensor (a fake one, as the graph holds it) and for anything that is no tensor."""
+    t = fake(node)
+    if t is None or isinstance(t, FakeTensor) or type(t) in (torch.Tensor, torch.nn.Parameter):
+        return None
+    return type(t).__name__
 
 
 def shape(node) -> Optional[tuple]:
