@@ -1,5 +1,8 @@
 import os
+import pickle
+import random
 import re
+import sys
 from importlib import metadata
 
 import pytest
@@ -15,6 +18,12 @@ def pytest_configure(config):
     # runs them compiled, on CUDA tensors.
     if not HAS_CUDA:
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Inductor writes its default cache directory into os.environ the first time it is asked
+    # (importing torch._dynamo.testing asks): asked here, before any test module is imported, that
+    # write is not taken for a module's (see pytest_make_collect_report).
+    from smoothce import compat
+
+    compat.inductor_cache_dir()
 
 
 def installed_versions(*roots: tuple[str, tuple[str, ...]]) -> dict[str, str]:
@@ -58,11 +67,48 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def _process_state() -> dict:
+    """What importing a test module must leave as it found it: the random generators (torch's,
+    Python's, numpy's and CUDA's where in use) and each environment variable."""
+    state = {"torch's generator": torch.random.get_rng_state().numpy().tobytes(),
+             "Python's random": random.getstate()}
+    if "numpy" in sys.modules:
+        state["numpy's generator"] = pickle.dumps(sys.modules["numpy"].random.get_state())
+    if torch.cuda.is_initialized():
+        state["CUDA's generators"] = [t.numpy().tobytes() for t in torch.cuda.get_rng_state_all()]
+    state.update((f"os.environ[{k!r}]", v) for k, v in os.environ.items())
+    return state
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    # A test module that draws from a global generator or writes the environment at import makes
+    # every later test's inputs depend on which files were collected: its collection fails instead.
+    if not isinstance(collector, pytest.Module):
+        yield
+        return
+    before = _process_state()
+    outcome = yield
+    after = _process_state()
+    changed = [k for k in sorted(before.keys() | after.keys()) if before.get(k) != after.get(k)]
+    report = outcome.get_result()
+    if changed and report.passed:
+        report.outcome = "failed"
+        report.longrepr = f"importing {collector.path.name} changed process-wide state: {', '.join(changed)}"
+
+
 @pytest.fixture
 def device() -> str:
     """Where kernel tests put their tensors: CUDA when the machine has it, else the CPU (the
     Triton kernel then runs through the interpreter)."""
     return "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _same_random_state():
+    # A test that draws from the global generators gets the same inputs whichever tests ran before it.
+    torch.manual_seed(0)
+    random.seed(0)
 
 
 @pytest.fixture(autouse=True)

@@ -14,8 +14,8 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from expecttest import TestCase
 from torch._dynamo.testing import normalize_gm
-from torch.testing._internal.common_utils import TestCase
 
 from smoothce import compat
 from smoothce.compiler.backend import rewrite_pass, smoothce_aot_eager, smoothce_backend

@@ -417,8 +417,8 @@ def test_module_twin(path):
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        (dict(x=torch.randn(3, 4).int()), TypeError, "input dtype torch.int32"),
-        (dict(y=torch.rand(3, 4)), TypeError, "target dtype torch.float32 looks like class probabilities"),
+        (dict(x=torch.zeros(3, 4, dtype=torch.int32)), TypeError, "input dtype torch.int32"),
+        (dict(y=torch.full((3, 4), 0.25)), TypeError, "target dtype torch.float32 looks like class probabilities"),
         (dict(y=torch.zeros(3).to(torch.int16)), TypeError, "target dtype torch.int16"),
         (dict(y=torch.zeros(4, dtype=torch.long)), ValueError, r"target shape \(4,\) does not match input shape \(3, 4\)"),
         (dict(weight=torch.ones(5)), ValueError, r"weight must have shape \(4,\) .* got \(5,\)"),

@@ -445,13 +445,13 @@ def test_step_holds_one_chunk_above_its_gradients(device, reduction, bias):
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("change,error,match", [
     (dict(reduction="avg"), ValueError, "reduction='avg' is not one of 'none', 'sum', 'mean'"),
-    (dict(hidden=torch.randn(N, D + 1)), ValueError, r"weight's D = 8: hidden \(13, 9\)"),
-    (dict(weight=torch.randn(V)), ValueError, r"weight must have shape \(V, D\), got \(11,\)"),
+    (dict(hidden=torch.zeros(N, D + 1)), ValueError, r"weight's D = 8: hidden \(13, 9\)"),
+    (dict(weight=torch.zeros(V)), ValueError, r"weight must have shape \(V, D\), got \(11,\)"),
     (dict(target=torch.zeros(N + 1, dtype=torch.long)), ValueError, r"target shape \(14,\) does not match .*\(13,\)"),
     (dict(target=torch.zeros(N, dtype=torch.int16)), TypeError, "target dtype torch.int16 is not supported"),
-    (dict(weight=torch.randn(V, D, dtype=torch.float64)), TypeError, "weight dtype torch.float64"),
+    (dict(weight=torch.zeros(V, D, dtype=torch.float64)), TypeError, "weight dtype torch.float64"),
     (dict(hidden=torch.zeros(N, D, dtype=torch.long)), TypeError, "hidden dtype torch.int64 is not supported"),
-    (dict(bias=torch.randn(V + 1)), ValueError, r"bias must have shape \(11,\), got \(12,\)"),
+    (dict(bias=torch.zeros(V + 1)), ValueError, r"bias must have shape \(11,\), got \(12,\)"),
     (dict(class_weight=torch.ones(3)), ValueError, r"class_weight must have shape \(11,\) \(one per class\), got \(3,\)"),
     (dict(z_loss=-1e-4), ValueError, "z_loss=-0.0001 must be >= 0"),
     (dict(softcap=0.0), ValueError, "softcap=0.0 must be None or > 0"),
