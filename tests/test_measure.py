@@ -4,7 +4,6 @@ processes)."""
 
 import io
 import re
-import statistics
 
 import pytest
 import torch
@@ -34,11 +33,13 @@ def test_model_loss_and_hand_written_loss_are_one_loss():
 
 
 def test_spread_is_median_and_quartiles():
-    samples = [0.9, 1.0, 1.1, 1.2, 5.0, 1.05]
-    s = timing.Spread.of(samples)
-    q1, median, q3 = statistics.quantiles(samples, n=4, method="inclusive")
-    assert (s.median, s.q1, s.q3, s.n) == (median, q1, q3, 6)
-    assert s.relative == pytest.approx((q3 - q1) / median)
+    # Quartiles interpolate between the sorted samples 0.9 1.0 1.05 1.1 1.2 5.0 at positions
+    # (n - 1) p = 1.25, 2.5 and 3.75 (numpy's default; the outlier 5.0 moves none of them)
+    s = timing.Spread.of([0.9, 1.0, 1.1, 1.2, 5.0, 1.05])
+    assert (s.q1, s.median, s.q3) == pytest.approx((1.0125, 1.075, 1.175), rel=1e-12)
+    assert s.n == 6
+    assert s.relative == pytest.approx((1.175 - 1.0125) / 1.075, rel=1e-12)
+    assert timing.Spread.of([3.0, 1.0]) == timing.Spread(2.0, 1.5, 2.5, 2)
     assert timing.Spread.of([2.0]) == timing.Spread(2.0, 2.0, 2.0, 1)
     with pytest.raises(ValueError, match="no samples"):
         timing.Spread.of([])
