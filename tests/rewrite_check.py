@@ -4,6 +4,7 @@ Shapes are tiny (N=6 rows, V=11 classes: odd, so eps/V and eps/(V-1) differ visi
 """
 
 import torch
+import torch.nn.functional as F
 from torch._dynamo.backends.debugging import aot_eager
 
 from smoothce.kernels.cross_entropy import fused_cross_entropy
@@ -60,14 +61,33 @@ def _cast(t, dtype):
     return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
 
 
-def check(fn, *inputs, grad=(0,), dtype=torch.float32, atol=1e-5, rtol=1e-5, no_grad=False, matches=1,
-          calls=None, reference=None, kept=frozenset(), fuse_linear=False):
+def tolerance(dtype: torch.dtype, scale: float = 0.0) -> dict:
+    """rtol / atol of a result computed in ``dtype`` against float64 eager on the same input values.
+
+    float32 and float64: float32 math (the op computes in float32), sums over a few rows of terms of
+    size ~log(V): 1e-5 is some 80 float32 roundings, and a thousandth of one bfloat16 rounding of
+    such a loss (2^-8 of it). A 16-bit result is rounded to its dtype at most twice (the op's gradient when stored and
+    when scaled by grad_output): 2u of itself, u = 2^-8 for bfloat16, and one rounding of ``scale``
+    (the largest value of the quantity) where partial results in that dtype add up.
+    """
+    if dtype in (torch.float32, torch.float64):
+        return dict(rtol=1e-5, atol=1e-5)
+    u = torch.finfo(dtype).eps / 2
+    return dict(rtol=2 * u, atol=u * scale + 1e-5)
+
+
+def check(fn, *inputs, grad=(0,), dtype=torch.float32, grad_dtype=None, no_grad=False, matches=1, calls=None,
+          reference=None, kept=frozenset(), fuse_linear=False):
     """Compile fn with the detector, compare with float64 eager; returns the Recorder.
 
     inputs: float tensors are cast to `dtype` (compiled) and float64 (eager, from the same rounded
-    values); the ones at positions `grad` require grad. A fixed random cotangent weights each output
-    so reduction='none' gradients are checked row by row. ``calls``: op calls expected (default:
-    one per match).
+    values); the ones at positions `grad` require grad. A fixed random cotangent (rounded to each
+    output's dtype) weights each output so reduction='none' gradients are checked row by row.
+    Each quantity is held to tolerance() of the dtype it is computed in: an output to its own (a
+    float32 loss from bfloat16 logits to float32 math), a gradient to its input's, or to
+    ``grad_dtype`` where the program casts the input before the loss (autocast's head runs in its
+    dtype, so the gradient reaching a float32 weight was computed, and rounded, in that dtype).
+    ``calls``: op calls expected (default: one per match).
     """
     ours = [_cast(t, dtype) for t in inputs]
     ref = [_cast(t, torch.float64) for t in ours]
@@ -92,22 +112,38 @@ def check(fn, *inputs, grad=(0,), dtype=torch.float32, atol=1e-5, rtol=1e-5, no_
             continue
         assert o.dtype == e.dtype and o.shape == e.shape, (o, e)
         # nan where eager's float64 gives nan (a mean over no row) is the same value
-        torch.testing.assert_close(o.double(), r.double(), atol=atol, rtol=rtol, equal_nan=True)
+        tol = tolerance(o.dtype, r.detach().abs().nan_to_num().max().item() if r.numel() else 0.0)
+        torch.testing.assert_close(o.double(), r.double(), **tol, equal_nan=True)
         if r.requires_grad:
-            cot = torch.randn(r.shape, generator=gen, dtype=torch.float64)
-            loss_ref = loss_ref + (r * cot).sum()
-            loss = loss + (o * cot.to(o.dtype)).sum()
+            cot = torch.randn(r.shape, generator=gen, dtype=torch.float64).to(o.dtype)
+            loss_ref = loss_ref + (r * cot.double()).sum()
+            loss = loss + (o * cot).sum()
     if not no_grad and grad:
         loss_ref.backward()
         loss.backward()
         for i in grad:
-            torch.testing.assert_close(ours[i].grad.double(), ref[i].grad.double(), atol=atol, rtol=rtol)
+            expected = ref[i].grad.double()
+            tol = tolerance(grad_dtype or ours[i].dtype, expected.abs().max().item())
+            torch.testing.assert_close(ours[i].grad.double(), expected, **tol)
     if matches is not None:
         assert len(rec.result.matches) == matches, rec.result
     if matches:
         assert fused_calls(rec.gm) == (calls or matches), rec.gm.code
         assert left_ops(rec.gm) == set(kept), rec.gm.code
     return rec
+
+
+def autocast_linear(h, w, b, dtype):
+    """F.linear(h, w, b) under autocast to ``dtype``, on float64 tensors, as a reference: the values
+    autocast computes (inputs rounded to ``dtype``, the product rounded to it once) and, in float64,
+    the gradients of the exact product of those rounded inputs."""
+    def rounded(t):  # the value rounded, the gradient passed through
+        return None if t is None else t + (t.to(dtype).double() - t).detach()
+
+    h, w, b = rounded(h), rounded(w), rounded(b)
+    exact = F.linear(h, w, b)
+    autocast = F.linear(*(None if t is None else t.detach().to(dtype) for t in (h, w, b)))
+    return exact + (autocast.double() - exact).detach()
 
 
 def logits(*shape, seed=0):
@@ -123,17 +159,15 @@ def labels(*shape, seed=1, ignore=None, where=(0,)):
     return y
 
 
-
-
-
-def assert_equals_eager_in_float64(compiled, fn, *inputs, rtol=1e-5, atol=1e-5):
-    """compiled(x, *rest) and fn in float64: the same loss and gradient of x (inputs[0])."""
+def assert_equals_eager_in_float64(compiled, fn, *inputs):
+    """compiled(x, *rest) and fn in float64: the same loss and gradient of x (inputs[0]), each to the
+    tolerance() of its dtype."""
     x, rest = inputs[0].detach().requires_grad_(), inputs[1:]
     out = compiled(x, *rest)
     out.backward()
     xr = x.detach().double().requires_grad_()
     ref = fn(xr, *rest)
     ref.backward()
-    torch.testing.assert_close(out.double(), ref.double(), rtol=rtol, atol=atol)
-    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=rtol, atol=atol)
+    torch.testing.assert_close(out.double(), ref.double(), **tolerance(out.dtype, ref.abs().item()))
+    torch.testing.assert_close(x.grad.double(), xr.grad, **tolerance(x.dtype, xr.grad.abs().max().item()))
     return out

@@ -171,9 +171,7 @@ def lm_loss_token_mean(x, y):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lm_loss_divided_by_token_count(dtype):
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
-    rec = check(lm_loss_token_mean, logits(B, T + 1, V), labels(B, T + 1, ignore=-100, where=(3, 7)),
-                dtype=dtype, **tol)
+    rec = check(lm_loss_token_mean, logits(B, T + 1, V), labels(B, T + 1, ignore=-100, where=(3, 7)), dtype=dtype)
     (m,) = rec.result.matches
     assert m.params["dtype"] == ("bfloat16" if dtype == torch.bfloat16 else "float32")  # the logits as they are
     assert m.params["reduction"] == "mean"  # sum / (labels != -100).sum() is PyTorch's mean
@@ -647,7 +645,7 @@ def test_inference(fn):
 @pytest.mark.parametrize("fn", [target_one_hot, smooth_masked_mul], ids=lambda f: f.__name__)
 def test_bf16(fn):
     y = labels(N, ignore=-100, where=(1,)) if fn is smooth_masked_mul else labels(N)
-    check(fn, logits(N, V), y, dtype=torch.bfloat16, atol=2e-2, rtol=2e-2)
+    check(fn, logits(N, V), y, dtype=torch.bfloat16)
 
 
 def kl_batchmean(x, y):
@@ -732,7 +730,7 @@ def test_log_softmax_dtype_upcast():
     def fn(x, y):
         return F.nll_loss(F.log_softmax(x, -1, dtype=torch.float32), y)
 
-    rec = check(fn, logits(N, V), labels(N), dtype=torch.bfloat16, atol=1e-2, rtol=1e-2)
+    rec = check(fn, logits(N, V), labels(N), dtype=torch.bfloat16)
     (m,) = rec.result.matches
     assert (m.params["dtype"], m.params["loss_dtype"]) == ("bfloat16", "float32")
     assert_reads_logits_in_their_dtype(rec.gm, torch.float32)
@@ -862,10 +860,7 @@ def test_bf16_log_probs_with_a_float32_target_give_a_float32_loss():
         t = F.one_hot(y, V).float() * (1 - EPS) + EPS / V
         return -(t * x.log_softmax(-1)).sum(-1).mean()
 
-    rec = check(fn, logits(N, V), labels(N), dtype=torch.bfloat16, atol=1e-2, rtol=1e-2)
-    out = torch.compile(fn, backend=Recorder())(logits(N, V).bfloat16(), labels(N))
-    ref = fn(logits(N, V).bfloat16().double(), labels(N))
-    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)  # float32 accuracy
+    rec = check(fn, logits(N, V), labels(N), dtype=torch.bfloat16)  # the float32 loss to float32 accuracy
     assert_reads_logits_in_their_dtype(rec.gm, torch.float32)
 
 
