@@ -24,6 +24,14 @@ PER_CLASS = ["{e} * 0.5", "{e} + 1.0", "-{e}", "{e}.exp()", "{e}.clamp(min=-5)",
              "torch.full_like({e}, 0.01).scatter(1, y.clamp(min=0)[:, None], 0.9) * {e}", "{e}.detach()",
              "{e}.transpose(0, 1).transpose(0, 1)", "{e}.view(N, V)", "{e}.clone()", "{e}.double()",
              "{e}.contiguous()", "{e}[:, :V]", "F.kl_div({e}, torch.full_like({e}, 1.0 / V), reduction='none')"]
+# a loss per row from log-probs of its own (what the detector rewrites); y holds -100 on row 1, so
+# the ones reading every label raise in eager (gather and indexing reject it, nll_loss ignores it)
+LOSSES = ["F.cross_entropy(x, y, reduction='none', label_smoothing=0.1)", "F.cross_entropy(x, y.clamp(min=0), reduction='none')",
+          "-F.log_softmax(x, -1).gather(1, y.clamp(min=0)[:, None]).squeeze(1)",
+          "F.nll_loss(F.log_softmax(x, -1), y, reduction='none')",
+          "-(torch.full_like(x, 0.01).scatter(1, y.clamp(min=0)[:, None], 0.9) * F.log_softmax(x, -1)).sum(-1)",
+          "-x.log_softmax(-1).sum(-1)", "-F.log_softmax(x, -1).gather(1, y[:, None]).squeeze(1)",
+          "-F.log_softmax(x, -1)[torch.arange(N), y]"]
 ROWS = ["{r} + {r2}", "{r} * 0.3 - {r2}", "{r} * {r2}", "{r} * m", "{r}.masked_fill(~m, 0.0)",
         "torch.where(m, {r}, torch.zeros_like({r}))", "{r}.exp()", "{r}.abs()", "{r} ** 2", "torch.sigmoid({r})",
         "{r} * w[y.clamp(min=0)]", "{r}.float()", "{r} / 3.0", "{r} + 1.0", "{r}.clamp(max=10.0)",
@@ -52,7 +60,7 @@ def program(seed: int) -> str:
     for _ in range(rng.randint(2, 8)):
         roll = rng.random()
         if roll < 0.25 or not kinds["r"]:
-            add("r", rng.choice(PER_ROW))
+            add("r", rng.choice(PER_ROW if rng.random() < 0.5 else LOSSES))
         elif roll < 0.4:
             add("e", rng.choice(PER_CLASS))
         elif roll < 0.7:

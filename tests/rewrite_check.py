@@ -3,11 +3,15 @@
 Shapes are tiny (N=6 rows, V=11 classes: odd, so eps/V and eps/(V-1) differ visibly).
 """
 
+import re
+
+import pytest
 import torch
 import torch.nn.functional as F
 from torch._dynamo.backends.debugging import aot_eager
 
 from smoothce.kernels.cross_entropy import fused_cross_entropy
+from smoothce.kernels.inputs import TargetOutOfBoundsError
 from smoothce.kernels.linear_cross_entropy import fused_linear_cross_entropy
 from smoothce.patterns.cross_entropy import rewrite_cross_entropy
 from smoothce.patterns.ops import op_name
@@ -41,6 +45,25 @@ class Recorder:
     @property
     def gm(self):
         return self.graphs[0]
+
+
+# What eager says of a label outside the classes: gather and indexing, nll_loss, one_hot
+LABEL_OUT_OF_BOUNDS = re.compile(r"index -?\d+ is out of bounds for dimension \d+ with size \d+"
+                                 r"|Target -?\d+ is out of bounds|Class values must be (non-negative|smaller than)")
+
+
+def assert_raises_as_eager(call, err: Exception):
+    """call() raises what eager raised (err): an exception of err's type, with err's message (Dynamo,
+    meeting it while tracing with fake tensors, quotes it), or, where eager rejected a label outside
+    the classes, the op's error for that label. A failure of Dynamo or of the backend itself (a
+    RuntimeError too) does not pass."""
+    with pytest.raises(type(err)) as info:
+        call()
+    got = info.value
+    if isinstance(got, TargetOutOfBoundsError):
+        assert LABEL_OUT_OF_BOUNDS.search(str(err)), f"eager raised {err!r}, compiled {got!r}"
+    else:
+        assert str(err) in str(got), f"eager raised {err!r}, compiled {got!r}"
 
 
 def normalize(code: str) -> str:
