@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from expecttest import TestCase
 from torch._dynamo.testing import normalize_gm
+from torch._inductor import config as inductor_config
 
 from smoothce import compat
 from smoothce.compiler.backend import rewrite_pass, smoothce_aot_eager, smoothce_backend
@@ -340,6 +341,27 @@ def test_inductor_training_and_inference_match_eager():
     assert "torch.ops.smoothce.linear_cross_entropy" in "\n".join(inference_codes)
     # options= reached Inductor: the spy ran on the forward and backward graphs.
     assert len(spy.graphs) == 2 and "smoothce.linear_cross_entropy" in spy.graphs[0]
+
+
+class ModeSpy(PostGradSpy):
+    """Records, from inside Inductor's compilation, the options a mode sets."""
+
+    def __call__(self, graph):
+        self.graphs.append((inductor_config.max_autotune, inductor_config.coordinate_descent_tuning))
+
+
+@pytest.mark.inductor
+def test_mode_reaches_inductor():
+    x, y = make_inputs()
+    spy = ModeSpy()
+    # a fresh cache: on a hit Inductor would load the code and run no pass
+    with inductor_config.patch(post_grad_custom_post_pass=spy), compat.fresh_inductor_cache(), torch.no_grad():
+        loss = torch.compile(lambda x, y: F.cross_entropy(x[:, :10], y, label_smoothing=0.1), backend="smoothce",
+                             mode="max-autotune-no-cudagraphs")(x, y)
+    expected = F.cross_entropy(x[:, :10].double(), y, label_smoothing=0.1)
+    torch.testing.assert_close(loss.double(), expected, rtol=RTOL, atol=ATOL)
+    assert rewrite_pass.match_count == 1
+    assert spy.graphs == [(True, True)]  # the mode's options, set while Inductor compiled the graph
 
 
 @pytest.mark.inductor

@@ -266,3 +266,28 @@ def test_move_loss_into_model_rejects_what_it_cannot_move(tmp_path):
     own_loss = transformers.Trainer(model=tiny_llama(), args=args, compute_loss_func=lambda *a, **k: 0.0)
     with pytest.raises(ValueError, match="compute_loss_func=<function"):
         smoothce.move_loss_into_model(own_loss)
+
+
+def test_move_loss_into_model_leaves_evaluation_its_logits(tmp_path):
+    # README: the model returns only the loss while training; evaluation still gets the logits
+    # (and the smoothed loss).
+    pytest.importorskip("accelerate")
+    import smoothce
+
+    model = tiny_llama(layers=1)
+    ids, labels = next(batches())
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[],
+                                          label_smoothing_factor=0.1, per_device_eval_batch_size=BATCH)
+    trainer = transformers.Trainer(model=model, args=args)
+    smoothce.move_loss_into_model(trainer)
+    predicted = trainer.predict([{"input_ids": ids[i], "labels": labels[i]} for i in range(BATCH)])
+    torch.testing.assert_close(torch.as_tensor(predicted.predictions), logits, rtol=1e-6, atol=1e-6)
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB).double(), labels[:, 1:].reshape(-1),
+                               label_smoothing=0.1)
+    assert predicted.metrics["test_loss"] == pytest.approx(expected.item(), rel=RTOL)
+    model.train()
+    out = model(input_ids=ids, labels=labels)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss.double(), expected, rtol=RTOL, atol=ATOL)

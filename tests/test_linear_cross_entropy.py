@@ -4,6 +4,7 @@ Most tests run both chunk loops (the ``device`` fixture): the torch one on CPU t
 Triton one on CUDA tensors where a GPU is, through the interpreter on CPU tensors where none is.
 """
 import gc
+import inspect
 import math
 import os
 
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from reference import reference as logits_reference
+from smoothce.kernels.cross_entropy import fused_cross_entropy
 from smoothce.kernels.linear_cross_entropy import CHUNK_BYTES, chunk_rows, fused_linear_cross_entropy
 
 N, D, V = 13, 8, 11  # 13 rows: not a multiple of the forced chunk sizes below
@@ -470,6 +472,14 @@ def test_validation(change, error, match):
     args.update(change)
     with pytest.raises(error, match=match):
         fused_linear_cross_entropy(args["hidden"], args["weight"], args["bias"], args["target"], **kwargs)
+
+
+def test_takes_the_keywords_of_fused_cross_entropy():
+    # README: the same keywords, with the same defaults, and chunk_size; uniform_rows raises (above)
+    def keywords(fn):
+        return {p.name: p.default for p in inspect.signature(fn).parameters.values() if p.kind == p.KEYWORD_ONLY}
+
+    assert keywords(fused_linear_cross_entropy) == keywords(fused_cross_entropy) | {"chunk_size": None}
 
 
 # ---------------------------------------------------------------------------------------------------

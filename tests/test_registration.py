@@ -4,6 +4,7 @@ Most checks here look at the hook value only (no compile). The few that compile 
 Inductor (pre-grad passes only run inside it) and are marked `inductor`.
 """
 
+import copy
 import json
 import os
 import subprocess
@@ -240,32 +241,44 @@ def _inputs():
     return x, y
 
 
+def _inductor_inference() -> str:
+    """A TinyClassifier's loss compiled by Inductor (fresh caches, no grad), checked against float64
+    eager; returns the generated code."""
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    x, y = _inputs()
+    with torch.no_grad():
+        expected = copy.deepcopy(model).double()(x.double(), y)
+        with compat.fresh_inductor_cache():
+            loss, codes = compat.run_and_get_code(torch.compile(model, backend="inductor"), x, y)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    return "\n".join(codes)
+
+
 @pytest.mark.inductor
 def test_registered_pass_rewrites_under_inductor_and_unregister_restores(accepts_list):
     user = CountingPass()
     inductor_config.pre_grad_custom_pass = user
     ours = registration.register_patterns()
-    torch.manual_seed(0)
-    model = TinyClassifier()
-    x, y = _inputs()
-    with torch.no_grad():
-        expected = model.double()(x.double(), y)
-        model.float()
-        with compat.fresh_inductor_cache():
-            loss, codes = compat.run_and_get_code(torch.compile(model, backend="inductor"), x, y)
-    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    code = _inductor_inference()
     assert ours.match_count == 1
     assert user.calls == 1 and user.saw_cross_entropy == [True]  # the user's pass ran first
-    assert "smoothce.linear_cross_entropy" in "\n".join(codes)  # head fused into the loss
+    assert "smoothce.linear_cross_entropy" in code  # head fused into the loss
 
     registration.unregister_patterns()
     assert inductor_config.pre_grad_custom_pass is user
     torch._dynamo.reset()
-    with torch.no_grad(), compat.fresh_inductor_cache():
-        loss, codes = compat.run_and_get_code(torch.compile(model, backend="inductor"), x, y)
-    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    code = _inductor_inference()
     assert ours.match_count == 1
-    assert "smoothce" not in "\n".join(codes)
+    assert "smoothce" not in code
+
+
+@pytest.mark.inductor
+def test_registered_without_fuse_linear_keeps_the_head():
+    ours = registration.register_patterns(fuse_linear=False)
+    code = _inductor_inference()
+    assert ours.match_count == 1
+    assert "smoothce.cross_entropy" in code and "smoothce.linear_cross_entropy" not in code  # the head apart
 
 
 @pytest.mark.inductor
