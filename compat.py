@@ -14,6 +14,10 @@ What differs between the two (read from their sources):
   every compile, hit or miss. 2.13 runs them after the lookup ("late") when every pass is a
   ``CustomGraphPass`` whose ``uuid()`` is not None; the uuid then enters the cache key and the
   pass does NOT run on a hit. A pass without a uuid makes 2.13 fall back to running early.
+- What of the pass enters the FX graph cache key: 2.13 its ``uuid()``; 2.11 a deep copy and a
+  pickle of the whole Inductor config, the pass object included (``CustomGraphPass`` below). On
+  2.11 AOTAutograd's cache, which checks the graph after the early pass, also refuses a graph
+  that calls the functions the rewrite inserts, so only Inductor's FX graph cache hits there.
 - ``CustomGraphPass`` exists in both (2.13 adds a ``CustomPassBase`` above it).
 
 - ``torch.compile(isolate_recompiles=True)``: 2.13 only. A compile with it keeps its cache entries
@@ -37,7 +41,27 @@ import torch
 from torch._inductor import config as inductor_config
 from torch._inductor import custom_graph_pass as _custom_graph_pass
 
-CustomGraphPass = _custom_graph_pass.CustomGraphPass
+
+class CustomGraphPass(_custom_graph_pass.CustomGraphPass):
+    """Inductor's CustomGraphPass, copied and pickled without the state it gathers while running.
+
+    torch 2.11 builds the FX graph cache key from a deep copy and a pickle of the whole Inductor
+    config, the pre_grad_custom_pass object included; 2.13 reads only the pass's uuid(). A pass
+    that logs every graph it ran on thus had a new key at every compile on 2.11, and the cache
+    never hit. ``_run_state`` names such attributes (log, caches) with a factory of their empty
+    value: copies and pickles leave them out and start them empty.
+    """
+
+    _run_state: dict[str, Callable[[], Any]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if k not in self._run_state}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+        for name, empty in self._run_state.items():
+            setattr(self, name, empty())
+
 
 # Feature test rather than a version compare: the list form arrived together with this helper.
 PRE_GRAD_PASS_ACCEPTS_LIST: bool = hasattr(_custom_graph_pass, "get_custom_graph_passes")

@@ -73,6 +73,9 @@ class CrossEntropyPass(compat.CustomGraphPass):
     graph adds no result.
     """
 
+    # What a run leaves behind: not part of what the pass is (copies and cache keys leave it out).
+    _run_state = {"results": list, "_source_hash": lambda: None}
+
     def __init__(self, label: str = "graph", *, fuse_linear: bool = True) -> None:
         if not isinstance(fuse_linear, bool):
             raise TypeError(f"smoothce: fuse_linear must be a bool, got {fuse_linear!r}")

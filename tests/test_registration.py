@@ -7,6 +7,7 @@ Inductor (pre-grad passes only run inside it) and are marked `inductor`.
 import copy
 import json
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -191,6 +192,25 @@ def test_uuid_is_stable_and_hashes_the_rewrite_sources(tmp_path, monkeypatch):
     before = passes.source_hash()
     detector.write_text("EPS = 0.2\n")
     assert passes.source_hash() != before
+
+
+def test_copies_and_pickles_are_what_the_pass_does_not_what_it_saw():
+    # torch 2.11 keys its FX graph cache on a deep copy and pickle of the Inductor config, this
+    # pass included: a graph rewritten or a uuid asked for must not change the key.
+    ours = CrossEntropyPass(label="hook", fuse_linear=False)
+    blank = pickle.dumps(copy.deepcopy(ours))
+
+    def backend(gm, example_inputs):
+        ours.rewrite(gm)
+        return gm
+
+    torch.compile(lambda x, y: F.cross_entropy(x, y, label_smoothing=0.1), backend=backend)(
+        torch.randn(4, 5), torch.tensor([0, 1, 2, 3]))
+    ours.uuid()
+    assert ours.match_count == 1
+    assert pickle.dumps(copy.deepcopy(ours)) == blank
+    again = pickle.loads(blank)
+    assert (again.label, again.fuse_linear, again.results, again.uuid()) == ("hook", False, [], ours.uuid())
 
 
 # --- import is inert ---------------------------------------------------------------------------
