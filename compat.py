@@ -253,6 +253,23 @@ def cache_counters() -> dict[str, int]:
     }
 
 
+# --- traced graphs ------------------------------------------------------------------------------
+
+
+def one_hot_traces_int32_labels() -> bool:
+    """Whether torch.compile traces ``F.one_hot`` of int32 labels, which eager rejects.
+
+    torch 2.13 traces one_hot through a decomposition (aten.one_hot's Python kernel for
+    CompositeImplicitAutograd) that takes labels of any integer dtype, so a graph can hold a
+    one-hot of int32 labels and the detector has to leave it to eager. torch 2.11 has no such
+    kernel: its fake one_hot rejects int32 as eager does, and Dynamo raises before any backend
+    sees the graph.
+    """
+    import torch._decomp  # noqa: F401  (registers the decomposition where there is one)
+
+    return torch._C.DispatchKey.CompositeImplicitAutograd in torch.ops.aten.one_hot.default.py_kernels
+
+
 # --- Dynamo's memory of traced code ------------------------------------------------------------
 
 # torch.compile keyword arguments for a compile whose entries should not count against the
