@@ -9,6 +9,7 @@ more than 2^31 elements.
 
 import pytest
 import torch
+import triton_cpu
 from reference import reference
 
 from smoothce.kernels import cross_entropy_triton, cross_entropy_tuning
@@ -49,6 +50,13 @@ FEATURES = {
 # transform, per-row loads); the row arithmetic they share (kl, no ignore_index) runs through the
 # default variant in tests/test_cross_entropy.py, and on CUDA through every variant.
 VARIANT_FEATURES = ["plain", "smoothing_weight", "z_softcap_temperature", "uniform_rows"]
+
+
+@pytest.fixture
+def device(device):
+    """conftest's device, where the kernel can run: on CPU tensors the interpreter must work here."""
+    triton_cpu.require(device)
+    return device
 
 
 @pytest.fixture

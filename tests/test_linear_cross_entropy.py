@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import triton_cpu
 from reference import reference as logits_reference
 from smoothce.kernels.cross_entropy import fused_cross_entropy
 from smoothce.kernels.linear_cross_entropy import CHUNK_BYTES, chunk_rows, fused_linear_cross_entropy
@@ -30,8 +31,7 @@ def device(request, monkeypatch):
     if request.param == "torch":
         yield torch.device("cpu")
         return
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("the Triton loop on CPU tensors needs TRITON_INTERPRET=1 before the kernels are imported")
+    triton_cpu.require("cuda" if torch.cuda.is_available() else "cpu")
     import smoothce.kernels.linear_cross_entropy_triton as triton_loop
 
     launches = []
@@ -336,8 +336,7 @@ def test_triton_loop_weight_gradient_error_bound(chunks):
     # Identical rows make every chunk add the same P, so S_k = k P and the accumulation's share of
     # the bound is u P K (K + 1) / 2: at 16 chunks 8.5 times a single rounding. Checked against
     # float64 sums of the kernel's own bf16 chunk gradients, so only the accumulation is measured.
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("the Triton loop on CPU tensors needs TRITON_INTERPRET=1 before the kernels are imported")
+    triton_cpu.require("cuda" if torch.cuda.is_available() else "cpu")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     import smoothce.kernels.linear_cross_entropy_triton as triton_loop
 
