@@ -2,7 +2,8 @@
 
 It sits at the package's root, below compiler/ and patterns/, because both read it: compiler/
 for Inductor's pass hooks and caches, patterns/ for the names Dynamo gives graph inputs
-(``graph_input_source``), and patterns/ never imports compiler/. It imports nothing of smoothce.
+(``graph_input_source``) and the calls it records (``OPERATOR_METHODS``), and patterns/ never
+imports compiler/. It imports nothing of smoothce.
 
 What differs between the two (read from their sources):
 
@@ -20,6 +21,9 @@ What differs between the two (read from their sources):
   that calls the functions the rewrite inserts, so only Inductor's FX graph cache hits there.
 - ``CustomGraphPass`` exists in both (2.13 adds a ``CustomPassBase`` above it).
 
+- Traced graphs: 2.11 records ``a == b`` on a tensor as a method call (``OPERATOR_METHODS``), and
+  rejects int32 labels into ``F.one_hot`` while tracing (``one_hot_traces_int32_labels``).
+
 - ``torch.compile(isolate_recompiles=True)``: 2.13 only. A compile with it keeps its cache entries
   in a region of their own, not counted against other compiles of the same function.
 
@@ -35,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect as _inspect
+import operator
 from typing import Any, Callable, Iterator
 
 import torch
@@ -254,6 +259,12 @@ def cache_counters() -> dict[str, int]:
 
 
 # --- traced graphs ------------------------------------------------------------------------------
+
+# Methods Dynamo records in place of an operator: method name -> the operator, as the other
+# version records it. torch 2.11 records ``a == b`` on a tensor ``a`` as ``a.__eq__(b)``
+# (call_method "__eq__": its handler of operator.eq hands a tensor comparison to the tensor's
+# method); 2.13 records call_function operator.eq, as both record every other comparison.
+OPERATOR_METHODS: dict[str, Callable] = {"__eq__": operator.eq}
 
 
 def one_hot_traces_int32_labels() -> bool:

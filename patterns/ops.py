@@ -14,6 +14,8 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
+from smoothce.compat import OPERATOR_METHODS
+
 Node = torch.fx.Node
 
 # torch.<name> functions and Tensor.<name> methods that share a meaning.
@@ -94,6 +96,8 @@ def op_name(node: Node) -> Optional[str]:
         except TypeError:  # unhashable target
             return None
     if node.op == "call_method":
+        if node.target in OPERATOR_METHODS:  # torch 2.11's a.__eq__(b) for a == b
+            return _FUNCTIONS[OPERATOR_METHODS[node.target]]
         return _METHODS.get(node.target) or INPLACE.get(node.target)
     return None
 

@@ -6,6 +6,7 @@ with eager PyTorch in float64 (``rewrite_check.check``).
 
 import copy
 import inspect
+import operator
 import os
 
 from expecttest import TestCase
@@ -172,6 +173,34 @@ def one_hot_by_arange_classes_at_dim_1(x, y):
 def test_one_hot_by_arange_in_three_dims(fn, shape):
     (m,) = check(fn, logits(*shape), labels(B, T)).result.matches
     assert m.params["eps"] == pytest.approx(EPS, rel=1e-15)
+
+
+def padding_rows_masked_by_equality(x, y):
+    loss = -x.log_softmax(-1).gather(1, y[:, None]).squeeze(1)
+    return loss.masked_fill(y == 0, 0.0).sum()
+
+
+@pytest.mark.parametrize("fn, x, y, params", [
+    (one_hot_by_arange, logits(N, V), labels(N), dict(eps=EPS)),
+    (one_hot_by_arange_over_time, logits(B, T, V), labels(B, T), dict(eps=EPS)),
+    (padding_rows_masked_by_equality, logits(N, V), labels(N, ignore=0, where=(1, 3)), dict(ignore_index=0)),
+], ids=["one_hot", "one_hot_over_time", "mask"])
+def test_equality_as_torch_2_11_records_it(fn, x, y, params):
+    # torch 2.11's Dynamo records `a == b` as the method call a.__eq__(b), 2.13 as operator.eq:
+    # the graph 2.13 gives, with each == as 2.11 records it, is read the same
+    rec = Recorder()
+
+    def as_on_2_11(gm, example_inputs):
+        for n in gm.graph.nodes:
+            if n.op == "call_function" and n.target is operator.eq:
+                n.op, n.target = "call_method", "__eq__"
+        gm.recompile()
+        assert "__eq__" in gm.code
+        return rec(gm, example_inputs)
+
+    torch.testing.assert_close(torch.compile(fn, backend=as_on_2_11)(x, y), fn(x, y), rtol=1e-5, atol=1e-5)
+    (m,) = rec.result.matches
+    assert {k: m.params[k] for k in params} == pytest.approx(params, rel=1e-15)
 
 
 def smoothed_target_by_empty_fill_scatter(x, y):
