@@ -45,12 +45,30 @@ def _softcap(x, cap):
 
 
 @triton.jit
-def _logits(ptrs, mask, logit_scale, cap, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr):
-    """softcap(logit_scale * x) of a tile in ACC; masked lanes read 0."""
-    x = tl.load(ptrs, mask=mask, other=0.0).to(ACC) * logit_scale
+def _transformed(x, logit_scale, cap, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr):
+    """softcap(logit_scale * x) in ACC."""
+    x = x.to(ACC) * logit_scale
     if HAS_SOFTCAP:
         x = _softcap(x, cap)
     return x
+
+
+@triton.jit
+def _logits(ptrs, mask, logit_scale, cap, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr):
+    """The transformed logits of a tile; masked lanes read 0."""
+    return _transformed(tl.load(ptrs, mask=mask, other=0.0), logit_scale, cap, HAS_SOFTCAP, ACC)
+
+
+@triton.jit
+def _label_logit(ptrs, mask, logit_scale, cap, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr):
+    """The transformed logit of each row's label (a gather, one per row)."""
+    return _transformed(tl.load(ptrs, mask=mask, other=0.0), logit_scale, cap, HAS_SOFTCAP, ACC)
+
+
+@triton.jit
+def _store_grad(ptrs, g, mask):
+    """A tile of gradient, in the gradient's dtype."""
+    tl.store(ptrs, g.to(ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -230,7 +248,7 @@ def _tiles(
         y, y_safe, label_on, uniform_on = _row_labels(
             y_ptr + n * stride_yn + s * stride_ys, u_ptr + n * stride_un + s * stride_us, row_mask, C, ignore_index,
             HAS_IGNORE, HAS_UNIFORM_ROWS, ACC)
-        x_y = _logits(x_ptr + x_row + y_safe * stride_xc, row_mask, logit_scale, cap, HAS_SOFTCAP, ACC)
+        x_y = _label_logit(x_ptr + x_row + y_safe * stride_xc, row_mask, logit_scale, cap, HAS_SOFTCAP, ACC)
         if HAS_WEIGHT:
             w_y = tl.load(w_ptr + y_safe, mask=row_mask, other=0.0).to(ACC)
         else:
@@ -269,7 +287,7 @@ def _tiles(
         if COMPUTE_GRAD:
             if ONE_READ:
                 g = _grad_tile(x, lse, cols, y, w, coef_p, coef_y, coef_w, cap, HAS_SMOOTHING, HAS_SOFTCAP)
-                tl.store(g_ptr + _offsets(g_row, cols, stride_gc, CONTIGUOUS), g.to(g_ptr.dtype.element_ty), mask=mask)
+                _store_grad(g_ptr + _offsets(g_row, cols, stride_gc, CONTIGUOUS), g, mask)
             else:
                 # Second read. In reverse, the blocks read last in pass 1 (likeliest still in L2)
                 # come first.
@@ -284,8 +302,7 @@ def _tiles(
                                  HAS_SOFTCAP, ACC)
                     wb = _class_weights(w_ptr, cols, col_mask, HAS_WEIGHT, ACC)
                     g = _grad_tile(xb, lse, cols, y, wb, coef_p, coef_y, coef_w, cap, HAS_SMOOTHING, HAS_SOFTCAP)
-                    tl.store(g_ptr + _offsets(g_row, cols, stride_gc, CONTIGUOUS), g.to(g_ptr.dtype.element_ty),
-                             mask=mask)
+                    _store_grad(g_ptr + _offsets(g_row, cols, stride_gc, CONTIGUOUS), g, mask)
 
 
 @triton.jit
@@ -375,7 +392,7 @@ def _split_rows(
     y, y_safe, label_on, uniform_on = _row_labels(
         y_ptr + n * stride_yn + s * stride_ys, u_ptr + n * stride_un + s * stride_us, r >= 0, C, ignore_index,
         HAS_IGNORE, HAS_UNIFORM_ROWS, ACC)
-    x_y = _logits(x_ptr + x_row + y_safe, r >= 0, logit_scale, cap, HAS_SOFTCAP, ACC)
+    x_y = _label_logit(x_ptr + x_row + y_safe, r >= 0, logit_scale, cap, HAS_SOFTCAP, ACC)
     if HAS_WEIGHT:
         w_y = tl.load(w_ptr + y_safe).to(ACC)
     else:
@@ -392,7 +409,7 @@ def _split_rows(
     if COMPUTE_GRAD:
         g = _grad_tile(x, lse, cols, y, w, coef_p, coef_y, coef_w, cap, HAS_SMOOTHING, HAS_SOFTCAP)
         g_row = n * stride_gn + s * stride_gs
-        tl.store(g_ptr + _offsets(g_row, cols, 1, True), g.to(g_ptr.dtype.element_ty), mask=mask)
+        _store_grad(g_ptr + _offsets(g_row, cols, 1, True), g, mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -549,7 +566,7 @@ def scale_in_place(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def launch_cross_entropy(x3, y2, weight, scales, ce_rows, z_rows, grad3, *, ignore_index, a, b, c, z_loss,
                          softcap, logit_scale=1.0, uniform_rows=None, smooth_rows=None,
-                         config: Optional[KernelConfig] = None):
+                         config: Optional[KernelConfig] = None, compile_for=None):
     """Runs the kernel over the (N, C, S) view; fills ce_rows, z_rows and grad3 (if given).
 
     (a, b, c) are LossForm.coefficients(C); softcap is None or > 0; uniform_rows (N, S) bool or
@@ -558,6 +575,11 @@ def launch_cross_entropy(x3, y2, weight, scales, ce_rows, z_rows, grad3, *, igno
     (the gradient written over the logits). ``config`` forces a
     variant (tests); by default CUDA autotunes large problems and everything else takes the
     tuning table's fixed choice.
+
+    ``compile_for`` (a ``triton_target.GPUTarget``) runs nothing: the call compiles, for that GPU,
+    what it would run there (the fixed choice, or every configuration the autotuner keeps), with
+    its arguments specialised as that launch would, and returns the compiled kernels. The tensors
+    may then live on the CPU: only their dtypes, strides and alignment are read.
     """
     N, C, S = x3.shape
     if N * S == 0:
@@ -569,7 +591,7 @@ def launch_cross_entropy(x3, y2, weight, scales, ce_rows, z_rows, grad3, *, igno
     u = uniform_rows if uniform_rows is not None else y2
     if uniform_rows is not None and (smooth_rows is None or scales.numel() < 3):
         raise ValueError("smoothce: uniform_rows needs smooth_rows and a third scale")
-    interpreted = x3.device.type != "cuda"
+    interpreted = x3.device.type != "cuda" and compile_for is None
     acc_dtype = torch.float64 if x3.dtype == torch.float64 else torch.float32
 
     if config is not None and not config.fits(C, rows_along_s, contiguous, in_place):
@@ -609,9 +631,17 @@ def launch_cross_entropy(x3, y2, weight, scales, ce_rows, z_rows, grad3, *, igno
         ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
         SPIN=0 if interpreted else 1 << 14,
     )
+    if tune:
+        kernel, launch = _autotuned(in_place), features
+    else:
+        kernel = _cross_entropy_kernel
+        launch = dict(features, **config.kwargs(), num_warps=config.num_warps, num_stages=config.num_stages)
+    if compile_for is not None:
+        from smoothce.kernels.triton_target import compile_for as compile_kernels
+
+        return compile_kernels(compile_for, kernel, args, launch)
     sms = _sm_count(x3.device)
     if tune:
-        _autotuned(in_place)[lambda meta: _grid(N, C, S, rows_along_s, sms, meta)](*args, **features)
+        kernel[lambda meta: _grid(N, C, S, rows_along_s, sms, meta)](*args, **launch)
     else:
-        _cross_entropy_kernel[_grid(N, C, S, rows_along_s, sms, config.kwargs())](
-            *args, **features, **config.kwargs(), num_warps=config.num_warps, num_stages=config.num_stages)
+        kernel[_grid(N, C, S, rows_along_s, sms, config.kwargs())](*args, **launch)

@@ -40,7 +40,20 @@ import torch
 
 from smoothce.kernels.cross_entropy_triton import launch_cross_entropy
 
-__all__ = ["triton_chunks"]
+__all__ = ["launch_chunk", "triton_chunks"]
+
+
+def launch_chunk(logits, tg, start, ce_rows, z_rows, scales, grads, ignore_index, a, b, c, z, softcap, logit_scale,
+                 compile_for=None):
+    """The cross-entropy kernel on one chunk's (R, V) logits, the rows from ``start`` on: loss rows
+    into ce_rows / z_rows, and with ``grads`` the gradient written over the logits.
+    ``compile_for``: see launch_cross_entropy."""
+    rows, v = logits.shape
+    x3 = logits.view(rows, v, 1)
+    return launch_cross_entropy(x3, tg.target[start:start + rows].view(-1, 1), tg.class_weight, scales,
+                                ce_rows[start:start + rows], z_rows[start:start + rows], x3 if grads else None,
+                                ignore_index=ignore_index, a=a, b=b, c=c, z_loss=z, softcap=softcap or None,
+                                logit_scale=logit_scale, compile_for=compile_for)
 
 
 def triton_chunks(hidden, weight, bias, tg, ignore_index, a, b, c, z, softcap, logit_scale, scales, row_grad,
@@ -73,10 +86,8 @@ def triton_chunks(hidden, weight, bias, tg, ignore_index, a, b, c, z, softcap, l
             torch.mm(h, weight.t(), out=logits)
         else:
             torch.addmm(bias, h, weight.t(), out=logits)
-        x3 = logits.view(end - start, v, 1)
-        launch_cross_entropy(x3, tg.target[start:end].view(-1, 1), tg.class_weight, scales, ce_rows[start:end],
-                             z_rows[start:end], x3 if grads else None, ignore_index=ignore_index, a=a, b=b, c=c,
-                             z_loss=z, softcap=softcap or None, logit_scale=logit_scale)
+        launch_chunk(logits, tg, start, ce_rows, z_rows, scales, grads, ignore_index, a, b, c, z, softcap,
+                     logit_scale)
         if not grads:
             continue
         # logits now holds g = d(result)/d(hidden @ weight.T + bias) for the chunk's rows.

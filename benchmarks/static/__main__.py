@@ -1,0 +1,3 @@
+from benchmarks.static.cli import main
+
+raise SystemExit(main())

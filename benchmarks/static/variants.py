@@ -1,0 +1,151 @@
+"""What the static report compiles: every kernel variant a call can run, built by the project's own
+launchers (``launch_cross_entropy``, the fused head's ``launch_chunk``) with ``compile_for``.
+
+A call is an entry point (the op with or without its gradient, a fused head's chunk with or
+without it), a dtype, a vocabulary size V and a feature set. Its logits are CPU tensors of the real
+shape (``torch.empty``: address space, never touched), so the launcher specialises the arguments
+exactly as it would on the GPU and decides as it would between its fixed choice (problems under
+``AUTOTUNE_MIN_ELEMENTS``) and the configurations the autotuner keeps: the report compiles both,
+each at the smallest row count that takes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from smoothce.kernels import cross_entropy_tuning as tuning
+from smoothce.kernels.cross_entropy_triton import launch_cross_entropy
+from smoothce.kernels.cross_entropy_tuning import KernelConfig
+from smoothce.kernels.form import LossForm
+from smoothce.kernels.inputs import Labels, acc_dtype
+from smoothce.kernels.linear_cross_entropy import chunk_rows
+from smoothce.kernels.linear_cross_entropy_triton import launch_chunk
+
+VS = (1024, 4096, 32768, 131072, 262144)
+DTYPES = ("bfloat16", "float32")
+FEATURES = {
+    "plain": {},
+    "smoothing": dict(label_smoothing=0.1),
+    "weights": dict(weight=True),
+    "z_loss": dict(z_loss=1e-4),
+    "softcap": dict(softcap=30.0),
+    "all": dict(weight=True, label_smoothing=0.1, z_loss=1e-4, softcap=30.0),
+}
+ENTRIES = {
+    "op": "smoothce::cross_entropy with its gradient, written to a buffer of its own (a training step)",
+    "op_loss": "smoothce::cross_entropy without a gradient (evaluation)",
+    "head": "the fused head's kernel on one chunk of logits, the gradient written over them "
+            "(N = 16384, D = 4096: the benchmark's head)",
+    "head_loss": "the same without a gradient (the head's reduction='none' forward, evaluation)",
+}
+OP_ROWS = 8192  # the benchmark's N: the rows the L2 plan counts for the op
+HEAD_N, HEAD_D = 16384, 4096
+
+
+@dataclass(frozen=True)
+class Call:
+    entry: str
+    dtype: str
+    V: int
+    features: str
+    choice: str  # "fixed" (the tuning table's choice) or "tuned" (every candidate the pruner keeps)
+
+    @property
+    def grad(self) -> bool:
+        return not self.entry.endswith("_loss")
+
+    @property
+    def itemsize(self) -> int:
+        return getattr(torch, self.dtype).itemsize
+
+
+def calls(entries=tuple(ENTRIES), dtypes=DTYPES, vs=VS, features=tuple(FEATURES)) -> list[Call]:
+    """Every call of the grid; the op both below and above the autotuning threshold, the head at
+    the benchmark's shape (whose chunk decides)."""
+    out = []
+    for entry in entries:
+        for dtype in dtypes:
+            for V in vs:
+                for f in features:
+                    if entry.startswith("op"):
+                        out += [Call(entry, dtype, V, f, "fixed"), Call(entry, dtype, V, f, "tuned")]
+                    else:
+                        rows = head_chunk_rows(V, getattr(torch, dtype).itemsize)
+                        out.append(Call(entry, dtype, V, f, "tuned" if _tunes(rows, V) else "fixed"))
+    return out
+
+
+def head_chunk_rows(V: int, itemsize: int) -> int:
+    return chunk_rows(HEAD_N, V, HEAD_D, itemsize)
+
+
+def _tunes(rows: int, V: int) -> bool:
+    return rows * V >= tuning.AUTOTUNE_MIN_ELEMENTS
+
+
+def rows(call: Call) -> int:
+    """Rows of the logits the call is compiled with (the op) or runs on (a head's chunk)."""
+    if call.entry.startswith("head"):
+        return head_chunk_rows(call.V, call.itemsize)
+    if call.choice == "fixed":
+        return 16
+    n = -(-tuning.AUTOTUNE_MIN_ELEMENTS // call.V)
+    return max(16, -(-n // 16) * 16)
+
+
+def plan_rows(call: Call) -> int:
+    """Rows of the problem the L2 plan is made for: the benchmark's N, or the head's chunk."""
+    return rows(call) if call.entry.startswith("head") else OP_ROWS
+
+
+def compile_call(call: Call, target) -> list:
+    """The compiled kernels the call would run on ``target``: one for the fixed choice, one per
+    configuration the autotuner keeps otherwise."""
+    f = FEATURES[call.features]
+    dtype = getattr(torch, call.dtype)
+    acc = acc_dtype(dtype)
+    form = LossForm(ignore_index=-100, reduction="mean", label_smoothing=f.get("label_smoothing", 0.0),
+                    z_loss=f.get("z_loss", 0.0), softcap=f.get("softcap"))
+    a, b, c = form.coefficients(call.V)
+    weight = torch.ones(call.V, dtype=acc) if f.get("weight") else None
+    n = rows(call)
+    if call.entry.startswith("head"):
+        tg = Labels(torch.zeros(HEAD_N, dtype=torch.long), weight, -100, call.V, acc)
+        scales = tg.scales("mean") if call.grad else torch.ones(2, dtype=acc)
+        logits = torch.empty(n, call.V, dtype=dtype)
+        ce_rows, z_rows = torch.empty(HEAD_N, dtype=acc), torch.zeros(HEAD_N, dtype=acc)
+        kernels = launch_chunk(logits, tg, 0, ce_rows, z_rows, scales, call.grad, -100, a, b, c, form.z_loss,
+                               form.softcap or 0.0, form.logit_scale, compile_for=target)
+    else:
+        # as smoothce::cross_entropy calls it on (N, V) logits (kernels/cross_entropy.py)
+        logits = torch.empty(n, call.V, dtype=dtype)
+        target_rows = torch.zeros(n, 1, dtype=torch.long)
+        labels = Labels(target_rows, weight, -100, call.V, acc)
+        grad = torch.empty_like(logits).view(n, call.V, 1) if call.grad else None
+        kernels = launch_cross_entropy(
+            logits.view(n, call.V, 1), target_rows, weight, labels.scales("mean"), torch.empty(n, dtype=acc),
+            torch.zeros(n, dtype=acc), grad, ignore_index=-100, a=a, b=b, c=c, z_loss=form.z_loss,
+            softcap=form.softcap, logit_scale=form.logit_scale, compile_for=target)
+    if _tunes(n, call.V) != (call.choice == "tuned"):
+        raise AssertionError(f"{call}: the launcher's choice at {n} rows is not the one asked for")
+    return kernels
+
+
+def config_of(kernel) -> KernelConfig:
+    """The tuning configuration a compiled kernel was built with (from its own constants)."""
+    names = kernel.src.fn.arg_names
+    const = {names[k[0]]: v for k, v in kernel.src.constants.items()}
+    return KernelConfig(const["MODE"], const["BLOCK_R"], const["BLOCK_C"], bool(const["REVERSE"]),
+                        const["PROGRAMS_PER_SM"], kernel.metadata.num_warps, kernel.metadata.num_stages)
+
+
+def specialisation(kernel) -> dict:
+    """The run-time specialisation the kernel was compiled with: ints that became the constant 1,
+    and arguments known to be divisible by 16 (pointers: 16-byte aligned)."""
+    names = kernel.src.fn.arg_names
+    # the kernel's own constexprs are in capitals
+    ones = sorted(names[k[0]] for k, v in kernel.src.constants.items() if v == 1 and not names[k[0]].isupper())
+    aligned = sorted(names[k[0]] for k, v in kernel.src.attrs.items() if ["tt.divisibility", 16] in v)
+    return {"constant_1": ones, "divisible_by_16": aligned}
