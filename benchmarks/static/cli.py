@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--choices", type=_names, default=("fixed", "tuned"))
     ap.add_argument("--ci", action="store_true", help="the small set the test suite compiles (sm_90 only)")
     ap.add_argument("--out", default=RESULTS_DIR, help="directory of the record (default benchmarks/results/)")
-    ap.add_argument("--name", default=None, help="file stem (default static-<date>-triton-<version>)")
+    ap.add_argument("--name", default=None, help="file stem (default static-<date>-<targets>-triton-<version>)")
     ap.add_argument("--check", action="store_true", help="exit 1 when a variant misses a target")
     ap.add_argument("--commit", default=None, help="the commit, where the checkout has no git metadata")
     args = ap.parse_args(argv)
@@ -112,7 +112,8 @@ def main(argv=None) -> int:
     rec = build(args)
     import triton
 
-    stem = args.name or f"static-{rec['about']['date']}-triton-{triton.__version__}"
+    targets = "-".join(t.replace("_", "") for t in rec["targets"])
+    stem = args.name or f"static-{rec['about']['date']}-{targets}-triton-{triton.__version__}"
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, stem)
     with open(path + ".json", "w") as f:
