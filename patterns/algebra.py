@@ -62,6 +62,29 @@ TWO_LABELS = ("the loss reads two label tensors (a mixup target, lam * one_hot(y
               "the fused op takes one label per row")
 
 
+def two_labels(labels) -> str:
+    """Why one op call cannot take these label reads: two label tensors (a mixup), or one label
+    tensor read two ways (take_along_dim reads y mod V, gather and nll_loss read y, where and clamp
+    change some rows), which only agree on the rows where every label is a class."""
+    bases = {lab.base for lab in labels}
+    if len(bases) > 1:
+        return TWO_LABELS
+    ways = sorted({_read_as(lab) for lab in labels})
+    return (f"the loss reads the labels {words(next(iter(bases)))} in {len(ways)} ways ({'; '.join(ways)}); the op "
+            "takes one label per row: read them one way (gather or nll_loss for every term, or take_along_dim "
+            "for every term, each with the same where or clamp)")
+
+
+def _read_as(lab) -> str:
+    if lab.wrap == "mod":
+        return "mod the class count, as take_along_dim reads them"
+    if lab.wrap == "neg":
+        return "with -1 the last class, as advanced indexing reads them"
+    if lab.altered:
+        return "changed on some rows (where, masked_fill or clamp)"
+    return "as they are"
+
+
 def _field(default=None):
     return dataclasses.field(default=default, compare=False)
 
@@ -427,13 +450,13 @@ def _part_mul(p1: tuple, p2: tuple):
         return p1, frozenset({label_equals(p2[1], p1[1])})
     if kinds == ("OH", "OH"):
         if p1 != p2:
-            raise Reject(TWO_LABELS)
+            raise Reject(two_labels((p1[1], p2[1])))
         return p1, frozenset()
     if kinds == ("OH", "W"):
         return ("OHW", p1[1], p2[1]), frozenset()
     if kinds == ("OH", "OHW"):
         if p1[1] != p2[1]:
-            raise Reject(TWO_LABELS)
+            raise Reject(two_labels((p1[1], p2[1])))
         return p2, frozenset()
     if "COL" in kinds:
         raise Reject("a class-weighted target meets a fixed class column")

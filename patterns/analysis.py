@@ -30,7 +30,9 @@ from smoothce.patterns.algebra import (
     ArangeV, ElemV, LabelV, Logits, NotCrossEntropy, Reject, RowV, ScalarV, carries_logits, kind, seeds_of,
 )
 from smoothce.patterns.interpret import Interpretation
-from smoothce.patterns.nodes import describe, dtype, location, mutations, shape, subclass, target_name, words
+from smoothce.patterns.nodes import (
+    describe, dtype, location, mutations, reads_shape_only, shape, subclass, target_name, words,
+)
 from smoothce.patterns.normal_form import Call, normal_form, classes_of
 from smoothce.patterns.ops import SEED_OPS, bind, op_name
 from smoothce.patterns.report import NearMiss
@@ -115,7 +117,9 @@ def dead_after(interp: Interpretation, sinks: list) -> set:
         # what reads n, or reads the in-place ops on n (they return n itself)
         ops = interp.inplace.get(n, [])
         users = [u for u in n.users if u not in ops] + [v for op in ops for v in op.users if v not in ops]
-        if users and all(u in dead for u in users):
+        # a read of n's size alone can read it off another tensor of its shape (emit moves it)
+        values = [u for u in users if not reads_shape_only(u)]
+        if users and all(u in dead for u in values):
             dead.add(n)
             dead.update(ops)
     return dead
@@ -326,7 +330,7 @@ def _group_plans(interp, group: list, cones: dict, modes, mutated, miss, read_by
                              f"runs with grad {on[modes[other]]}, the loss with grad {on[modes[node]]})")
             return []
         outside = next(((n, u) for n in nodes if n not in sinks for u in n.users
-                        if u not in dead and u not in inside), None)
+                        if u not in dead and u not in inside and not reads_shape_only(u)), None)
         if outside is not None:
             n, u = outside
             own = None if isinstance(interp.rejected.get(u), NotCrossEntropy) else interp.why.get(u)

@@ -26,7 +26,7 @@ import torch.fx
 from smoothce.patterns.algebra import CondAtom, Reject
 from smoothce.patterns.analysis import LabelCheck, Plan
 from smoothce.patterns.head import Head
-from smoothce.patterns.nodes import dtype, fake, shape
+from smoothce.patterns.nodes import dtype, fake, reads_shape_only, shape
 from smoothce.patterns.normal_form import Call, Target, logits_shape
 from smoothce.patterns.ops import op_name
 
@@ -79,12 +79,34 @@ def emit(gm: torch.fx.GraphModule, plan: Plan, head: Optional[Head], fake_mode) 
     try:
         with gm.graph.inserting_before(plan.sink):
             out = _emit(plan, head, b)
+        _move_shape_reads(plan, head, b)
     except Exception:
         for n in reversed(b.added):
             gm.graph.erase_node(n)
         raise
     plan.sink.replace_all_uses_with(out)
     return b.added
+
+
+def _move_shape_reads(plan: Plan, head: Optional[Head], b: _Builder) -> None:
+    """Nodes that read only the size of a node the rewrite removes (the sym_size Dynamo binds the
+    row count of lp[keep] with) read it off that node's logits instead: the same views replayed
+    on the logits' source (x[keep]), placed before the first of them."""
+    key = plan.logits
+    order = {n: i for i, n in enumerate(b.graph.nodes)}
+    moves = []
+    for n in sorted((n for n in plan.dead if n in order), key=order.__getitem__):  # (another plan's may be gone)
+        readers = sorted((u for u in n.users if reads_shape_only(u)), key=order.__getitem__)
+        if not readers:
+            continue
+        if n not in key.layout or head is not None:
+            raise Reject(f"the size of {n.name} is read elsewhere, and the rewrite would remove it")
+        moves.append((n, readers))
+    for n, readers in moves:
+        with b.graph.inserting_before(readers[0]):
+            same = _replay(key.layout[:key.layout.index(n) + 1], key.source, b)
+        for u in readers:
+            u.replace_input_with(n, same)
 
 
 def _replay(layout: tuple, x: Node, b: _Builder, last=None) -> Node:
@@ -107,24 +129,28 @@ def _emit(plan: Plan, head: Optional[Head], b: _Builder) -> Node:
     key, V = plan.logits, plan.classes
     shp = logits_shape(key)
     flatten = key.cd == -1 and len(shp) != 2
-    rows = tuple(d for i, d in enumerate(shp) if i != len(shp) + key.cd)
-    if not all(isinstance(d, int) for d in rows[1:]):
+    row_dims = [i for i in range(len(shp)) if i != len(shp) + key.cd]
+    rows = tuple(shp[i] for i in row_dims)
+    if head is not None and key.cd != -1 and not all(isinstance(d, int) for d in rows[1:]):
         raise Reject(f"the rows {rows} have symbolic sizes past the first")
-    op_rows = (-1,) if key.cd == -1 else (-1, *rows[1:])  # -1 first: valid under dynamic shapes
     fused_ce, fused_linear_ce = _ops()
     if head is not None:
         D = shape(head.weight)[1]
         # autocast's casts: the head computes in its output's dtype
         h_in, w_in, b_in = (_as(t, head.compute_dtype, b) for t in (head.hidden, head.weight, head.bias))
         x = _replay(key.layout, h_in, b, last=D)
-        if flatten:
-            x = b.method("reshape", x, -1, D)
     else:
         x = _replay(key.layout, key.source, b)
         if key.dtype is not None:
             x = b.method("to", x, key.dtype)
-        if flatten:
-            x = b.method("reshape", x, -1, V)
+    x_rows = x
+
+    def size(k):  # the k-th row dim's size, a symbolic one (dynamic B and T) read off the logits
+        return rows[k] if isinstance(rows[k], int) else b.method("size", x_rows, row_dims[k])
+
+    op_rows = (-1,) if key.cd == -1 else (-1, *map(size, range(1, len(rows))))  # -1 first: valid under dynamic shapes
+    if flatten:
+        x = b.method("reshape", x, -1, V if head is None else D)
     want = plan.loss_dtype
     # the eager label checks no call's own check covers: the first call maps their rows
     checks = [c for c in plan.checks if not any(_implied(c, call.target, V) for call in plan.calls)]
@@ -143,10 +169,7 @@ def _emit(plan: Plan, head: Optional[Head], b: _Builder) -> Node:
         else:
             loss = b.fn(fused_ce, x, t, weight, **kwargs)
         if call.reduction == "none" and shape(plan.sink) != shape(loss):
-            out = shape(plan.sink)
-            if not all(isinstance(d, int) for d in out[1:]):
-                raise Reject(f"the per-row loss of shape {out} has symbolic sizes past the first")
-            loss = b.method("reshape", loss, -1, *out[1:]) if out else b.method("reshape", loss, ())
+            loss = b.method("reshape", loss, *_sizes(shape(plan.sink), rows, size, b.graph))
         if call.divisor is not None:
             loss = b.fn(operator.truediv, loss, _divisor(call, t, op_rows, V, b))
         outs.append(loss)
@@ -156,6 +179,27 @@ def _emit(plan: Plan, head: Optional[Head], b: _Builder) -> Node:
     if want is not None and dtype(total) != want:
         total = b.method("to", total, want)
     return total
+
+
+def _sizes(out: tuple, rows: tuple, size, graph: torch.fx.Graph) -> tuple:
+    """The sizes to reshape the op's per-row loss to ``out``: each size, a symbolic one (dynamic B
+    and T) as a node that holds it (the logits' size of that row dim, ``size(k)``, or the graph
+    input Dynamo passes it as), and -1 for the first or the one that no node holds."""
+    if not out:
+        return ((),)  # a 0-dim loss: reshape(())
+    inputs = {}
+    for n in graph.find_nodes(op="placeholder"):
+        v = n.meta.get("example_value", n.meta.get("val"))
+        if isinstance(v, torch.SymInt):
+            inputs.setdefault(str(v), n)
+    row_of = {str(d): k for k, d in enumerate(rows)}
+    sizes = [d if isinstance(d, int) else size(row_of[str(d)]) if str(d) in row_of else inputs.get(str(d))
+             for d in out]
+    unknown = [i for i, d in enumerate(sizes) if d is None]
+    if len(unknown) > 1:
+        raise Reject(f"the per-row loss of shape {out} has symbolic sizes that no tensor holds")
+    sizes[unknown[0] if unknown else 0] = -1  # the one size reshape infers: valid under dynamic shapes
+    return tuple(sizes)
 
 
 def _as(t: Optional[Node], to, b: _Builder) -> Optional[Node]:

@@ -18,7 +18,7 @@ import torch
 import torch.fx
 from torch._subclasses.fake_tensor import FakeTensor
 
-from smoothce.patterns.ops import UNINITIALIZED, bind, op_name
+from smoothce.patterns.ops import INPLACE_OPERATORS, UNINITIALIZED, bind, op_name
 
 Node = torch.fx.Node
 
@@ -113,6 +113,17 @@ def user_name(node: Node) -> str:
     return _MODULE_DICT.sub(r".\1", _FRAME_LOCAL.sub(r"\1", source))
 
 
+def is_module_state(node: Node) -> bool:
+    """A graph input that is a module's buffer or parameter (self.one_hot): its values are set
+    outside the graph, in __init__ or by the optimizer, and the graph does not show them."""
+    from smoothce.compat import graph_input_source
+
+    if node.op == "get_attr":
+        return True
+    source = graph_input_source(node) if node.op == "placeholder" else None
+    return source is not None and ("._buffers[" in source or "._parameters[" in source)
+
+
 def words(node) -> str:
     """A tensor in a near-miss reason: the user's name of a graph input (``y``, ``self.weight``),
     else what computes it and where ("neg at loss.py:7"), never a graph node's name."""
@@ -137,12 +148,31 @@ def describe(node: Node) -> str:
 
 
 def mutates(node: Node) -> bool:
-    """In-place Tensor methods (name ending in '_') and item assignment change their first argument."""
+    """In-place Tensor methods (name ending in '_'), item assignment and the augmented assignments
+    on a tensor (t *= c) change their first argument."""
     if not node.args or not isinstance(node.args[0], Node):
         return False
     if node.op == "call_method":
         return node.target.endswith("_") and not node.target.endswith("__")
-    return node.op == "call_function" and node.target is operator.setitem
+    if node.op != "call_function":
+        return False
+    return node.target is operator.setitem or _is_inplace_operator(node.target) and fake(node.args[0]) is not None
+
+
+def _is_inplace_operator(target) -> bool:
+    try:
+        return target in INPLACE_OPERATORS
+    except TypeError:  # unhashable target
+        return False
+
+
+_SHAPE_READS = (torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default)
+
+
+def reads_shape_only(node: Node) -> bool:
+    """A node that reads only the size of its input (Dynamo binds a data-dependent size with
+    sym_size): it does not need the input's values, only a tensor of the same shape."""
+    return node.op == "call_function" and node.target in _SHAPE_READS
 
 
 def mutations(graph: torch.fx.Graph) -> dict:
@@ -170,7 +200,7 @@ _PURE_FUNCTIONS = {
     torch.lt, torch.le, torch.gt, torch.ge, torch.where, torch.clamp, torch.clip, torch.logical_not,
     torch.logical_and, torch.logical_or, torch.count_nonzero, torch.numel, torch.arange,
 }
-_PURE_FUNCTIONS.update((torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default))
+_PURE_FUNCTIONS.update(_SHAPE_READS)
 
 
 class Structure:

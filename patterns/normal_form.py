@@ -25,7 +25,7 @@ import torch.fx
 
 from smoothce.kernels.form import LossForm
 from smoothce.patterns.algebra import (
-    TWO_LABELS, CondAtom, Divisor, LabelV, Logits, Q, Reject, RowV, ScalarV, simplify, static_classes,
+    CondAtom, Divisor, LabelV, Logits, Q, Reject, RowV, ScalarV, simplify, static_classes, two_labels,
 )
 from smoothce.patterns.nodes import fake, shape, words
 
@@ -96,7 +96,7 @@ def normal_form(value) -> tuple[Logits, list[Call]]:
                      "(the op takes them at dim 1 or last)")
     if fake(key.source) is None or not fake(key.source).dtype.is_floating_point:
         raise Reject("the logits are not a floating-point tensor")
-    pairs = [(divisor, _call(row, divisor, V, key, per_row)) for divisor, row in parts if row.terms]
+    pairs = [(divisor, call) for divisor, row in parts if row.terms for call in _calls(row, divisor, V, key, per_row)]
     pairs.sort(key=lambda p: (p[1].a == 0, p[1].b == 0))  # the call with the label term first
     merged = _own_means(pairs, V)
     calls = [merged] if merged is not None else [c for _, c in pairs]
@@ -105,7 +105,7 @@ def normal_form(value) -> tuple[Logits, list[Call]]:
         raise Reject("no log-prob term (a z-loss alone is left as written)")
     labels = {c.label for c in calls if c.label is not None}
     if len(labels) > 1:
-        raise Reject(TWO_LABELS)
+        raise Reject(two_labels(labels))
     return key, calls
 
 
@@ -137,7 +137,7 @@ def _merge_masks(terms: dict) -> dict:
 def _label_of(terms: dict) -> Optional[LabelV]:
     labels = {atom[1] for atom, _ in terms if atom[0] in ("XG", "WG")}
     if len(labels) > 1:
-        raise Reject(TWO_LABELS)
+        raise Reject(two_labels(labels))
     return next(iter(labels), None)
 
 
@@ -211,6 +211,24 @@ def _one(groups: dict, what: str, field_: str):
     return found[0] if found else (None, None)
 
 
+def _calls(row: RowV, divisor: Optional[Divisor], V: int, key: Logits, per_row: bool) -> list[Call]:
+    """The op calls for the terms that share a divisor: one, or two when the z-loss term is
+    masked apart from the cross-entropy terms (a mask of padding that is a valid class, next to
+    nll_loss's ignore_index -100 that only the label term has): the z term then gets a call of
+    its own on its own rows, and each call is exact."""
+    try:
+        return [_call(row, divisor, V, key, per_row)]
+    except _ZMaskedApart:
+        z = {t: k for t, k in row.terms if t[0] == ("Z",)}
+        rest = {t: k for t, k in row.terms if t[0] != ("Z",)}
+        return [_call(RowV(row.key, tuple(rest.items()), row.seeds), divisor, V, key, per_row),
+                _call(RowV(row.key, tuple(z.items()), row.seeds), divisor, V, key, per_row)]
+
+
+class _ZMaskedApart(Reject):
+    """The z-loss term is masked differently from the cross-entropy terms."""
+
+
 def _call(row: RowV, divisor: Optional[Divisor], V: int, key: Logits, per_row: bool) -> Call:
     terms = _merge_masks(dict(row.terms))
     label = _label_of(terms)
@@ -226,9 +244,10 @@ def _call(row: RowV, divisor: Optional[Divisor], V: int, key: Logits, per_row: b
     if ga is None and gb is None and gz is None:
         raise Reject("no term reads the log-probs")
     rows = m_a if ga is not None else m_b if gb is not None else m_z
-    for what, m in (("z-loss", m_z), ("constant", m_c)):
-        if m is not None and m != rows:
-            raise Reject(f"the {what} term is masked differently from the label term")
+    if m_z is not None and m_z != rows:
+        raise _ZMaskedApart("the z-loss term is masked differently from the label term")
+    if m_c is not None and m_c != rows:
+        raise Reject("the constant term is masked differently from the label term" + _dropped_apart(rows, m_c))
     weights = {g.weight for g in groups.values() if g.weighted}
     weight = next(iter(weights), None)
     if len(weights) > 1:
@@ -271,6 +290,19 @@ def _call(row: RowV, divisor: Optional[Divisor], V: int, key: Logits, per_row: b
     left_out = sum(1 for _, w in columns if w == 0)
     return Call(a, b, c, z, label, target, uniform, weight, columns, reduction, after, form,
                 _in_words(form, a, b, c, V - left_out, fields) if left_out else form)
+
+
+def _dropped_apart(rows: frozenset, other: frozenset) -> str:
+    """What the label term's rows drop that another term's do not, in the user's words, and what
+    to change: an ignore_index the label term alone drops (nll_loss's -100) next to a mask."""
+    apart = [a for a in rows - other if a.key[0] == "ne" and a.holds]
+    shared = [a for a in rows & other if a.key[0] == "ne" and a.holds and a.key[1] is not None]
+    if not apart:
+        return ""
+    a = apart[0]
+    hint = f"; pass ignore_index={shared[0].key[2]} (the label the mask drops)" if shared else ""
+    return (f": the label term also drops the rows where {words(a.key[1])} == {a.key[2]} (an ignore_index), "
+            f"the other term does not{hint}, or mask both terms the same way")
 
 
 def _own_means(pairs: list, V: int) -> Optional[Call]:

@@ -33,15 +33,17 @@ _SHARED = {
     "select": "select", "matmul": "matmul", "mv": "matmul", "count_nonzero": "count_nonzero",
     "full_like": "full_like", "ones_like": "ones_like", "zeros_like": "zeros_like", "clone": "clone",
     "detach": "detach", "index_fill": "index_fill", "numel": "numel", "broadcast_to": "expand",
+    "transpose": "transpose", "swapaxes": "transpose", "swapdims": "transpose", "permute": "permute",
 }
 _FUNCTION_ONLY = {"full": "full", "zeros": "zeros", "ones": "ones", "arange": "arange", "empty": "empty",
-                  "empty_like": "empty_like"}
+                  "empty_like": "empty_like", "tensor": "tensor", "scalar_tensor": "tensor"}
 _METHOD_ONLY = {
     "__getitem__": "getitem", "view": "reshape", "view_as": "reshape_as", "reshape_as": "reshape_as",
     "new_full": "new_full", "new_zeros": "new_zeros", "new_ones": "new_ones", "new_empty": "new_empty",
     "float": "cast", "double": "cast", "half": "cast", "bfloat16": "cast", "to": "cast",
     "type_as": "cast", "type": "cast", "long": "cast", "int": "cast", "bool": "cast",
     "contiguous": "contiguous", "size": "size", "exp": "exp", "expand": "expand", "expand_as": "expand",
+    "new_tensor": "new_tensor",
 }
 
 
@@ -75,13 +77,16 @@ _METHODS.pop("zeros_like", None)
 # mutated node takes the new value from then on.
 INPLACE = {"masked_fill_": "masked_fill", "mul_": "mul", "div_": "div", "neg_": "neg", "add_": "add",
            "sub_": "sub", "scatter_": "scatter", "fill_": "fill", "index_fill_": "index_fill"}
+# The augmented assignments on a tensor (t *= c, t += d): in place, like the methods above; Dynamo
+# records them as these operator functions.
+INPLACE_OPERATORS = {operator.iadd: "add", operator.isub: "sub", operator.imul: "mul", operator.itruediv: "div"}
 # Operations whose result is a new tensor that aliases nothing: an in-place change of it affects no
 # other tensor.
 FRESH = {"gather", "sum", "mean", "mul", "add", "sub", "div", "neg", "log_softmax", "cross_entropy",
          "nll_loss", "masked_fill", "where", "logsumexp", "pow", "square", "full", "zeros", "ones",
          "full_like", "zeros_like", "ones_like", "new_full", "new_zeros", "new_ones", "one_hot", "scatter",
          "clone", "take_along_dim", "log", "softmax", "index_fill", "matmul", "kl_div", "empty", "new_empty",
-         "empty_like"}
+         "empty_like", "tensor", "new_tensor"}
 # Fresh tensors whose contents are unspecified until written: two calls are not one value.
 UNINITIALIZED = {"empty", "new_empty", "empty_like"}
 
@@ -92,7 +97,7 @@ SEED_OPS = {"cross_entropy", "nll_loss", "kl_div"}
 def op_name(node: Node) -> Optional[str]:
     if node.op == "call_function":
         try:
-            return _FUNCTIONS.get(node.target)
+            return _FUNCTIONS.get(node.target) or INPLACE_OPERATORS.get(node.target)
         except TypeError:  # unhashable target
             return None
     if node.op == "call_method":
@@ -122,6 +127,7 @@ _PARAMS = {
     "one_hot": ("num_classes",),
     "full_like": ("fill_value",),
     "squeeze": ("dim",),
+    "transpose": ("dim0", "dim1"),
     "unsqueeze": ("dim",),
     "flatten": ("start_dim", "end_dim"),
     "pow": ("exponent",),
@@ -135,6 +141,7 @@ _PARAMS = {
     "where": ("input", "other"),
     "new_full": ("size", "fill_value"),
     "full": ("fill_value",),
+    "new_tensor": ("data",),
     "count_nonzero": ("dim",),
     "cross_entropy": ("target", "weight", "size_average", "ignore_index", "reduce", "reduction",
                       "label_smoothing"),
@@ -164,7 +171,7 @@ _DEFAULTS = {
 }
 _FIRST = ("input", "self", "tensor", "condition", "x")
 # Operations whose arguments after the first are a shape, or that take no tensor argument.
-_SHAPE_ARGS = {"reshape", "full", "zeros", "ones", "new_zeros", "new_ones", "arange", "size"}
+_SHAPE_ARGS = {"reshape", "full", "zeros", "ones", "new_zeros", "new_ones", "arange", "size", "permute"}
 
 
 def bind(node: Node, op: str) -> tuple[Any, dict]:

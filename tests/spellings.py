@@ -20,6 +20,13 @@ bfloat16 logits to float64 (the reference).
     dtype        float32 | bfloat16 + .float() | bfloat16 + log_softmax(dtype=float32)
     layout       (N, V) | (B, T, V) flattened | (B, T, V) kept | (B, V, T) classes at dim 1
     extra        none | z-loss | softcap | temperature | class weights
+    target       a one-hot label target times lp | scaled in place (t.mul_(a), t *= a) | its
+                 masked rows cleared by torch.where against a 0-dim tensor
+    transpose    (B, V, T) log-probs used as they are | transposed to classes last
+    shapes       static | B and T dynamic (torch._dynamo.maybe_mark_dynamic)
+
+The last three axes came later: they are drawn after the others, so the values a seed draws on
+the first twelve axes stay what they were.
 """
 
 from __future__ import annotations
@@ -41,6 +48,9 @@ AXES = {
     "dtype": ["float32", "bfloat16", "bfloat16_dtype"],
     "layout": ["flat", "flattened", "bt", "cd1"],
     "extra": ["none", "z_loss", "softcap", "temperature", "weight"],
+    "target": ["product", "mul_", "imul", "where_0dim"],
+    "transpose": ["none", "classes_last"],
+    "shapes": ["static", "dynamic"],
 }
 
 N, B, T, V = 6, 2, 3, 11  # V odd: eps / V, eps / (V - 1) and eps / (V - 2) differ visibly
@@ -61,6 +71,9 @@ class Spelling:
     dtype: str
     layout: str
     extra: str
+    target: str
+    transpose: str
+    shapes: str
 
     # -- what the draw needs ------------------------------------------------------------------
 
@@ -75,7 +88,18 @@ class Spelling:
 
     @property
     def class_dim(self) -> int:
+        """Where the logits (and the softmax over them) have their classes."""
         return 1 if self.layout == "cd1" else -1
+
+    @property
+    def lp_layout(self) -> str:
+        """The layout the code reads the log-probs in: (B, V, T) log-probs transposed are (B, T, V)."""
+        return "bt" if self.transpose == "classes_last" else self.layout
+
+    @property
+    def target_carries_a(self) -> bool:
+        """The label target is scaled by the label term's coefficient in place."""
+        return self.target in ("mul_", "imul")
 
     @property
     def calls(self) -> int:
@@ -125,25 +149,30 @@ class Spelling:
         elif self.extra == "temperature":
             add("    x = x / 2.0")
         add(f"    lp = {self._logprobs(cd, upcast)}")
+        if self.transpose == "classes_last":
+            add("    lp = lp.transpose(1, 2)  # (B, T, V)")
+        lcd = -1 if self.transpose == "classes_last" else cd  # where lp has its classes
         masked = self.mask != "none"
         if masked:
             add(f"    keep = y != {self.ignored}")
         add(f"    y_ = {self._safe_labels()}")
-        add(f"    nll = {self._nll(cd)}")
+        lines += self._nll(lcd)
         if self.extra == "weight" and not self.nll.startswith("nll_"):  # nll_loss takes weight= itself
             add("    nll = nll * w[y_]")
-        add(f"    smooth = {self._uniform(cd)}")
+        add(f"    smooth = {self._uniform(lcd)}")
         if self.convention == "pad":
             # (lp[:, pad] of the (B, V, T) log-probs is the same column, but the detector reads
             # it as a slice: "log-probs are sliced")
             col = {"flat": f"lp[:, {PAD}]", "flattened": f"lp[:, {PAD}]", "bt": f"lp[..., {PAD}]",
-                   "cd1": f"lp.select(1, {PAD})"}[self.layout]
+                   "cd1": f"lp.select(1, {PAD})"}[self.lp_layout]
             add(f"    smooth = smooth + {col}  # the padding column gets no mass")
         if self.extra == "z_loss":
             add(f"    zl = 1e-4 * torch.logsumexp(x, dim={cd}) ** 2")
             if self.order == "terms" and not self.reduced_nll:  # with the label's term, on its rows
                 add("    nll = nll + zl")
         a, b = self._coefficients()
+        if self.target_carries_a:
+            a = "1.0"  # the target holds it
         if self.order == "rows" and not self.reduced_nll:
             add(f"    row = {a} * nll + {b} * smooth" + (" + zl" if self.extra == "z_loss" else ""))
             lines += self._reduce("row", "loss")
@@ -188,30 +217,44 @@ class Spelling:
         return {"clamp": "y.clamp(min=0)", "where": "torch.where(keep, y, 0)",
                 "masked_fill": "y.masked_fill(~keep, 0)"}[self.labels]
 
-    def _nll(self, cd) -> str:
+    def _nll(self, cd) -> list[str]:
+        """The lines that compute the per-row label term ``nll`` (lp has its classes at cd)."""
         ign = self.ignored
         w = ", weight=w" if self.extra == "weight" else ""
+        layout = self.lp_layout
         if self.nll.startswith("nll_"):
             reduction = self.nll[4:]
-            lp = "lp" if self.layout != "bt" else f"lp.view(-1, {V})"
-            y = "y" if self.layout != "bt" else "y.view(-1)"
+            flat = "view" if self.transpose == "none" else "reshape"  # transposed log-probs are no view
+            lp = "lp" if layout != "bt" else f"lp.{flat}(-1, {V})"
+            y = "y" if layout != "bt" else "y.view(-1)"
             out = f"F.nll_loss({lp}, {y}, ignore_index={ign}, reduction='{reduction}'{w})"
-            if reduction == "none" and self.layout == "bt":
+            if reduction == "none" and layout == "bt":
                 out += f".view({B}, {T})"
-            return out
+            return [f"    nll = {out}"]
         unsq = "[..., None]" if cd == -1 else "[:, None]"
         index = {  # the label's entry of each row: torch.arange at every dim but the classes'
             "cd1": f"lp[torch.arange({B})[:, None], y_, torch.arange({T})]",
             "bt": f"lp[torch.arange({B})[:, None], torch.arange({T}), y_]",
-        }.get(self.layout, "lp[torch.arange(lp.shape[0]), y_]")
+        }.get(layout, "lp[torch.arange(lp.shape[0]), y_]")
+        if self.nll in ("gather", "index"):
+            return [f"    nll = -lp.gather({cd}, y_{unsq}).squeeze({cd})" if self.nll == "gather" else f"    nll = -{index}"]
         classes = f"torch.arange({V})" if cd == -1 else f"torch.arange({V})[:, None]"
-        return {
-            "gather": f"-lp.gather({cd}, y_{unsq}).squeeze({cd})",
-            "one_hot": f"-(F.one_hot(y_, {V}).float() * lp).sum({cd})",
-            "index": f"-{index}",
-            "scatter": f"-(torch.zeros_like(lp).scatter_({cd}, y_{unsq}, 1.0) * lp).sum({cd})",
-            "arange": f"-(({classes} == y_{unsq}).float() * lp).sum({cd})",
+        target = {  # a 0/1 target: 1 at the label
+            "one_hot": f"F.one_hot(y_, {V}).float()",
+            "scatter": f"torch.zeros_like(lp).scatter_({cd}, y_{unsq}, 1.0)",
+            "arange": f"({classes} == y_{unsq}).float()",
         }[self.nll]
+        if self.target == "product":
+            return [f"    nll = -({target} * lp).sum({cd})"]
+        lines = [f"    t = {target}"]
+        a, _ = self._coefficients()
+        if self.target == "mul_":
+            lines.append(f"    t.mul_({a})")
+        elif self.target == "imul":
+            lines.append(f"    t *= {a}")
+        else:  # the masked rows' target cleared against a 0-dim tensor
+            lines.append(f"    t = torch.where(keep{unsq}, t, torch.tensor(0.0))")
+        return lines + [f"    nll = -(t * lp).sum({cd})"]
 
     def _uniform(self, cd) -> str:
         if self.extra == "weight":
@@ -271,7 +314,9 @@ def draw(rng: random.Random) -> Spelling:
         if c["nll"] == "nll_mean" and c["mask"] == "none":
             c["reduction"] = "mean"  # the widely copied formula: nll_loss's mean next to a mean over rows
     # -- what the detector leaves alone ----------------------------------------------------------
-    if c["layout"] == "cd1":
+    if c["layout"] != "cd1":
+        c["transpose"] = "none"  # only (B, V, T) log-probs have their classes elsewhere than last
+    if c["layout"] == "cd1" and c["transpose"] == "none":
         # F.one_hot(y_, V).float().permute(0, 2, 1) * lp: "the log-probs are multiplied by
         # permute, which is not built from the labels"
         if c["nll"] == "one_hot":
@@ -298,7 +343,15 @@ def draw(rng: random.Random) -> Spelling:
             c["nll"] = "one_hot" if c["layout"] != "cd1" else "scatter"
         else:
             c["mask"] = "masked_fill"
+    if c["nll"] not in ("one_hot", "scatter", "arange") or c["target"] == "where_0dim" and c["mask"] == "none":
+        c["target"] = "product"  # no target tensor (gather, index, nll_loss), or no mask to clear its rows with
     return Spelling(**c)
+
+
+def dynamic_dims(s: Spelling) -> tuple[tuple, tuple]:
+    """The dims of (x, y) that a "dynamic" draw marks: every dim but the classes'."""
+    x_dims = {"flat": (0,), "flattened": (0, 1), "bt": (0, 1), "cd1": (0, 2)}[s.layout]
+    return x_dims, tuple(range(len(x_dims)))
 
 
 def inputs(s: Spelling, seed: int):

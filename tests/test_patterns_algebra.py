@@ -219,10 +219,11 @@ def test_lse_that_is_not_the_target_mass_is_not_log_probs(g):
         normal_form(row)
 
 
-def test_a_z_term_on_other_rows_than_the_label_term(g):
+def test_a_z_term_on_other_rows_than_the_label_term_gets_its_own_call(g):
     row = add(smoothed_ce_row(g, Q(0), frozenset({ne(g, -100)})), RowV.make(key(g), {("Z",): Q(1, 10000)}))
-    with pytest.raises(Reject, match="z-loss term is masked differently"):
-        normal_form(row)
+    _, (ce, z) = normal_form(row)
+    assert (ce.a, ce.z, ce.target.ignore) == (1, 0, -100)
+    assert (z.a, z.b, z.z, z.target.node, z.target.fold) == (0, 0, Q(1, 10000), None, frozenset())
 
 
 def test_a_z_loss_alone_is_left_as_written(g):

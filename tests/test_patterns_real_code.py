@@ -497,6 +497,182 @@ def test_uniform_rows_keep_the_head_apart():
 
 
 # ------------------------------------------------------------------------------------------------
+# Targets smoothed in place, cleared against a 0-dim tensor; log-probs transposed or selected
+# ------------------------------------------------------------------------------------------------
+
+
+def smoothed_by_mul_add_in_place(x, y):
+    t = F.one_hot(y, V).float()
+    t.mul_(1 - EPS).add_(EPS / V)
+    return -(t * F.log_softmax(x, -1)).sum(-1).mean()
+
+
+def smoothed_by_augmented_assignment(x, y):
+    t = F.one_hot(y, V).to(x.dtype)
+    t *= 1 - EPS - EPS / (V - 1)
+    t += EPS / (V - 1)
+    return F.cross_entropy(x, t)
+
+
+def smoothed_scatter_then_in_place(x, y):
+    t = torch.zeros(x.shape[0], V).scatter_(1, y[:, None], 1.0)
+    t = t * (1 - EPS)
+    t.add_(EPS / V)
+    return torch.sum(-t * F.log_softmax(x, -1), -1).sum()
+
+
+def one_hot_cleared_against_a_0_dim_tensor(x, y):
+    keep = y != -100
+    t = F.one_hot(y.clamp(min=0), V)
+    t = torch.where(keep[:, None], t, torch.tensor(0))
+    t = t * (1 - EPS) + EPS / V
+    return -(t * F.log_softmax(x, -1)).sum() / keep.sum()
+
+
+def float_one_hot_cleared_against_zeros(x, y):
+    keep = (y != -100).unsqueeze(-1)
+    t = F.one_hot(torch.where(keep.squeeze(-1), y, 0), V).float()
+    t = torch.where(keep, t, torch.zeros((), dtype=t.dtype))
+    return -(t * F.log_softmax(x, -1)).sum(-1).mean()
+
+
+@pytest.mark.parametrize("fn", [smoothed_by_mul_add_in_place, smoothed_by_augmented_assignment,
+                                smoothed_scatter_then_in_place, one_hot_cleared_against_a_0_dim_tensor,
+                                float_one_hot_cleared_against_zeros], ids=lambda f: f.__name__)
+def test_targets_changed_in_place_or_cleared_by_where(fn):
+    masked = fn in (one_hot_cleared_against_a_0_dim_tensor, float_one_hot_cleared_against_zeros)
+    y = labels(N, ignore=-100, where=(1, 4)) if masked else labels(N)
+    (m,) = check(fn, logits(N, V), y).result.matches
+    assert m.params["eps"] == (0.0 if fn is float_one_hot_cleared_against_zeros else EPS)
+
+
+def test_an_aliased_target_changed_in_place_is_left_alone():
+    def fn(x, y):
+        t = F.one_hot(y, V).float()
+        u = t  # the same tensor: t *= ... changes what u reads
+        t *= 1 - EPS
+        return -(u * F.log_softmax(x, -1)).sum(-1).mean() + t.sum() * 0
+
+    check(fn, logits(N, V), labels(N), matches=None)  # eager's value, whatever the detector does
+
+
+def nll_and_a_transposed_smoothing_term(x, y):  # x: (B, V, T)
+    lp = F.log_softmax(x, 1)
+    nll = F.nll_loss(lp, y, reduction="none")
+    smooth = -lp.transpose(1, 2).sum(-1)
+    return ((1 - EPS) * nll + EPS / V * smooth).mean()
+
+
+def classes_moved_last_by_transpose(x, y):
+    lp = F.log_softmax(x, dim=1).transpose(1, 2)  # (B, T, V)
+    nll = -lp.gather(-1, y[..., None]).squeeze(-1)
+    return ((1 - EPS) * nll - EPS * lp.mean(-1)).sum()
+
+
+def classes_moved_last_by_permute(x, y):
+    lp = F.log_softmax(x, dim=1)
+    smooth = -lp.permute(0, 2, 1).mean(-1).mean()
+    return (1 - EPS) * F.nll_loss(lp, y) + EPS * smooth
+
+
+@pytest.mark.parametrize("fn", [nll_and_a_transposed_smoothing_term, classes_moved_last_by_transpose,
+                                classes_moved_last_by_permute], ids=lambda f: f.__name__)
+def test_log_probs_read_through_a_transpose(fn):
+    (m,) = check(fn, logits(B, V, T), labels(B, T)).result.matches
+    assert m.params["eps"] == EPS
+
+
+def test_rows_moved_by_a_transpose_are_left_alone():
+    def fn(x, y):  # (T, T) rows read transposed: the two terms no longer meet row by row
+        lp = F.log_softmax(x, -1)
+        return (F.nll_loss(lp.view(-1, V), y.view(-1), reduction="none").view(T, T) + lp.mean(-1).t()).sum()
+
+    rec = check(fn, logits(T, T, V), labels(T, T), matches=None, calls=2)
+    # each term its own per-row call; the user's transpose and sum stay after them
+    assert [m.params["reduction"] for m in rec.result.matches] == ["none", "none"], rec.result
+
+
+def selected_log_probs_gathered(x, y):
+    keep = y != -100
+    lp = F.log_softmax(x, -1)[keep]
+    return -lp.gather(1, y[keep][:, None]).mean()
+
+
+def selected_log_probs_smoothed(x, y):
+    keep = y != -100
+    lp = x.float().log_softmax(-1)[keep]
+    nll = F.nll_loss(lp, y[keep], reduction="none")
+    return ((1 - EPS) * nll - EPS * lp.mean(-1)).sum() / keep.sum()
+
+
+def selected_rows_after_the_loss(x, y):
+    loss = F.cross_entropy(x, y.clamp(min=0), reduction="none", label_smoothing=EPS)
+    return loss[y != -100].mean()
+
+
+@pytest.mark.parametrize("fn", [selected_log_probs_gathered, selected_log_probs_smoothed, selected_rows_after_the_loss],
+                         ids=lambda f: f.__name__)
+def test_rows_selected_by_a_boolean_mask(fn):
+    # the op reads x[keep] (a data-dependent row count), or its per-row loss is selected after it
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        (m,) = check(fn, logits(N, V), labels(N, ignore=-100, where=(1, 4))).result.matches
+    assert m.params["reduction"] == ("none" if fn is selected_rows_after_the_loss else
+                                     "mean" if fn is selected_log_probs_gathered else "sum")
+
+
+def cross_entropy_of_transposed_logits(x, y):
+    return F.cross_entropy(x.transpose(1, 2), y, label_smoothing=EPS)
+
+
+def hand_written_over_batch_and_time(x, y):
+    lp = F.log_softmax(x, -1)
+    nll = -lp.gather(-1, y[..., None]).squeeze(-1)
+    return ((1 - EPS) * nll - EPS * lp.mean(-1)).mean()
+
+
+def per_token_loss_kept_per_token(x, y):
+    return F.cross_entropy(x.reshape(-1, V), y.reshape(-1), reduction="none").view(y.shape).sum(-1).mean()
+
+
+@pytest.mark.parametrize("fn", [cross_entropy_of_transposed_logits, hand_written_over_batch_and_time,
+                                per_token_loss_kept_per_token], ids=lambda f: f.__name__)
+def test_3d_losses_with_dynamic_batch_and_time(fn):
+    rec = Recorder()
+    compiled = torch.compile(fn, backend=rec)
+    for (b, t) in [(2, 3), (3, 5), (4, 2)]:  # the second shape makes B and T dynamic, V stays static
+        x, y = logits(b, t, V, seed=b), labels(b, t, seed=t)
+        assert_equals_eager_in_float64(compiled, fn, x, y)
+    dynamic = rec.results[-1]
+    assert len(dynamic.matches) == 1 and not dynamic.near_misses, dynamic
+
+
+def z_loss_next_to_a_padding_mask(x, y):
+    # nll_loss drops the rows labelled -100, the padding mask the rows labelled 0 (a valid class)
+    lp = F.log_softmax(x, -1)
+    loss = F.nll_loss(lp, y, reduction="none") + 1e-4 * torch.logsumexp(x, -1) ** 2
+    w = (y != 0).float()
+    return (loss * w).sum() / w.sum()
+
+
+def smoothed_z_loss_next_to_a_padding_mask(x, y):
+    ce = F.cross_entropy(x, y, label_smoothing=EPS, reduction="none")
+    z = 1e-4 * torch.logsumexp(x, -1).pow(2)
+    keep = y.ne(0)
+    return ((ce + z) * keep).sum() / keep.sum()
+
+
+@pytest.mark.parametrize("fn", [z_loss_next_to_a_padding_mask, smoothed_z_loss_next_to_a_padding_mask],
+                         ids=lambda f: f.__name__)
+def test_z_loss_masked_apart_from_the_label_term(fn):
+    # one call for the cross-entropy on its rows, one for z on the mask's rows: rows labelled -100
+    # keep their z term, as in eager
+    y = labels(N, ignore=-100, where=(1,))
+    y[3] = 0
+    (m,) = check(fn, logits(N, V), y, calls=2).result.matches
+    assert m.params["calls"] == 2 and m.params["z_loss"] == 1e-4
+
+
+# ------------------------------------------------------------------------------------------------
 # Not one cross-entropy: the reason says what it is
 # ------------------------------------------------------------------------------------------------
 
@@ -538,6 +714,66 @@ def test_a_tensor_mixing_targets_is_named():
     assert miss.reason == ("the log-probs are multiplied by a target distribution the detector cannot follow "
                            f"past mul at {FILE}:{line} (where it meets sub at {FILE}:{line}, a tensor and not "
                            "a number)"), miss
+
+
+class OpenNMTLabelSmoothing(nn.Module):
+    # the smoothed distribution kept in a buffer, filled in __init__
+    def __init__(self):
+        super().__init__()
+        one_hot = torch.full((V,), EPS / (V - 2))
+        one_hot[0] = 0
+        self.register_buffer("one_hot", one_hot.unsqueeze(0))
+
+    def forward(self, x, y):
+        p = self.one_hot.repeat(y.size(0), 1)
+        p.scatter_(1, y.unsqueeze(1), 1 - EPS)
+        p.masked_fill_((y == 0).unsqueeze(1), 0)
+        return F.kl_div(F.log_softmax(x, -1), p, reduction="sum")
+
+
+class SmoothedRowsInABuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.eye(V) * (1 - EPS) + EPS / V)
+
+    def forward(self, x, y):
+        return -(self.table[y] * F.log_softmax(x, -1)).sum(-1).mean()
+
+
+@pytest.mark.parametrize("make", [OpenNMTLabelSmoothing, SmoothedRowsInABuffer], ids=lambda c: c.__name__)
+def test_a_target_in_a_buffer_says_to_build_it_in_forward(make):
+    rec = check(make(), logits(N, V), labels(N), matches=0)
+    name = "self.one_hot" if make is OpenNMTLabelSmoothing else "self.table"
+    (miss,) = rec.result.near_misses
+    assert miss.reason.startswith(f"targets are built from {name}, a module's tensor whose values the graph does "
+                                  "not show"), miss
+    assert "build the target in forward from the labels" in miss.reason
+
+
+def test_a_target_built_before_a_graph_break_says_how_to_keep_one_graph():
+    def fn(x, y):
+        t = F.one_hot(y, V).float() * (1 - EPS) + EPS / V
+        torch._dynamo.graph_break()  # a print or an .item() count does the same
+        return -(t * F.log_softmax(x, -1)).sum(-1).mean()
+
+    rec = Recorder()
+    x, y = logits(N, V), labels(N)
+    assert_equals_eager_in_float64(torch.compile(fn, backend=rec), fn, x, y)
+    (miss,) = [m for r in rec.results for m in r.near_misses]
+    assert miss.reason.startswith("targets are class probabilities from outside the graph (t)"), miss
+    assert "keep both in one graph" in miss.reason and "capture_scalar_outputs" in miss.reason
+
+
+def test_one_label_tensor_read_two_ways_is_no_mixup():
+    def fn(x, y):  # take_along_dim reads y mod V, nll_loss as it is (and drops -100)
+        lp = F.log_softmax(x, -1)
+        row = F.nll_loss(lp, y, reduction="none")
+        row.sub_(EPS * torch.take_along_dim(lp, y[:, None], dim=1).squeeze(1))
+        return row.mean()
+
+    rec = check(fn, logits(N, V), labels(N), matches=0)
+    (miss,) = rec.result.near_misses
+    assert "mixup" not in miss.reason and miss.reason.startswith("the loss reads the labels y in 2 ways"), miss
 
 
 # ------------------------------------------------------------------------------------------------

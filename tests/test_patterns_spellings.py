@@ -1,6 +1,6 @@
 """Every drawn spelling of a hand-written (label-smoothed) cross-entropy is rewritten, and equals eager.
 
-The generator (tests/spellings.py) composes twelve axes. Each draw is compiled with the detector
+The generator (tests/spellings.py) composes fifteen axes. Each draw is compiled with the detector
 (then aot_eager), in training and under no_grad; the loss and the logits' gradient must equal
 eager PyTorch in float64, the graphs must hold the op calls the draw needs (``Spelling.calls``),
 and nothing of the loss may be left in them: no log-prob op, and none of the one-hots
@@ -66,10 +66,14 @@ class Recorder:
         return {op_name(n) for n in nodes} & LOGPROB_OPS, [n.format_node() for n in self.targets if n in kept]
 
 
-def _run(fn, ref_fn, x, y, w, grad: bool):
+def _run(fn, ref_fn, x, y, w, grad: bool, dynamic=((), ())):
     rec = Recorder()
     compiled = torch.compile(fn, backend=rec)
     xc = x.detach().requires_grad_(grad)
+    y = y.clone()
+    for t, dims in ((xc, dynamic[0]), (y, dynamic[1])):  # B and T symbolic where the code lets them be
+        for d in dims:
+            torch._dynamo.maybe_mark_dynamic(t, d)
     xr = x.detach().double().requires_grad_(grad)  # the same (rounded) values
     with torch.set_grad_enabled(grad):
         out = compiled(xc, y, w)
@@ -103,7 +107,8 @@ def check_spelling(s: spellings.Spelling, seed: int, context: str):
     x = x.to(torch.bfloat16 if bf16 else torch.float32)
     for grad in (True, False):
         torch._dynamo.reset()
-        rec, out, ref, gx, gref = _run(fn, ref_fn, x, y, w, grad)
+        dynamic = spellings.dynamic_dims(s) if s.shapes == "dynamic" else ((), ())
+        rec, out, ref, gx, gref = _run(fn, ref_fn, x, y, w, grad, dynamic)
         matches = [m for r in rec.results for m in r.matches]
         misses = [n for r in rec.results for n in r.near_misses]
         assert matches, f"not rewritten: {misses}\n{context}"
@@ -144,7 +149,8 @@ def partial_rewrite(reason, **axes):
 # masked_fill over a flat batch, with a z-loss: what each case below changes
 PARTIAL_BASE = spellings.Spelling(logprobs="F", nll="gather", uniform="sum", convention="all", eps=0.1,
                                   mask="masked_fill", labels="clamp", reduction="mean", order="rows", dtype="float32",
-                                  layout="flat", extra="z_loss")
+                                  layout="flat", extra="z_loss", target="product", transpose="none",
+                                  shapes="static")
 Z_ON_DROPPED_ROWS = ("the z term counts on rows the label term drops (labels matching no class, or rows nll_loss "
                      "ignores before any mask): the z term's logsumexp stays in the graph")
 Z_BESIDE_TWO_CALLS = ("the label and smooth terms of a padding column become two calls: the z term of their row "

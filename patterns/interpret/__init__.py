@@ -8,12 +8,13 @@ one family of ops:
     logits            the logits behind them: upcasts, a temperature, a softcap, views
     losses            F.cross_entropy, F.nll_loss, F.kl_div
     indexing          gather, take_along_dim, index_select, select, [] (lp[arange(n), y], w[y])
-    targets           one_hot, full / zeros / ones (and _like, new_), fill_, arange, expand,
-                      scatter, item assignment, index_fill, clone
+    targets           one_hot, full / zeros / ones (and _like, new_), fill_, torch.tensor, arange,
+                      expand, scatter, item assignment, index_fill, clone
     arithmetic        neg, add, sub, mul, div, pow, square, matmul
     reductions        sum, mean, count_nonzero
     masks             comparisons, ~ and &, where, masked_fill, clamp of labels
-    views_and_casts   reshape / view, squeeze, unsqueeze, flatten, contiguous, casts, detach
+    views_and_casts   reshape / view, squeeze, unsqueeze, flatten, transpose, permute, contiguous,
+                      casts, detach
     inplace           who sees the value an in-place op (masked_fill_, scatter_, t[i] = c, ...) writes
     arguments         dims, shapes and constants as every family reads them
 """

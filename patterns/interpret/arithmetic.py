@@ -22,7 +22,7 @@ from smoothce.patterns.algebra import (
     row_times_weight_at, scale, seeds_of, with_conds,
 )
 from smoothce.patterns.interpret.arguments import as_constant, is_scalar_like, keepdim_shape
-from smoothce.patterns.nodes import describe, exact, fake, is_float, location, shape, static_shape, words
+from smoothce.patterns.nodes import describe, exact, is_float, location, shape, static_shape, words
 from smoothce.patterns.ops import op_name
 
 if TYPE_CHECKING:
@@ -220,9 +220,9 @@ def _dense_reason(interp: Interpretation, b, vb, per_row=False):
     if per_row:
         return (f"the per-row loss is multiplied by {name} ({kind(vb) if vb is not None else 'a tensor'}), "
                 "which is not a boolean mask of rows")
-    if isinstance(b, Node) and fake(b) is not None and fake(b).dtype.is_floating_point \
-            and b.op == "placeholder":
-        return f"targets are class probabilities from outside the graph ({name}), not built from the labels"
+    foreign = interp.foreign_reason(b)
+    if foreign is not None:
+        return foreign
     return f"the log-probs are multiplied by {name}, which is not built from the labels"
 
 

@@ -1,8 +1,9 @@
 """The meaning of indexing and gathers: gather, take_along_dim, index_select, select and ``[]``.
 
 What they read is the label's entry of each row (``lp.gather(1, y[:, None])``,
-``lp[arange(n), y]``), a class weight at the labels (``w[y]``), one class column (``lp[:, p]``) or
-the same values seen through basic indexing. Any other index into log-probs is a near miss.
+``lp[arange(n), y]``), a class weight at the labels (``w[y]``), one class column (``lp[:, p]``),
+the rows a boolean mask selects (``lp[keep]``: the log-probs of ``x[keep]``) or the same values
+seen through basic indexing. Any other index into log-probs is a near miss.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import torch
 import torch.fx
 
 from smoothce.patterns.algebra import (
-    ArangeV, ElemV, LabelV, Q, Reject, RowV, WeightAtV, carries_logits, elem_column, elem_gather, kind, seeds_of,
+    ArangeV, ElemV, LabelV, Q, Reject, RowV, WeightAtV, carries_logits, elem_column, elem_gather, kind, log_probs,
+    seeds_of,
 )
 from smoothce.patterns.interpret.arguments import from_end, norm_dim
 from smoothce.patterns.interpret.views_and_casts import relayout, relayout_index
@@ -119,6 +121,10 @@ def op_getitem(interp: Interpretation, node, src, kw):
     at = label_index(interp, parts, shp)
     if at is not None and shape(node) == shape(parts[at[0]]):
         return at_label(interp, node, src, *at)
+    # lp[keep] with a boolean mask of the rows: the log-probs of the logits' rows it selects
+    selected = _selected_rows(node, v, index, shp)
+    if selected is not None:
+        return selected
     if any(isinstance(p, Node) for p in parts):
         if not carries_logits(v):
             return None
@@ -136,6 +142,17 @@ def op_getitem(interp: Interpretation, node, src, kw):
             if out is not None:
                 return out
     return _slice(interp, node, src, parts)
+
+
+def _selected_rows(node, v, index, shp) -> Optional[ElemV]:
+    """log_softmax(x)[keep] is log_softmax(x[keep]): a softmax is computed row by row, so selecting
+    rows of the log-probs (keep: a boolean mask of every dim but the classes) selects rows of the
+    logits. The op then reads x[keep], as many rows as the mask holds (a data-dependent count)."""
+    if not (isinstance(v, ElemV) and v.is_logprob() and v.cd == -1 and isinstance(index, Node) and is_bool(index)
+            and shp is not None and shape(index) == shp[:-1]):
+        return None
+    key = dataclasses.replace(v.key, layout=(*v.key.layout, node))
+    return dataclasses.replace(log_probs(key, v.seeds | {node}), cd=-1)
 
 
 def label_index(interp: Interpretation, parts: tuple, shp) -> Optional[tuple]:

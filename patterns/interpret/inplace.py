@@ -1,10 +1,12 @@
 """The meaning of in-place ops: ``masked_fill_``, ``mul_``, ``div_``, ``neg_``, ``add_``, ``sub_``,
-``scatter_``, ``fill_``, ``index_fill_`` and item assignment (``t[i] = c``).
+``scatter_``, ``fill_``, ``index_fill_``, item assignment (``t[i] = c``) and the augmented
+assignments ``t *= c``, ``t += c``, ``t -= c``, ``t /= c``.
 
 An in-place op has the meaning of its out-of-place twin (the op name ops.py gives it); what is
 particular to it is who sees the new value. It is followed where it changes a fresh tensor that
 nothing else aliases (a loss term masked with ``masked_fill_``, a target built with
-``zeros_like(...).scatter_``): the mutated node, and the in-place calls that returned it
+``zeros_like(...).scatter_``, a float one-hot smoothed with ``mul_(1 - eps).add_(eps / V)``; a cast
+to another dtype is such a tensor, a copy): the mutated node, and the in-place calls that returned it
 (``empty(...).fill_(c).scatter_(...)``), take the new value for the readers after it. Any other
 in-place change makes the tensor opaque from there on, so no value from before the change is ever
 used after it.
@@ -18,7 +20,7 @@ import torch.fx
 
 from smoothce.patterns.algebra import ElemV, Reject, carries_logits
 from smoothce.patterns.interpret.arguments import labels_of
-from smoothce.patterns.nodes import describe, words
+from smoothce.patterns.nodes import describe, dtype, mutates, words
 from smoothce.patterns.ops import FRESH, INPLACE, op_name
 
 if TYPE_CHECKING:
@@ -29,7 +31,21 @@ Node = torch.fx.Node
 
 def is_followed(node: Node, op) -> bool:
     """An in-place op whose new value the interpretation can follow (by the meaning of its op)."""
-    return op is not None and (op == "setitem" or node.op == "call_method" and node.target in INPLACE)
+    if op is None or not mutates(node):
+        return False
+    return op == "setitem" or node.op == "call_method" and node.target in INPLACE or node.op == "call_function"
+
+
+def _returns_its_tensor(m: Node) -> bool:
+    """An in-place method or augmented assignment returns the tensor it changes (item assignment
+    returns None)."""
+    return m.op == "call_method" or m.op == "call_function" and op_name(m) != "setitem"
+
+
+def _fresh(n: Node) -> bool:
+    """A new tensor that aliases nothing: FRESH ops, and a cast to another dtype (a copy)."""
+    op = op_name(n)
+    return op in FRESH or op == "cast" and isinstance(n.args[0], Node) and dtype(n) != dtype(n.args[0])
 
 
 def unfollowed(interp: Interpretation, node: Node):
@@ -47,7 +63,7 @@ def aliases(interp: Interpretation, n: Node) -> tuple:
     """(the tensor, every node that returns it): an in-place method returns the tensor it
     changes, so t, t.fill_(c) and t.fill_(c).scatter_(...) are one tensor."""
     root = interp.alias_of.get(n, n)
-    return root, [root, *(m for m in interp.inplace.get(root, ()) if m.op == "call_method")]
+    return root, [root, *(m for m in interp.inplace.get(root, ()) if _returns_its_tensor(m))]
 
 
 def opaque(interp: Interpretation, group: list, node: Node):
@@ -74,8 +90,8 @@ def follow(interp: Interpretation, node: Node, first, value):
         return None
     done = interp.inplace.get(root, ())
     others = [u for m in group for u in m.users if interp.order[u] < interp.order[node]
-              and op_name(u) not in FRESH and u not in done]
-    if op_name(root) not in FRESH or others:
+              and not _fresh(u) and u not in done]
+    if not _fresh(root) or others:
         opaque(interp, group, node)
         if carries_logits(old):
             raise Reject(f"in-place {node.target} ({describe(node)}) on {words(first)}, which may alias "

@@ -21,7 +21,9 @@ from smoothce.patterns.interpret import (
 )
 from smoothce.patterns.interpret.arguments import labels_of, numel
 from smoothce.patterns.interpret.logits import trace_logits
-from smoothce.patterns.nodes import Structure, describe, exact, fake, is_bool, is_float, is_int, mutates, shape, words
+from smoothce.patterns.nodes import (
+    Structure, describe, exact, fake, is_bool, is_float, is_int, is_module_state, mutates, shape, words,
+)
 from smoothce.patterns.ops import SEED_OPS, bind, op_name
 
 Node = torch.fx.Node
@@ -41,7 +43,7 @@ MEANING = {
     # targets.py: target distributions built from the labels
     "one_hot": targets.op_one_hot, "scatter": targets.op_scatter, "setitem": targets.op_setitem,
     "index_fill": targets.op_index_fill, "arange": targets.op_arange, "expand": targets.op_expand,
-    "clone": targets.op_clone, "fill": targets.op_fill,
+    "clone": targets.op_clone, "fill": targets.op_fill, "tensor": targets.op_tensor, "new_tensor": targets.op_tensor,
     "full": targets.op_full, "new_full": targets.op_new_full, "full_like": targets.op_full_like,
     "zeros": targets.op_zeros, "new_zeros": targets.op_new_zeros, "zeros_like": targets.op_zeros_like,
     "ones": targets.op_ones, "new_ones": targets.op_new_ones, "ones_like": targets.op_ones_like,
@@ -58,7 +60,8 @@ MEANING = {
     # views_and_casts.py
     "reshape": views_and_casts.op_reshape, "reshape_as": views_and_casts.op_reshape_as,
     "squeeze": views_and_casts.op_squeeze, "unsqueeze": views_and_casts.op_unsqueeze,
-    "flatten": views_and_casts.op_flatten, "contiguous": views_and_casts.op_contiguous,
+    "flatten": views_and_casts.op_flatten, "transpose": views_and_casts.op_transpose,
+    "permute": views_and_casts.op_permute, "contiguous": views_and_casts.op_contiguous,
     "cast": views_and_casts.op_cast, "detach": views_and_casts.op_detach,
 }
 
@@ -158,6 +161,37 @@ class Interpretation:
         if others and op_name(at) in ("mul", "div", "add", "sub"):
             met = f" (where it meets {', '.join(words(a) for a in others)}, a tensor and not a number)"
         return f"{what} a target distribution the detector cannot follow past {describe(at)}{met}"
+
+    def foreign_reason(self, b) -> Optional[str]:
+        """Why a float tensor that the log-probs meet as a target has no value, when it comes
+        from outside the graph (None otherwise), and what the user can change."""
+        if not isinstance(b, Node) or not is_float(b):
+            return None
+        state = [i for i in self._inputs_of(b) if is_module_state(i)]
+        if state:
+            names = ", ".join(words(i) for i in state)
+            return (f"targets are built from {names}, a module's tensor whose values the graph does not show "
+                    "(filled in __init__?), not from the labels: build the target in forward from the labels "
+                    "(F.one_hot, torch.full(...).scatter_) to have the loss rewritten")
+        if b.op == "placeholder":
+            return (f"targets are class probabilities from outside the graph ({words(b)}), not built from the labels "
+                    f"(if the code builds {words(b)} from the labels before a graph break, keep both in one graph: "
+                    "no print or .item() between them, or torch._dynamo.config.capture_scalar_outputs = True)")
+        return None
+
+    def _inputs_of(self, b: Node) -> list:
+        """The graph inputs an opaque tensor is computed from, through other opaque nodes."""
+        seen, todo, out = {b}, [b], []
+        while todo:
+            n = todo.pop()
+            if n.op in ("placeholder", "get_attr"):
+                out.append(n)
+                continue
+            for a in n.all_input_nodes:
+                if a not in seen and self.values.get(a) is None:
+                    seen.add(a)
+                    todo.append(a)
+        return sorted(out, key=self.order.__getitem__)
 
     # -- reading arguments ---------------------------------------------------------------------
 

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Optional
 import torch.fx
 
 from smoothce.patterns.algebra import (
-    TWO_LABELS, U, CondAtom, Divisor, ElemV, LabelV, Q, Reject, RowV, ScalarV, WeightAtV, add, carries_logits,
+    U, CondAtom, Divisor, ElemV, LabelV, Q, Reject, RowV, ScalarV, WeightAtV, add, carries_logits,
     constant, elem_class_sum, elem_gather, elem_mul, elem_times_weight, kind, log_probs, row_times_weight_at,
-    scale, seeds_of, static_classes, with_conds,
+    scale, seeds_of, static_classes, two_labels, with_conds,
 )
 from smoothce.patterns.interpret.arguments import from_end
 from smoothce.patterns.interpret.targets import one_hot
@@ -75,11 +75,8 @@ def op_cross_entropy(interp: Interpretation, node, x, kw):
         # class probabilities: loss_i = -sum_j w_j p'_ij L_ij with p' = (1 - eps) p + eps / V
         p = interp.val(target)
         if not (isinstance(p, ElemV) and p.key is None):
-            lost = interp.lost_reason(target, "cross_entropy reads")
-            if lost is not None:
-                raise Reject(lost)
-            raise Reject(f"targets are class probabilities from outside the graph ({words(target)}), "
-                         "not built from the labels")
+            raise Reject(interp.lost_reason(target, "cross_entropy reads") or interp.foreign_reason(target)
+                         or f"the cross_entropy target {words(target)} is not built from the labels")
         q = add(scale(p, 1 - eps), constant(eps / V, key.cd))
         e = elem_mul(q, lp)
         if weight is not None:
@@ -160,11 +157,8 @@ def op_kl_div(interp: Interpretation, node, lp, kw):
     target = kw["target"]
     p = interp.val(target) if isinstance(target, Node) else None
     if not (isinstance(p, ElemV) and p.key is None):
-        lost = interp.lost_reason(target, "kl_div reads")
-        if lost is not None:
-            raise Reject(lost)
-        raise Reject(f"targets are class probabilities from outside the graph "
-                     f"({words(target)}), not built from the labels")
+        raise Reject(interp.lost_reason(target, "kl_div reads") or interp.foreign_reason(target)
+                     or f"the kl_div target {words(target)} is not built from the labels")
     if p.cd is not None and p.cd != v.cd:
         raise Reject(f"kl_div target has classes along dim {p.cd}, log-probs along dim {v.cd} (from the end)")
     if shape(target) != shape(lp):
@@ -217,5 +211,5 @@ def _target_coefs(p: ElemV):
             A += c
             labels.add(tp[1])
     if len(labels) > 1:
-        raise Reject(TWO_LABELS)
+        raise Reject(two_labels(labels))
     return A, B, next(iter(labels), None)

@@ -1,5 +1,6 @@
 """The meaning of target building: one_hot, tensors full of one number (full, zeros, ones, their
-_like and new_ forms, fill_), arange, expand, scatter, item assignment, index_fill and clone.
+_like and new_ forms, fill_; a 0-dim one, and torch.tensor(c), is the number c), arange, expand,
+scatter, item assignment, index_fill and clone.
 
 A target distribution built from the labels is a per-class value with no logits in it
 (``ElemV`` with key None): ``full_like(lp, eps / V).scatter_(1, y[:, None], 1 - eps)`` is
@@ -48,8 +49,10 @@ def _filled(value, like: bool):
 
     def op(interp: Interpretation, node, first, kw):
         c = exact(kw.get(value)) if isinstance(value, str) else Q(value)
-        if c is None or shape(node) is None or not shape(node):
+        if c is None or shape(node) is None:
             return None
+        if not shape(node):  # a 0-dim tensor: the number itself
+            return c if holds_exactly(c, dtype(node)) else None
         v = interp.val(first) if like and isinstance(first, Node) else None
         return constant(c, v.cd if isinstance(v, ElemV) else -1)
 
@@ -67,6 +70,34 @@ op_ones = _filled(1, like=False)
 op_new_ones = _filled(1, like=False)
 op_ones_like = _filled(1, like=True)
 op_fill = _filled("value", like=True)
+
+
+def op_tensor(interp: Interpretation, node, data, kw):
+    """torch.tensor(c), torch.scalar_tensor(c), t.new_tensor(c) of a Python number: the number, when
+    the tensor's dtype holds it exactly (torch.where(keep, t, torch.tensor(0)))."""
+    c = exact(kw.get("data") if data is None or isinstance(data, Node) else data)
+    if c is None or shape(node) != () or not holds_exactly(c, dtype(node)):
+        return None
+    return c
+
+
+def holds_exactly(c: Fraction, dt) -> bool:
+    """Whether a tensor of dtype dt holds the number c exactly (0, 1, 0.5, ... in any float dtype)."""
+    if dt in (torch.bool, torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64):
+        return c.denominator == 1 and (dt != torch.bool or c in (0, 1))
+    bits = {torch.float64: 53, torch.float32: 24, torch.float16: 11, torch.bfloat16: 8}.get(dt)
+    if bits is None:
+        return False
+    if c == 0:
+        return True
+    # a dyadic rational with at most `bits` significant bits (exponent ranges are no concern for
+    # the constants of a loss)
+    num, den = abs(c.numerator), c.denominator
+    if den & (den - 1):
+        return False
+    while num % 2 == 0:
+        num //= 2
+    return num.bit_length() <= bits
 
 
 def op_arange(interp: Interpretation, node, _, kw):

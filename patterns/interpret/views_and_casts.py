@@ -1,13 +1,14 @@
 """The meaning of views, reshapes and casts: reshape (view), reshape_as (view_as), squeeze,
-unsqueeze, flatten, contiguous, the dtype casts (float, to, long, ...) and detach.
+unsqueeze, flatten, transpose, permute, contiguous, the dtype casts (float, to, long, ...) and detach.
 
 A view keeps every value in its order, so a value passes through unchanged while the classes stay
-the last dim; a cast keeps a float value (rounded) and a label, mask or arange while the new dtype
+the last dim; a transpose that keeps the rows in order only moves the class dim; a cast keeps a float value (rounded) and a label, mask or arange while the new dtype
 holds its numbers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -16,7 +17,7 @@ import torch.fx
 from smoothce.patterns.algebra import (
     ArangeV, ColV, CondV, DivisorV, ElemV, LabelV, Reject, RowV, ScalarV, WeightAtV, carries_logits, kind,
 )
-from smoothce.patterns.interpret.arguments import EXACT_UP_TO
+from smoothce.patterns.interpret.arguments import EXACT_UP_TO, norm_dim
 from smoothce.patterns.nodes import describe, dtype, is_int, shape
 
 if TYPE_CHECKING:
@@ -65,6 +66,42 @@ def op_unsqueeze(interp: Interpretation, node, a, kw):
 
 def op_flatten(interp: Interpretation, node, a, kw):
     return relayout(interp, node, a)
+
+
+def op_transpose(interp: Interpretation, node, a, kw):
+    shp = shape(a)
+    if shp is None or not all(isinstance(d, int) and not isinstance(d, bool) for d in (kw.get("dim0"), kw.get("dim1"))):
+        return _moved(interp, node, a, None)
+    order = list(range(len(shp)))
+    i, j = norm_dim(kw["dim0"], len(shp)), norm_dim(kw["dim1"], len(shp))
+    order[i], order[j] = order[j], order[i]
+    return _moved(interp, node, a, order)
+
+
+def op_permute(interp: Interpretation, node, a, kw):
+    shp, dims = shape(a), kw.get("dims", kw.get("shape"))
+    if shp is None or not isinstance(dims, (list, tuple)) or len(dims) != len(shp) \
+            or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+        return _moved(interp, node, a, None)
+    return _moved(interp, node, a, [norm_dim(d, len(shp)) for d in dims])
+
+
+def _moved(interp: Interpretation, node, a, order: Optional[list]):
+    """A transpose or permute (output dim k is input dim order[k]) of a per-class value: the same
+    value with its classes at another dim, when the rows keep their order (lp.transpose(1, 2) of
+    (B, V, T) log-probs: the same log-probs, classes last). Anything else moves rows."""
+    v = interp.val(a)
+    if isinstance(v, ElemV) and order is not None and (v.cd is not None or v.key is None):
+        nd = len(order)
+        if v.cd is None:  # a constant target: no class dim to move
+            return v
+        cd = v.cd + nd
+        rows = [d for d in order if d != cd]
+        if rows == sorted(rows):
+            return dataclasses.replace(v, cd=order.index(cd) - nd)
+    if carries_logits(v):
+        raise Reject(f"{kind(v)} are transposed so that their rows change order ({describe(node)})")
+    return None
 
 
 def op_contiguous(interp: Interpretation, node, a, kw):
