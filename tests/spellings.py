@@ -103,7 +103,20 @@ class Spelling:
 
     @property
     def calls(self) -> int:
-        """The fused op calls the rewrite makes: one, but two where the terms cannot share one."""
+        """The fused op calls the rewrite makes: one, but more where the terms cannot share one."""
+        return self._cross_entropy_calls + int(self.z_apart)
+
+    @property
+    def z_apart(self) -> bool:
+        """The z term counts on rows the label term drops (arange == y matches no class of a label
+        outside [0, V); nll_loss drops the rows labelled -100, with no mask or before the boolean
+        one): it gets an op call of its own, on its own rows."""
+        return self.extra == "z_loss" and (self.nll == "arange" or self.nll in ("nll_none", "nll_sum")
+                                           and self.mask == "none" or self.nll == "nll_none" and self.mask == "boolean")
+
+    @property
+    def _cross_entropy_calls(self) -> int:
+        """The op calls of the cross-entropy terms (with the z term where it has their rows)."""
         if self.order == "terms" and (self.mask == "boolean" or self.reduction == "sequence"):
             # each term reaches its own output of the graph before the break at r[keep], or is
             # averaged per sequence apart: a per-row call each
@@ -333,16 +346,6 @@ def draw(rng: random.Random) -> Spelling:
         # the label term and the smooth term become two calls (Spelling.calls): the detector
         # leaves the z term of their row in the graph, logsumexp and all, with no near miss
         c["mask"] = "masked_fill"
-    if c["extra"] == "z_loss" and (c["nll"] == "arange" or c["nll"] in ("nll_none", "nll_sum") and c["mask"] == "none"
-                                   or c["nll"] == "nll_none" and c["mask"] == "boolean"):
-        # The z term counts on rows the label term drops (arange == y matches no class of a label
-        # outside [0, V); nll_loss drops the rows labelled -100, with no mask or before the
-        # boolean one): the detector rewrites the cross-entropy terms and leaves the z term in
-        # the graph, logsumexp and all, with no near miss (nll_mean, no mask: a second call)
-        if c["nll"] == "arange":
-            c["nll"] = "one_hot" if c["layout"] != "cd1" else "scatter"
-        else:
-            c["mask"] = "masked_fill"
     if c["nll"] not in ("one_hot", "scatter", "arange") or c["target"] == "where_0dim" and c["mask"] == "none":
         c["target"] = "product"  # no target tensor (gather, index, nll_loss), or no mask to clear its rows with
     return Spelling(**c)
