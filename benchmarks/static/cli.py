@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 
 from benchmarks.static import variants
@@ -65,24 +66,28 @@ def build(args) -> dict:
     todo = [c for c in variants.calls(args.entries, args.dtypes, args.v, args.features) if c.choice in args.choices]
     kernels, rows, skipped, index = {}, [], {}, {}
     start = time.time()
-    for arch in args.archs:
-        target = GPUTarget("cuda", arch, 32)
-        for n, call in enumerate(todo):
-            try:
-                compiled = variants.compile_call(call, target)
-            except Exception as e:  # a target this Triton cannot compile for
-                if n == 0 and arch != 90:
-                    skipped[f"sm_{arch}"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                    break
-                raise
-            for kernel in compiled:
-                kid = f"sm_{arch}:{kernel.hash[:16]}"
-                if kid not in index:
-                    index[kid] = record.kernel_record(kernel, arch)
-                rows.append(record.row(call, arch, kid, index[kid]))
-            print(f"[{time.time() - start:6.0f} s] sm_{arch} {call.entry} {call.dtype} V={call.V} {call.features} "
-                  f"{call.choice}: {len(compiled)} variant(s), {len(index)} kernels so far", file=sys.stderr,
-                  flush=True)
+    # Compiled afresh, never taken from Triton's cache: a binary cached from another copy of the same
+    # sources carries that copy's file paths and line numbers, and the accesses' roles are read there.
+    with tempfile.TemporaryDirectory() as cache, triton.knobs.cache.scope():
+        triton.knobs.cache.dir = cache
+        for arch in args.archs:
+            target = GPUTarget("cuda", arch, 32)
+            for n, call in enumerate(todo):
+                try:
+                    compiled = variants.compile_call(call, target)
+                except Exception as e:  # a target this Triton cannot compile for
+                    if n == 0 and arch != 90:
+                        skipped[f"sm_{arch}"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                        break
+                    raise
+                for kernel in compiled:
+                    kid = f"sm_{arch}:{kernel.hash[:16]}"
+                    if kid not in index:
+                        index[kid] = record.kernel_record(kernel, arch)
+                    rows.append(record.row(call, arch, kid, index[kid]))
+                print(f"[{time.time() - start:6.0f} s] sm_{arch} {call.entry} {call.dtype} V={call.V} "
+                      f"{call.features} {call.choice}: {len(compiled)} variant(s), {len(index)} kernels so far",
+                      file=sys.stderr, flush=True)
     kernels = {kid: record.public(k) for kid, k in index.items()}
     commit = git_commit(args.commit)
     return {
