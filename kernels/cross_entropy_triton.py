@@ -31,32 +31,20 @@ import triton.language as tl
 
 from smoothce.kernels import cross_entropy_tuning as tuning
 from smoothce.kernels.cross_entropy_tuning import ONE_PASS, SPLIT, TWO_PASS, KernelConfig
+# The tile helpers the soft-target kernel shares, under the names this file has always used.
+from smoothce.kernels.triton_tiles import (
+    class_weights_of as _class_weights,
+    columns_of as _columns,
+    logits_of as _logits,
+    merge_softmax as _merge,
+    offsets_of as _offsets,
+    rows_of as _rows_of,
+    transformed_of as _transformed,
+)
 
 # --------------------------------------------------------------------------------------------
 # jit helpers: one tile of logits, per-row statistics, per-row results, one tile of gradient
 # --------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _softcap(x, cap):
-    # cap * tanh(x / cap) through exp, which every Triton backend (and the interpreter) has;
-    # saturates to +-cap without overflow trouble: exp(+inf) gives 1 - 0, exp(-inf) gives 1 - 2.
-    return cap * (1.0 - 2.0 / (tl.exp(2.0 * x / cap) + 1.0))
-
-
-@triton.jit
-def _transformed(x, logit_scale, cap, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr):
-    """softcap(logit_scale * x) in ACC."""
-    x = x.to(ACC) * logit_scale
-    if HAS_SOFTCAP:
-        x = _softcap(x, cap)
-    return x
-
-
-@triton.jit
-def _logits(ptrs, mask, logit_scale, cap, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr):
-    """The transformed logits of a tile; masked lanes read 0."""
-    return _transformed(tl.load(ptrs, mask=mask, other=0.0), logit_scale, cap, HAS_SOFTCAP, ACC)
 
 
 @triton.jit
@@ -69,47 +57,6 @@ def _label_logit(ptrs, mask, logit_scale, cap, HAS_SOFTCAP: tl.constexpr, ACC: t
 def _store_grad(ptrs, g, mask):
     """A tile of gradient, in the gradient's dtype."""
     tl.store(ptrs, g.to(ptrs.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _rows_of(r, S, S_ONE: tl.constexpr):
-    """(n, s) of flat rows r = n * S + s. With S_ONE (S == 1 at compile time) n is r itself, so
-    row offsets keep the alignment the compiler knows of the strides and loads vectorise."""
-    if S_ONE:
-        n = r
-        s = r * 0
-    else:
-        n = r // S
-        s = r % S
-    return n, s
-
-
-@triton.jit
-def _columns(start, C, row_mask, BLOCK_C: tl.constexpr):
-    """Columns [start, start + BLOCK_C) of a tile: (cols, cols < C, the tile's (R, B) mask)."""
-    cols = start + tl.arange(0, BLOCK_C)
-    col_mask = cols < C
-    return cols, col_mask, row_mask[:, None] & col_mask[None, :]
-
-
-@triton.jit
-def _offsets(row_off, cols, stride, CONTIGUOUS: tl.constexpr):
-    """(R, B) element offsets; with CONTIGUOUS the column stride is 1 at compile time (loads vectorise)."""
-    if CONTIGUOUS:
-        off = row_off[:, None] + cols[None, :]
-    else:
-        off = row_off[:, None] + cols.to(tl.int64)[None, :] * stride
-    return off
-
-
-@triton.jit
-def _class_weights(w_ptr, cols, col_mask, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
-    """(1, B) class weights of the columns, 0 past the last class."""
-    if HAS_WEIGHT:
-        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(ACC)
-    else:
-        w = col_mask.to(ACC)
-    return w[None, :]
 
 
 @triton.jit
@@ -126,14 +73,6 @@ def _tile_stats(x, mask, w, HAS_SMOOTHING: tl.constexpr):
         sum_wx = tl.zeros_like(d)
         sum_w = tl.zeros_like(d)
     return m, d, sum_wx, sum_w
-
-
-@triton.jit
-def _merge(m, d, m2, d2):
-    """Online softmax: (max, sum-exp) of two parts of a row."""
-    m_new = tl.maximum(m, m2)
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    return m_new, d * tl.exp(m - m_safe) + d2 * tl.exp(m2 - m_safe)
 
 
 @triton.jit

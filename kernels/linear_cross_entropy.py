@@ -64,6 +64,7 @@ from smoothce.kernels.inputs import (
     kernel_choice,
 )
 from smoothce.kernels.form import LossForm
+from smoothce.kernels.gradients import scale_in_place
 from smoothce.kernels.linear_cross_entropy_torch import torch_chunks
 
 __all__ = ["chunk_rows", "fused_linear_cross_entropy"]
@@ -252,21 +253,6 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(*output[2:])
 
 
-def _scale_in_place(grad: Tensor, scale: Tensor) -> Tensor:
-    """grad *= scale (0-d) in place, as mul_ would (version counter included), with no pass at all
-    for loss.backward()'s scale of 1: on CUDA the cross-entropy op's scaling kernel decides that on
-    the device, in fp32; on CPU reading the scale is no sync."""
-    if grad.device.type == "cuda":
-        from smoothce.kernels.cross_entropy_triton import scale_in_place
-
-        torch.autograd.graph.increment_version(scale_in_place(grad, scale))
-        return grad
-    if scale.device.type == "cpu" and scale.item() == 1.0:
-        torch.autograd.graph.increment_version(grad)
-        return grad
-    return grad.mul_(scale)
-
-
 def _backward(ctx, grad_loss, grad_z_term, *_unused):
     if grad_loss is None:  # only the non-differentiable outputs were used
         return (None,) * _OP_ARGS
@@ -290,7 +276,7 @@ def _backward(ctx, grad_loss, grad_z_term, *_unused):
             # Eager: in place, so the stored gradients become the parameters' gradients and backward
             # allocates no second (V, D) buffer. A second backward through the same graph raises
             # (version counter) instead of scaling twice.
-            grad_h, grad_w, grad_b = (_scale_in_place(t, grad_loss) for t in saved)
+            grad_h, grad_w, grad_b = (scale_in_place(t, grad_loss) for t in saved)
     return (grad_h, grad_w, grad_b if ctx.has_bias else None) + (None,) * (_OP_ARGS - 3)
 
 

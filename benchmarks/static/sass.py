@@ -24,9 +24,9 @@ import triton
 
 # jit helper -> the role of the global accesses in its body
 ROLES = {
-    "_logits": "logits",  # a tile of the logits
+    "logits_of": "logits",  # a tile of the logits (kernels/triton_tiles.py)
     "_store_grad": "gradient",  # a tile of the gradient
-    "_class_weights": "weights",  # a tile of the class weights
+    "class_weights_of": "weights",  # a tile of the class weights (kernels/triton_tiles.py)
 }
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
