@@ -248,7 +248,8 @@ def cross_entropy(
     softcap: Optional[float] = None,
     return_z_loss: bool = False,
 ):
-    """F.cross_entropy with class-index targets (same signature and results), plus z-loss and softcap.
+    """F.cross_entropy (same signature and results, class indices or probabilities as the target), plus
+    z-loss and softcap (class indices).
 
     With return_z_loss=True returns (loss, z_term): the loss includes z_loss * lse^2 (reduced like
     the loss), z_term is that part alone for logging.
@@ -259,6 +260,12 @@ def cross_entropy(
     if label_smoothing > 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
     eps = max(float(label_smoothing), 0.0)
+    if isinstance(target, torch.Tensor) and target.dtype.is_floating_point:
+        from smoothce.kernels.soft_cross_entropy import probability_cross_entropy
+
+        return probability_cross_entropy(input, target, weight, ignore_index=ignore_index, reduction=reduction,
+                                         label_smoothing=eps, z_loss=z_loss, softcap=softcap,
+                                         return_z_loss=return_z_loss)
     if isinstance(input, torch.Tensor) and input.dim() == 1:  # unbatched (C,) with a scalar label
         out = cross_entropy(input.unsqueeze(0), target.unsqueeze(0), weight, None, ignore_index, None, reduction,
                             eps, z_loss=z_loss, softcap=softcap, return_z_loss=return_z_loss)

@@ -19,6 +19,9 @@ Both describe the same family of distributions; the convention names the constan
 ``kl=True`` is the KL divergence to that distribution instead of the cross-entropy: it adds
 c = scale sum_j q^_j log q^_j (q^ the unscaled distribution, 0 log 0 = 0).
 
+``SoftTargetForm`` is its sibling for a target given as a tensor, one distribution per row
+(probability targets, knowledge distillation, mixup): see its docstring.
+
 Nothing here imports triton: the detector uses it on machines that only trace graphs.
 """
 
@@ -29,10 +32,11 @@ import math
 from fractions import Fraction
 from typing import Optional
 
-__all__ = ["LossForm", "REDUCTIONS", "SMOOTHINGS"]
+__all__ = ["LossForm", "REDUCTIONS", "SMOOTHINGS", "SoftTargetForm", "TARGETS"]
 
 REDUCTIONS = ("none", "sum", "mean")
 SMOOTHINGS = ("all", "others")
+TARGETS = ("probs", "log_probs", "logits")
 
 
 def _finite(name: str, value) -> float:
@@ -175,3 +179,78 @@ def _shortest(q: Fraction) -> float:
         if abs(short - raw) <= _ULPS * math.ulp(raw):
             return short
     return raw
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftTargetForm:
+    """The term of a loss against a distribution given as a tensor, one per row (the target q).
+
+    LossForm's target distribution is built from the labels with constants the detector recovers
+    exactly; here q is data: probabilities (``F.cross_entropy`` with a float target, timm's mixup
+    targets), log-probabilities (``F.kl_div(..., log_target=True)``) or a teacher's logits, whose
+    softmax is taken in the kernel and never stored. It is a sibling rather than more fields of
+    LossForm because its constants are of another kind (no a, b, c: the term's mass, entropy and
+    'mean' divisor depend on the data), and because a call often holds both: a label term, in
+    LossForm's words, next to this one (Hinton distillation: a cross-entropy on the labels at
+    temperature 1 plus a KL divergence at temperature T). One op call takes both forms.
+
+    For the student's logits x (after LossForm's logit_scale and softcap), s = soft_logit_scale x,
+    p = softmax(s), class weights w (ones without), eps = soft_label_smoothing, V classes:
+
+        soft_i = soft_scale [ sum_j w_j ((1 - eps) q_ij + eps / V) (lse(s_i) - s_ij)
+                              + soft_kl sum_j q_ij log q_ij ]                     (0 log 0 = 0)
+                 + reverse_kl sum_j p_ij (log p_ij - log q_ij)
+
+    The first line is PyTorch's probability-target cross-entropy (label smoothing applied to q as
+    PyTorch applies it; q is not renormalised), and with soft_kl it is ``F.kl_div(log_softmax(s),
+    q)`` summed over the classes; the second is KL(p || q), torchtune's reverse KL (their
+    symmetric KL is both). 'mean' divides this term by the number of rows it counts (every row,
+    or those whose label is kept when labels mask the rows: torchtune's mean over valid tokens),
+    not by class weights: probability-target cross-entropy's rule.
+    """
+
+    target_kind: str = "probs"  # what the target tensor holds: "probs", "log_probs" (kl_div's log_target) or "logits"
+    target_logit_scale: float = 1.0  # target_kind="logits": q = softmax(target_logit_scale * target) (1 / temperature)
+    soft_logit_scale: float = 1.0  # the student's logits times this in this term (1 / temperature)
+    soft_label_smoothing: float = 0.0  # q -> (1 - eps) q + eps / V, as F.cross_entropy with a float target
+    soft_scale: float = 1.0  # the cross-entropy (or KL(q || p)) term times this: T**2, 1 - alpha, 0 for none
+    soft_kl: bool = False  # KL(q || p): adds sum_j q_j log q_j
+    reverse_kl: float = 0.0  # KL(p || q) times this
+
+    def __post_init__(self):
+        if self.target_kind not in TARGETS:
+            raise ValueError(f"smoothce: target_kind={self.target_kind!r} is not one of 'probs', 'log_probs', 'logits'")
+        if not isinstance(self.soft_kl, bool):
+            raise TypeError(f"smoothce: soft_kl must be a bool, got {self.soft_kl!r}")
+        for name in ("target_logit_scale", "soft_logit_scale", "soft_label_smoothing", "soft_scale", "reverse_kl"):
+            object.__setattr__(self, name, _finite(name, getattr(self, name)))
+        for name in ("target_logit_scale", "soft_logit_scale"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"smoothce: {name}={getattr(self, name)!r} must be > 0")
+        if self.target_kind != "logits" and self.target_logit_scale != 1.0:
+            raise ValueError(f"smoothce: target_logit_scale={self.target_logit_scale!r} needs target_kind='logits' "
+                             f"(got {self.target_kind!r})")
+        if self.soft_label_smoothing and (self.soft_kl or self.reverse_kl):
+            raise ValueError("smoothce: soft_label_smoothing applies to a cross-entropy (F.cross_entropy's); "
+                             "a KL divergence takes its target as it is")
+
+    @property
+    def active(self) -> bool:
+        """Whether the term reads the target at all."""
+        return self.soft_scale != 0.0 or self.reverse_kl != 0.0
+
+    def smoothing(self, classes: int) -> tuple[float, float]:
+        """(alpha, beta): the cross-entropy's target is alpha q_j + beta, per class weight."""
+        eps = self.soft_label_smoothing
+        return 1.0 - eps, (eps / classes if classes else 0.0)
+
+    def as_args(self) -> tuple:
+        """The fields in order, as the ``smoothce::soft_cross_entropy`` schema takes them."""
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    def describe(self) -> dict:
+        """The fields a user would name, without defaults."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if getattr(self, f.name) != f.default}
+        out["target_kind"] = self.target_kind
+        return out
