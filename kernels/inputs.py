@@ -73,8 +73,9 @@ def check_dtype(name: str, t: torch.Tensor, allowed: tuple, expected: str) -> No
 def check_labels(target: torch.Tensor, shape: tuple, source: str) -> None:
     """Class-index labels of the given shape (``source`` says where the shape comes from)."""
     if target.dtype.is_floating_point:
-        raise TypeError(f"smoothce: target dtype {target.dtype} looks like class probabilities; smoothce "
-                        "takes class indices (int64 or int32)")
+        raise TypeError(f"smoothce: target dtype {target.dtype} looks like class probabilities; this op takes "
+                        "class indices (int64 or int32): probabilities go to smoothce.cross_entropy or "
+                        "fused_soft_cross_entropy")
     check_dtype("target", target, LABEL_DTYPES, "int64 or int32")
     if tuple(target.shape) != tuple(shape):
         raise ValueError(f"smoothce: target shape {tuple(target.shape)} does not match {source} "
