@@ -167,6 +167,10 @@ def loss_words(m: Match, verbose: bool = False) -> str:
         parts = [" + ".join(f"[{_form_words(f, w)}]" for f, w in call_forms)]
     else:
         parts = [_form_words(form, details.get("weight"))]
+    target = m.params.get("target")
+    if target:  # a term against a target given as data: its words, and the label part's when there is one
+        labelled = any(coefficients.get(k) for k in ("a", "b"))
+        parts = (parts if labelled else []) + ["target: " + ", ".join(f"{k}={_fmt_value(v)}" for k, v in target.items())]
     if verbose:
         parts += [f"{k}={_fmt_value(v)}" for k, v in details.items() if k != "weight"]
         parts += [f"{k}={_fmt_value(v)}" for k, v in coefficients.items()]

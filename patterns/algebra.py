@@ -16,16 +16,22 @@ of its identity rather than new tensors: ``x.float() / 2`` and ``x`` are the sam
 1/2, so the op reads x itself.
 
 Per-class values (``ElemV``) are sums of  coef * [conds] * T_ij * B_ij  with
-    T in  U = 1,  OH(y) = [j == y_i],  COL(p) = [j == p],  W(w) = w_j,  OHW(y, w) = w[y_i] [j == y_i]
-    B in  X = x_ij (the logits),  LSE = lse_i,  K = 1.
+    T in  U = 1,  OH(y) = [j == y_i],  COL(p) = [j == p],  W(w) = w_j,  OHW(y, w) = w[y_i] [j == y_i],
+          D(q, w) = w_j q_ij  (a target distribution given as data, ``Dense``; w None: no class weights)
+    B in  X = x_ij (the logits),  LSE = lse_i,  K = 1,  LOGQ(q) = log q_ij (a teacher's log-probs).
 Log-probs are X - LSE; a target distribution built from the labels has B = K only (no logits).
 
 Per-row values (``RowV``) are sums of  coef * [conds] * atom_i  with atoms
     XG(y) = x[i, y_i],  XC(p) = x[i, p],  XS = sum_j x_ij,  LSE = lse_i,  Z = lse_i^2,  K = 1,
-    WG(y, w) = w[y_i] (x[i, y_i] - lse_i),  WS(w) = sum_j w_j (x_ij - lse_i).
+    WG(y, w) = w[y_i] (x[i, y_i] - lse_i),  WS(w) = sum_j w_j (x_ij - lse_i),
+    DS(q, w, s) = sum_j w_j q_ij (s x_ij - lse(s x)_i),  DE(q) = sum_j q_ij log q_ij  (0 log 0 = 0).
 -L[y] = lse - x[y] is {XG: -1, LSE: 1}: "lse - x.gather(y)" and "-log_softmax(x).gather(y)" are
 one value. A class-weighted term cannot be written in the unweighted atoms (its lse coefficient
-would be a tensor), hence WG and WS.
+would be a tensor), hence WG and WS; a target given as data weighs the log-probs the same way
+(its mass per row is data too, and PyTorch does not renormalise it), hence DS, and DE is the
+entropy a KL divergence against it adds. DS carries the scale s at which it reads the logits:
+Hinton distillation adds a cross-entropy on the logits to a KL divergence on the logits / T, and
+the sum of a value with such terms only and one at another scale of the same logits is one value.
 
 Every term carries its own row mask (``conds``: a conjunction of ``CondAtom``), so a target term
 masked by ignore_index next to an unmasked uniform term is one value, and "(ce + z lse^2) * mask"
@@ -211,6 +217,18 @@ class ArangeV:
 
 
 @dataclasses.dataclass(frozen=True)
+class Dense:
+    """A target distribution given as data, one per row: q is the tensor itself (``kind``
+    "probs": F.cross_entropy's float target, timm's mixup target), its exp ("log_probs":
+    kl_div's log_target), or the softmax of a teacher's logits ("logits": q = softmax(scale * t),
+    taken by the op and never stored). ``logits`` names the tensor as :class:`Logits` does (a
+    scale only for "logits")."""
+
+    kind: str
+    logits: "Logits"
+
+
+@dataclasses.dataclass(frozen=True)
 class Divisor:
     """What a reduced loss is divided by.
 
@@ -275,6 +293,18 @@ def log_probs(key: Logits, seeds=frozenset()) -> ElemV:
 def constant(c: Fraction, cd: Optional[int] = None) -> ElemV:
     """A per-class constant (torch.full, ones_like, ...) that is not tied to logits."""
     return ElemV(None, cd, (((U, "K", frozenset()), c),) if c else ())
+
+
+def dense_target(q: Dense, cd: Optional[int] = None) -> ElemV:
+    """q_ij, a target distribution given as data (no logits of the loss in it)."""
+    return ElemV(None, cd, (((("D", q, None), "K", frozenset()), Q(1)),))
+
+
+def target_log_probs(lp: ElemV) -> ElemV:
+    """A teacher's log-probs log q_ij as a term of a loss on other logits: no logits of the loss
+    in it, only the target's log (base ("LOGQ", q)), which a product with q makes its entropy."""
+    q = Dense("logits", lp.key)
+    return ElemV(None, lp.cd, (((U, ("LOGQ", q), frozenset()), Q(1)),))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,13 +417,36 @@ def _same_key(k1, k2):
     return k1 if k1 is not None else k2
 
 
+SOFT_ATOMS = ("DS", "DE")
+
+
+def _only_soft(v) -> bool:
+    """Whether every term of a per-row or reduced loss reads the logits through a target given as
+    data (its atoms carry their own scale of the logits)."""
+    rows = [v] if isinstance(v, RowV) else [r for _, r in v.parts]
+    return all(atom[0] in SOFT_ATOMS for r in rows for (atom, _), _ in r.terms)
+
+
+def _sum_key(v1, v2):
+    """The logits of v1 + v2: the same ones, or the same at another scale when one side reads
+    them only through terms that carry their scale (no softcap: it does not commute with a scale)."""
+    k1, k2 = v1.key, v2.key
+    if k1 is not None and k2 is not None and k1 != k2 and k1.cap is None and k2.cap is None \
+            and dataclasses.replace(k1, scale=Q(1)) == dataclasses.replace(k2, scale=Q(1)):
+        if _only_soft(v2):
+            return k1
+        if _only_soft(v1):
+            return k2
+    return _same_key(k1, k2)
+
+
 def add(v1, v2, s: Fraction = Q(1)):
     """v1 + s * v2 for two values of the same kind."""
     if type(v1) is not type(v2):
         raise Reject(f"cannot add {_kind(v1)} and {_kind(v2)}")
     seeds = v1.seeds | v2.seeds
     if isinstance(v1, RowV):
-        return RowV(_same_key(v1.key, v2.key), _clean(_merge(v1.tdict, v2.tdict, s)), seeds)
+        return RowV(_sum_key(v1, v2), _clean(_merge(v1.tdict, v2.tdict, s)), seeds)
     if isinstance(v1, ElemV):
         key = _same_key(v1.key, v2.key)
         if v1.cd is not None and v2.cd is not None and v1.cd != v2.cd:
@@ -401,7 +454,7 @@ def add(v1, v2, s: Fraction = Q(1)):
         cd = v1.cd if v1.cd is not None else v2.cd
         return ElemV(key, cd, _clean(_merge(v1.tdict, v2.tdict, s)), seeds)
     if isinstance(v1, ScalarV):
-        key = _same_key(v1.key, v2.key)
+        key = _sum_key(v1, v2)
         parts = dict(v1.parts)
         for d, r in v2.parts:
             r = scale(r, s)
@@ -441,9 +494,11 @@ def _part_mul(p1: tuple, p2: tuple):
         return p2, frozenset()
     if p2 == U:
         return p1, frozenset()
-    if p1[0] > p2[0]:  # order: COL, OH, OHW, W
+    if p1[0] > p2[0]:  # order: COL, D, OH, OHW, W
         p1, p2 = p2, p1
     kinds = (p1[0], p2[0])
+    if "D" in kinds:
+        return _dense_mul(p1, p2)
     if kinds == ("COL", "COL"):
         return (p1, frozenset()) if p1 == p2 else None
     if kinds == ("COL", "OH"):
@@ -461,6 +516,18 @@ def _part_mul(p1: tuple, p2: tuple):
     if "COL" in kinds:
         raise Reject("a class-weighted target meets a fixed class column")
     raise Reject("class weights applied twice")
+
+
+def _dense_mul(p1: tuple, p2: tuple):
+    """A target given as data times a class-weight vector: the weighted target; nothing else."""
+    if p1[0] == "D" and p2[0] == "W":
+        if p1[2] is not None:
+            raise Reject("class weights applied twice")
+        return ("D", p1[1], p2[1]), frozenset()
+    if p1[0] == p2[0] == "D":
+        raise Reject("two target distributions given as tensors are multiplied")
+    raise Reject("a target distribution given as a tensor meets a one-hot of the labels or a fixed class "
+                 "column; the op takes one or the other per term")
 
 
 def elem_mul(e1: ElemV, e2: ElemV) -> ElemV:
@@ -520,19 +587,35 @@ def elem_class_sum(e: ElemV, V: int) -> RowV:
 
     for (tp, base, conds), c in e.terms:
         kind = tp[0]
-        if kind in ("W", "OHW"):
+        if kind in ("W", "OHW", "D"):
             weighted.setdefault((tp, conds), {})[base] = c
             continue
+        if isinstance(base, tuple):  # a target's log-probs summed without the target
+            raise Reject("a target's log-probs are summed unweighted (not a KL divergence)")
         if base == "X":
             atom = {"U": ("XS",), "OH": ("XG", tp[-1]), "COL": ("XC", tp[-1])}[kind]
             put(atom, conds, c)
         else:
             put(("LSE",) if base == "LSE" else ("K",), conds, c * V if kind == "U" else c)
     for (tp, conds), bases in weighted.items():
+        entropy = bases.pop(("LOGQ", tp[1]), 0) if tp[0] == "D" and tp[2] is None else 0
+        if entropy:
+            put(("DE", tp[1]), conds, entropy)
+        if any(isinstance(base, tuple) for base in bases):
+            raise Reject("a target's log-probs are weighted by another distribution than their own")
+        if not bases:
+            continue
         cx = bases.get("X", 0)
         if bases.get("LSE", 0) != -cx or bases.get("K", 0) != 0:
+            if tp[0] == "D":
+                raise Reject("a target distribution given as a tensor multiplies something other than the "
+                             "log-probs")
             raise Reject("class weights multiply something other than the log-probs")
-        put(("WS", tp[1]) if tp[0] == "W" else ("WG", tp[1], tp[2]), conds, cx)
+        if tp[0] == "D":  # the student's scale goes with the term: a loss may read the logits at two
+            atom = ("DS", tp[1], tp[2], e.key.scale)
+        else:
+            atom = ("WS", tp[1]) if tp[0] == "W" else ("WG", tp[1], tp[2])
+        put(atom, conds, cx)
     return RowV(e.key, _clean(row), e.seeds)
 
 
@@ -540,6 +623,8 @@ def elem_gather(e: ElemV, label: LabelV) -> RowV:
     """E_{i, y_i}: the class-dim gather of a per-class value at the labels."""
     row: dict = {}
     for (tp, base, conds), c in e.terms:
+        if isinstance(base, tuple):
+            raise Reject("a target's log-probs are read at the labels")
         if tp == U or (tp[0] == "OH" and tp[1] == label):
             atom = {"X": ("XG", label), "LSE": ("LSE",), "K": ("K",)}[base]
         elif tp[0] == "COL":
@@ -547,6 +632,8 @@ def elem_gather(e: ElemV, label: LabelV) -> RowV:
             if conds is None:
                 continue
             atom = {"X": ("XG", label), "LSE": ("LSE",), "K": ("K",)}[base]
+        elif tp[0] == "D":
+            raise Reject("a target distribution given as a tensor is read at the labels")
         else:
             raise Reject("a gather of a weighted or differently labelled value")
         row[(atom, conds)] = row.get((atom, conds), 0) + c
@@ -557,6 +644,8 @@ def elem_column(e: ElemV, p: int) -> RowV:
     """E_{i, p}: one fixed class column of a per-class value."""
     row: dict = {}
     for (tp, base, conds), c in e.terms:
+        if isinstance(base, tuple):
+            raise Reject("a class column of a target's log-probs")
         if tp[0] == "OH":
             conds = simplify(conds | {label_equals(tp[1], p)})
             if conds is None:
@@ -565,7 +654,7 @@ def elem_column(e: ElemV, p: int) -> RowV:
             if tp[1] != p:
                 continue
         elif tp != U:
-            raise Reject("a class column of a weighted value")
+            raise Reject("a class column of a weighted value or of a target given as a tensor")
         atom = {"X": ("XC", p), "LSE": ("LSE",), "K": ("K",)}[base]
         row[(atom, conds)] = row.get((atom, conds), 0) + c
     return RowV(e.key, _clean(row), e.seeds)

@@ -57,6 +57,10 @@ def rewrite_cross_entropy(gm: torch.fx.GraphModule, *, fuse_linear: bool = True)
     names = [(_seed(plan, order).name, location(plan.sink)) for plan in plans]  # before any node goes
     for plan, (seed, where) in zip(plans, names):
         head, why_not = find_head(plan, plan.dead) if fuse_linear else (None, None)
+        if head is not None and any(c.soft is not None for c in plan.calls):
+            head, why_not = None, (f"not fused with the linear layer that produces the logits "
+                                   f"({location(head.node)}): a loss against a target given as a tensor "
+                                   "keeps its logits")
         try:
             emit(gm, plan, head, fake_mode)
         except Reject as err:
@@ -125,6 +129,23 @@ def _family(plan: Plan, form: LossForm) -> str:
     return "hand-written " + {"all": "eps/V", "others": "eps/(V-1)"}[form.smoothing]
 
 
+def _soft_family(plan: Plan, soft) -> str:
+    """A loss against a target given as data: what the target is (a teacher's softmax, or data),
+    the divergence, and whether a label term goes with it."""
+    labels = " + labels" if any(c.a for c in plan.calls) else ""
+    return (("distillation " if soft.dense.kind == "logits" else "soft-target ")
+            + ("KL" if soft.form.soft_kl else "cross-entropy") + labels)
+
+
+def _soft_words(soft) -> dict:
+    """The target term's parameters as the user wrote them: temperatures rather than scales."""
+    words = {"tensor": user_name(soft.dense.logits.source), **soft.form.describe(), "reduction": soft.reduction}
+    for scale, temperature in (("target_logit_scale", "temperature"), ("soft_logit_scale", "student_temperature")):
+        if scale in words:
+            words[temperature] = 1 / words.pop(scale)
+    return words
+
+
 def _combined_form(plan: Plan) -> LossForm:
     """The user's parameters: one form for all calls (they differ in what divides them), when
     their summed coefficients are one; else the form of the call with the label term."""
@@ -170,4 +191,7 @@ def _match(plan: Plan, head: Optional[Head], erased: tuple) -> Match:
     if head is not None:
         params["head"] = location(head.node)
     family = ("linear+" if head is not None else "") + _family(plan, form)
+    soft = next((c.soft for c in calls if c.soft is not None), None)
+    if soft is not None:
+        family, params["target"] = _soft_family(plan, soft), _soft_words(soft)
     return Match(family, location(plan.sink), params, erased, form, coefficients, call_forms)

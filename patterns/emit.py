@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.fx
 
-from smoothce.patterns.algebra import CondAtom, Reject
+from smoothce.patterns.algebra import CondAtom, Dense, Reject
 from smoothce.patterns.analysis import LabelCheck, Plan
 from smoothce.patterns.head import Head
 from smoothce.patterns.nodes import dtype, fake, reads_shape_only, shape
@@ -41,6 +41,12 @@ def _ops():
     from smoothce.kernels.linear_cross_entropy import fused_linear_cross_entropy
 
     return fused_cross_entropy, fused_linear_cross_entropy
+
+
+def _soft_op():
+    from smoothce.kernels.soft_cross_entropy import fused_soft_cross_entropy
+
+    return fused_soft_cross_entropy
 
 
 class _Builder:
@@ -156,22 +162,32 @@ def _emit(plan: Plan, head: Optional[Head], b: _Builder) -> Node:
     checks = [c for c in plan.checks if not any(_implied(c, call.target, V) for call in plan.calls)]
     outs = []
     for i, call in enumerate(plan.calls):
-        t = _target(call.target, plan, rows, op_rows, x, b, checks=checks if i == 0 else (),
-                    placeholder=_unpadded_class(call.columns, V))
+        own_checks = checks if i == 0 else ()
+        # a term against a target given as data alone reads no labels: none are made up for it
+        labelled = call.soft is None or call.target.node is not None or own_checks
+        t = _target(call.target, plan, rows, op_rows, x, b, checks=own_checks,
+                    placeholder=_unpadded_class(call.columns, V)) if labelled else None
         kwargs = call.form.describe()  # the form in the user's words; defaults left out
         if call.uniform_rows is not None:
             kwargs["uniform_rows"] = _mask(call.uniform_rows, t, op_rows, V, b)
         if want is not None and want != dtype(x):
             kwargs["loss_dtype"] = want  # the dtype the user's loss had: bf16 logits upcast by the user
         weight = call.weight if call.weight is not None else _column_weights(call.columns, V, x, b)
-        if head is not None:
+        if call.soft is not None:
+            soft = call.soft
+            q = _dense(soft.dense, b, V, flatten)
+            if soft.rows or t is not None:  # with labels the op would count the target's rows by them
+                kwargs["target_rows"] = _mask(soft.rows, t, op_rows, V, b)
+            kwargs.update(soft.form.describe(), scale=call.form.scale)
+            loss = b.fn(_soft_op(), x, q, t, weight, **kwargs)
+        elif head is not None:
             loss = b.fn(fused_linear_ce, x, w_in, b_in, t, weight, **kwargs)
         else:
             loss = b.fn(fused_ce, x, t, weight, **kwargs)
         if call.reduction == "none" and shape(plan.sink) != shape(loss):
             loss = b.method("reshape", loss, *_sizes(shape(plan.sink), rows, size, b.graph))
         if call.divisor is not None:
-            loss = b.fn(operator.truediv, loss, _divisor(call, t, op_rows, V, b))
+            loss = b.fn(operator.truediv, loss, _divisor(call, t, op_rows, V, b, kwargs.get("target_rows")))
         outs.append(loss)
     total = outs[0]
     for o in outs[1:]:
@@ -200,6 +216,15 @@ def _sizes(out: tuple, rows: tuple, size, graph: torch.fx.Graph) -> tuple:
         raise Reject(f"the per-row loss of shape {out} has symbolic sizes that no tensor holds")
     sizes[unknown[0] if unknown else 0] = -1  # the one size reshape infers: valid under dynamic shapes
     return tuple(sizes)
+
+
+def _dense(q: Dense, b: _Builder, V: int, flatten: bool) -> Node:
+    """The target tensor the op reads: the user's, or a teacher's logits (their views replayed,
+    their float64 upcast kept; the temperature goes to the op)."""
+    t = _replay(q.logits.layout, q.logits.source, b)
+    if q.logits.dtype is not None:
+        t = b.method("to", t, q.logits.dtype)
+    return b.method("reshape", t, -1, V) if flatten else t
 
 
 def _as(t: Optional[Node], to, b: _Builder) -> Optional[Node]:
@@ -315,14 +340,15 @@ def _column_weights(columns: tuple, V: int, x: Node, b: _Builder) -> Optional[No
     return w
 
 
-def _divisor(call: Call, t: Node, op_rows, V: int, b: _Builder) -> Node:
-    """A node holding what the op's sum is divided by."""
+def _divisor(call: Call, t: Optional[Node], op_rows, V: int, b: _Builder, rows_mask: Optional[Node]) -> Node:
+    """A node holding what the op's sum is divided by (``t``: the labels the call reads, None for
+    a term against a target given as data alone, whose rows are ``rows_mask``)."""
     d = call.divisor
     if d.node is not None:
         return d.node
     kind = d.key[0]
     if kind == "rows":
-        return b.method("numel", t)
+        return b.method("numel", t if t is not None else rows_mask)
     if kind == "count":
         return b.method("sum", _mask(d.key[1], t, op_rows, V, b))
     if kind == "wsum":  # PyTorch's weighted mean: sum of w[y] over kept rows

@@ -18,20 +18,23 @@ different counts become one call each. Anything else is a Reject that says why.
 from __future__ import annotations
 
 import dataclasses
+import math
 from fractions import Fraction
 from typing import Optional
 
 import torch.fx
 
-from smoothce.kernels.form import LossForm
+from smoothce.kernels.form import LossForm, SoftTargetForm
 from smoothce.patterns.algebra import (
-    CondAtom, Divisor, LabelV, Logits, Q, Reject, RowV, ScalarV, simplify, static_classes, two_labels,
+    SOFT_ATOMS, CondAtom, Dense, Divisor, LabelV, Logits, Q, Reject, RowV, ScalarV, simplify, static_classes,
+    two_labels,
 )
 from smoothce.patterns.nodes import fake, shape, words
 
 Node = torch.fx.Node
 
-__all__ = ["Target", "Call", "normal_form", "classes_of", "logits_shape"]
+__all__ = ["Target", "Call", "SoftPart", "normal_form", "classes_of", "logits_shape"]
+
 
 @dataclasses.dataclass(frozen=True)
 class Target:
@@ -45,6 +48,19 @@ class Target:
     ignore: Optional[int]
     fold: frozenset = frozenset()
     wrap: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftPart:
+    """The term of a call against a target given as data (``Dense``): its form, the class weights
+    it reads, the rows it counts (``rows``, a mask; empty: every row) and how it is reduced."""
+
+    dense: Dense
+    weight: Optional[Node]
+    rows: frozenset
+    form: SoftTargetForm
+    reduction: str
+    divisor: Optional[Divisor]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +80,7 @@ class Call:
     divisor: Optional[Divisor]  # what the op's 'sum' is divided by afterwards
     form: LossForm  # the parameters the op gets (for V classes)
     words: LossForm  # the same loss as the user wrote it (a padding column is no class to spread over)
+    soft: Optional[SoftPart] = None  # the term against a target given as data: smoothce::soft_cross_entropy
 
 
 def logits_shape(key: Logits) -> Optional[tuple]:
@@ -100,7 +117,8 @@ def normal_form(value) -> tuple[Logits, list[Call]]:
     pairs.sort(key=lambda p: (p[1].a == 0, p[1].b == 0))  # the call with the label term first
     merged = _own_means(pairs, V)
     calls = [merged] if merged is not None else [c for _, c in pairs]
-    if not calls or all(c.a == 0 and c.b == 0 for c in calls):
+    calls = _target_beside_labels(calls, shp, key.cd)
+    if not calls or all(c.a == 0 and c.b == 0 and c.soft is None for c in calls):
         # lse^2 alone: the op would add a gradient buffer where logsumexp needs none
         raise Reject("no log-prob term (a z-loss alone is left as written)")
     labels = {c.label for c in calls if c.label is not None}
@@ -231,6 +249,9 @@ class _ZMaskedApart(Reject):
 
 def _call(row: RowV, divisor: Optional[Divisor], V: int, key: Logits, per_row: bool) -> Call:
     terms = _merge_masks(dict(row.terms))
+    soft = {k: c for k, c in terms.items() if k[0][0] in SOFT_ATOMS}
+    if soft:
+        return _with_soft(soft, {k: c for k, c in terms.items() if k not in soft}, divisor, V, key, per_row)
     label = _label_of(terms)
     terms = _columns_at_label(terms, label)
     by_mask: dict = {}
@@ -303,6 +324,120 @@ def _dropped_apart(rows: frozenset, other: frozenset) -> str:
     hint = f"; pass ignore_index={shared[0].key[2]} (the label the mask drops)" if shared else ""
     return (f": the label term also drops the rows where {words(a.key[1])} == {a.key[2]} (an ignore_index), "
             f"the other term does not{hint}, or mask both terms the same way")
+
+
+def _with_soft(soft: dict, rest: dict, divisor, V: int, key: Logits, per_row: bool) -> Call:
+    """A call with a term against a target given as data, next to label terms (``rest``) or not."""
+    denses = {atom[1] for atom, _ in soft}
+    if len(denses) > 1:
+        raise Reject("the loss reads two target distributions given as tensors; the op takes one")
+    (dense,) = denses
+    masks = {conds for _, conds in soft}
+    if len(masks) > 1:
+        raise Reject("the terms against the target distribution are masked in different ways")
+    (rows,) = masks
+    reads = {atom[2:] for atom, _ in soft if atom[0] == "DS"}
+    if len(reads) != 1:
+        raise Reject("the terms against the target distribution read the logits at different temperatures "
+                     "or with different class weights")
+    ((weight, student),) = reads
+    cross = -sum((c for (atom, _), c in soft.items() if atom[0] == "DS"), Q(0))
+    entropy = sum((c for (atom, _), c in soft.items() if atom[0] == "DE"), Q(0))
+    if entropy not in (0, cross):
+        raise Reject("the target's entropy term does not go with its cross-entropy (not a KL divergence)")
+    if weight is not None and entropy:
+        raise Reject("class weights in a KL divergence against a target given as a tensor")
+    if weight is not None and (fake(weight) is None or fake(weight).requires_grad):
+        raise Reject(f"the class weight {words(weight)} requires grad (the op does not differentiate it)")
+    smoothing = not entropy and student == key.scale
+    eps, label_terms = _target_smoothing(rest, rows, weight, cross, V) if smoothing else (Q(0), rest)
+    if eps:
+        cross = cross / (1 - eps)  # the term's scale: (1 - eps) of it went to the target
+    soft_form = SoftTargetForm(target_kind=dense.kind, target_logit_scale=float(dense.logits.scale),
+                               soft_logit_scale=float(student / key.scale), soft_label_smoothing=float(eps),
+                               soft_scale=float(cross), soft_kl=bool(entropy))
+    reduction, after = _soft_reduction(divisor, per_row, rows)
+    part = SoftPart(dense, weight, rows, soft_form, reduction, after)
+    if not label_terms:
+        form = LossForm(scale=0.0, ignore_index=None, reduction=reduction,
+                        softcap=None if key.cap is None else float(key.cap), logit_scale=float(key.scale))
+        return Call(Q(0), Q(0), Q(0), Q(0), None, Target(None, None), None, weight, (), reduction, after,
+                    form, form, part)
+    return _attach(_call(RowV(key, tuple(label_terms.items())), divisor, V, key, per_row), part, divisor)
+
+
+def _target_beside_labels(calls: list, shp: tuple, cd: int) -> list:
+    """A label call and a call with only a target term, each reduced by the op itself (Hinton
+    distillation: F.cross_entropy's mean next to kl_div's batchmean): one call, whose 'mean'
+    divides each part by its own rows. A target term summed over every row of a static count n
+    (divided by a constant by hand) is n times its mean."""
+    if len(calls) != 2:
+        return calls
+    soft = [c for c in calls if c.soft is not None]
+    if len(soft) != 1 or soft[0].label is not None or soft[0].a or soft[0].b or soft[0].z or soft[0].c:
+        return calls
+    (target,), (label,) = soft, [c for c in calls if c.soft is None]
+    part = target.soft
+    rows = math.prod(d for i, d in enumerate(shp) if i != len(shp) + cd)
+    if (label.reduction, part.reduction) == ("mean", "sum") and not part.rows and isinstance(rows, int) \
+            and part.divisor is None:
+        form = dataclasses.replace(part.form, soft_scale=part.form.soft_scale * rows)
+        part = dataclasses.replace(part, form=form, reduction="mean")
+    if label.divisor is not None or part.divisor is not None or label.reduction != part.reduction:
+        return calls
+    try:
+        return [_attach(label, part, None)]
+    except Reject:  # not one call: two
+        return calls
+
+
+def _target_smoothing(rest: dict, rows: frozenset, weight, cross, V: int) -> tuple:
+    """(eps, the label terms left) when the terms next to the target's are F.cross_entropy's
+    smoothing of it, (1 - eps) q + eps / V: a uniform term on the target's rows and no label term."""
+    if not rest or any(atom[0] in ("XG", "WG") for atom, _ in rest):
+        return Q(0), rest
+    if any(conds != rows for _, conds in rest):
+        return Q(0), rest
+    atoms = {atom: c for (atom, _), c in rest.items()}
+    if weight is not None:
+        b = -atoms.get(("WS", weight), Q(0))
+        fits = set(atoms) == {("WS", weight)}
+    else:
+        b = -atoms.get(("XS",), Q(0))
+        fits = set(atoms) == {("XS",), ("LSE",)} and atoms[("LSE",)] == b * V
+    if not fits or b <= 0 or cross <= 0:
+        return Q(0), rest
+    return b * V / (cross + b * V), {}
+
+
+def _attach(call: Call, part: SoftPart, divisor) -> Call:
+    """A label call and a target term that share a divisor, as one call."""
+    if call.soft is not None or call.uniform_rows is not None or call.columns:
+        raise Reject("a term against a target given as a tensor next to label terms masked apart or "
+                     "with padding columns")
+    if call.weight is not part.weight:
+        raise Reject("the label terms and the target's term read different class weights")
+    if call.form.softcap is not None and part.form.soft_logit_scale != 1.0:
+        raise Reject("a softcap with the logits at two temperatures")
+    reduction, after = call.reduction, call.divisor
+    if (reduction, after) != (part.reduction, part.divisor):
+        reduction, after = "sum", divisor  # each 'mean' divides by other rows: one division after the sums
+    form = dataclasses.replace(call.form, reduction=reduction)
+    return dataclasses.replace(call, reduction=reduction, divisor=after, form=form,
+                               words=dataclasses.replace(call.words, reduction=reduction),
+                               soft=dataclasses.replace(part, reduction=reduction, divisor=after))
+
+
+def _soft_reduction(divisor, per_row, rows: frozenset) -> tuple[str, Optional[Divisor]]:
+    """The op's reduction of a target term counted on ``rows``, and the divisor left after it:
+    its 'mean' divides by the number of rows it counts (probability-target cross-entropy's rule)."""
+    if per_row:
+        return "none", None
+    if divisor is None:
+        return "sum", None
+    if divisor.key == ("count", rows) or divisor.key == ("rows",) and not rows:
+        return "mean", None
+    return "sum", divisor
 
 
 def _own_means(pairs: list, V: int) -> Optional[Call]:

@@ -13,6 +13,7 @@ from torch._dynamo.backends.debugging import aot_eager
 from smoothce.kernels.cross_entropy import fused_cross_entropy
 from smoothce.kernels.inputs import TargetOutOfBoundsError
 from smoothce.kernels.linear_cross_entropy import fused_linear_cross_entropy
+from smoothce.kernels.soft_cross_entropy import fused_soft_cross_entropy
 from smoothce.patterns.cross_entropy import rewrite_cross_entropy
 from smoothce.patterns.ops import op_name
 
@@ -23,7 +24,7 @@ EPS = 0.1
 
 # ops that must be gone once a loss is rewritten
 ORIGINAL_OPS = {"log_softmax", "nll_loss", "cross_entropy", "kl_div", "gather", "logsumexp", "one_hot",
-                "scatter", "full_like"}
+                "scatter", "full_like", "softmax"}
 
 
 class Recorder:
@@ -72,7 +73,7 @@ def normalize(code: str) -> str:
 
 
 def fused_calls(gm) -> int:
-    ops = (fused_cross_entropy, fused_linear_cross_entropy)
+    ops = (fused_cross_entropy, fused_linear_cross_entropy, fused_soft_cross_entropy)
     return sum(n.op == "call_function" and n.target in ops for n in gm.graph.nodes)
 
 

@@ -741,17 +741,22 @@ class SmoothedRowsInABuffer(nn.Module):
         return -(self.table[y] * F.log_softmax(x, -1)).sum(-1).mean()
 
 
-@pytest.mark.parametrize("make", [OpenNMTLabelSmoothing, SmoothedRowsInABuffer], ids=lambda c: c.__name__)
-def test_a_target_in_a_buffer_says_to_build_it_in_forward(make):
-    rec = check(make(), logits(N, V), labels(N), matches=0)
-    name = "self.one_hot" if make is OpenNMTLabelSmoothing else "self.table"
+def test_a_target_in_a_buffer_changed_in_place_says_to_build_it_in_forward():
+    rec = check(OpenNMTLabelSmoothing(), logits(N, V), labels(N), matches=0)
     (miss,) = rec.result.near_misses
-    assert miss.reason.startswith(f"targets are built from {name}, a module's tensor whose values the graph does "
-                                  "not show"), miss
+    assert miss.reason.startswith("targets are built from self.one_hot, a module's tensor whose values the graph "
+                                  "does not show"), miss
     assert "build the target in forward from the labels" in miss.reason
 
 
-def test_a_target_built_before_a_graph_break_says_how_to_keep_one_graph():
+def test_rows_of_a_buffer_are_a_target_given_as_data():
+    # self.table[y] is a distribution per row that the graph reads as data: the op reads it
+    rec = check(SmoothedRowsInABuffer(), logits(N, V), labels(N))
+    (m,) = rec.result.matches
+    assert m.family == "soft-target cross-entropy"
+
+
+def test_a_target_built_before_a_graph_break_is_a_target_given_as_data():
     def fn(x, y):
         t = F.one_hot(y, V).float() * (1 - EPS) + EPS / V
         torch._dynamo.graph_break()  # a print or an .item() count does the same
@@ -760,9 +765,8 @@ def test_a_target_built_before_a_graph_break_says_how_to_keep_one_graph():
     rec = Recorder()
     x, y = logits(N, V), labels(N)
     assert_equals_eager_in_float64(torch.compile(fn, backend=rec), fn, x, y)
-    (miss,) = [m for r in rec.results for m in r.near_misses]
-    assert miss.reason.startswith("targets are class probabilities from outside the graph (t)"), miss
-    assert "keep both in one graph" in miss.reason and "capture_scalar_outputs" in miss.reason
+    (m,) = [m for r in rec.results for m in r.matches]
+    assert m.family == "soft-target cross-entropy" and m.params["target"]["tensor"] == "t"
 
 
 def test_one_label_tensor_read_two_ways_is_no_mixup():

@@ -19,10 +19,10 @@ import torch.fx
 from smoothce.patterns.algebra import (
     U, ColV, CondV, Divisor, DivisorV, ElemV, LabelV, NotCrossEntropy, Q, Reject, RowV, ScalarV, WeightAtV, add,
     carries_logits, constant, divide, elem_class_sum, elem_mul, elem_times_weight, kind, log_probs, row_times_row,
-    row_times_weight_at, scale, seeds_of, with_conds,
+    row_times_weight_at, scale, seeds_of, target_log_probs, with_conds,
 )
 from smoothce.patterns.interpret.arguments import as_constant, is_scalar_like, keepdim_shape
-from smoothce.patterns.nodes import describe, exact, is_float, location, shape, static_shape, words
+from smoothce.patterns.nodes import describe, exact, fake, is_float, location, shape, static_shape, words
 from smoothce.patterns.ops import op_name
 
 if TYPE_CHECKING:
@@ -82,6 +82,7 @@ def _add(interp: Interpretation, node, a, b, sign, alpha):
     if isinstance(va, ElemV) and isinstance(vb, ElemV):
         if va.key is not None and vb.key is not None:
             _same_shape(node, a, b)
+            va, vb = _teacher_apart(va, vb)
         return add(va, vb, s)
     if isinstance(va, RowV) and isinstance(vb, RowV):
         _same_shape(node, a, b)
@@ -105,6 +106,20 @@ def _add(interp: Interpretation, node, a, b, sign, alpha):
         raise Reject(f"{kind(va) if va is not None else words(a)} and {kind(vb) if vb is not None else words(b)} "
                      f"are added ({describe(node)})")
     return None
+
+
+def _teacher_apart(va: ElemV, vb: ElemV) -> tuple:
+    """log q - log p of two networks' log-probs (a KL divergence written by hand): the log-probs
+    of the logits that do not require grad (a teacher's) become the target's, the others stay the
+    loss's. Which is which matters only to being found: the op differentiates its target too."""
+    if va.key.source is vb.key.source or not (va.is_logprob() and vb.is_logprob()):
+        return va, vb
+    grads = [fake(v.key.source) is not None and fake(v.key.source).requires_grad for v in (va, vb)]
+    if grads == [True, False]:
+        return va, target_log_probs(vb)
+    if grads == [False, True]:
+        return target_log_probs(va), vb
+    return va, vb
 
 
 def _count_complement(node, v: DivisorV, const, sign):
@@ -152,6 +167,9 @@ def op_mul(interp: Interpretation, node, a, kw):
         w = _class_vector(interp, b, shape(a), va.cd) if vb is None and va.key is not None else None
         if w is not None:
             return elem_times_weight(va, w)
+        q = interp.dense(b, va, "the log-probs are multiplied by") if shape(a) == shape(b) == shape(node) else None
+        if q is not None:
+            return elem_mul(va, q)
         if va.key is not None:
             raise Reject(_dense_reason(interp, b, vb))
         return None

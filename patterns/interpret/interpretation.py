@@ -14,7 +14,8 @@ import torch
 import torch.fx
 
 from smoothce.patterns.algebra import (
-    TWO_LABELS, ArangeV, CondAtom, CondV, ElemV, LabelV, Reject, carries_logits, pure_logits,
+    TWO_LABELS, ArangeV, CondAtom, CondV, Dense, ElemV, LabelV, Logits, Reject, SoftmaxV, carries_logits,
+    dense_target, pure_logits,
 )
 from smoothce.patterns.interpret import (
     arithmetic, indexing, inplace, losses, masks, reductions, softmax, targets, views_and_casts,
@@ -219,6 +220,40 @@ class Interpretation:
         if isinstance(arg, Node) and v is None and is_bool(arg):
             return CondV(frozenset({CondAtom(("node", self.structure.key(arg)), True, arg)}))
         return None
+
+    def dense(self, arg, lp: ElemV, what: str) -> Optional[ElemV]:
+        """``arg`` as a target distribution given as data, for the log-probs ``lp`` (None: it is
+        none): a teacher's softmax (its logits are read, the softmax is taken by the op), or an
+        opaque float tensor of lp's shape (probabilities). ``what`` says how the loss reads it."""
+        if not isinstance(arg, Node) or lp.key is None:
+            return None
+        v = self.values.get(arg)
+        if isinstance(v, SoftmaxV):
+            if self.computed_from(v.logits.source, lp.key.source):
+                raise Reject(f"{what} a softmax of the very logits it is computed from (an entropy or a "
+                             "self-distillation term, not a cross-entropy against a target)")
+            if v.logits.cap is not None:
+                raise Reject(f"{what} the softmax of softcapped teacher logits; the op takes a temperature only")
+            if v.logits.cd != lp.cd:
+                raise Reject(f"{what} a softmax over another dim than the log-probs' classes")
+            return dense_target(Dense("logits", v.logits), lp.cd)
+        if v is not None or not is_float(arg) or arg in self.lost or arg in self.changed_by \
+                or self.computed_from(arg, lp.key.source):
+            return None
+        return dense_target(Dense("probs", Logits(arg, cd=lp.cd)), lp.cd)
+
+    def computed_from(self, node: Node, source: Node) -> bool:
+        """Whether ``node`` is ``source`` or computed from it."""
+        seen, stack = {node}, [node]
+        while stack:
+            n = stack.pop()
+            if n is source:
+                return True
+            for a in n.all_input_nodes:
+                if a not in seen and self.order.get(a, -1) >= self.order.get(source, 0):
+                    seen.add(a)
+                    stack.append(a)
+        return False
 
     def logits(self, arg) -> Optional[ElemV]:
         """``arg`` as pure logits (see :class:`Logits`), or None when it is not an opaque float tensor."""

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Optional
 import torch.fx
 
 from smoothce.patterns.algebra import (
-    U, CondAtom, Divisor, ElemV, LabelV, Q, Reject, RowV, ScalarV, WeightAtV, add, carries_logits,
-    constant, elem_class_sum, elem_gather, elem_mul, elem_times_weight, kind, log_probs, row_times_weight_at,
-    scale, seeds_of, static_classes, two_labels, with_conds,
+    U, CondAtom, Dense, Divisor, ElemV, LabelV, Logits, Q, Reject, RowV, ScalarV, WeightAtV, add,
+    carries_logits, constant, dense_target, elem_class_sum, elem_gather, elem_mul, elem_times_weight, kind,
+    log_probs, row_times_weight_at, scale, seeds_of, static_classes, two_labels, with_conds,
 )
 from smoothce.patterns.interpret.arguments import from_end
 from smoothce.patterns.interpret.targets import one_hot
@@ -75,8 +75,13 @@ def op_cross_entropy(interp: Interpretation, node, x, kw):
         # class probabilities: loss_i = -sum_j w_j p'_ij L_ij with p' = (1 - eps) p + eps / V
         p = interp.val(target)
         if not (isinstance(p, ElemV) and p.key is None):
-            raise Reject(interp.lost_reason(target, "cross_entropy reads") or interp.foreign_reason(target)
-                         or f"the cross_entropy target {words(target)} is not built from the labels")
+            lost = interp.lost_reason(target, "cross_entropy reads")
+            if lost is not None:
+                raise Reject(lost)
+            p = interp.dense(target, lp, "cross_entropy reads")
+            if p is None or shape(target) != shape(x):
+                raise Reject(interp.foreign_reason(target)
+                             or f"the cross_entropy target {words(target)} is not built from the labels")
         q = add(scale(p, 1 - eps), constant(eps / V, key.cd))
         e = elem_mul(q, lp)
         if weight is not None:
@@ -152,13 +157,16 @@ def op_kl_div(interp: Interpretation, node, lp, kw):
     if not v.is_logprob():
         raise Reject(f"kl_div reads a value that is not plain log-probs ({describe(node)})")
     _legacy(kw, "kl_div")
-    if kw["log_target"] is not False:
-        raise Reject("kl_div with log_target=True")
     target = kw["target"]
+    log_target = kw["log_target"]
+    if not isinstance(log_target, bool):
+        raise Reject(f"kl_div(log_target={log_target!r}) is not a constant")
     p = interp.val(target) if isinstance(target, Node) else None
-    if not (isinstance(p, ElemV) and p.key is None):
-        raise Reject(interp.lost_reason(target, "kl_div reads") or interp.foreign_reason(target)
-                     or f"the kl_div target {words(target)} is not built from the labels")
+    if log_target or not (isinstance(p, ElemV) and p.key is None):
+        lost = interp.lost_reason(target, "kl_div reads")
+        if lost is not None:
+            raise Reject(lost)
+        return _kl_div_dense(interp, node, v, target, log_target, kw["reduction"])
     if p.cd is not None and p.cd != v.cd:
         raise Reject(f"kl_div target has classes along dim {p.cd}, log-probs along dim {v.cd} (from the end)")
     if shape(target) != shape(lp):
@@ -184,13 +192,18 @@ def op_kl_div(interp: Interpretation, node, lp, kw):
     c = xlogx(A + B) + (V - 1) * xlogx(B) if lab is not None else V * xlogx(B)
     row = scale(elem_class_sum(elem_mul(dataclasses.replace(p, cd=v.cd), v), V), Q(-1))
     row = dataclasses.replace(add(row, RowV.make(row.key, {("K",): c})), seeds=seeds)
+    return _kl_reduced(row, reduction, shape(lp), V)
+
+
+def _kl_reduced(row: RowV, reduction, shp: tuple, V: int):
+    """kl_div's reductions of a per-row KL over input of shape ``shp``."""
     if reduction == "sum":
         return ScalarV.of(row)
     if reduction == "mean":  # over all N * V elements
         return ScalarV.of(scale(row, Q(1, V)), Divisor(("rows",)))
     if reduction == "batchmean":  # sum / input.size(0)
-        n0 = shape(lp)[0]
-        if len(shape(lp)) == 2:
+        n0 = shp[0]
+        if len(shp) == 2:
             return ScalarV.of(row, Divisor(("rows",)))
         if not isinstance(n0, int) or n0 == 0:
             raise Reject(f"kl_div batchmean over a batch of {n0} (not a static positive size)")
@@ -213,3 +226,41 @@ def _target_coefs(p: ElemV):
     if len(labels) > 1:
         raise Reject(two_labels(labels))
     return A, B, next(iter(labels), None)
+
+
+def _kl_div_dense(interp: Interpretation, node, lp: ElemV, target, log_target: bool, reduction):
+    """kl_div against a target given as data: sum_j q_j log q_j - q_j lp_j per row (DE - DS), q
+    the target's probabilities, a teacher's softmax, or with log_target the exp of log-probs (a
+    teacher's log_softmax or a tensor)."""
+    if not isinstance(target, Node) or shape(target) != shape(node.args[0]):
+        raise Reject(f"kl_div target of shape {shape(target) if isinstance(target, Node) else None} is not "
+                     "the log-probs' shape")
+    v = interp.val(target)
+    if log_target and isinstance(v, ElemV) and v.key is not None:
+        if not v.is_logprob() or v.key.source is lp.key.source:
+            raise Reject("kl_div(log_target=True) reads log-probs of the very logits it is computed from, or "
+                         "a value that is not plain log-probs")
+        if v.key.cap is not None:
+            raise Reject("kl_div(log_target=True) reads log-probs of softcapped teacher logits; the op takes "
+                         "a temperature only")
+        if v.cd != lp.cd:
+            raise Reject("kl_div(log_target=True) reads log-probs over another dim than the input's classes")
+        q = dense_target(Dense("logits", v.key), lp.cd)
+    elif log_target:
+        if v is not None or not is_float(target) or target in interp.changed_by:
+            raise Reject(f"kl_div(log_target=True) reads {kind(v) if v is not None else words(target)}")
+        q = dense_target(Dense("log_probs", Logits(target, cd=lp.cd)), lp.cd)
+    else:
+        q = interp.dense(target, lp, "kl_div reads")
+        if q is None:
+            raise Reject(interp.foreign_reason(target) or f"the kl_div target {words(target)} is not built from the "
+                         "labels")
+    (((_, dense, _), _, _), _), = q.terms
+    V = static_classes(shape(target)[lp.cd])
+    row = scale(elem_class_sum(elem_mul(q, lp), V), Q(-1))
+    row = add(row, RowV.make(row.key, {("DE", dense): Q(1)}))
+    row = dataclasses.replace(row, seeds=lp.seeds | {node})
+    if reduction == "none":
+        raise Reject("kl_div(reduction='none') against a target given as a tensor (the op returns a loss "
+                     "per row, not per class)")
+    return _kl_reduced(row, reduction, shape(target), V)

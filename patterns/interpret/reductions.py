@@ -38,7 +38,7 @@ def op_count_nonzero(interp: Interpretation, node, a, kw):
 def _reduce(interp: Interpretation, node, a, kw, mean):
     v = interp.val(a)
     dim, keep = kw["dim"], bool(kw["keepdim"])
-    all_dims = dim is None or dim == [] or dim == ()
+    all_dims = dim is None or dim == [] or dim == () or _every_dim(a, dim)
     if isinstance(v, ColV):  # the classes left: sum (or mean) over them
         if keep or not (all_dims or dim in (0, -1, [0], [-1], (0,), (-1,))):
             raise Reject("a per-class vector is reduced over something other than its classes")
@@ -71,6 +71,18 @@ def _reduce(interp: Interpretation, node, a, kw, mean):
     if dims == set(range(nd)) and not keep:
         return _all_rows(v, mean)
     raise Reject(f"the per-row loss is reduced over dims {sorted(dims)} of {nd} only ({describe(node)})")
+
+
+def _every_dim(a, dim) -> bool:
+    """Whether ``dim`` names every dim of a (mask.sum(0) of a 1-D mask)."""
+    shp = shape(a)
+    if shp is None or not shp:
+        return False
+    dims = dim if isinstance(dim, (list, tuple)) else [dim]
+    try:
+        return {norm_dim(d, len(shp)) for d in dims} == set(range(len(shp)))
+    except Reject:  # not a constant dim
+        return False
 
 
 def _all_rows(row: RowV, mean) -> ScalarV:
