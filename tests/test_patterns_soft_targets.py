@@ -7,6 +7,8 @@ Losses the op does not take are left as written with a near miss in the user's w
 """
 
 import copy
+import inspect
+import os
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from expecttest import TestCase
 
 from rewrite_check import B, N, T, V, Recorder, check, fused_calls, labels, logits, normalize
 
+FILE = os.path.basename(__file__)
 TEMPERATURE = 2.0
 
 
@@ -187,6 +190,18 @@ def test_distillation_next_to_the_labels_is_one_call(fn):
     assert m.params.get("calls", 1) == 1
 
 
+@pytest.mark.parametrize("order", ["log q - log p", "-(log p - log q)"])
+def test_kl_written_by_hand(order):
+    # the tutorial's KL: the log-probs of the logits without grad (the teacher's) are the target's
+    def fn(s, t):
+        q, lp = F.softmax(t / TEMPERATURE, -1), F.log_softmax(s / TEMPERATURE, -1)
+        diff = q.log() - lp if order == "log q - log p" else -(lp - q.log())
+        return (q * diff).sum(-1).mean() * TEMPERATURE ** 2
+
+    m = _soft(check(fn, logits(N, V), logits(N, V, seed=4)))
+    assert m.family == "distillation KL"
+
+
 def test_teacher_logits_that_require_grad():
     # mutual learning: both networks train, the teacher's gradient through its softmax as eager's
     check(hinton, logits(N, V), logits(N, V, seed=4), grad=(0, 1))
@@ -225,6 +240,16 @@ def test_entropy_of_the_logits_themselves_is_left_alone():
     assert _unchanged(fn, logits(N, V)) == [
         "the log-probs are multiplied by a softmax of the very logits it is computed from (an entropy or a "
         "self-distillation term, not a cross-entropy against a target)"]
+
+
+def test_target_computed_from_the_logits_is_left_alone():
+    def fn(x):  # the target reads the logits too: its product with the log-probs is no cross-entropy
+        return -(torch.sigmoid(x) * F.log_softmax(x, -1)).sum(-1).mean()
+
+    line = inspect.getsourcelines(fn)[1] + 1
+    assert _unchanged(fn, logits(N, V)) == [
+        f"the log-probs are multiplied by sigmoid at {FILE}:{line}, which is computed from the same logits "
+        "(an entropy-like term, not a cross-entropy against a target)"]
 
 
 def test_kl_div_per_class_is_left_alone():

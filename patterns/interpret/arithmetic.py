@@ -171,7 +171,7 @@ def op_mul(interp: Interpretation, node, a, kw):
         if q is not None:
             return elem_mul(va, q)
         if va.key is not None:
-            raise Reject(_dense_reason(interp, b, vb))
+            raise Reject(_dense_reason(interp, b, vb, source=va.key.source))
         return None
     if isinstance(va, RowV):
         if isinstance(vb, RowV):
@@ -228,8 +228,11 @@ def _class_vector(interp: Interpretation, b, shp, cd) -> Optional[Node]:
     return b
 
 
-def _dense_reason(interp: Interpretation, b, vb, per_row=False):
+def _dense_reason(interp: Interpretation, b, vb, per_row=False, source=None):
     name = words(b)
+    if source is not None and isinstance(b, Node) and vb is None and interp.computed_from(b, source):
+        return (f"the log-probs are multiplied by {name}, which is computed from the same logits (an entropy-like "
+                "term, not a cross-entropy against a target)")
     if isinstance(b, Node) and b in interp.changed_by:
         return f"{name} is changed in place by {describe(interp.changed_by[b])}"
     lost = interp.lost_reason(b, "the log-probs are multiplied by")
