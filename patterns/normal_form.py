@@ -106,8 +106,8 @@ def normal_form(value) -> tuple[Logits, list[Call]]:
     key = value.key
     V = classes_of(key)
     shp = logits_shape(key)
-    if len(shp) < 2:
-        raise Reject("the logits are 1-D (one unbatched row)")
+    if not shp:
+        raise Reject("the logits are 0-D")
     if key.cd not in (-1, 1 - len(shp)):
         raise Reject(f"classes along dim {len(shp) + key.cd} of a {len(shp)}-D tensor "
                      "(the op takes them at dim 1 or last)")

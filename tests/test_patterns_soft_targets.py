@@ -80,6 +80,32 @@ def test_16_bit_logits(dtype):
 
 
 # ------------------------------------------------------------------------------------------------
+# One unbatched row: input (C,), a 0-D label or a (C,) target
+# ------------------------------------------------------------------------------------------------
+
+UNBATCHED = {
+    "nll_loss": lambda x, y, p, r: F.nll_loss(F.log_softmax(x, 0), y, reduction=r),
+    "cross_entropy": lambda x, y, p, r: F.cross_entropy(x, y, label_smoothing=0.1, reduction=r),
+    "probabilities": lambda x, y, p, r: F.cross_entropy(x, p, reduction=r),
+    "kl_div": lambda x, y, p, r: F.kl_div(F.log_softmax(x, -1), p, reduction={"none": "sum"}.get(r, r)),
+}
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("spelling", sorted(UNBATCHED))
+def test_one_unbatched_row(spelling, reduction):
+    def fn(x, y, p):
+        return UNBATCHED[spelling](x, y, p, reduction)
+
+    check(fn, logits(V), torch.tensor(4), probs(V))
+
+
+def test_one_unbatched_row_with_its_label_ignored():
+    # eager's mean over no kept row is nan, its gradient 0: the op's too
+    check(lambda x, y: F.nll_loss(F.log_softmax(x, -1), y), logits(V), torch.tensor(-100))
+
+
+# ------------------------------------------------------------------------------------------------
 # Hand-written: timm's SoftTargetCrossEntropy, torchtune's forward KL
 # ------------------------------------------------------------------------------------------------
 

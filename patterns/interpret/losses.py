@@ -35,11 +35,11 @@ def op_nll_loss(interp: Interpretation, node, lp, kw):
         return None
     _legacy(kw, "nll_loss")
     ndim = len(shape(lp))
-    if ndim < 2:
-        raise Reject(f"nll_loss of an unbatched {ndim}-D input")
-    cd = from_end(1, ndim)
+    if ndim < 1:
+        raise Reject("nll_loss of a 0-D input")
+    cd = _class_dim(ndim)
     if v.cd is not None and v.cd != cd:
-        raise Reject(f"log_softmax over dim {v.cd + ndim}, but nll_loss reads classes along dim 1")
+        raise Reject(f"log_softmax over dim {v.cd + ndim}, but nll_loss reads classes along dim {cd + ndim}")
     lab = _target_label(interp, kw["target"], "nll_loss")
     ignore, weight = _ignore(kw, "nll_loss"), _weight(kw)
     row = scale(elem_gather(v, lab), Q(-1))
@@ -59,16 +59,16 @@ def op_cross_entropy(interp: Interpretation, node, x, kw):
         return None
     _legacy(kw, "cross_entropy")
     ndim = len(shape(x))
-    if ndim < 2:
-        raise Reject(f"cross_entropy of an unbatched {ndim}-D input")
-    V = static_classes(shape(x)[1])
+    if ndim < 1:
+        raise Reject("cross_entropy of a 0-D input")
+    V = static_classes(shape(x)[_class_dim(ndim) + ndim])
     eps = exact(kw.get("label_smoothing", 0.0))
     if eps is None:
         raise Reject(f"label_smoothing={kw.get('label_smoothing')!r} is not a constant")
     if eps > 1:
         raise Reject(f"label_smoothing={float(eps)!r} is above 1: F.cross_entropy raises for it")
     eps = max(eps, Q(0))  # PyTorch smooths only for label_smoothing > 0
-    key = dataclasses.replace(lg.key, cd=from_end(1, ndim))
+    key = dataclasses.replace(lg.key, cd=_class_dim(ndim))
     lp = log_probs(key, seeds_of(lg) | {node})
     weight, target = _weight(kw), kw["target"]
     if isinstance(target, Node) and is_float(target):
@@ -98,6 +98,12 @@ def op_cross_entropy(interp: Interpretation, node, x, kw):
     row = with_conds(scale(elem_class_sum(e, V), Q(-1)), conds)
     row = dataclasses.replace(row, seeds=lp.seeds)
     return _reduced(row, kw["reduction"], _mean_divisor(lab, weight, conds))
+
+
+def _class_dim(ndim: int) -> int:
+    """The class dim (from the end) of the loss functionals' input: dim 1, or 0 for one unbatched
+    row of shape (C,)."""
+    return from_end(1 if ndim > 1 else 0, ndim)
 
 
 def _legacy(kw, name):
