@@ -228,6 +228,18 @@ def test_kl_written_by_hand(order):
     assert m.family == "distillation KL"
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_mixup_of_two_labels_with_a_tensor_lam(reduction):
+    # lam drawn per batch and passed as a tensor: each cross-entropy is an op call, lam mixes them
+    def fn(x, ya, yb, lam):
+        return (lam * F.cross_entropy(x, ya, reduction=reduction, label_smoothing=0.1)
+                + (1 - lam) * F.cross_entropy(x, yb, reduction=reduction, label_smoothing=0.1))
+
+    rec = check(fn, logits(N, V), labels(N, ignore=-100, where=(3,)), labels(N, seed=7), torch.tensor(0.3),
+                matches=2)
+    assert [m.params["eps"] for m in rec.result.matches] == [0.1, 0.1]
+
+
 def test_teacher_logits_that_require_grad():
     # mutual learning: both networks train, the teacher's gradient through its softmax as eager's
     check(hinton, logits(N, V), logits(N, V, seed=4), grad=(0, 1))
