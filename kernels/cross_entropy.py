@@ -48,6 +48,7 @@ from smoothce.kernels.inputs import (
     check_same_device,
     check_tensors,
     check_uniform_rows,
+    is_dtensor,
     kernel_choice,
 )
 
@@ -215,6 +216,7 @@ def fused_cross_entropy(
     uniform_rows: Optional[torch.Tensor] = None,
     loss_dtype: Optional[torch.dtype] = None,
     return_z_loss: bool = False,
+    process_group=None,
 ):
     """The loss that LossForm(ignore_index, reduction, label_smoothing, ...) describes, through
     smoothce::cross_entropy.
@@ -225,9 +227,24 @@ def fused_cross_entropy(
     of uniform rows). loss_dtype: the
     returned loss's dtype (default: the logits'). The gradient is computed in the forward launch
     only when autograd will need it.
+
+    Logits whose classes are split across processes (kernels/vocab_parallel.py): with
+    ``process_group``, each rank passes its equal slice of the classes (rank r the r-th) and of the
+    class weights; DTensor logits sharded on the classes need nothing more, and their loss is a
+    Replicate DTensor. Either way the loss is that of all the classes, on every rank.
     """
     form = LossForm(ignore_index, reduction, label_smoothing, smoothing, scale, kl, z_loss, softcap, logit_scale)
     _validate(logits, target, weight, uniform_rows, loss_dtype, form)
+    if process_group is not None or is_dtensor(logits):
+        from smoothce.kernels import vocab_parallel
+
+        if process_group is None:
+            loss, z = vocab_parallel.dtensor_cross_entropy(logits, target, weight, form, uniform_rows, loss_dtype)
+        else:
+            split = vocab_parallel.process_group_split(process_group, logits.shape[1])
+            loss, z = vocab_parallel.split_cross_entropy(logits, target, weight, form, uniform_rows, loss_dtype,
+                                                         split)
+        return (loss, z) if return_z_loss else loss
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
     loss, z, _ = torch.ops.smoothce.cross_entropy(
         logits, target, weight, *form.as_args(), uniform_rows, loss_dtype, compute_grad)
@@ -247,12 +264,14 @@ def cross_entropy(
     z_loss: float = 0.0,
     softcap: Optional[float] = None,
     return_z_loss: bool = False,
+    process_group=None,
 ):
     """F.cross_entropy (same signature and results, class indices or probabilities as the target), plus
     z-loss and softcap (class indices).
 
     With return_z_loss=True returns (loss, z_term): the loss includes z_loss * lse^2 (reduced like
-    the loss), z_term is that part alone for logging.
+    the loss), z_term is that part alone for logging. ``process_group`` and DTensor logits: the
+    classes split across processes, as fused_cross_entropy takes them.
     """
     if size_average is not None or reduce is not None:
         reduction = _legacy_reduction(size_average, reduce)
@@ -268,12 +287,14 @@ def cross_entropy(
                                          return_z_loss=return_z_loss)
     if isinstance(input, torch.Tensor) and input.dim() == 1:  # unbatched (C,) with a scalar label
         out = cross_entropy(input.unsqueeze(0), target.unsqueeze(0), weight, None, ignore_index, None, reduction,
-                            eps, z_loss=z_loss, softcap=softcap, return_z_loss=return_z_loss)
+                            eps, z_loss=z_loss, softcap=softcap, return_z_loss=return_z_loss,
+                            process_group=process_group)
         if reduction != "none":
             return out
         return tuple(t.squeeze(0) for t in out) if return_z_loss else out.squeeze(0)
     return fused_cross_entropy(input, target, weight, ignore_index=ignore_index, reduction=reduction,
-                               label_smoothing=eps, z_loss=z_loss, softcap=softcap, return_z_loss=return_z_loss)
+                               label_smoothing=eps, z_loss=z_loss, softcap=softcap, return_z_loss=return_z_loss,
+                               process_group=process_group)
 
 
 def _legacy_reduction(size_average, reduce) -> str:

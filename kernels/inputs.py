@@ -110,6 +110,15 @@ def check_loss_dtype(loss_dtype) -> None:
         raise TypeError(f"smoothce: loss_dtype={loss_dtype!r} must be None or a floating point dtype")
 
 
+def is_dtensor(t) -> bool:
+    """Whether t is a DTensor (torch.distributed.tensor is imported only for tensor subclasses)."""
+    if type(t) is torch.Tensor or not isinstance(t, torch.Tensor) or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def check_same_device(first: str, **tensors) -> None:
     """Every tensor given (None skipped) is on the device of the one named ``first``."""
     device = tensors[first].device

@@ -309,6 +309,7 @@ def fused_linear_cross_entropy(
     loss_dtype: Optional[torch.dtype] = None,
     chunk_size: Optional[int] = None,
     return_z_loss: bool = False,
+    process_group=None,
 ):
     """The loss LossForm(ignore_index, reduction, label_smoothing, ...) describes, of the logits
     ``softcap(logit_scale * (hidden @ weight.T + bias))``, without materialising them.
@@ -318,8 +319,12 @@ def fused_linear_cross_entropy(
     keywords. ``reduction='none'`` returns a loss with target's shape. ``loss_dtype``: the returned
     loss's dtype (default: hidden's). ``chunk_size`` overrides the rows per chunk (default
     :func:`chunk_rows`). With ``return_z_loss`` returns ``(loss, z_term)``, z_term being the
-    (non-differentiable) z-loss part.
+    (non-differentiable) z-loss part. ``process_group`` (a head whose classes are split across
+    processes) it does not take yet: it raises.
     """
+    if process_group is not None:
+        raise ValueError("smoothce: fused_linear_cross_entropy does not take process_group yet; use "
+                         "fused_cross_entropy on each rank's logits")
     form = LossForm(ignore_index, reduction, label_smoothing, smoothing, scale, kl, z_loss, softcap, logit_scale)
     check_tensors(hidden=hidden, weight=weight, target=target)
     check_dtype("hidden", hidden, FLOAT_DTYPES, "float16, bfloat16, float32 or float64")
