@@ -38,7 +38,8 @@ def source_hash() -> str:
 
 
 # The modules whose import registers the smoothce:: ops the rewrite inserts.
-_OP_MODULES = ("smoothce.kernels.cross_entropy", "smoothce.kernels.linear_cross_entropy")
+_OP_MODULES = ("smoothce.kernels.cross_entropy", "smoothce.kernels.linear_cross_entropy",
+               "smoothce.kernels.vocab_parallel")
 
 
 def register_ops() -> None:

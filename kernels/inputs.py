@@ -119,6 +119,33 @@ def is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
+def class_split(logits, class_dim: int = 1) -> tuple[Optional[int], str]:
+    """(the mesh dim that shards the classes, "") for DTensor logits smoothce takes, else (None, why
+    not): the class dim sharded over exactly one mesh dim, the others replicated."""
+    placements = logits.placements
+    dims = [i for i, p in enumerate(placements) if p.is_shard() and p.dim % logits.dim() == class_dim % logits.dim()]
+    others = [p for i, p in enumerate(placements) if i not in dims and not p.is_replicate()]
+    if len(dims) != 1 or others:
+        return None, (f"the logits are a DTensor placed {tuple(placements)}: smoothce takes DTensor logits sharded "
+                      f"on the classes (dim {class_dim % logits.dim()}) over one mesh dim, replicated over the others")
+    return dims[0], ""
+
+
+def dtensor_reason(t, role: str, logits, mesh_dim: int) -> Optional[str]:
+    """Why smoothce cannot read the DTensor ``t`` (the ``role`` of the loss: labels, class weights,
+    a mask) next to DTensor logits whose classes mesh dim ``mesh_dim`` shards; None when it can:
+    replicated, or for class weights sharded like the classes."""
+    if t.device_mesh != logits.device_mesh:
+        return f"{role} are a DTensor on another device mesh than the logits'"
+    if all(p.is_replicate() for p in t.placements):
+        return None
+    if role == "class weights" and all(p.is_shard(0) if i == mesh_dim else p.is_replicate()
+                                       for i, p in enumerate(t.placements)):
+        return None
+    alike = " or sharded like the classes" if role == "class weights" else ""
+    return f"{role} are a DTensor placed {tuple(t.placements)}: smoothce takes them replicated{alike}"
+
+
 def check_same_device(first: str, **tensors) -> None:
     """Every tensor given (None skipped) is on the device of the one named ``first``."""
     device = tensors[first].device

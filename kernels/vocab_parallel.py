@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from smoothce.kernels.form import LossForm
-from smoothce.kernels.inputs import Labels, acc_dtype, check_labels_on_cpu
+from smoothce.kernels.inputs import Labels, acc_dtype, check_labels_on_cpu, class_split, dtensor_reason
 
 __all__ = ["Split", "split_cross_entropy", "dtensor_cross_entropy", "process_group_split"]
 
@@ -323,26 +323,15 @@ def split_cross_entropy(x, target, weight, form: LossForm, uniform_rows, loss_dt
 # --------------------------------------------------------------------------------------------
 
 
-def class_split(logits) -> tuple[Optional[int], str]:
-    """(the mesh dim that shards the classes (dim 1), "") for DTensor logits smoothce can take,
-    else (None, why not): the classes sharded on exactly one mesh dim, every other one Replicate."""
-    placements = logits.placements
-    classes = [i for i, p in enumerate(placements) if p.is_shard() and p.dim % logits.dim() == 1]
-    others = [p for i, p in enumerate(placements) if i not in classes and not p.is_replicate()]
-    if len(classes) != 1 or others:
-        return None, (f"the logits are a DTensor placed {tuple(placements)}: smoothce takes DTensor logits "
-                      f"sharded on the classes (dim 1) over one mesh dim and replicated over the others")
-    return classes[0], ""
-
-
-def _local(t, what: str):
-    """A replicated DTensor's local tensor; a plain tensor as it is."""
+def _local(t, role: str, logits, mesh_dim: int):
+    """The local tensor of a DTensor smoothce takes (a plain tensor as it is); ValueError else."""
     from torch.distributed.tensor import DTensor
 
     if not isinstance(t, DTensor):
         return t
-    if not all(p.is_replicate() for p in t.placements):
-        raise ValueError(f"smoothce: the {what} must be replicated, got a DTensor placed {tuple(t.placements)}")
+    why = dtensor_reason(t, role, logits, mesh_dim)
+    if why is not None:
+        raise ValueError("smoothce: " + why)
     return t.to_local()
 
 
@@ -365,17 +354,13 @@ def dtensor_cross_entropy(logits, target, weight, form: LossForm, uniform_rows, 
     if local.shape[1] != min(V, offset + per_rank) - offset:
         raise ValueError(f"smoothce: rank {rank} holds {local.shape[1]} of {V} classes, not the "
                          f"{min(V, offset + per_rank) - offset} of torch.chunk's split")
-    if isinstance(weight, DTensor) and not all(p.is_replicate() for p in weight.placements):
-        sharded_alike = [p.is_shard(0) if i == dim else p.is_replicate() for i, p in enumerate(weight.placements)]
-        if not all(sharded_alike):
-            raise ValueError(f"smoothce: class weights placed {tuple(weight.placements)} are neither replicated "
-                             "nor sharded like the classes")
-        weight = weight.to_local()
-    elif weight is not None:
-        weight = _local(weight, "class weights")[offset:offset + local.shape[1]]
+    sharded = isinstance(weight, DTensor) and not all(p.is_replicate() for p in weight.placements)
+    weight = _local(weight, "class weights", logits, dim)
+    if weight is not None and not sharded:
+        weight = weight[offset:offset + local.shape[1]]
     split = Split(mesh.get_group(dim), rank, world, offset, V)
-    loss, z_term = split_cross_entropy(local, _local(target, "labels"), weight, form,
-                                       _local(uniform_rows, "uniform_rows"), loss_dtype, split)
+    loss, z_term = split_cross_entropy(local, _local(target, "labels", logits, dim), weight, form,
+                                       _local(uniform_rows, "uniform_rows", logits, dim), loss_dtype, split)
     replicate = [Replicate()] * mesh.ndim
     return (DTensor.from_local(loss, mesh, replicate, run_check=False),
             DTensor.from_local(z_term, mesh, replicate, run_check=False))

@@ -26,12 +26,13 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
+from smoothce.kernels.inputs import class_split, dtensor_reason, is_dtensor
 from smoothce.patterns.algebra import (
     ArangeV, ElemV, LabelV, Logits, NotCrossEntropy, Reject, RowV, ScalarV, carries_logits, kind, seeds_of,
 )
 from smoothce.patterns.interpret import Interpretation
 from smoothce.patterns.nodes import (
-    describe, dtype, location, mutations, reads_shape_only, shape, subclass, target_name, words,
+    describe, dtype, fake, location, mutations, reads_shape_only, shape, subclass, target_name, words,
 )
 from smoothce.patterns.normal_form import Call, normal_form, classes_of
 from smoothce.patterns.ops import SEED_OPS, bind, op_name
@@ -254,13 +255,27 @@ def _role(plan: Plan, node: Node) -> str:
 
 
 def subclass_reason(plan: Plan) -> Optional[str]:
-    """Why the op cannot read the plan's tensors: one is a tensor subclass it has no rule for
-    (its fake value runs the subclass's own code, which knows nothing of smoothce's ops)."""
+    """Why the op cannot read the plan's tensors: one is a tensor subclass it has no rule for (its
+    fake value runs the subclass's own code, which knows nothing of smoothce's ops). DTensor logits
+    sharded on the classes are the op's own, with replicated labels and masks and replicated or
+    likewise sharded class weights (kernels/vocab_parallel.py)."""
+    logits = fake(plan.logits.source)
+    mesh_dim = None
+    if is_dtensor(logits):
+        mesh_dim, why = class_split(logits, logits.dim() + plan.logits.cd)
+        if mesh_dim is None:
+            return why + ": the loss is left to PyTorch"
     for node in _reads(plan):
         name = subclass(node)
-        if name is not None:
-            return (f"{_role(plan, node)} ({words(node)}) are a {name}, a tensor subclass smoothce's op has no "
-                    "rule for: the loss is left to PyTorch")
+        if name is None or mesh_dim is not None and (node is plan.logits.source or node in plan.logits.layout):
+            continue
+        if mesh_dim is not None and is_dtensor(fake(node)):
+            why = dtensor_reason(fake(node), _role(plan, node), logits, mesh_dim)
+            if why is None:
+                continue
+            return why + ": the loss is left to PyTorch"
+        return (f"{_role(plan, node)} ({words(node)}) are a {name}, a tensor subclass smoothce's op has no "
+                "rule for: the loss is left to PyTorch")
     return None
 
 
