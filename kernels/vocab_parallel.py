@@ -253,13 +253,14 @@ def shard_grad(
     grad_output and logit_scale)."""
     xs, t = _transformed(x, logit_scale, softcap)
     y, inside = _labels_in(target, class_offset, x.shape[1], ignore_index)
-    g = torch.exp(xs - lse.unsqueeze(1)) * coef_p.unsqueeze(1)
+    # in place on one buffer: besides the transformed logits, the gradient is all this allocates
+    g = torch.sub(xs, lse.unsqueeze(1)).exp_().mul_(coef_p.unsqueeze(1))
     if coef_w is not None:
         w = torch.ones(x.shape[1], dtype=xs.dtype, device=x.device) if weight is None else weight.to(xs.dtype)
-        g = g - coef_w.unsqueeze(1) * w.view(1, -1, 1)
-    g = g.scatter_add(1, y.unsqueeze(1), torch.where(inside, -coef_y, 0.0).unsqueeze(1))
+        g.addcmul_(coef_w.unsqueeze(1), w.view(1, -1, 1), value=-1.0)
+    g.scatter_add_(1, y.unsqueeze(1), torch.where(inside, -coef_y, 0.0).unsqueeze(1))
     if t is not None:
-        g = g * (1.0 - t * t)
+        g.mul_(t.mul_(t).neg_().add_(1.0))
     return g.to(x.dtype)
 
 
