@@ -1,31 +1,57 @@
-"""smoothce::cross_entropy: the loss LossForm describes and its gradient, in one pass over the logits.
+"""The loss LossForm describes, from two ops: per-row statistics of the logits, and the gradient
+from per-row derivatives.
 
 Every way people write cross-entropy reduces to a cross-entropy against a target distribution
 built from the labels (kernels/form.py). For a row i with label y_i, class weights w (all ones
 without weight), x = softcap(logit_scale * logits) and (a, b, c) = LossForm.coefficients(V):
 
-    q_ij   = a * w[y_i] * [j == y_i] + b * w_j                     (target distribution)
-    loss_i = sum_j q_ij * (lse_i - x_ij) + c + z * lse_i^2
-           = Q_i * lse_i - a * w[y_i] * x_iy - b * sum_j w_j x_ij + c + z * lse_i^2,
-    Q_i    = a * w[y_i] + b * sum_j w_j.
+    loss_i = sum_j q_ij (lse_i - x_ij) + c + z lse_i^2,          q_ij = a w[y_i] [j == y_i] + b w_j
+           = Q_i lse_i - a w[y_i] l_i - b u_i + c + z lse_i^2,    Q_i = a w[y_i] + b sum_j w_j,
 
-Since d lse_i / d x_ij = softmax_ij = p_ij,
+with three statistics of the row: lse_i = logsumexp_j x_ij, the label's logit l_i = x_i(y_i) and
+the weighted sum u_i = sum_j w_j x_ij (needed only with smoothing). Everything else (ignored rows,
+the 'mean' divisors, uniform_rows, z-loss, the KL constant, the reduction) is arithmetic on
+N numbers. Hence two ops:
 
-    d loss_i / d x_ij = (Q_i + 2 z lse_i) * p_ij - a * w[y_i] * [j == y_i] - b * w_j,
+- ``smoothce::cross_entropy_stats``: one read of the logits, (lse, l, u) of every row, (3, rows).
+- ``smoothce::cross_entropy_grad``: its backward. Since d lse_i / d x_ij = p_ij = exp(x_ij - lse_i),
+  d l_i / d x_ij = [j == y_i] and d u_i / d x_ij = w_j, the logits' gradient from the per-row
+  derivatives g of the result is (g_lse_i p_ij + g_l_i [j == y_i] + g_u_i w_j) dx_ij / dlogits_ij:
+  one read of the logits and one write of the gradient.
 
-times 1 - (x_ij / cap)^2 under a softcap and logit_scale. Rows whose label is ignore_index
-contribute 0 (with uniform_rows, the b term counts on those rows instead). 'mean' divides the
-cross-entropy part by sum of w[y_i] over non-ignored rows (PyTorch's rule, which keeps smoothing
-and weights consistent) and the z part by the count of non-ignored rows; with uniform_rows the b
-term is divided by the number of its own rows instead (a hand-written smoothing term averaged
-over every row next to nll_loss's mean over the rows it keeps). Those divisors depend
-only on the labels, so they are computed before the logits are read and the kernel writes the
-finished gradient in the same launch: backward only scales it by grad_output. Nothing here
-synchronises with the device.
+:func:`loss_from_stats` is the loss as plain torch on the statistics, so autograd (AOTAutograd
+under torch.compile, where Inductor fuses those few N-sized ops) derives g, including whatever
+multiplies the loss afterwards: grad_output 1, 0.25, a tensor, or per row for 'none'.
 
-Layout, low to high: kernels/inputs.py (checks, labels, kernel choice) -> the Triton kernel
-(kernels/cross_entropy_triton.py, tuned by kernels/cross_entropy_tuning.py) and the torch path
-(kernels/cross_entropy_torch.py) -> here: the custom op, its fake and autograd -> functionals.
+Both ops work on columns [class_offset, class_offset + C) of ``classes`` classes, labels numbered
+among all of them. So a vocabulary-parallel head runs them on its shard: the shards' statistics
+combine into the row's (the logsumexp of their lse, the sums of their l and u: one collective
+round), the loss is loss_from_stats of the combined ones, and each shard's gradient needs only the
+combined lse and g (no communication in backward).
+
+Where the gradient is computed, and why. A training step reads or writes logits-sized tensors
+    gradient in forward:  forward reads the logits and writes the gradient for grad_output = 1
+                          (2; a two-pass kernel re-reads each row, from L2 while it is there);
+                          backward scales it by grad_output unless that is 1 (2 more: 4);
+    gradient in backward: forward reads the logits once; backward reads them once and writes the
+                          gradient already scaled (3, whatever grad_output is).
+Forward cannot know grad_output in either mode: in eager it arrives afterwards, and under
+torch.compile it is a graph input while the graph is traced, so the compiled step would always
+pay the scaling pass (4, and 5 on HBM at large V). The first saves one access when grad_output
+turns out to be 1 and costs one otherwise; these ops take the second, which bounds every step
+at 3 (what Inductor's own cross-entropy and Quack move), needs no second pass over a row at any
+V, and leaves the logits' gradient unwritten until something asks for it. (A constant scale of
+the loss is folded into LossForm.scale by the detector, but here it would change nothing.) The
+fused head (kernels/linear_cross_entropy.py) keeps the gradient in forward: its chunks' logits are
+gone by backward (recomputing them is a GEMM), and a scalar grad_output commutes with the GEMMs
+that consume a chunk's gradient, so it scales the (N, D) and (V, D) results, never anything of
+the logits' size.
+
+No host-device synchronisation. The labels are checked on CPU, where it is free.
+
+Layout, low to high: kernels/inputs.py (checks, labels, kernel choice) -> the Triton kernels
+(kernels/cross_entropy_triton.py) and the torch path (kernels/cross_entropy_torch.py) -> here:
+the custom ops with their fakes and autograd -> the loss from statistics -> the functionals.
 """
 
 from __future__ import annotations
@@ -52,131 +78,156 @@ from smoothce.kernels.inputs import (
     kernel_choice,
 )
 
-__all__ = ["CrossEntropyLoss", "cross_entropy", "fused_cross_entropy"]
+__all__ = ["CrossEntropyLoss", "cross_entropy", "fused_cross_entropy", "loss_from_stats"]
+
+# Rows of the statistics: what each row of a cross_entropy_stats result (and of its gradient) holds.
+LSE, LABEL_LOGIT, WEIGHTED_SUM = 0, 1, 2
 
 
-def _runner(logits: torch.Tensor):
-    """The launcher for these logits; the Triton module is imported only when it runs."""
+def _launchers(logits: torch.Tensor):
+    """(statistics, gradient) launchers for these logits; the Triton module is imported only when
+    it runs."""
     if kernel_choice(logits) == "triton":
-        from smoothce.kernels.cross_entropy_triton import launch_cross_entropy
+        from smoothce.kernels.cross_entropy_triton import launch_row_grad, launch_row_stats
 
-        return launch_cross_entropy
-    from smoothce.kernels.cross_entropy_torch import torch_cross_entropy
+        return launch_row_stats, launch_row_grad
+    from smoothce.kernels.cross_entropy_torch import torch_row_grad, torch_row_stats
 
-    return torch_cross_entropy
+    return torch_row_stats, torch_row_grad
+
+
+def _as_rows(t):
+    """(N, C, d1, ...) -> an (N, C, S) view; C is dim 1 as in F.cross_entropy."""
+    N, C = t.shape[0], t.shape[1]
+    return t.reshape(N, C, math.prod(t.shape[2:]))  # not -1: ambiguous when N = 0
+
+
+def _dense(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Per-row and per-class vectors as the kernels index them (a copy of a few numbers at most)."""
+    return None if t is None else t.contiguous()
+
+
+def _label_rows(target):
+    """(N, d1, ...) labels -> (N, S)."""
+    return target.reshape(target.shape[0], math.prod(target.shape[1:]))
 
 
 # --------------------------------------------------------------------------------------------
-# The custom op
+# The custom ops
 # --------------------------------------------------------------------------------------------
 
 
-def _as_rows(logits, target):
-    """(N, C, d1, ...) -> an (N, C, S) view and (N, S) labels; C is dim 1 as in F.cross_entropy."""
-    N, C = logits.shape[0], logits.shape[1]
-    S = math.prod(logits.shape[2:])  # not -1: ambiguous when N = 0
-    return logits.reshape(N, C, S), target.reshape(N, S)
+@torch.library.custom_op("smoothce::cross_entropy_stats", mutates_args=())
+def cross_entropy_stats_op(
+    logits: torch.Tensor,  # (N, C, d1, ...): columns [class_offset, class_offset + C) of the classes
+    target: torch.Tensor,  # (N, d1, ...) int, labels among all the classes
+    weight: Optional[torch.Tensor],  # (C,) these columns' class weights
+    ignore_index: Optional[int],  # with classes: the labels allowed (checked on CPU)
+    classes: int,  # how many classes in all
+    class_offset: int,
+    logit_scale: float,
+    softcap: Optional[float],
+    weighted_sum: bool,  # also sum_j w_j x_ij (label smoothing needs it)
+) -> torch.Tensor:
+    """(3, N * d1 * ...) in the accumulation dtype: each row's lse, label logit (0 where the label
+    is not one of these columns) and weighted sum (0 without weighted_sum), of x = softcap(logit_scale
+    * logits)."""
+    if logits.device.type == "cpu":
+        check_labels_on_cpu(target, classes, ignore_index)
+    x3 = _as_rows(logits)
+    out = logits.new_empty((3, x3.shape[0] * x3.shape[2]), dtype=acc_dtype(logits.dtype))
+    if not weighted_sum:
+        out[WEIGHTED_SUM].zero_()
+    _launchers(logits)[0](x3, _label_rows(target), _dense(weight), out, class_offset=class_offset,
+                          logit_scale=logit_scale, softcap=softcap, weighted_sum=weighted_sum)
+    return out
 
 
-@torch.library.custom_op("smoothce::cross_entropy", mutates_args=())
-def cross_entropy_op(
-    logits: torch.Tensor,  # (N, C, d1, ...)
+@cross_entropy_stats_op.register_fake
+def _(logits, target, weight, ignore_index, classes, class_offset, logit_scale, softcap, weighted_sum):
+    return logits.new_empty((3, target.numel()), dtype=acc_dtype(logits.dtype))
+
+
+@torch.library.custom_op("smoothce::cross_entropy_grad", mutates_args=())
+def cross_entropy_grad_op(
+    grad_stats: torch.Tensor,  # (3, rows): d(result) / d(lse, label logit, weighted sum)
+    logits: torch.Tensor,  # (N, C, d1, ...), as for cross_entropy_stats
     target: torch.Tensor,  # (N, d1, ...) int
     weight: Optional[torch.Tensor],  # (C,)
-    ignore_index: Optional[int],
-    reduction: str,
-    label_smoothing: float,
-    smoothing: str,
-    scale: float,
-    kl: bool,
-    z_loss: float,
-    softcap: Optional[float],
+    lse: torch.Tensor,  # (rows,) the lse of the whole row (all the classes)
+    class_offset: int,
     logit_scale: float,
-    uniform_rows: Optional[torch.Tensor],  # (N, d1, ...) bool
-    loss_dtype: Optional[torch.dtype],
-    compute_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, z_term, gradient of the loss for grad_output = 1); the loss as LossForm describes it."""
-    form = LossForm(ignore_index, reduction, label_smoothing, smoothing, scale, kl, z_loss, softcap, logit_scale)
-    x3, y2 = _as_rows(logits, target)
-    u2 = uniform_rows.reshape(y2.shape) if uniform_rows is not None else None
-    N, C, S = x3.shape
-    a, b, c = form.coefficients(C)
-    if logits.device.type == "cpu":
-        check_labels_on_cpu(y2, C, ignore_index)
-    # Per-row results and scales in the accumulation dtype: fp32, or fp64 for fp64 input.
-    acc = acc_dtype(logits.dtype)
-    labels = Labels(y2, weight, ignore_index, C, acc, u2)
-    ce_rows = torch.empty(N * S, device=logits.device, dtype=acc)
-    z_rows = torch.zeros(N * S, device=logits.device, dtype=acc)
-    smooth_rows = torch.empty(N * S, device=logits.device, dtype=acc) if u2 is not None else None
-    grad = torch.empty_like(logits) if compute_grad else None
-    grad3 = grad.view(N, C, S) if grad is not None else None
-    _runner(logits)(x3, y2, weight, labels.scales(reduction), ce_rows, z_rows, grad3, ignore_index=ignore_index,
-                    a=a, b=b, c=c, z_loss=form.z_loss, softcap=form.softcap, logit_scale=form.logit_scale,
-                    uniform_rows=u2, smooth_rows=smooth_rows)
-    loss, z = labels.reduce(ce_rows.view(y2.shape), z_rows.view(y2.shape), reduction, form.z_loss,
-                            None if smooth_rows is None else smooth_rows.view(y2.shape))
-    if reduction == "none":
-        loss, z = loss.view(target.shape), z.view(target.shape)
-    dtype = loss_dtype or logits.dtype
-    return loss.to(dtype), z.to(dtype), grad if grad is not None else logits.new_empty(0)
+    softcap: Optional[float],
+    weighted_sum: bool,  # whether grad_stats' weighted-sum row counts
+) -> torch.Tensor:
+    """d(result) / d(logits), in the logits' dtype and shape."""
+    grad = torch.empty_like(logits)
+    _launchers(logits)[1](grad_stats.contiguous(), _as_rows(logits), _label_rows(target), _dense(weight),
+                          lse.contiguous(), _as_rows(grad),
+                          class_offset=class_offset, logit_scale=logit_scale, softcap=softcap,
+                          weighted_sum=weighted_sum)
+    return grad
 
 
-@cross_entropy_op.register_fake
-def _(logits, target, weight, ignore_index, reduction, label_smoothing, smoothing, scale, kl, z_loss, softcap,
-      logit_scale, uniform_rows, loss_dtype, compute_grad):
-    shape = target.shape if reduction == "none" else ()
-    dtype = loss_dtype or logits.dtype
-    grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
-    return logits.new_empty(shape, dtype=dtype), logits.new_empty(shape, dtype=dtype), grad
-
-
-_OP_ARGS = 15
+@cross_entropy_grad_op.register_fake
+def _(grad_stats, logits, target, weight, lse, class_offset, logit_scale, softcap, weighted_sum):
+    return torch.empty_like(logits)
 
 
 def _setup_context(ctx, inputs, output):
-    _, grad = output[0], output[2]
-    ctx.reduction = inputs[4]
-    ctx.compute_grad = inputs[-1]
-    ctx.save_for_backward(grad)
-    ctx.mark_non_differentiable(output[1], output[2])
-    # Otherwise autograd hands backward a zeros((N, C)) "gradient" for the unused grad output:
-    # a whole extra logits-sized buffer.
-    ctx.set_materialize_grads(False)
+    logits, target, weight, _, _, class_offset, logit_scale, softcap, weighted_sum = inputs
+    ctx.save_for_backward(logits, target, weight, output)
+    ctx.params = (class_offset, logit_scale, softcap, weighted_sum)
 
 
-def _backward(ctx, grad_loss, grad_z, grad_grad):
-    if not ctx.compute_grad:
-        raise RuntimeError(
-            "smoothce::cross_entropy ran with compute_grad=False (no gradient was stored); "
-            "call it with compute_grad=True to differentiate it"
-        )
-    (grad,) = ctx.saved_tensors
-    scale = grad_loss.unsqueeze(1) if ctx.reduction == "none" else grad_loss
-    rest = (None,) * (_OP_ARGS - 1)
-    if type(grad) is not torch.Tensor or torch.compiler.is_compiling():
-        # Traced (fake / functional tensors) or a tensor subclass: out of place, since the
-        # partitioner rejects a mutated saved tensor; Inductor may still reuse the saved buffer,
-        # which is donated to backward. The product rounds once, to the logits' dtype.
-        return ((grad * scale).to(grad.dtype),) + rest
-    # Eager: in place, so the stored gradient becomes the logits' gradient and backward allocates
-    # no second N x C buffer. A second backward through the same graph raises (version counter)
-    # instead of scaling twice.
-    # loss.backward() scales by 1: a whole pass over the gradient for nothing, so it is skipped
-    # (on CPU reading the scale is no device sync; on CUDA the kernel reads it on the device).
-    if ctx.reduction != "none" and grad.device.type == "cuda":
-        from smoothce.kernels.cross_entropy_triton import scale_in_place
-
-        torch.autograd.graph.increment_version(scale_in_place(grad, grad_loss))  # as mul_ would
-        return (grad,) + rest
-    if ctx.reduction != "none" and grad.device.type == "cpu" and grad_loss.item() == 1.0:
-        torch.autograd.graph.increment_version(grad)
-        return (grad,) + rest
-    return (grad.mul_(scale),) + rest
+def _backward(ctx, grad_stats):
+    logits, target, weight, stats = ctx.saved_tensors
+    grad = torch.ops.smoothce.cross_entropy_grad(grad_stats, logits, target, weight, stats[LSE], *ctx.params)
+    return (grad,) + (None,) * 8
 
 
-cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+cross_entropy_stats_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# The loss from the statistics
+# --------------------------------------------------------------------------------------------
+
+
+def loss_from_stats(stats: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], form: LossForm,
+                    classes: int, uniform_rows: Optional[torch.Tensor] = None):
+    """(loss, z part) of the loss ``form`` describes, from the statistics (3, rows) of rows whose
+    labels are ``target`` (any shape with that many elements) over ``classes`` classes with class
+    weights ``weight``; 'none' returns target's shape. Plain differentiable torch on N numbers.
+
+    Rows that count nowhere go through ``where``, not a multiplication by 0: their derivative is
+    then exactly 0 even where 'mean' divides by a sum of 0 (every label ignored: the loss is nan
+    and the gradient 0, as in PyTorch). A label outside [0, classes) makes its row nan.
+    """
+    acc = stats.dtype
+    labels = Labels(target.reshape(-1), weight, form.ignore_index, classes, acc,
+                    None if uniform_rows is None else uniform_rows.reshape(-1))
+    lse, label_logit, weighted = stats.unbind(0)
+    a, b, c = form.coefficients(classes)
+    label_on = labels.row_mask
+    counted = label_on != 0.0
+    part = a * labels.wy * (lse - label_logit)
+    if c:
+        part = part + c
+    smooth = None
+    if b != 0.0:
+        smooth = b * (labels.w_sum * lse - weighted)
+        if uniform_rows is None:  # the label term's rows and divisor
+            part, smooth = part + smooth, None
+        else:
+            uniform_on = labels.uniform_mask
+            smooth = torch.where(uniform_on != 0.0, uniform_on * smooth, 0.0)
+    ce = torch.where(counted, label_on * part, 0.0)
+    z = torch.where(counted, (form.z_loss * label_on) * lse * lse, 0.0) if form.z_loss else torch.zeros_like(ce)
+    loss, z = labels.reduce(ce, z, form.reduction, form.z_loss, smooth)
+    if form.reduction == "none":
+        loss, z = loss.view(target.shape), z.view(target.shape)
+    return loss, z
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,15 +269,14 @@ def fused_cross_entropy(
     return_z_loss: bool = False,
     process_group=None,
 ):
-    """The loss that LossForm(ignore_index, reduction, label_smoothing, ...) describes, through
-    smoothce::cross_entropy.
+    """The loss that LossForm(ignore_index, reduction, label_smoothing, ...) describes: the logits'
+    statistics (smoothce::cross_entropy_stats), then :func:`loss_from_stats`.
 
     uniform_rows (bool, target's shape): the smoothing term counts on exactly those rows, the label
     term and z-loss on rows whose label is not ignore_index; 'mean' then divides each term by its
     own rows (the label term by the sum of w[y] over kept rows, the smoothing term by the number
-    of uniform rows). loss_dtype: the
-    returned loss's dtype (default: the logits'). The gradient is computed in the forward launch
-    only when autograd will need it.
+    of uniform rows). loss_dtype: the returned loss's dtype (default: the logits'). With
+    return_z_loss returns (loss, z_term), z_term being the (non-differentiable) z-loss part.
 
     Logits whose classes are split across processes (kernels/vocab_parallel.py): with
     ``process_group``, each rank passes its equal slice of the classes (rank r the r-th) and of the
@@ -245,10 +295,13 @@ def fused_cross_entropy(
             loss, z = vocab_parallel.split_cross_entropy(logits, target, weight, form, uniform_rows, loss_dtype,
                                                          split)
         return (loss, z) if return_z_loss else loss
-    compute_grad = torch.is_grad_enabled() and logits.requires_grad
-    loss, z, _ = torch.ops.smoothce.cross_entropy(
-        logits, target, weight, *form.as_args(), uniform_rows, loss_dtype, compute_grad)
-    return (loss, z) if return_z_loss else loss
+    classes = logits.shape[1]
+    stats = torch.ops.smoothce.cross_entropy_stats(logits, target, weight, ignore_index, classes, 0, form.logit_scale,
+                                                   form.softcap, form.coefficients(classes)[1] != 0.0)
+    loss, z = loss_from_stats(stats, target, weight, form, classes, uniform_rows)
+    dtype = loss_dtype or logits.dtype
+    loss = loss.to(dtype)
+    return (loss, z.detach().to(dtype)) if return_z_loss else loss
 
 
 def cross_entropy(

@@ -1,142 +1,157 @@
-"""smoothce::cross_entropy in torch ops: the CPU path (and SMOOTHCE_KERNEL=torch anywhere).
+"""smoothce::cross_entropy_stats and smoothce::cross_entropy_grad in torch ops: the CPU path (and
+SMOOTHCE_KERNEL=torch anywhere).
 
-Same contract and math as the Triton launcher (kernels/cross_entropy_triton.py). Built around
-one fused ATen kernel: softmax, which reads a row once from memory (it stays in cache for its
-max / exp / scale passes) and writes p. Everything else is one pass or a per-row gather:
+Same contracts and math as the Triton launchers (kernels/cross_entropy_triton.py, end of file):
+per-row statistics (lse, label logit, sum_j w_j x_j) of a block of columns, and the gradient
+from per-row derivatives with respect to them.
 
-    x_y = x[y]            lse = x_y - log p_y             (exact where p_y is a normal float)
-    sum_j w_j x_j         one reduction, with smoothing only
-    g = coef_p p - coef_w w - coef_y [j == y]             a multiply, a subtraction, a scatter
+Statistics. ATen has no reduction that sums exp(x - max) without writing the exponentials, so
+rows go block by block through a bounded work buffer: one fused softmax per block (it reads a row
+once from memory; its max / exp / scale passes stay in cache), then
 
-A row whose p_y is tiny (its lse would lose digits or be infinite) takes lse = max_j x_j -
-log max_j p_j instead, which never underflows (max_j p_j >= 1 / V); that costs two reductions
-and runs only when such a row exists.
+    lse = x_r - log p_r         for a reference column r: the label where it is one of the columns
+                                (else column 0), exact while p_r is a normal float;
+    lse = max_j x_j - log max_j p_j    for rows whose p_r is tiny (max_j p_j >= 1 / C never is),
+                                two more reductions of the block, only when such a row exists.
 
-Why so few passes, each over all rows at once: every torch op is a parallel region that waits
-for all of torch's threads. Chunked loops of a dozen ops per cache-sized chunk ran thousands of
-regions per step, and on a CPU shared with another busy process each region waits for a thread
-the OS has parked (9x slower than alone). Here an fp32 step with its gradient runs about six
-regions over the whole batch, straight into the gradient buffer; only cases that need a work
-buffer (no gradient, a gradient in another dtype, a softcap) go block by block through a
-bounded one.
+Gradient. With the lse given, p = exp(x - lse) needs no reduction: g_lse p = exp(x - (lse -
+log |g_lse|)) (sign restored where g_lse < 0), one subtraction into the gradient and one exp in
+place; then the weighted-sum term (a per-row constant, or a rank-1 update with class weights) and
+the label term (a scatter).
+
+Why whole-batch passes where possible: every torch op is a parallel region that waits for all of
+torch's threads, and on a CPU shared with other busy processes each such wait can cost a
+scheduler time slice. So the gradient, when it is written in the math dtype and without a
+softcap, takes a handful of regions over the whole batch, straight into its buffer; the
+statistics (which have no logits-sized output) and the other gradient cases go through blocks
+of about _BLOCK_ELEMENTS, few enough to keep the regions to tens per call.
 """
 
 from __future__ import annotations
 
 import torch
 
-from smoothce.kernels.inputs import Labels, acc_dtype
+from smoothce.kernels.inputs import acc_dtype
 
-# Rows per block where a work buffer is needed: about this many elements (16 MiB in fp32).
+# Elements of the work buffer (16 MiB in fp32): the blocks of rows the statistics (and a
+# gradient that needs a work buffer) go through.
 _BLOCK_ELEMENTS = 1 << 22
-# p_y below this (2^-100) is too close to fp32's subnormal range for log p_y to be exact.
+# p below this (2^-100) is too close to fp32's subnormal range for log p to be exact.
 _TINY = 2.0 ** -100
 
 
-def torch_cross_entropy(x3, y2, weight, scales, ce_rows, z_rows, grad3, *, ignore_index, a, b, c, z_loss,
-                        softcap, logit_scale=1.0, uniform_rows=None, smooth_rows=None):
-    """Same contract as launch_cross_entropy: fills ce_rows, z_rows (N * S,) and grad3 (if given);
-    with uniform_rows the smoothing part goes to smooth_rows, and scales[2] is its gradient scale."""
+def _views(x3, y2, class_offset, weight, acc):
+    """Classes on dim 1 of (N, C) (S == 1: a trailing size-1 dim sends reductions over dim 1 down a
+    slow strided path) or (N, C, S); the labels as columns here, clamped to a safe index, and
+    whether they are one of these columns; the weights shaped to broadcast over dim 1."""
     N, C, S = x3.shape
-    acc = acc_dtype(x3.dtype)
-    labels = Labels(y2, weight, ignore_index, C, acc, uniform_rows)
-    # S == 1 works on (N, C): a trailing size-1 dim sends reductions over dim 1 down a slow
-    # strided path. Either way classes are dim 1 and per-row quantities are shaped `rows`.
     flat = S == 1
-    rows = (N, 1) if flat else (N, 1, S)
     x = x3[:, :, 0] if flat else x3
-    grad = None if grad3 is None else grad3[:, :, 0] if flat else grad3
+    rows = (N, 1) if flat else (N, 1, S)
+    local = y2.reshape(rows).long() - class_offset
+    here = (local >= 0) & (local < C)
     w = None if weight is None else weight.to(acc).view((1, C) if flat else (1, C, 1))
-    per_row = dict(y=labels.y, label_on=labels.row_mask, uniform_on=labels.uniform_mask, w_y=labels.wy)
-    per_row = {k: v.reshape(rows) for k, v in per_row.items()}
-    ce_out, z_out = ce_rows.view(rows), z_rows.view(rows)
-    apart = uniform_rows is not None  # the smoothing part is reduced by its own divisor
-    smooth_out = smooth_rows.view(rows) if apart else None
+    return x, torch.where(here, local, 0), here, w, rows
 
-    whole = grad is not None and grad.dtype == acc and softcap is None
-    step = max(N, 1) if whole else max(1, _BLOCK_ELEMENTS // max(C * S, 1))
+
+def _transformed(x, work, logit_scale, softcap, keep_tanh=False):
+    """softcap(logit_scale * x) into work (None when there is nothing to do), and with keep_tanh the
+    tanh that the softcap's derivative needs (else None)."""
+    if softcap is None and logit_scale == 1.0:
+        return None, None
+    torch.mul(x, logit_scale, out=work)
+    if softcap is None:
+        return work, None
+    t = work.div_(softcap).tanh_()
+    t = t.clone() if keep_tanh else None
+    return work.mul_(softcap), t
+
+
+def torch_row_stats(x3, y2, weight, out, *, class_offset=0, logit_scale=1.0, softcap=None, weighted_sum=False):
+    """Same contract as launch_row_stats: fills out (3, N * S) with lse, label logit and (with
+    weighted_sum) sum_j w_j x_j of each row."""
+    N, C, S = x3.shape
+    if N * S == 0:
+        return
+    acc = acc_dtype(x3.dtype)
+    x, ref, here, w, rows = _views(x3, y2, class_offset, weight, acc)
+    lse_out, label_out, wsum_out = (out[k].view(rows) for k in range(3))
+    if weighted_sum and w is None:
+        w = torch.ones(C, dtype=acc, device=x.device)
+    step = max(1, _BLOCK_ELEMENTS // max(C * S, 1))
+    work_buf = torch.empty((min(step, N),) + tuple(x.shape[1:]), dtype=acc, device=x.device)
     for n0 in range(0, N, step):
         n1 = min(N, n0 + step)
-        block = {k: v[n0:n1] for k, v in per_row.items()}
-        work = grad[n0:n1] if whole else torch.empty(x[n0:n1].shape, dtype=acc, device=x.device)
-        ce, smooth, z = _block(x[n0:n1], work, w, block, labels.w_sum, scales, grad is not None, apart, a, b, c,
-                               z_loss, softcap, logit_scale)
-        if apart:
-            ce_out[n0:n1] = ce
-            smooth_out[n0:n1] = smooth
-        else:
-            ce_out[n0:n1] = ce + smooth
-        z_out[n0:n1] = z
-        if grad is not None and not whole:
+        work = work_buf[: n1 - n0]
+        src, _ = _transformed(x[n0:n1], work, logit_scale, softcap)
+        src = x[n0:n1] if src is None else src
+        r, h = ref[n0:n1], here[n0:n1]
+        x_r = src.gather(1, r).to(acc)
+        label_out[n0:n1] = torch.where(h, x_r, 0.0)
+        if weighted_sum:
+            wsum_out[n0:n1] = _weighted_sum(src, w)
+        m = src.amax(1, keepdim=True).to(acc) if src is work else None  # gone once work holds p
+        torch.softmax(src, 1, dtype=acc, out=work)
+        p_r = work.gather(1, r)
+        lse = x_r - p_r.log()
+        tiny = ~(p_r >= _TINY)
+        # On CPU asking costs nothing; on a device it would wait for it, so the fallback always runs.
+        if x.device.type != "cpu" or bool(tiny.any()):
+            m = src.amax(1, keepdim=True).to(acc) if m is None else m
+            lse = torch.where(tiny, m - work.amax(1, keepdim=True).log(), lse)
+        lse_out[n0:n1] = lse
+
+
+def torch_row_grad(grad_stats, x3, y2, weight, lse, grad3, *, class_offset=0, logit_scale=1.0, softcap=None,
+                   weighted_sum=False):
+    """Same contract as launch_row_grad: writes grad3 (N, C, S) from grad_stats (3, N * S), the
+    derivatives of the result with respect to each row's (lse, label logit, weighted sum)."""
+    N, C, S = x3.shape
+    if N * S * C == 0:
+        return
+    acc = acc_dtype(x3.dtype)
+    x, y, here, w, rows = _views(x3, y2, class_offset, weight, acc)
+    grad = grad3[:, :, 0] if S == 1 else grad3
+    # logit_scale chains d/dx back through x = logit_scale * logits.
+    g_lse, g_label, g_wsum = (grad_stats[k].view(rows).to(acc) * logit_scale for k in range(3))
+    lse = lse.view(rows).to(acc)
+    g_label = torch.where(here, g_label, 0.0)
+    whole = grad.dtype == acc and softcap is None
+    step = max(N, 1) if whole else max(1, _BLOCK_ELEMENTS // max(C * S, 1))
+    work_buf = None if whole else torch.empty((min(step, N),) + tuple(x.shape[1:]), dtype=acc, device=x.device)
+    for n0 in range(0, N, step):
+        n1 = min(N, n0 + step)
+        work = grad[n0:n1] if whole else work_buf[: n1 - n0]
+        src, t = _transformed(x[n0:n1], work, logit_scale, softcap, keep_tanh=True)
+        _grad_block(x[n0:n1] if src is None else src, work, lse[n0:n1], y[n0:n1], w, g_lse[n0:n1],
+                    g_label[n0:n1], g_wsum[n0:n1] if weighted_sum else None)
+        if t is not None:
+            work.mul_(t.square_().neg_().add_(1.0))  # d softcap(u) / du = 1 - tanh^2
+        if not whole:
             grad[n0:n1] = work
 
 
-def _block(x, work, w, rows, w_sum, scales, compute_grad, apart, a, b, c, z_loss, softcap, logit_scale):
-    """Loss parts (label, smoothing, z) of a block of rows (classes on dim 1); with compute_grad,
-    work ends as the gradient. work (acc) may be the gradient buffer itself. ``apart``: the
-    smoothing part has its own gradient scale, scales[2]."""
-    acc = work.dtype
-    y, label_on, uniform_on, w_y = rows["y"], rows["label_on"], rows["uniform_on"], rows["w_y"]
-    t = None
-    if softcap is not None or logit_scale != 1.0:
-        # x -> softcap(logit_scale * x) into work; softmax then runs on work in place.
-        torch.mul(x, logit_scale, out=work)
-        if softcap is not None:
-            work.div_(softcap).tanh_()
-            t = work.clone() if compute_grad else None  # tanh, for the softcap's derivative
-            work.mul_(softcap)
-        src = work
-    else:
-        src = x
-    x_y = src.gather(1, y).to(acc)
-    sum_wx = None
-    if b != 0.0:
-        sum_wx = _weighted_sum(src, w if w is not None else x_y.new_ones(src.shape[1]))
-    m = src.amax(1, keepdim=True).to(acc) if src is work else None  # gone once work holds p
-    torch.softmax(src, 1, dtype=acc, out=work)
-
-    p_y = work.gather(1, y)
-    lse = x_y - p_y.log()
-    counts = (label_on != 0.0) | (uniform_on != 0.0)
-    tiny = counts & ~(p_y >= _TINY)
-    # On CPU asking costs nothing; on a device it would wait for it, so the fallback always runs.
-    if x.device.type != "cpu" or bool(tiny.any()):
-        if m is None:
-            m = src.amax(1, keepdim=True).to(acc)
-        lse = torch.where(tiny, m - work.amax(1, keepdim=True).log(), lse)
-    lse = torch.where(counts, lse, 0.0)  # rows that count nowhere: no inf * 0
-    ce = label_on * (a * w_y * (lse - x_y) + c)
-    smooth = uniform_on * b * (w_sum * lse - sum_wx) if b != 0.0 else torch.zeros_like(ce)
-    z = z_loss * lse * lse * label_on if z_loss else torch.zeros_like(ce)
-    if not compute_grad:
-        return ce, smooth, z
-
-    # Rows that do not count: exactly 0 even when 'mean' found no row at all (1 / 0 scale), as
-    # PyTorch. logit_scale chains the gradient back through x -> logit_scale * x.
-    s_label = torch.where(label_on == 0.0, 0.0, scales[0] * label_on) * logit_scale
-    s_uniform = torch.where(uniform_on == 0.0, 0.0, scales[2 if apart else 0] * uniform_on) * logit_scale
-    coef_y = s_label * a * w_y
-    coef_w = s_uniform * b
-    coef_p = coef_y + coef_w * w_sum if b != 0.0 else coef_y
-    if z_loss:
-        coef_p = coef_p + torch.where(label_on == 0.0, 0.0, scales[1] * label_on) * logit_scale * 2.0 * z_loss * lse
-    # Two vectorised passes: ATen's addcmul with two per-row operands is not vectorised and takes
-    # longer than both together.
-    work.mul_(coef_p)
-    if b != 0.0:
+def _grad_block(src, work, lse, y, w, g_lse, g_label, g_wsum):
+    """work = g_lse p + g_label [j == y] + g_wsum w_j for a block of rows; src may be work itself."""
+    # g_lse p = sign(g_lse) exp(x - (lse - log |g_lse|)): the scale rides in the exponent (a row
+    # with g_lse = 0 gets exp(-inf) = 0, a nan one stays nan).
+    torch.sub(src, lse - g_lse.abs().log(), out=work)
+    work.exp_()
+    negative = g_lse < 0
+    if work.device.type != "cpu" or bool(negative.any()):  # asking is free on CPU only
+        work.mul_(torch.where(negative, -1.0, 1.0))
+    if g_wsum is not None:
         if w is None:
-            work.sub_(coef_w)
+            work.add_(g_wsum)
         else:
-            work.addcmul_(coef_w, w, value=-1.0)
-    work.scatter_add_(1, y, -coef_y)
-    if t is not None:
-        work.mul_(t.square_().neg_().add_(1.0))  # d softcap(u) / du = 1 - tanh^2
-    return ce, smooth, z
+            work.addcmul_(g_wsum, w)
+    work.scatter_add_(1, y, g_label)
 
 
 def _weighted_sum(src, w):
-    """sum_j w_j x_j over dim 1, without an (N, C) product; a matrix-vector product reads the
-    block at memory speed (a little faster than sum(1) without weights too)."""
+    """sum_j w_j x_j over dim 1, without an (N, C) product; a matrix-vector product reads the block
+    at memory speed (a little faster than sum(1) without weights too)."""
+    w = w.reshape(-1)
     if src.dim() == 2:
-        return torch.mv(src.to(w.dtype), w.view(-1)).unsqueeze(1)
-    return torch.einsum("ncs,c->ns", src.to(w.dtype), w.view(-1)).unsqueeze(1)
+        return torch.mv(src.to(w.dtype), w).unsqueeze(1)
+    return torch.einsum("ncs,c->ns", src.to(w.dtype), w).unsqueeze(1)

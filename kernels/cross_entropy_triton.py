@@ -1,4 +1,6 @@
-"""The Triton kernel of smoothce::cross_entropy: loss and gradient of a row in one launch.
+"""The Triton kernels of smoothce's cross-entropy. First the fused kernel: loss and gradient of a
+row in one launch (the fused head's chunks, kernels/linear_cross_entropy_triton.py); at the end,
+the two one-read kernels of smoothce::cross_entropy_stats and smoothce::cross_entropy_grad.
 
 For a row with label y, class weights w (ones without weight), x = softcap(logit_scale * logits),
 lse = logsumexp(x), and the (a, b, c) of LossForm.coefficients(V):
@@ -16,8 +18,9 @@ s_ce; with uniform_rows, uniform_on is the row's entry of it, s_u the smoothing 
 and the smoothing part of the loss is written apart, to be reduced by its own divisor.
 
 Layout, low to high: jit helpers -> the three modes (tiles of rows in one or two passes; split
-rows) -> the kernel -> autotuned versions -> the backward's scaling -> the launcher. Which mode and block sizes run where
-is the tuning table's business (kernels/cross_entropy_tuning.py).
+rows) -> the kernel -> autotuned versions -> the backward's scaling -> the launcher -> the
+statistics and gradient kernels and their launchers. Which mode and block sizes run where is the
+tuning table's business (kernels/cross_entropy_tuning.py).
 """
 
 from __future__ import annotations
@@ -584,3 +587,215 @@ def launch_cross_entropy(x3, y2, weight, scales, ce_rows, z_rows, grad3, *, igno
         kernel[lambda meta: _grid(N, C, S, rows_along_s, sms, meta)](*args, **launch)
     else:
         kernel[_grid(N, C, S, rows_along_s, sms, config.kwargs())](*args, **launch)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-row statistics, and the gradient from per-row values (smoothce::cross_entropy_stats and
+# smoothce::cross_entropy_grad, kernels/cross_entropy.py)
+#
+# For the columns [class_offset, class_offset + C) of the classes (all of them when the offset
+# is 0 and C is V; one rank's shard of a vocabulary-parallel head otherwise), with x the
+# transformed logits softcap(logit_scale * logits) and w the columns' class weights:
+#
+#     lse_i = log sum_j exp(x_ij)    l_i = x_i(y_i) if y_i is one of the columns, else 0
+#     u_i   = sum_j w_j x_ij         (only when WEIGHTED_SUM)
+#
+# and, given per-row g = d(result)/d(lse, l, u) and the lse of the whole row (the same lse on
+# one device; the one combined over the shards otherwise),
+#
+#     d(result)/d(logits_ij) = (g_lse_i p_ij + g_l_i [j == y_i] + g_u_i w_j) dx_ij/dlogits_ij,
+#     p_ij = exp(x_ij - lse_i),  dx/dlogits = logit_scale (1 - (x / cap)^2).
+#
+# Each reads every logit once (the gradient kernel writes each once): no second pass at any V.
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _stream_rows(pid, N, S, stride_n, stride_s, S_ONE: tl.constexpr, ROWS_ALONG_S: tl.constexpr,
+                 BLOCK_R: tl.constexpr):
+    """Rows of tile ``pid``: (flat row index n * S + s, row mask, the rows' element offsets)."""
+    if ROWS_ALONG_S:
+        tiles_s = tl.cdiv(S, BLOCK_R)
+        n = tl.cast(pid // tiles_s, tl.int64)
+        s = (pid % tiles_s) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_mask = s < S
+        row_off = n * stride_n + s
+    else:
+        r = tl.cast(pid, tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_mask = r < N * S
+        n, s = _rows_of(r, S, S_ONE)
+        row_off = n * stride_n + s * stride_s
+    return n * S + s, row_mask, row_off
+
+
+@triton.jit
+def _local_labels(y_ptr, flat, row_mask, S, stride_yn, stride_ys, class_offset, C):
+    """The rows' labels as columns of this block of classes, and whether they are one of them."""
+    y = tl.load(y_ptr + (flat // S) * stride_yn + (flat % S) * stride_ys, mask=row_mask, other=-1).to(tl.int64)
+    local = y - class_offset
+    return local, row_mask & (local >= 0) & (local < C)
+
+
+@triton.jit
+def _row_stats_kernel(
+    # pointers
+    x_ptr,  # (N, C, S) logits: columns [class_offset, class_offset + C) of the classes
+    y_ptr,  # (N, S) labels, numbered among all the classes
+    w_ptr,  # (C,) these columns' class weights; read only when HAS_WEIGHT
+    out_ptr,  # (3, N * S) ACC: lse, label logit, weighted sum (the last written only when WEIGHTED_SUM)
+    # shapes
+    N,
+    C,
+    S,
+    # strides
+    stride_xn,
+    stride_xc,
+    stride_xs,
+    stride_yn,
+    stride_ys,
+    # constants
+    class_offset,
+    cap,
+    logit_scale,
+    # features
+    HAS_WEIGHT: tl.constexpr,
+    WEIGHTED_SUM: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    # layout
+    S_ONE: tl.constexpr,
+    ROWS_ALONG_S: tl.constexpr,
+    CONTIGUOUS: tl.constexpr,
+    ACC: tl.constexpr,
+    # tuning (cross_entropy_tuning.stream_tile)
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    flat, row_mask, x_row = _stream_rows(tl.program_id(0), N, S, stride_xn, stride_xs, S_ONE, ROWS_ALONG_S,
+                                         BLOCK_R)
+    m = tl.full((BLOCK_R,), float("-inf"), ACC)
+    d = tl.zeros((BLOCK_R,), ACC)
+    sum_wx = tl.zeros((BLOCK_R,), ACC)
+    for start in range(0, C, BLOCK_C):  # one read: max and sum-exp merged online
+        cols, col_mask, mask = _columns(start, C, row_mask, BLOCK_C)
+        xb = _logits(x_ptr + _offsets(x_row, cols, stride_xc, CONTIGUOUS), mask, logit_scale, cap, HAS_SOFTCAP, ACC)
+        wb = _class_weights(w_ptr, cols, col_mask, HAS_WEIGHT, ACC)
+        m_b, d_b, sum_wx_b, _ = _tile_stats(xb, mask, wb, WEIGHTED_SUM)
+        m, d = _merge(m, d, m_b, d_b)
+        sum_wx += sum_wx_b
+    local, here = _local_labels(y_ptr, flat, row_mask, S, stride_yn, stride_ys, class_offset, C)
+    x_y = _logits(x_ptr + x_row + tl.where(here, local, 0) * stride_xc, here, logit_scale, cap, HAS_SOFTCAP, ACC)
+    M = N * S
+    tl.store(out_ptr + flat, m + tl.log(tl.where(row_mask, d, 1.0)), mask=row_mask)  # no log(0) past the end
+    tl.store(out_ptr + M + flat, x_y, mask=row_mask)
+    if WEIGHTED_SUM:
+        tl.store(out_ptr + 2 * M + flat, sum_wx, mask=row_mask)
+
+
+@triton.jit
+def _row_grad_kernel(
+    # pointers
+    gs_ptr,  # (3, N * S) ACC: d(result)/d(lse, label logit, weighted sum)
+    x_ptr,  # (N, C, S) logits, as for the statistics
+    y_ptr,  # (N, S) labels, numbered among all the classes
+    w_ptr,  # (C,) class weights; read only when HAS_WEIGHT
+    lse_ptr,  # (N * S,) ACC: the lse of the whole row
+    g_ptr,  # (N, C, S) the gradient
+    # shapes
+    N,
+    C,
+    S,
+    # strides
+    stride_xn,
+    stride_xc,
+    stride_xs,
+    stride_yn,
+    stride_ys,
+    stride_gn,
+    stride_gc,
+    stride_gs,
+    # constants
+    class_offset,
+    cap,
+    logit_scale,
+    # features
+    HAS_WEIGHT: tl.constexpr,
+    WEIGHTED_SUM: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    # layout
+    S_ONE: tl.constexpr,
+    ROWS_ALONG_S: tl.constexpr,
+    CONTIGUOUS: tl.constexpr,
+    ACC: tl.constexpr,
+    # tuning (cross_entropy_tuning.stream_tile)
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # A 2-D grid: tiles of rows (axis 0) by blocks of columns (axis 1), each independent.
+    flat, row_mask, x_row = _stream_rows(tl.program_id(0), N, S, stride_xn, stride_xs, S_ONE, ROWS_ALONG_S,
+                                         BLOCK_R)
+    _, _, g_row = _stream_rows(tl.program_id(0), N, S, stride_gn, stride_gs, S_ONE, ROWS_ALONG_S, BLOCK_R)
+    M = N * S
+    lse = tl.load(lse_ptr + flat, mask=row_mask, other=0.0).to(ACC)
+    coef_p = tl.load(gs_ptr + flat, mask=row_mask, other=0.0).to(ACC) * logit_scale
+    coef_y = -tl.load(gs_ptr + M + flat, mask=row_mask, other=0.0).to(ACC) * logit_scale
+    if WEIGHTED_SUM:
+        coef_w = -tl.load(gs_ptr + 2 * M + flat, mask=row_mask, other=0.0).to(ACC) * logit_scale
+    else:
+        coef_w = tl.zeros_like(coef_p)
+    local, _ = _local_labels(y_ptr, flat, row_mask, S, stride_yn, stride_ys, class_offset, C)
+    cols, col_mask, mask = _columns(tl.program_id(1) * BLOCK_C, C, row_mask, BLOCK_C)
+    x = _logits(x_ptr + _offsets(x_row, cols, stride_xc, CONTIGUOUS), mask, logit_scale, cap, HAS_SOFTCAP, ACC)
+    w = _class_weights(w_ptr, cols, col_mask, HAS_WEIGHT, ACC)
+    g = _grad_tile(x, lse, cols, local, w, coef_p, coef_y, coef_w, cap, WEIGHTED_SUM, HAS_SOFTCAP)
+    tl.store(g_ptr + _offsets(g_row, cols, stride_gc, CONTIGUOUS), g.to(g_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_stream(kernel, pointers, x3, y2, weight, written, *, class_offset, logit_scale, softcap, weighted_sum,
+                   tile, by_columns, compile_for=None):
+    """Launches a one-read kernel over the (N, C, S) logits x3: ``pointers`` first, then the shapes,
+    the strides of x3, y2 and each tensor in ``written``, the constants and the constexprs; a grid of
+    row tiles, by blocks of columns too with ``by_columns``. With ``compile_for`` (a
+    ``triton_target.GPUTarget``) nothing runs: returns what the launch compiles for that GPU."""
+    N, C, S = x3.shape
+    tensors = (x3,) + written
+    rows_along_s = S > 1 and all(t.stride(2) == 1 for t in tensors)
+    contiguous = all(t.stride(1) == 1 for t in tensors)
+    tile = tile or tuning.stream_tile(C, rows_along_s)
+    row_tiles = N * triton.cdiv(S, tile.block_r) if rows_along_s else triton.cdiv(N * S, tile.block_r)
+    grid = (row_tiles, triton.cdiv(C, tile.block_c)) if by_columns else (row_tiles,)
+    strides = [st for t in (x3, y2) + written for st in t.stride()]
+    args = (*pointers, N, C, S, *strides, class_offset, softcap or 1.0, logit_scale)
+    launch = dict(HAS_WEIGHT=weight is not None, WEIGHTED_SUM=weighted_sum, HAS_SOFTCAP=softcap is not None,
+                  S_ONE=S == 1, ROWS_ALONG_S=rows_along_s, CONTIGUOUS=contiguous,
+                  ACC=tl.float64 if x3.dtype == torch.float64 else tl.float32,
+                  BLOCK_R=tile.block_r, BLOCK_C=tile.block_c, num_warps=tile.num_warps)
+    if compile_for is not None:
+        from smoothce.kernels.triton_target import compile_for as compile_kernels
+
+        return compile_kernels(compile_for, kernel, args, launch)
+    kernel[grid](*args, **launch)
+
+
+def launch_row_stats(x3, y2, weight, out, *, class_offset=0, logit_scale=1.0, softcap=None, weighted_sum=False,
+                     tile: Optional[tuning.Tile] = None, compile_for=None):
+    """Fills out (3, N * S) with each row's lse, label logit and (with weighted_sum) sum_j w_j x_j
+    of the (N, C, S) logits: columns [class_offset, class_offset + C) of the classes, y2 (N, S)
+    labels among all of them. ``tile`` forces a tile (tests); ``compile_for``: see _launch_stream."""
+    if x3.shape[0] * x3.shape[2] == 0:
+        return []
+    return _launch_stream(_row_stats_kernel, (x3, y2, weight if weight is not None else x3, out), x3, y2, weight, (),
+                          class_offset=class_offset, logit_scale=logit_scale, softcap=softcap,
+                          weighted_sum=weighted_sum, tile=tile, by_columns=False, compile_for=compile_for)
+
+
+def launch_row_grad(grad_stats, x3, y2, weight, lse, grad3, *, class_offset=0, logit_scale=1.0, softcap=None,
+                    weighted_sum=False, tile: Optional[tuning.Tile] = None, compile_for=None):
+    """Writes grad3 (N, C, S): the gradient of a result whose derivatives with respect to each
+    row's (lse, label logit, weighted sum) are grad_stats (3, N * S), given the lse (N * S,) of
+    the whole row. Arguments as for launch_row_stats."""
+    if grad3.numel() == 0:
+        return []
+    return _launch_stream(_row_grad_kernel, (grad_stats, x3, y2, weight if weight is not None else x3, lse, grad3),
+                          x3, y2, weight, (grad3,), class_offset=class_offset, logit_scale=logit_scale,
+                          softcap=softcap, weighted_sum=weighted_sum, tile=tile, by_columns=True,
+                          compile_for=compile_for)

@@ -163,3 +163,41 @@ def default_config(C: int, rows_along_s: bool, contiguous: bool, in_place: bool)
         block_r = max(1, min(64, 4096 // block_c))
         return KernelConfig(ONE_PASS, block_r, block_c, num_warps=_warps(block_r * block_c))
     return KernelConfig(TWO_PASS, 1, 16384, reverse=True, num_warps=16, num_stages=2)
+
+
+# --------------------------------------------------------------------------------------------
+# The row-statistics kernel and the gradient kernel (smoothce::cross_entropy_stats and
+# smoothce::cross_entropy_grad): each reads every logit once, so there is no mode to choose,
+# only a tile. Fixed choices, not yet measured on a GPU.
+# --------------------------------------------------------------------------------------------
+
+# Elements of a tile: enough 16-byte loads in flight per program to stream from HBM, few enough
+# registers (16 fp32 values a thread at 8 warps) that nothing spills.
+_STREAM_TILE = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class Tile:
+    """A tile of rows and columns for the one-read kernels."""
+
+    block_r: int  # rows per tile (consecutive positions along S when rows run along S)
+    block_c: int  # columns per tile: the statistics kernel loops over the row in such blocks
+    num_warps: int
+
+
+def stream_tile(C: int, rows_along_s: bool) -> Tile:
+    """The tile of the statistics and gradient kernels for rows of C columns.
+
+    Rows along N (class stride 1): the columns of one row are contiguous, so a tile is at most
+    _STREAM_TILE columns of as few rows as fill it. Rows along S (class dim 1 with positions
+    contiguous): a tile is 16 or more consecutive positions, whose loads coalesce across rows,
+    times a few classes."""
+    width = _block_c(C)
+    if rows_along_s:
+        block_r = 64 if width <= 64 else 16
+        block_c = min(width, max(1, _STREAM_TILE // block_r))
+    else:
+        block_c = min(width, _STREAM_TILE)
+        block_r = max(1, min(64, _STREAM_TILE // block_c))
+    elements = block_r * block_c
+    return Tile(block_r, block_c, num_warps=4 if elements <= 2048 else 8)

@@ -159,6 +159,25 @@ def check_same_device(first: str, **tensors) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _once(compute):
+    """A property computed on first read and kept, that an assignment replaces as it would a
+    functools.cached_property (whose lock torch.compile cannot trace on Python < 3.12)."""
+    name = "_" + compute.__name__
+
+    @functools.wraps(compute)
+    def get(self):
+        value = getattr(self, name, None)
+        if value is None:
+            value = compute(self)
+            setattr(self, name, value)
+        return value
+
+    def put(self, value):
+        setattr(self, name, value)
+
+    return property(get, put)
+
+
 class Labels:
     """What the labels say about each row, for any shape of target (no host sync).
 
@@ -180,47 +199,47 @@ class Labels:
         self.uniform_rows = uniform_rows
         self.class_weight = None if class_weight is None else class_weight.to(acc)
 
-    @functools.cached_property
+    @_once
     def valid(self) -> torch.Tensor:
         if self.ignore_index is None:
             return torch.ones_like(self.target, dtype=torch.bool)
         return self.target != self.ignore_index
 
-    @functools.cached_property
+    @_once
     def in_range(self) -> torch.Tensor:
         return (self.target >= 0) & (self.target < self.classes)
 
-    @functools.cached_property
+    @_once
     def y(self) -> torch.Tensor:
         return torch.where(self.valid & self.in_range, self.target, 0).long()
 
-    @functools.cached_property
+    @_once
     def row_mask(self) -> torch.Tensor:
         return torch.where(self.valid, torch.where(self.in_range, 1.0, math.nan), 0.0).to(self.acc)
 
-    @functools.cached_property
+    @_once
     def uniform_mask(self) -> torch.Tensor:
         return self.row_mask if self.uniform_rows is None else self.uniform_rows.to(self.acc)
 
-    @functools.cached_property
+    @_once
     def wy(self) -> torch.Tensor:
         if self.class_weight is None:
             return self.valid.to(self.acc)
         return torch.where(self.valid, self.class_weight[self.y], 0.0)
 
-    @functools.cached_property
+    @_once
     def w_sum(self):
         return float(self.classes) if self.class_weight is None else self.class_weight.sum()
 
-    @functools.cached_property
+    @_once
     def count(self) -> torch.Tensor:
         return self.valid.sum(dtype=self.acc)
 
-    @functools.cached_property
+    @_once
     def wy_sum(self) -> torch.Tensor:
         return self.count if self.class_weight is None else self.wy.sum()
 
-    @functools.cached_property
+    @_once
     def uniform_count(self) -> torch.Tensor:
         return self.uniform_rows.sum(dtype=self.acc)
 

@@ -1,7 +1,7 @@
 """Fused linear cross-entropy: an LM head (hidden @ weight.T + bias) and its (smoothed) cross-entropy
 in one op that never holds the full N x V logits.
 
-Loss semantics are those of ``torch.ops.smoothce.cross_entropy`` (see kernels/cross_entropy.py), applied
+Loss semantics are those of ``fused_cross_entropy`` (see kernels/cross_entropy.py), applied
 to ``x = softcap((hidden @ weight.T + bias) * logit_scale)``. For each non-ignored row i with target
 y_i, class weights w (ones when None), lse_i = logsumexp_j x_ij:
 

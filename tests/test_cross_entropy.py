@@ -1,8 +1,9 @@
-"""smoothce::cross_entropy against eager PyTorch in float64, on both paths.
+"""smoothce.cross_entropy and fused_cross_entropy (smoothce::cross_entropy_stats and
+smoothce::cross_entropy_grad) against eager PyTorch in float64, on both paths.
 
-"triton" runs the Triton kernel (on CUDA, or through the interpreter on CPU), "torch" the torch
+"triton" runs the Triton kernels (on CUDA, or through the interpreter on CPU), "torch" the torch
 implementation; both must agree with F.cross_entropy and with LossForm's loss written out in
-float64 (tests/reference.py). Tensors live on the device fixture's device; the kernel's variants
+float64 (tests/reference.py). Tensors live on the device fixture's device; the kernels' variants
 and the GPU grid are in tests/test_cross_entropy_kernels.py.
 """
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import triton_cpu
+from logits_access import RecordOps, accesses
 from reference import reference
 
 import smoothce
@@ -373,33 +375,8 @@ def test_one_class(path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Forward-only mode, module twin, bad input
+# Module twin, bad input
 # ----------------------------------------------------------------------------------------------
-
-
-class RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-        self.outputs = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.calls.append((func, args))
-        self.outputs.append(out)
-        return out
-
-
-@pytest.mark.parametrize("grad_mode", [False, True])
-def test_gradient_written_only_when_needed(grad_mode):
-    x = torch.randn(4, 9, requires_grad=True)
-    y = torch.randint(0, 9, (4,))
-    with torch.set_grad_enabled(grad_mode), RecordOps() as rec:
-        smoothce.cross_entropy(x, y, label_smoothing=0.1)
-    (args,) = [a for f, a in rec.calls if f is torch.ops.smoothce.cross_entropy.default]
-    assert args[-1] is grad_mode
-    _, _, grad = torch.ops.smoothce.cross_entropy(x.detach(), y, None, *OP_FORM_ARGS, None, None, False)
-    assert grad.numel() == 0
 
 
 def test_module_twin(path):
@@ -493,43 +470,43 @@ def test_out_of_range_target_raises_on_cpu(cpu_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# The op under torch.library.opcheck and torch.compile
+# The ops under torch.library.opcheck, and torch.compile
 # ----------------------------------------------------------------------------------------------
 
 
-# The op's LossForm arguments: ignore_index, reduction, label_smoothing, smoothing, scale, kl, z_loss,
-# softcap, logit_scale.
-OP_FORM_ARGS = (-100, "mean", 0.0, "all", 1.0, False, 0.0, None, 1.0)
+def _stats_case(case, seed):
+    """Arguments of smoothce::cross_entropy_stats: logits requiring grad, labels, weight, ignore_index,
+    classes, class_offset, logit_scale, softcap, weighted_sum. Drawn from ``seed``, whatever it is."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return (torch.randn(*shape, generator=g) * 3).requires_grad_()
+
+    if case == "rows":  # smoothing with class weights, an ignored row
+        y = torch.randint(0, 7, (4,), generator=g)
+        y[2] = -100
+        return randn(4, 7), y, torch.rand(7, generator=g) + 0.5, -100, 7, 0, 1.0, None, True
+    if case == "shard":  # columns [3, 8) of 11 classes: some labels elsewhere; softcap, temperature
+        y = torch.randint(0, 11, (5,), generator=g)
+        return randn(5, 5), y, torch.rand(5, generator=g) + 0.5, None, 11, 3, 0.7, 5.0, True
+    # class dim 1: (N, C, S), no smoothing
+    return randn(2, 6, 3), torch.randint(0, 6, (2, 3), generator=g), None, -100, 6, 0, 1.0, None, False
 
 
-def _seeded(*shape, seed, rand=torch.randn, **kw):
-    return rand(*shape, generator=torch.Generator().manual_seed(seed), **kw)
-
-
-OPCHECK_CASES = [
-    (_seeded(4, 7, seed=1, requires_grad=True), torch.tensor([1, 2, -100, 6]), None,
-     -100, "mean", 0.1, "all", 1.0, False, 0.0, None, 1.0, None, None, True),
-    (_seeded(4, 7, seed=2, requires_grad=True), torch.tensor([1, 2, 0, 6]), _seeded(7, seed=3, rand=torch.rand),
-     -100, "none", 0.1, "others", 0.5, True, 1e-3, 5.0, 0.7, None, torch.float64, True),
-    (_seeded(4, 7, seed=4, requires_grad=True), torch.tensor([1, 2, -100, 6]), None,
-     -100, "sum", 0.1, "all", 1.0, False, 0.0, None, 1.0, torch.tensor([True, False, True, True]), None, True),
-    (_seeded(3, 5, seed=5, requires_grad=True), torch.tensor([0, 4, 2]), None,
-     None, "none", 0.2, "all", 1.0, False, 1e-2, None, 1.0, None, None, True),
-    (_seeded(2, 3, 4, seed=6), torch.tensor([[0, 1, 2, 1], [2, 2, 0, 1]]), None,
-     -100, "sum", 0.0, "all", 1.0, False, 0.0, None, 1.0, None, None, False),
-]
-
-
-@pytest.mark.parametrize("args", OPCHECK_CASES)
-def test_opcheck(path, args):
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("case", ["rows", "shard", "class_dim_1"])
+def test_opcheck(path, case, seed):
+    # Any seed: no output is written after it is returned (backward allocates the gradient), so
+    # opcheck's comparison after a backward holds whatever the cotangent.
     args = tuple(a.detach().to(path).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
-                 for a in args)
-    # Eager backward scales the op's stored gradient (its third output) in place, so that it
-    # becomes the logits' gradient with no second N x C buffer. opcheck compares the outputs after
-    # a backward whose cotangent is the sign of the loss's sum: the cases are seeded so that it is
-    # +1 (scaling by 1 leaves the stored gradient as the traced op returns it).
-    assert torch.ops.smoothce.cross_entropy.default(*args)[0].sum() > 0, "reseed: opcheck's cotangent is -1"
-    torch.library.opcheck(torch.ops.smoothce.cross_entropy.default, args)
+                 for a in _stats_case(case, seed))
+    torch.library.opcheck(torch.ops.smoothce.cross_entropy_stats.default, args)
+    logits, target, weight, _, _, offset, logit_scale, softcap, weighted_sum = args
+    stats = torch.ops.smoothce.cross_entropy_stats(*args).detach()
+    grad_stats = torch.randn(stats.shape, generator=torch.Generator().manual_seed(seed)).to(path)
+    grad_args = (grad_stats, logits.detach(), target, weight, stats[0] + 0.5, offset, logit_scale, softcap,
+                 weighted_sum)
+    torch.library.opcheck(torch.ops.smoothce.cross_entropy_grad.default, grad_args)
 
 
 def _loss_fn(x, y, w):
@@ -565,41 +542,87 @@ def test_compile(backend, dynamic):
 
 
 # ----------------------------------------------------------------------------------------------
-# Eager backward: the stored gradient, scaled in place
+# Any incoming gradient: the step reads the logits twice and writes their gradient once
 # ----------------------------------------------------------------------------------------------
 
+# The incoming gradients a loss gets: loss.backward(), gradient accumulation's loss / 4, a tensor
+# scale (a weighted sum of losses), and reduction='none' reduced by the caller with row weights.
+GRAD_OUTPUTS = {
+    "one": ("mean", lambda shape: torch.tensor(1.0, dtype=torch.float64)),
+    "quarter": ("sum", lambda shape: torch.tensor(0.25, dtype=torch.float64)),
+    "tensor": ("mean", lambda shape: torch.tensor(-1.7, dtype=torch.float64)),
+    "none_rows": ("none", lambda shape: torch.linspace(-2.0, 3.0, shape[0], dtype=torch.float64)),
+}
 
-def test_eager_backward_reuses_the_stored_gradient():
-    # The gradient written in forward becomes x.grad: no second N x C buffer in backward.
-    x = torch.randn(4, 10, requires_grad=True)
-    y = torch.randint(0, 10, (4,))
+
+def _step_case(kind):
+    reduction, grad_output = GRAD_OUTPUTS[kind]
+    torch.manual_seed(12)
+    x = torch.randn(9, 37) * 3
+    y = torch.randint(0, 37, (9,))
+    y[[1, 5]] = -100
+    kwargs = dict(weight=torch.rand(37) + 0.5, reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
+    return x, y, kwargs, grad_output((9,))
+
+
+@pytest.mark.parametrize("kind", list(GRAD_OUTPUTS))
+def test_any_grad_output_against_float64(path, kind):
+    x, y, kwargs, go = _step_case(kind)
+    w = kwargs.pop("weight")
+    out, ref, g, gr = run_pair(lambda t, y, w: fused_cross_entropy(t, y, w, **kwargs),
+                               lambda t, y, w: reference(t, y, w, **kwargs), x, y, w, device=path, grad_output=go)
+    check(out, ref, [g], [gr], torch.float32)
+
+
+@pytest.mark.parametrize("kind", list(GRAD_OUTPUTS))
+def test_eager_step_touches_the_logits_three_times(kind):
+    # The statistics read the logits; backward reads them once more and writes the gradient, with
+    # grad_output already in it: no op scales a logits-sized tensor, whatever grad_output is.
+    x, y, kwargs, go = _step_case(kind)
+    x.requires_grad_()
+    w = kwargs.pop("weight")
     with RecordOps() as rec:
-        loss = smoothce.cross_entropy(x, y, label_smoothing=0.1)
-    (stored_ptr,) = [o[2].data_ptr() for (f, _), o in zip(rec.calls, rec.outputs) if f is torch.ops.smoothce.cross_entropy.default]
-    del rec
-    loss.backward()
-    assert x.grad.data_ptr() == stored_ptr
-    torch.testing.assert_close(x.grad, torch.autograd.grad(F.cross_entropy(x, y, label_smoothing=0.1), x)[0])
+        loss = fused_cross_entropy(x, y, w, **kwargs)
+        loss.backward(go.float())
+    assert accesses(rec.calls, x.numel()) == [("smoothce.cross_entropy_stats", 1, 0),
+                                              ("smoothce.cross_entropy_grad", 1, 1)]
 
 
-def test_second_backward_refuses_instead_of_scaling_twice():
-    # Backward scaled the stored buffer in place, so a retained graph cannot be replayed.
+def test_backward_again_gives_the_same_gradient():
+    # Nothing the forward returned is changed by backward: a retained graph replays.
     x = torch.randn(4, 10, requires_grad=True)
     loss = smoothce.cross_entropy(x, torch.randint(0, 10, (4,)), label_smoothing=0.1)
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        loss.backward()
+    (first,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, x, torch.tensor(2.0))
+    torch.testing.assert_close(second, 2.0 * first)
 
 
-def test_backward_allocates_no_logits_sized_buffer():
-    # Regression: autograd used to materialise a zeros((N, C)) gradient for the op's unused
-    # gradient output before calling backward.
-    x = torch.randn(64, 512, requires_grad=True)
-    loss = smoothce.cross_entropy(x, torch.randint(0, 512, (64,)), label_smoothing=0.1)
+def _allocations(fn) -> list[int]:
+    """The sizes of the buffers fn allocates, largest first."""
     with torch.profiler.profile(profile_memory=True) as prof:
-        loss.backward()
-    allocated = sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
-    assert allocated < x.numel() * x.element_size() // 4, allocated
+        fn()
+    return sorted((e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0 and not e.cpu_children),
+                  reverse=True)
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_the_step_allocates_the_gradient_and_nothing_else_of_its_size(monkeypatch, softcap):
+    # Forward keeps a few numbers per row; backward allocates the gradient (the step's peak: one
+    # buffer of the logits' size beyond the logits) and work blocks (here an eighth of the logits).
+    # Regression: autograd once materialised a zeros((N, C)) gradient for an unused output. On
+    # the CPU's torch path: the Triton interpreter copies every argument.
+    from smoothce.kernels import cross_entropy_torch
+
+    monkeypatch.setenv("SMOOTHCE_KERNEL", "torch")
+    monkeypatch.setattr(cross_entropy_torch, "_BLOCK_ELEMENTS", 8 * 2048)
+    x = torch.randn(64, 2048, requires_grad=True)
+    y = torch.randint(0, 2048, (64,))
+    size = x.numel() * x.element_size()
+    losses = []
+    forward = _allocations(lambda: losses.append(smoothce.cross_entropy(x, y, label_smoothing=0.1, softcap=softcap)))
+    backward = _allocations(lambda: losses[0].backward())
+    assert forward[0] <= size // 8, forward
+    assert backward[0] == size and backward[1] <= size // 8, backward
 
 
 @pytest.mark.parametrize("ignored", ["some", "all"])
@@ -621,3 +644,43 @@ def test_uniform_rows_mean_is_the_seed_formula(path, ignored):
     out.backward()
     torch.testing.assert_close(out.cpu(), ref.detach(), equal_nan=True)
     torch.testing.assert_close(xd.grad.cpu(), x_ref.grad)
+
+
+# ----------------------------------------------------------------------------------------------
+# Column shards: what a vocabulary-parallel head does with the two ops
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("softcap", [None, 4.0])
+def test_column_shards_combine_into_the_whole_row(path, softcap):
+    # Each shard's statistics combine into the whole row's (logsumexp of the lse, sums of the label
+    # logit and weighted sum); the loss of the combined statistics is the loss, and each shard's
+    # gradient from the combined lse and the loss's derivatives is that shard's columns of the
+    # gradient. Labels are numbered among all the classes; most fall outside any one shard.
+    from smoothce.kernels.cross_entropy import loss_from_stats
+    from smoothce.kernels.form import LossForm
+
+    torch.manual_seed(16)
+    V, shards = 23, [(0, 8), (8, 17), (17, 23)]  # unequal, the last one partial at any block size
+    x = torch.randn(6, V) * 3
+    y = torch.tensor([0, 7, 8, 22, -100, 13])
+    w = torch.rand(V) + 0.5
+    form = LossForm(label_smoothing=0.1, z_loss=1e-3, softcap=softcap, logit_scale=0.8)
+    xd, yd, wd = x.to(path), y.to(path), w.to(path)
+
+    def stats(a, b):
+        return torch.ops.smoothce.cross_entropy_stats(xd[:, a:b], yd, wd[a:b], -100, V, a, 0.8, softcap, True)
+
+    parts = torch.stack([stats(a, b) for a, b in shards])  # (shards, 3, N)
+    combined = torch.stack([parts[:, 0].logsumexp(0), parts[:, 1].sum(0), parts[:, 2].sum(0)])
+    torch.testing.assert_close(combined, stats(0, V), rtol=1e-6, atol=1e-5)
+
+    combined.requires_grad_()
+    loss, _ = loss_from_stats(combined, yd, wd, form, V)
+    (grad_stats,) = torch.autograd.grad(loss, combined)
+    grads = [torch.ops.smoothce.cross_entropy_grad(grad_stats, xd[:, a:b], yd, wd[a:b], combined[0].detach(), a,
+                                                   0.8, softcap, True) for a, b in shards]
+    x64 = x.double().requires_grad_()
+    ref = reference(x64, y, w.double(), label_smoothing=0.1, z_loss=1e-3, softcap=softcap, logit_scale=0.8)
+    (gr,) = torch.autograd.grad(ref, x64)
+    check(loss.detach().cpu(), ref.detach(), [torch.cat(grads, 1).cpu()], [gr], torch.float32)

@@ -1,5 +1,7 @@
-"""Every variant of the Triton kernel (kernels/cross_entropy_triton.py), run explicitly through the
-op, against LossForm's loss in float64 (tests/reference.py).
+"""Every variant of the Triton kernels (kernels/cross_entropy_triton.py) against LossForm's loss in
+float64 (tests/reference.py): the fused kernel (loss and gradient in one launch, the fused head's)
+through its launcher, and the statistics and gradient kernels of smoothce::cross_entropy_stats /
+cross_entropy_grad through fused_cross_entropy with their tiles forced.
 
 On CUDA when the machine has one, else through Triton's interpreter (small shapes, block sizes
 chosen so that every loop runs more than once and ends in a partial block). The ``gpu`` tests
@@ -15,7 +17,9 @@ from reference import reference
 from smoothce.kernels import cross_entropy_triton, cross_entropy_tuning
 from smoothce.kernels.cross_entropy import fused_cross_entropy
 from smoothce.kernels.cross_entropy_triton import launch_cross_entropy
-from smoothce.kernels.cross_entropy_tuning import ONE_PASS, SPLIT, TWO_PASS, KernelConfig
+from smoothce.kernels.cross_entropy_tuning import ONE_PASS, SPLIT, TWO_PASS, KernelConfig, Tile
+from smoothce.kernels.form import LossForm
+from smoothce.kernels.inputs import Labels, acc_dtype
 
 TOL = {
     torch.float32: dict(atol=2e-5, rtol=2e-5),
@@ -52,6 +56,15 @@ FEATURES = {
 VARIANT_FEATURES = ["plain", "smoothing_weight", "z_softcap_temperature", "uniform_rows"]
 
 
+# Tiles of the statistics and gradient kernels: rows of C = 37 in 16-wide blocks (the last one
+# partial) and 2-row tiles over N = 5 rows (the last one partial), or the whole row in one block.
+TILES = {
+    "stream_looped": Tile(2, 16, num_warps=4),
+    "stream_one_block": Tile(1, 64, num_warps=4),
+}
+ALONG_S_TILES = {"stream_along_s": Tile(4, 4, num_warps=4)}  # (2, 9, 10): 4 positions, 4 classes
+
+
 @pytest.fixture
 def device(device):
     """conftest's device, where the kernel can run: on CPU tensors the interpreter must work here."""
@@ -61,16 +74,55 @@ def device(device):
 
 @pytest.fixture
 def variant(monkeypatch):
-    """Force a kernel config: the launcher's fixed choice returns it, autotuning is off, and a
-    'GPU' has 2 SMs (so a persistent grid walks several tiles everywhere)."""
+    """Force a kernel config (KernelConfig: the fused kernel's, whose launcher's fixed choice returns
+    it, autotuning off, a 'GPU' of 2 SMs so that a persistent grid walks several tiles everywhere)
+    or a Tile of the statistics and gradient kernels. Returns the loss function that runs it."""
 
     def use(config):
+        monkeypatch.setenv("SMOOTHCE_KERNEL", "triton")
+        if isinstance(config, Tile):
+            monkeypatch.setattr(cross_entropy_tuning, "stream_tile", lambda *args: config)
+            return fused_cross_entropy
         monkeypatch.setattr(cross_entropy_tuning, "default_config", lambda *args: config)
         monkeypatch.setattr(cross_entropy_tuning, "AUTOTUNE_MIN_ELEMENTS", float("inf"))
         monkeypatch.setattr(cross_entropy_triton, "_sm_count", lambda device: 2)
-        monkeypatch.setenv("SMOOTHCE_KERNEL", "triton")
+        return fused_kernel_loss
 
     return use
+
+
+class _FusedKernel(torch.autograd.Function):
+    """The loss and gradient as the fused kernel computes them in one launch: per-row parts and the
+    gradient for grad_output 1, which backward scales (by row for 'none')."""
+
+    @staticmethod
+    def forward(ctx, x, y, weight, uniform_rows, loss_dtype, form):
+        N, C = x.shape[:2]
+        x3, y2 = x.reshape(N, C, -1), y.reshape(N, -1)
+        u2 = None if uniform_rows is None else uniform_rows.reshape(y2.shape)
+        acc = acc_dtype(x.dtype)
+        labels = Labels(y2, weight, form.ignore_index, C, acc, u2)
+        a, b, c = form.coefficients(C)
+        rows = [torch.zeros(y2.numel(), dtype=acc, device=x.device) for _ in range(3)]
+        grad = torch.empty_like(x3)
+        launch_cross_entropy(x3, y2, weight, labels.scales(form.reduction), rows[0], rows[1], grad,
+                             ignore_index=form.ignore_index, a=a, b=b, c=c, z_loss=form.z_loss, softcap=form.softcap,
+                             logit_scale=form.logit_scale, uniform_rows=u2, smooth_rows=None if u2 is None else rows[2])
+        ce, z, smooth = (r.view(y2.shape) for r in rows)
+        loss, _ = labels.reduce(ce, z, form.reduction, form.z_loss, None if u2 is None else smooth)
+        ctx.save_for_backward(grad.view(x.shape))
+        ctx.reduction = form.reduction
+        return loss.view(y.shape if form.reduction == "none" else ()).to(loss_dtype or x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        scale = grad_loss.unsqueeze(1) if ctx.reduction == "none" else grad_loss
+        return (grad * scale).to(grad.dtype), None, None, None, None, None
+
+
+def fused_kernel_loss(x, y, weight=None, *, uniform_rows=None, loss_dtype=None, **form):
+    return _FusedKernel.apply(x, y, weight, uniform_rows, loss_dtype, LossForm(**form))
 
 
 def make(shape, dtype, feature, device, seed=0):
@@ -91,14 +143,14 @@ def make(shape, dtype, feature, device, seed=0):
     return x, y, kwargs
 
 
-def check_against_reference(x, y, kwargs, reduction, device, no_grad=False):
-    """Loss and gradient (for a random grad_output) against float64; with no_grad also the loss
-    computed without a gradient."""
+def check_against_reference(x, y, kwargs, reduction, device, no_grad=False, loss_fn=fused_cross_entropy):
+    """Loss and gradient (for a random grad_output) of loss_fn against float64; with no_grad also
+    the loss computed without a gradient."""
     dtype = x.dtype
     xd = x.to(device).requires_grad_(True)
     ours_kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     weight = ours_kwargs.pop("weight", None)
-    out = fused_cross_entropy(xd, y.to(device), weight, reduction=reduction, **ours_kwargs)
+    out = loss_fn(xd, y.to(device), weight, reduction=reduction, **ours_kwargs)
     ref_kwargs = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
                   for k, v in kwargs.items()}
     x64 = x.double().requires_grad_(True)
@@ -112,7 +164,7 @@ def check_against_reference(x, y, kwargs, reduction, device, no_grad=False):
     torch.testing.assert_close(g.double().cpu(), gr, atol=tol["atol"] * max(1.0, gr.abs().max().item()), rtol=tol["rtol"])
     if no_grad:  # the forward-only specialisation (no gradient written)
         with torch.no_grad():
-            again = fused_cross_entropy(xd, y.to(device), weight, reduction=reduction, **ours_kwargs)
+            again = loss_fn(xd, y.to(device), weight, reduction=reduction, **ours_kwargs)
         torch.testing.assert_close(again.double().cpu(), ref.detach(), **tol)
 
 
@@ -127,40 +179,45 @@ def _reductions(feature):
 # ----------------------------------------------------------------------------------------------
 
 
+ALL_ROW_VARIANTS = ROW_VARIANTS | TILES
+
+
 @pytest.mark.parametrize("feature", VARIANT_FEATURES)
-@pytest.mark.parametrize("name", list(ROW_VARIANTS))
+@pytest.mark.parametrize("name", list(ALL_ROW_VARIANTS))
 def test_row_variants(variant, device, name, feature):
-    variant(ROW_VARIANTS[name])
+    loss_fn = variant(ALL_ROW_VARIANTS[name])
     x, y, kwargs = make((5, 37), torch.float32, feature, device)
     for reduction in _reductions(feature):
-        check_against_reference(x, y, kwargs, reduction, device, no_grad=feature in ("plain", "z_softcap_temperature"))
+        check_against_reference(x, y, kwargs, reduction, device, no_grad=feature in ("plain", "z_softcap_temperature"),
+                                loss_fn=loss_fn)
 
 
-@pytest.mark.parametrize("name", [n for n, cfg in ROW_VARIANTS.items() if cfg.mode != SPLIT])
+@pytest.mark.parametrize("name", [n for n, cfg in ALL_ROW_VARIANTS.items() if getattr(cfg, "mode", None) != SPLIT])
 def test_row_variants_on_strided_columns(variant, device, name):
     # (9, 37) logits with column-major strides: the class stride is 9 (CONTIGUOUS off).
-    variant(ROW_VARIANTS[name])
+    loss_fn = variant(ALL_ROW_VARIANTS[name])
     torch.manual_seed(4)
     x = torch.randn(37, 5).t() * 3
     y = torch.randint(0, 37, (5,))
     y[2] = -100
-    check_against_reference(x, y, dict(weight=torch.rand(37) + 0.5, label_smoothing=0.1), "mean", device)
+    check_against_reference(x, y, dict(weight=torch.rand(37) + 0.5, label_smoothing=0.1), "mean", device,
+                            loss_fn=loss_fn)
 
 
 @pytest.mark.parametrize("feature", VARIANT_FEATURES)
-@pytest.mark.parametrize("name", list(ALONG_S_VARIANTS))
+@pytest.mark.parametrize("name", list(ALONG_S_VARIANTS | ALONG_S_TILES))
 def test_class_dim_1_variants(variant, device, name, feature):
-    variant(ALONG_S_VARIANTS[name])
+    loss_fn = variant((ALONG_S_VARIANTS | ALONG_S_TILES)[name])
     x, y, kwargs = make((2, 9, 10), torch.float32, feature, device)
     for reduction in _reductions(feature):
-        check_against_reference(x, y, kwargs, reduction, device)
+        check_against_reference(x, y, kwargs, reduction, device, loss_fn=loss_fn)
 
 
-@pytest.mark.parametrize("name, dtype", [(n, torch.bfloat16) for n in ROW_VARIANTS] + [("two_pass", torch.float16)])
+@pytest.mark.parametrize("name, dtype", [(n, torch.bfloat16) for n in ALL_ROW_VARIANTS] + [("two_pass", torch.float16)])
 def test_16_bit_logits(variant, device, name, dtype):
-    variant(ROW_VARIANTS[name])
+    loss_fn = variant(ALL_ROW_VARIANTS[name])
     x, y, kwargs = make((5, 37), dtype, "smoothing_weight", device)
-    check_against_reference(x, y, kwargs | dict(z_loss=1e-3), "mean", device)
+    check_against_reference(x, y, kwargs | dict(z_loss=1e-3), "mean", device, loss_fn=loss_fn)
 
 
 def _launch(x3, y2, grad3, config):
@@ -256,6 +313,7 @@ GPU_VARIANTS = {
     "two_pass": KernelConfig(TWO_PASS, 1, 8192, reverse=True, num_warps=16, num_stages=2),
     "persistent": KernelConfig(TWO_PASS, 1, 8192, reverse=True, programs_per_sm=1, num_warps=16, num_stages=2),
     "split": KernelConfig(SPLIT, 1, 8192, num_warps=16),
+    "stream": cross_entropy_tuning.stream_tile(32000, False),  # the statistics and gradient kernels
 }
 
 
@@ -264,28 +322,29 @@ GPU_VARIANTS = {
 @pytest.mark.parametrize("name", list(GPU_VARIANTS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_grid(variant, name, feature, dtype):
-    variant(GPU_VARIANTS[name])
+    loss_fn = variant(GPU_VARIANTS[name])
     x, y, kwargs = make((64, 32000), dtype, feature, "cuda")
     for reduction in _reductions(feature):
-        check_against_reference(x, y, kwargs, reduction, "cuda")
+        check_against_reference(x, y, kwargs, reduction, "cuda", loss_fn=loss_fn)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", list(ALONG_S_VARIANTS) + ["default"])
+@pytest.mark.parametrize("name", list(ALONG_S_VARIANTS) + ["fused_default", "default"])
 def test_gpu_class_dim_1(variant, name):
     # Segmentation-shaped logits (N, C, H, W).
-    if name != "default":
-        variant(ALONG_S_VARIANTS[name])
+    loss_fn = variant(ALONG_S_VARIANTS[name]) if name in ALONG_S_VARIANTS else \
+        fused_kernel_loss if name == "fused_default" else fused_cross_entropy
     x, y, kwargs = make((4, 21, 32, 32), torch.bfloat16, "smoothing_weight", "cuda")
-    check_against_reference(x, y, kwargs, "mean", "cuda")
+    check_against_reference(x, y, kwargs, "mean", "cuda", loss_fn=loss_fn)
 
 
 @pytest.mark.gpu
 def test_gpu_autotuned():
-    # Large enough to autotune: the chosen config's result against float64 on a few rows.
+    # Large enough for the fused kernel to autotune: the chosen config's result against float64
+    # on a few rows.
     x, y, kwargs = make((512, 65536), torch.bfloat16, "smoothing_weight", "cuda")
     xd = x.cuda().requires_grad_(True)
-    out = fused_cross_entropy(xd, y.cuda(), kwargs["weight"].cuda(), label_smoothing=0.1, reduction="none")
+    out = fused_kernel_loss(xd, y.cuda(), kwargs["weight"].cuda(), label_smoothing=0.1, reduction="none")
     (g,) = torch.autograd.grad(out.sum(), xd)
     rows = torch.tensor([0, 1, 255, 511])
     x64 = x[rows].double().requires_grad_(True)
@@ -296,15 +355,15 @@ def test_gpu_autotuned():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["two_pass", "split"])
+@pytest.mark.parametrize("name", ["two_pass", "split", "stream"])
 def test_gpu_int64_offsets_past_2_pow_31_elements(variant, name):
     # 8193 x 262144 bf16 = 2^31 + 2^18 elements: int32 offsets would wrap for the last row.
-    variant(GPU_VARIANTS[name])
+    loss_fn = variant(GPU_VARIANTS[name] if name != "stream" else cross_entropy_tuning.stream_tile(262144, False))
     torch.manual_seed(11)
     N, C = 8193, 262144
     x = torch.randn(N, C, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     y = torch.randint(0, C, (N,), device="cuda")
-    out = fused_cross_entropy(x, y, label_smoothing=0.1, reduction="none")
+    out = loss_fn(x, y, label_smoothing=0.1, reduction="none")
     (g,) = torch.autograd.grad(out.sum(), x)
     rows = torch.tensor([0, N - 1], device="cuda")
     x64 = x.detach()[rows].double().cpu().requires_grad_(True)
@@ -351,3 +410,54 @@ def test_gpu_no_host_sync(monkeypatch, path, reduction):
         step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# ----------------------------------------------------------------------------------------------
+# Without a GPU: the statistics and gradient kernels still compile for one, with 16-byte accesses
+# ----------------------------------------------------------------------------------------------
+
+# Compiled through the launchers (compile_for: specialised as a launch on that GPU would be, run
+# nowhere) in a process of its own: Triton compiled, not interpreted.
+_COMPILE_STREAM_FOR_SM90 = r"""
+import json, sys
+import torch
+from smoothce.kernels.cross_entropy_triton import launch_row_grad, launch_row_stats
+from smoothce.kernels.triton_target import GPUTarget
+
+N = 64
+out = {}
+for C in json.loads(sys.argv[1]):
+    x = torch.empty(N, C, 1, dtype=torch.bfloat16)  # address space only: nothing runs
+    y = torch.zeros(N, 1, dtype=torch.long)
+    rows = torch.empty(3, N)
+    # every feature but class weights, whose fp32 loads would be 16 bytes wide as well
+    kw = dict(logit_scale=1.0, softcap=30.0, weighted_sum=True, compile_for=GPUTarget("cuda", 90, 32))
+    for name, kernels in (("stats", launch_row_stats(x, y, None, rows, **kw)),
+                          ("grad", launch_row_grad(rows, x, y, None, rows[0], torch.empty_like(x), **kw))):
+        (kernel,) = kernels
+        ptx = kernel.asm["ptx"].splitlines()
+        out[f"{name}-{C}"] = [sum(".v4." in line for line in ptx if op in line) for op in ("ld.global", "st.global")]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine compiles and runs the kernels for real")
+def test_statistics_and_gradient_kernels_compile_for_sm90_with_16_byte_accesses():
+    # Compiled here for sm_90 (Triton's own ptxas, no GPU) with bf16 logits, as the launchers
+    # specialise them: the logits are read 16 bytes at a time, and the gradient written so. Without
+    # class weights, the only vector loads and stores are the logits' and the gradient's.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    Cs = [4096, 131072]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_STREAM_FOR_SM90, json.dumps(Cs)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    for C in Cs:  # one row per tile: the per-row values load one at a time
+        assert counts[f"stats-{C}"][0] > 0, counts
+        assert all(n > 0 for n in counts[f"grad-{C}"]), counts

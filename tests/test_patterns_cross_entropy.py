@@ -639,8 +639,9 @@ def kl_batchmean(x, y):
 
 @pytest.mark.parametrize("fn", [smooth_masked_mul, target_scatter, kl_batchmean, smooth_reduced_first],
                          ids=lambda f: f.__name__)
-def test_only_the_gradient_is_saved(fn):
-    """Training: the forward graph saves exactly one (N, V) tensor for backward, the op's gradient."""
+def test_only_the_logits_are_saved(fn):
+    """Training: the forward graph saves exactly one (N, V) tensor for backward: the logits, which
+    backward reads once to write their gradient (a few numbers per row besides)."""
     saved = []
 
     def fw(gm, inputs):
@@ -657,7 +658,7 @@ def test_only_the_gradient_is_saved(fn):
     x = logits(N, V).requires_grad_()
     torch.compile(fn, backend=be)(x, labels(N, ignore=-100, where=(1,)) if fn is not kl_batchmean
                                   and fn is not target_scatter else labels(N)).backward()
-    assert [tuple(s) for s in saved if len(s) == 2] == [(N, V)], saved
+    assert [tuple(s) for s in saved if s.numel() >= N * V] == [(N, V)], saved
 
 
 def test_dynamic_batch():

@@ -361,7 +361,7 @@ _WARM_CACHE_SCRIPT = textwrap.dedent(
     x, y = torch.randn(8, 16), torch.randint(0, 32, (8,))
     logits = torch.randn(8, 32, requires_grad=True)
 
-    def plain(logits, y):  # the loss alone: torch.ops.smoothce.cross_entropy
+    def plain(logits, y):  # the loss alone: smoothce::cross_entropy_stats, and _grad in backward
         return F.cross_entropy(logits, y, label_smoothing=0.1)
 
     def fused(x, y):  # head + loss: torch.ops.smoothce.linear_cross_entropy
@@ -404,5 +404,6 @@ def test_a_second_process_runs_the_op_from_the_caches(mode, shared_cache_dir):
     first, second = runs
     assert second["cache_hits"] >= 2, runs  # the forward graphs of both steps came from the caches
     assert second["ops"] == first["ops"], runs
-    assert {"smoothce::cross_entropy", "smoothce::linear_cross_entropy"} <= set(second["ops"]), runs
+    assert {"smoothce::cross_entropy_stats", "smoothce::cross_entropy_grad",
+            "smoothce::linear_cross_entropy"} <= set(second["ops"]), runs
     assert second["losses"] == first["losses"], runs
