@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.testing._internal.optests import OpCheckError
 
 import triton_cpu
 from reference import reference as logits_reference
@@ -390,6 +391,24 @@ def test_gradients_are_the_stored_buffers(device):
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_eager_backward_changes_what_the_op_returned():
+    # The contract this op does not keep (README, "The op"): the gradients it returns for an
+    # incoming gradient of 1 are scaled in place by eager backward, so after a backward with any
+    # other incoming gradient they hold the scaled ones. opcheck sees it only when the loss it
+    # backpropagates through is negative (its cotangent is the sign of the loss's sum), here
+    # through scale=-1; test_opcheck's positive losses pass.
+    h, w, b, t = make(dtype=torch.float32)
+    args = [h, w, b, t, None, -100, "mean", 0.1, "all", 1.0, False, 1e-3, None, 1.0, None, None, True, CHUNK]
+    out = torch.ops.smoothce.linear_cross_entropy(*args)
+    returned = [g.clone() for g in out[2:5]]
+    (out[0] * -2.0).backward()
+    for now, before in zip(out[2:5], returned):
+        torch.testing.assert_close(now, -2.0 * before, rtol=0, atol=0)
+    args[9] = -1.0  # scale
+    with pytest.raises(OpCheckError, match="test_aot_dispatch_dynamic"):
+        torch.library.opcheck(torch.ops.smoothce.linear_cross_entropy.default, tuple(args))
 
 
 def step_peak_bytes(step, device) -> int:
