@@ -447,10 +447,16 @@ def analyze(gm: torch.fx.GraphModule) -> tuple[list[Plan], list[NearMiss], Inter
             v = values.get(a)
             if carries_logits(v) and (seeds_of(v) or isinstance(v, ScalarV)):
                 miss(_first_seed(v, a, order), node, reason, at_sink=False)
-    # One reason per candidate (see miss() for which). Candidates a plan rewrote have none.
+    # One reason per candidate (see miss() for which). Candidates a plan rewrote have none, but a
+    # loss built from them that is not one itself: nothing outside a plan reads its log-probs, so
+    # that loss holds the plan's result, and the rest of it stays as written beside the op.
     done = {s for p in plans for s in p.seeds}
     best: dict = {}
-    for (s, _), (at, m) in misses.items():
-        if s not in done and (s not in best or at > best[s][0]):
-            best[s] = (at, m)
+    for (s, _), (rank, m) in misses.items():
+        if s in done:
+            if not rank[0]:
+                continue
+            m = NearMiss(m.node, m.location, f"rewritten in part, the rest left as written: {m.reason}")
+        if s not in best or rank > best[s][0]:
+            best[s] = (rank, m)
     return plans, [m for _, m in sorted(best.values(), key=lambda t: t[0])], interp

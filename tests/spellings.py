@@ -344,7 +344,7 @@ def draw(rng: random.Random) -> Spelling:
         c["extra"] = "none"
     if c["convention"] == "pad" and c["extra"] == "z_loss" and c["mask"] in ("none", "boolean") and c["order"] == "rows":
         # the label term and the smooth term become two calls (Spelling.calls): the detector
-        # leaves the z term of their row in the graph, logsumexp and all, with no near miss
+        # leaves the z term of their row in the graph, logsumexp and all (a near miss says so)
         c["mask"] = "masked_fill"
     if c["nll"] not in ("one_hot", "scatter", "arange") or c["target"] == "where_0dim" and c["mask"] == "none":
         c["target"] = "product"  # no target tensor (gather, index, nll_loss), or no mask to clear its rows with

@@ -493,6 +493,22 @@ def test_softcap():
     assert not any(op_name(n) == "tanh" for n in rec.gm.graph.nodes)
 
 
+def test_z_loss_beside_a_padding_column_is_rewritten_in_part():
+    # eps over every class but the padding column 0, rows labelled 0 kept: the label and smooth
+    # terms become two calls, and the z term of their rows stays as written beside them
+    def fn(x, y):
+        lp = F.log_softmax(x, -1)
+        nll = -lp.gather(-1, y[:, None]).squeeze(-1)
+        smooth = -lp.sum(-1) + lp[:, 0]
+        row = (1 - EPS) * nll + EPS / (V - 1) * smooth + 1e-4 * torch.logsumexp(x, -1) ** 2
+        return row.mean()
+
+    rec = check(fn, logits(N, V), labels(N), kept={"logsumexp"}, matches=2)
+    line = inspect.getsourcelines(fn)[1] + 5  # the loss the two calls are part of
+    assert [(m.location, m.reason) for m in rec.result.near_misses] == [(f"{FILE}:{line}", (
+        "rewritten in part, the rest left as written: the target leaves out class 0 but keeps rows whose label is 0"))]
+
+
 # ------------------------------------------------------------------------------------------------
 # Left alone, with a reason
 # ------------------------------------------------------------------------------------------------
