@@ -100,10 +100,11 @@ def _move_shape_reads(plan: Plan, head: Optional[Head], b: _Builder) -> None:
     on the logits' source (x[keep]), placed before the first of them."""
     key = plan.logits
     order = {n: i for i, n in enumerate(b.graph.nodes)}
+    added = set(b.added)
     moves = []
     for n in sorted((n for n in plan.dead if n in order), key=order.__getitem__):  # (another plan's may be gone)
         readers = sorted((u for u in n.users if reads_shape_only(u)), key=order.__getitem__)
-        if not readers:
+        if not readers or added.intersection(n.users):  # the op reads it too (x[keep] as it is): it stays
             continue
         if n not in key.layout or head is not None:
             raise Reject(f"the size of {n.name} is read elsewhere, and the rewrite would remove it")

@@ -24,8 +24,10 @@ bfloat16 logits to float64 (the reference).
                  masked rows cleared by torch.where against a 0-dim tensor
     transpose    (B, V, T) log-probs used as they are | transposed to classes last
     shapes       static | B and T dynamic (torch._dynamo.maybe_mark_dynamic)
+    select       boolean indexing (mask) of the per-row loss | of the logits and the labels first
+                 (x[keep]) | of the log-probs and the labels (log_softmax(x)[keep])
 
-The last three axes came later: they are drawn after the others, so the values a seed draws on
+The last four axes came later: they are drawn after the others, so the values a seed draws on
 the first twelve axes stay what they were.
 """
 
@@ -51,6 +53,7 @@ AXES = {
     "target": ["product", "mul_", "imul", "where_0dim"],
     "transpose": ["none", "classes_last"],
     "shapes": ["static", "dynamic"],
+    "select": ["after", "logits", "log_probs"],
 }
 
 N, B, T, V = 6, 2, 3, 11  # V odd: eps / V, eps / (V - 1) and eps / (V - 2) differ visibly
@@ -74,6 +77,7 @@ class Spelling:
     target: str
     transpose: str
     shapes: str
+    select: str
 
     # -- what the draw needs ------------------------------------------------------------------
 
@@ -89,11 +93,19 @@ class Spelling:
     @property
     def class_dim(self) -> int:
         """Where the logits (and the softmax over them) have their classes."""
-        return 1 if self.layout == "cd1" else -1
+        return 1 if self.layout == "cd1" and self.select != "logits" else -1
+
+    @property
+    def selected_before(self) -> bool:
+        """The kept rows are selected (from the logits or the log-probs) before any term reads them."""
+        return self.select != "after"
 
     @property
     def lp_layout(self) -> str:
-        """The layout the code reads the log-probs in: (B, V, T) log-probs transposed are (B, T, V)."""
+        """The layout the code reads the log-probs in: (B, V, T) log-probs transposed are (B, T, V),
+        rows selected by boolean indexing are one flat batch."""
+        if self.selected_before:
+            return "flat"
         return "bt" if self.transpose == "classes_last" else self.layout
 
     @property
@@ -117,7 +129,8 @@ class Spelling:
     @property
     def _cross_entropy_calls(self) -> int:
         """The op calls of the cross-entropy terms (with the z term where it has their rows)."""
-        if self.order == "terms" and (self.mask == "boolean" or self.reduction == "sequence"):
+        if self.order == "terms" and (self.mask == "boolean" and not self.selected_before
+                                      or self.reduction == "sequence"):
             # each term reaches its own output of the graph before the break at r[keep], or is
             # averaged per sequence apart: a per-row call each
             return 2
@@ -155,6 +168,10 @@ class Spelling:
         if self.layout == "flattened":
             add(f"    x = x.view(-1, {V})")
             add("    y = y.view(-1)")
+        if self.select == "logits":
+            add(f"    keep = y != {self.ignored}")
+            x = "x.transpose(1, 2)" if self.layout == "cd1" else "x"  # rows of (B, T, V) logits
+            add(f"    x, y = {x}[keep], y[keep]  # the kept rows, one flat batch")
         if self.dtype == "bfloat16":
             add("    x = " + {"float32": "x.float()", "float64": "x.double()"}[upcast])
         if self.extra == "softcap":
@@ -165,9 +182,10 @@ class Spelling:
         if self.transpose == "classes_last":
             add("    lp = lp.transpose(1, 2)  # (B, T, V)")
         lcd = -1 if self.transpose == "classes_last" else cd  # where lp has its classes
-        masked = self.mask != "none"
-        if masked:
+        if self.mask != "none" and self.select != "logits":
             add(f"    keep = y != {self.ignored}")
+        if self.select == "log_probs":
+            add("    lp, y = lp[keep], y[keep]  # the kept rows, one flat batch")
         add(f"    y_ = {self._safe_labels()}")
         lines += self._nll(lcd)
         if self.extra == "weight" and not self.nll.startswith("nll_"):  # nll_loss takes weight= itself
@@ -225,7 +243,7 @@ class Spelling:
 
     def _safe_labels(self) -> str:
         reads = self.nll not in ("nll_none", "nll_sum", "nll_mean", "arange") or self.extra == "weight"
-        if self.mask == "none" or self.ignored >= 0 or not reads:
+        if self.mask == "none" or self.selected_before or self.ignored >= 0 or not reads:
             return "y"
         return {"clamp": "y.clamp(min=0)", "where": "torch.where(keep, y, 0)",
                 "masked_fill": "y.masked_fill(~keep, 0)"}[self.labels]
@@ -284,8 +302,9 @@ class Spelling:
         lines = []
         m = self.mask
         if m == "boolean":
-            red = {"mean": f"{r}[keep].mean()", "sum": f"{r}[keep].sum()",
-                   "token": f"{r}[keep].sum() / keep.sum()"}[self.reduction]
+            kept = r if self.selected_before else f"{r}[keep]"
+            red = {"mean": f"{kept}.mean()", "sum": f"{kept}.sum()",
+                   "token": f"{kept}.sum() / keep.sum()"}[self.reduction]
             return [f"    {out} = {red}"]
         masked = {
             "none": r, "masked_fill": f"{r}.masked_fill(~keep, 0.0)", "where": f"torch.where(keep, {r}, 0.0)",
@@ -346,8 +365,25 @@ def draw(rng: random.Random) -> Spelling:
         # the label term and the smooth term become two calls (Spelling.calls): the detector
         # leaves the z term of their row in the graph, logsumexp and all (a near miss says so)
         c["mask"] = "masked_fill"
-    if c["nll"] not in ("one_hot", "scatter", "arange") or c["target"] == "where_0dim" and c["mask"] == "none":
-        c["target"] = "product"  # no target tensor (gather, index, nll_loss), or no mask to clear its rows with
+    if c["mask"] != "boolean":
+        c["select"] = "after"  # rows are selected only by boolean indexing
+    if c["select"] != "after" and c["extra"] == "z_loss":
+        # torch.logsumexp(x[keep]): Dynamo breaks the graph at a logsumexp of a data-dependent
+        # row count, and the z term is computed in a graph of its own; torch.logsumexp(x)[keep]
+        # next to lp[keep]: the z term's logsumexp stays in the graph
+        c["select"] = "after"
+    if c["select"] == "logits" and c["logprobs"] == "lse":
+        c["select"] = "log_probs"  # the logsumexp of x[keep]: the graph break above
+    if c["select"] == "log_probs" and c["layout"] == "cd1":
+        # log_softmax(x, 1).transpose(1, 2)[keep]: "rows of log-probs whose classes a transpose
+        # moved are selected": the user selects x.transpose(1, 2)[keep] instead
+        c["select"] = "logits" if c["logprobs"] != "lse" else "after"
+    if c["select"] == "logits":
+        c["transpose"] = "none"  # x.transpose(1, 2)[keep]: the classes are last already
+    if c["nll"] not in ("one_hot", "scatter", "arange") or c["target"] == "where_0dim" and (
+            c["mask"] == "none" or c["select"] != "after"):
+        # no target tensor (gather, index, nll_loss), or no masked row left to clear
+        c["target"] = "product"
     return Spelling(**c)
 
 

@@ -621,6 +621,61 @@ def test_rows_selected_by_a_boolean_mask(fn):
                                      "mean" if fn is selected_log_probs_gathered else "sum")
 
 
+def selected_logits_cross_entropy(x, y):  # x: (B, T, V), as token classifiers select active rows
+    active = y.view(-1) != -100
+    return F.cross_entropy(x.view(-1, V)[active], y.view(-1)[active], label_smoothing=EPS)
+
+
+def selected_logits_scattered_and_smoothed_in_place(x, y):
+    keep = y != -100
+    x, y = x[keep], y[keep]
+    lp = F.log_softmax(x.float() / 2.0, -1)  # a temperature
+    t = torch.zeros_like(lp).scatter_(1, y[:, None], 1.0)
+    t *= 1 - EPS
+    return -(t * lp).sum() / keep.sum() + EPS * -lp.mean(-1).sum() / keep.sum()
+
+
+def selected_logits_with_classes_at_dim_1(x, y):  # x: (B, V, T)
+    keep = y != -100
+    lp = F.log_softmax(x.transpose(1, 2)[keep], -1)
+    return ((1 - EPS) * F.nll_loss(lp, y[keep], reduction="none") - EPS * lp.mean(-1)).mean()
+
+
+@pytest.mark.parametrize("fn, x_shape, y_shape", [(selected_logits_cross_entropy, (B, T, V), (B, T)),
+                                                   (selected_logits_scattered_and_smoothed_in_place, (N, V), (N,)),
+                                                   (selected_logits_with_classes_at_dim_1, (B, V, T), (B, T))],
+                         ids=lambda a: getattr(a, "__name__", ""))
+def test_rows_of_the_logits_selected_by_a_boolean_mask(fn, x_shape, y_shape):
+    # the op reads x[keep] itself (Dynamo's read of its row count stays); a question about its
+    # data-dependent size (is x[keep] / 2.0 a count divided by 2?) leaves a node opaque, not an error
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        (m,) = check(fn, logits(*x_shape), labels(*y_shape, ignore=-100, where=(1, 4))).result.matches
+    assert m.params["eps"] == EPS, m
+
+
+def test_transposed_log_probs_selected_by_a_boolean_mask_say_what_to_select():
+    def fn(x, y):  # x: (B, V, T)
+        lp = F.log_softmax(x, 1).transpose(1, 2)[y != -100]
+        return -lp.gather(1, y[y != -100][:, None]).mean()
+
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        rec = check(fn, logits(B, V, T), labels(B, T, ignore=-100, where=(1,)), matches=0)
+    (miss,) = rec.result.near_misses
+    assert miss.reason.startswith("rows of log-probs whose classes a transpose moved last are selected"), miss
+    assert "x.transpose(1, 2)[keep]" in miss.reason, miss
+
+
+def test_rows_selected_twice_are_a_near_miss_not_an_error():
+    def fn(x, y):  # two selections: their row counts are two unknowns of the data
+        lp = F.log_softmax(x, -1)[y != -100]
+        return -lp.gather(1, y[y != -100][:, None]).mean()
+
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        rec = check(fn, logits(N, V), labels(N, ignore=-100, where=(1,)), matches=0)
+    (miss,) = rec.result.near_misses
+    assert "sizes depend on the data (Eq(" in miss.reason and "select the rows once" in miss.reason, miss
+
+
 def cross_entropy_of_transposed_logits(x, y):
     return F.cross_entropy(x.transpose(1, 2), y, label_smoothing=EPS)
 

@@ -151,6 +151,9 @@ def _selected_rows(node, v, index, shp) -> Optional[ElemV]:
     if not (isinstance(v, ElemV) and v.is_logprob() and v.cd == -1 and isinstance(index, Node) and is_bool(index)
             and shp is not None and shape(index) == shp[:-1]):
         return None
+    if v.key.cd != -1:  # x[keep] would not select these rows: x has its classes elsewhere
+        raise Reject(f"rows of log-probs whose classes a transpose moved last are selected ({describe(node)}); "
+                     "select the rows of the logits with their classes last instead (x.transpose(1, 2)[keep])")
     key = dataclasses.replace(v.key, layout=(*v.key.layout, node))
     return dataclasses.replace(log_probs(key, v.seeds | {node}), cd=-1)
 

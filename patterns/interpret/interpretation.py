@@ -8,10 +8,12 @@ miss can say what stopped the match and where.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Optional
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from smoothce.patterns.algebra import (
     TWO_LABELS, ArangeV, CondAtom, CondV, Dense, ElemV, LabelV, Logits, Reject, SoftmaxV, carries_logits,
@@ -110,10 +112,12 @@ class Interpretation:
             value = meaning(self, node, first, kw) if meaning is not None else None
             if isinstance(value, ElemV):
                 self._check_label_rows(node, first if followed else node)
-        except Reject:
+        except (Reject, GuardOnDataDependentSymNode) as err:
             if followed and isinstance(first, Node):  # the change is not followed: no old value survives it
                 inplace.opaque(self, inplace.aliases(self, first)[1], node)
-            raise
+            if isinstance(err, Reject):
+                raise
+            raise Reject(_data_dependent(node, err)) from err
         if followed:  # an in-place op: the tensor it changes takes the value (or turns opaque)
             return inplace.follow(self, node, first, value)
         return value
@@ -260,3 +264,12 @@ class Interpretation:
         if not isinstance(arg, Node) or self.values.get(arg) is not None or not is_float(arg) or not shape(arg):
             return None
         return pure_logits(trace_logits(self, arg))
+
+
+def _data_dependent(node: Node, err: GuardOnDataDependentSymNode) -> str:
+    """Why a node whose meaning asks about sizes that depend on the data (the row counts of two
+    boolean selections, u0 == u1) has none: the answer is known only when the graph runs."""
+    found = re.search(r"data-dependent expression (.+?) \(unhinted", str(err))
+    question = found.group(1) if found else "a size"
+    return (f"{describe(node)} reads tensors whose sizes depend on the data ({question} is not known before "
+            "the graph runs); select the rows once (x[keep], y[keep]) and compute the loss on those")
