@@ -404,8 +404,9 @@ def analyze(gm: torch.fx.GraphModule) -> tuple[list[Plan], list[NearMiss], Inter
     # Sinks: logit-derived values read by something the algebra does not describe (zeros_like(t)
     # reads only t's shape: it has a value). A sink that is not an instance of the form hands the
     # question down to its own logit-derived inputs.
+    # A size read (sym_size of x[keep]) is no reader: the rewrite moves it onto the logits' source.
     work = [n for n in gm.graph.nodes if carries_logits(values.get(n))
-            and any(values.get(u) is None for u in n.users)]
+            and any(values.get(u) is None and not reads_shape_only(u) for u in n.users)]
     queued = set(work)
     handed_down: set = set()
     while work:
@@ -413,7 +414,7 @@ def analyze(gm: torch.fx.GraphModule) -> tuple[list[Plan], list[NearMiss], Inter
         value = values[node]
         seed = _first_seed(value, node, order)
         has_seed = bool(_seeds(value))
-        reader = next((u for u in node.users if values.get(u) is None), None)
+        reader = next((u for u in node.users if values.get(u) is None and not reads_shape_only(u)), None)
         focal = next((u for u in node.users if isinstance(interp.rejected.get(u), NotCrossEntropy)), None)
         reader = focal or reader
         try:
