@@ -15,14 +15,17 @@ scales, 1 or the 'mean' divisors), times logit_scale, and times 1 - (x_j / cap)^
 softcap. label_on is 1, 0 on an ignored row, nan for a label outside [0, V) (the loudest result
 that needs no host sync; such a label is never dereferenced). uniform_on is label_on and s_u is
 s_ce; with uniform_rows, uniform_on is the row's entry of it, s_u the smoothing part's own scale,
-and the smoothing part of the loss is written apart, to be reduced by its own divisor.
+and the smoothing part of the loss is written apart, to be reduced by its own divisor. sum_k w_k
+is one number per call (V without weights), never reduced per row.
 
-Layout, low to high: jit helpers -> the three modes (tiles of rows in one or two passes; split
-rows) -> the kernel -> autotuned versions -> the backward's scaling -> the launcher -> the
-statistics and gradient kernels and their launchers. Which mode and block sizes run where is the
-tuning table's business (kernels/cross_entropy_tuning.py).
+Inside, logits are read in log2 units (t = x log2(e), lse2 = lse log2(e)), so that every
+exponential is one special-function op; per-row results are turned back into natural units.
+
+Layout, low to high: jit helpers -> the two modes (tiles of rows in one or two passes) -> the
+kernel -> autotuned versions -> the backward's scaling -> the launcher -> the statistics and
+gradient kernels and their launchers. Which mode and block sizes run where is the tuning table's
+business (kernels/cross_entropy_tuning.py).
 """
-
 from __future__ import annotations
 
 import functools
@@ -33,58 +36,134 @@ import triton
 import triton.language as tl
 
 from smoothce.kernels import cross_entropy_tuning as tuning
-from smoothce.kernels.cross_entropy_tuning import ONE_PASS, SPLIT, TWO_PASS, KernelConfig
-# The tile helpers the soft-target kernel shares, under the names this file has always used.
-from smoothce.kernels.triton_tiles import (
-    class_weights_of as _class_weights,
-    columns_of as _columns,
-    logits_of as _logits,
-    merge_softmax as _merge,
-    offsets_of as _offsets,
-    rows_of as _rows_of,
-    transformed_of as _transformed,
-)
+from smoothce.kernels.cross_entropy_tuning import KernelConfig
+# shared with the soft-target kernel
+from smoothce.kernels.triton_tiles import rows_of as _rows_of
 
 # --------------------------------------------------------------------------------------------
-# jit helpers: one tile of logits, per-row statistics, per-row results, one tile of gradient
+# jit helpers: logits in log2 units, per-row statistics, per-row results, a tile of gradient
+#
+# Every exponential is a base-2 one: the logits are read as t = x log2(e), which the scale of
+# the logits absorbs (one multiply either way), so exp(x - lse) is exp2(t - lse2) and compiles to
+# a single special-function op (natural exp adds a multiply and a denormal guard).
 # --------------------------------------------------------------------------------------------
 
-
-@triton.jit
-def _label_logit(ptrs, mask, logit_scale, cap, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr):
-    """The transformed logit of each row's label (a gather, one per row)."""
-    return _transformed(tl.load(ptrs, mask=mask, other=0.0), logit_scale, cap, HAS_SOFTCAP, ACC)
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _store_grad(ptrs, g, mask):
-    """A tile of gradient, in the gradient's dtype."""
-    tl.store(ptrs, g.to(ptrs.dtype.element_ty), mask=mask)
+def _transform(raw, k, c1, c2, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr):
+    """(t, r): t = x log2(e) for x = softcap(logit_scale raw); with a softcap also r = 1 / (e + 1)
+    for e = exp(2 logit_scale raw / cap), so that x / cap = tanh = 1 - 2r. k, c1, c2: _constants.
 
-
-@triton.jit
-def _tile_stats(x, mask, w, HAS_SMOOTHING: tl.constexpr):
-    """Per row of an (R, B) tile: max, sum exp(x - max), sum w x and sum w (the last two only
-    with smoothing). A row of -inf gives max -inf and sum 0, never nan."""
-    xm = tl.where(mask, x, float("-inf"))
-    m = tl.max(xm, 1)
-    d = tl.sum(tl.exp(xm - tl.where(m == float("-inf"), 0.0, m)[:, None]), 1)
-    if HAS_SMOOTHING:  # masked lanes hold x = 0 and w = 0
-        sum_wx = tl.sum(w * x, 1)
-        sum_w = tl.sum(tl.where(mask, w, 0.0), 1)
+    1 / (e + 1) is rsqrt(e + 1)^2 (two special-function ops, a few ulp) rather than a division
+    (a guarded sequence of eight); e = inf gives r = 0, x = cap; e = 0 gives r = 1, x = -cap."""
+    u = raw.to(ACC)
+    if HAS_SOFTCAP:
+        if ACC == tl.float64:
+            r = 1.0 / (tl.exp2(u * c1) + 1.0)
+        else:
+            q = tl.math.rsqrt(tl.exp2(u * c1) + 1.0)
+            r = q * q
+        t = c2 - (2.0 * c2) * r
     else:
-        sum_wx = tl.zeros_like(d)
-        sum_w = tl.zeros_like(d)
-    return m, d, sum_wx, sum_w
+        r = u
+        t = u * k
+    return t, r
+
+
+@triton.jit
+def _constants(logit_scale, cap, ACC: tl.constexpr):
+    """(k, c1, c2) of _transform: t = raw k without a softcap; e = exp2(raw c1), t = c2 (1 - 2r).
+    In ACC: log2(e) rounded to fp32 would cost fp64 its precision."""
+    k = (tl.zeros((), ACC) + logit_scale) * LOG2E
+    cap = tl.zeros((), ACC) + cap
+    return k, 2.0 * k / cap, cap * LOG2E
+
+
+@triton.jit
+def _logits(ptrs, mask, k, c1, c2, MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr):
+    """A tile of logits in log2 units (t, r of _transform); masked lanes read 0, so t = 0."""
+    if MASKED:
+        raw = tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        raw = tl.load(ptrs)
+    return _transform(raw, k, c1, c2, HAS_SOFTCAP, ACC)
+
+
+@triton.jit
+def _label_logit(ptrs, mask, k, c1, c2, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr):
+    """t of each row's label column (a gather, one per row)."""
+    t, _ = _transform(tl.load(ptrs, mask=mask, other=0.0), k, c1, c2, HAS_SOFTCAP, ACC)
+    return t
+
+
+@triton.jit
+def _store_grad(ptrs, g, mask, MASKED: tl.constexpr):
+    """A tile of gradient, in the gradient's dtype."""
+    if MASKED:
+        tl.store(ptrs, g.to(ptrs.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ptrs, g.to(ptrs.dtype.element_ty))
+
+
+@triton.jit
+def _class_weights(w_ptr, cols, mask, MASKED: tl.constexpr, ACC: tl.constexpr):
+    """The class weights of a tile's columns, in the tile's own shape (R, B): loaded where the
+    logits are, so no exchange of a (1, B) row between threads; 0 on masked lanes."""
+    if MASKED:
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    else:
+        w = tl.load(w_ptr + cols)
+    return w.to(ACC)
+
+
+@triton.jit
+def _columns(start, C, row_mask, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Columns [start, start + BLOCK_C) of a tile, as (R, B) indices, and the tile's mask."""
+    cols = start + tl.arange(0, BLOCK_C)[None, :] + tl.zeros((BLOCK_R, 1), tl.int32)
+    return cols, row_mask[:, None] & (cols < C)
+
+
+@triton.jit
+def _offsets(row_off, cols, stride, CONTIGUOUS: tl.constexpr):
+    """(R, B) element offsets; with CONTIGUOUS the column stride is 1 at compile time (loads vectorise)."""
+    if CONTIGUOUS:
+        off = row_off[:, None] + cols
+    else:
+        off = row_off[:, None] + cols.to(tl.int64) * stride
+    return off
+
+
+@triton.jit
+def _block_stats(t, w, mask, m, d, s, MASKED: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+    """Rows' running (max, sum exp2(t - max)) and smoothing sum (sum w t), merged with a tile.
+
+    Masked lanes hold t = 0 and w = 0: out of the max and sum-exp, 0 in the smoothing sum. A row
+    of -inf keeps max -inf and sum 0, never nan."""
+    if MASKED:
+        tm = tl.where(mask, t, float("-inf"))
+    else:
+        tm = t
+    m_new = tl.maximum(m, tl.max(tm, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    d = d * tl.exp2(m - m_safe) + tl.sum(tl.exp2(tm - m_safe[:, None]), 1)
+    if HAS_SMOOTHING:
+        if HAS_WEIGHT:
+            s += tl.sum(w * t, 1)
+        else:
+            s += tl.sum(t, 1)
+    return m_new, d, s
 
 
 @triton.jit
 def _row_labels(y_ptrs, u_ptrs, row_mask, C, ignore_index, HAS_IGNORE: tl.constexpr,
                 HAS_UNIFORM_ROWS: tl.constexpr, ACC: tl.constexpr):
-    """Labels of a tile's rows: (y, y clamped into [0, C), label_on, uniform_on)."""
+    """Labels of a tile's rows: (y clamped into [0, C) as int32, label_on, uniform_on)."""
     y = tl.load(y_ptrs, mask=row_mask, other=0).to(tl.int64)
     in_range = (y >= 0) & (y < C)
-    y_safe = tl.where(in_range, y, 0)
+    y_safe = tl.where(in_range, y, 0).to(tl.int32)
     label_on = tl.where(in_range, 1.0, float("nan")).to(ACC)
     if HAS_IGNORE:
         label_on = tl.where(y == ignore_index, 0.0, label_on)
@@ -92,19 +171,20 @@ def _row_labels(y_ptrs, u_ptrs, row_mask, C, ignore_index, HAS_IGNORE: tl.conste
         uniform_on = tl.load(u_ptrs, mask=row_mask, other=0).to(ACC)
     else:
         uniform_on = label_on
-    return y, y_safe, label_on, uniform_on
+    return y_safe, label_on, uniform_on
 
 
 @triton.jit
-def _row_results(lse, x_y, w_y, sum_w, sum_wx, label_on, uniform_on, scale_ptr, a, b, c, zc, logit_scale,
+def _row_results(lse2, t_y, w_y, sum_w, sum_wt, label_on, uniform_on, scale_ptr, a, b, c, zc, logit_scale,
                  HAS_UNIFORM_ROWS: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr):
-    """Per row: the cross-entropy part, the smoothing part when it is kept apart (uniform_rows:
-    it is reduced by its own divisor), the z part, and the gradient's coefficients (of p, of
-    [j == y], of w_j); see the module docstring."""
-    ce = label_on * (a * w_y * (lse - x_y) + c)
+    """Per row, from statistics in log2 units: the cross-entropy part, the smoothing part when it
+    is kept apart (uniform_rows: it is reduced by its own divisor), the z part, and the
+    gradient's coefficients (of p, of [j == y], of w_j); see the module docstring."""
+    lse = lse2 * LN2
+    ce = label_on * (a * w_y * LN2 * (lse2 - t_y) + c)
     smooth = tl.zeros_like(ce)
     if HAS_SMOOTHING:
-        smooth = uniform_on * b * (sum_w * lse - sum_wx)
+        smooth = uniform_on * b * (sum_w * lse - sum_wt * LN2)
         if not HAS_UNIFORM_ROWS:
             ce += smooth
     # Rows that do not count get an exact 0 gradient even when 'mean' found no row (1 / 0 scale),
@@ -130,14 +210,21 @@ def _row_results(lse, x_y, w_y, sum_w, sum_wx, label_on, uniform_on, scale_ptr, 
 
 
 @triton.jit
-def _grad_tile(x, lse, cols, y, w, coef_p, coef_y, coef_w, cap, HAS_SMOOTHING: tl.constexpr,
+def _grad_tile(p, r, cols, y, w, coef_p, coef_y, coef_w, HAS_SMOOTHING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr):
-    """d(loss)/d(logits) of an (R, B) tile from its transformed logits x."""
-    g = coef_p[:, None] * tl.exp(x - lse[:, None]) - tl.where(cols[None, :] == y[:, None], coef_y[:, None], 0.0)
+    """d(loss)/d(logits) of an (R, B) tile: (coef_p p - coef_y [j == y] - coef_w w) dx/dlogits,
+    p = softmax, with logit_scale in the coefficients and, under a softcap, 1 - tanh^2 = 4r(1 - r)."""
     if HAS_SMOOTHING:
-        g -= coef_w[:, None] * w
+        if HAS_WEIGHT:
+            base = -coef_w[:, None] * w
+        else:
+            base = tl.zeros_like(p) - coef_w[:, None]
+    else:
+        base = tl.zeros_like(p)
+    g = coef_p[:, None] * p + tl.where(cols == y[:, None], base - coef_y[:, None], base)
     if HAS_SOFTCAP:
-        g *= 1.0 - (x / cap) * (x / cap)
+        r4 = 4.0 * r
+        g *= r4 - r4 * r
     return g
 
 
@@ -148,7 +235,7 @@ def _grad_tile(x, lse, cols, y, w, coef_p, coef_y, coef_w, cap, HAS_SMOOTHING: t
 
 @triton.jit
 def _tiles(
-    x_ptr, y_ptr, u_ptr, w_ptr, scale_ptr, loss_ptr, smooth_ptr, z_ptr, g_ptr,
+    x_ptr, y_ptr, u_ptr, w_ptr, wsum_ptr, scale_ptr, loss_ptr, smooth_ptr, z_ptr, g_ptr,
     N, C, S,
     stride_xn, stride_xc, stride_xs, stride_yn, stride_ys, stride_un, stride_us, stride_gn, stride_gc, stride_gs,
     ignore_index, a, b, c, zc, cap, logit_scale,
@@ -156,6 +243,7 @@ def _tiles(
     HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     S_ONE: tl.constexpr, ROWS_ALONG_S: tl.constexpr, CONTIGUOUS: tl.constexpr, ACC: tl.constexpr,
     ONE_READ: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, REVERSE: tl.constexpr,
+    EVEN_C: tl.constexpr,
 ):
     """ONE_PASS (ONE_READ: the tile is the whole row) and TWO_PASS: tiles of BLOCK_R rows.
 
@@ -163,15 +251,24 @@ def _tiles(
     adjacent in memory (stride_xs == 1, the class-dim-1 layout), so its loads coalesce across
     rows. Otherwise a tile is BLOCK_R consecutive flat rows n * S + s. CONTIGUOUS: the class
     stride is 1 (known at compile time, so loads vectorise). A grid smaller than the number of
-    tiles makes the programs persistent: each walks every nprog-th tile.
+    tiles makes the programs persistent: each walks every nprog-th tile. Masks only where a tile
+    can have lanes past the end: partial tiles of rows, and the last block of columns unless
+    BLOCK_C divides C (EVEN_C).
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    ROW_MASKED: tl.constexpr = ROWS_ALONG_S or BLOCK_R > 1
     if ROWS_ALONG_S:
         tiles_s = tl.cdiv(S, BLOCK_R)
         num_tiles = N * tiles_s
     else:
         num_tiles = tl.cdiv(N * S, BLOCK_R)
+    k, c1, c2 = _constants(logit_scale, cap, ACC)
+    if HAS_SMOOTHING and HAS_WEIGHT:
+        sum_w = tl.load(wsum_ptr).to(ACC)  # the class weights' sum: one per call
+    else:
+        sum_w = tl.zeros((), ACC) + C
+    full = C // BLOCK_C * BLOCK_C  # columns in whole blocks
     for tile in range(pid, num_tiles, nprog):
         # int64 offsets: N * C passes 2^31 at LLM sizes (8192 x 262144).
         if ROWS_ALONG_S:
@@ -187,38 +284,55 @@ def _tiles(
             x_row = n * stride_xn + s * stride_xs
             g_row = n * stride_gn + s * stride_gs
         flat = n * S + s
-        y, y_safe, label_on, uniform_on = _row_labels(
+        y, label_on, uniform_on = _row_labels(
             y_ptr + n * stride_yn + s * stride_ys, u_ptr + n * stride_un + s * stride_us, row_mask, C, ignore_index,
             HAS_IGNORE, HAS_UNIFORM_ROWS, ACC)
-        x_y = _label_logit(x_ptr + x_row + y_safe * stride_xc, row_mask, logit_scale, cap, HAS_SOFTCAP, ACC)
+        t_y = _label_logit(x_ptr + x_row + y.to(tl.int64) * stride_xc, row_mask, k, c1, c2, HAS_SOFTCAP, ACC)
         if HAS_WEIGHT:
-            w_y = tl.load(w_ptr + y_safe, mask=row_mask, other=0.0).to(ACC)
+            w_y = tl.load(w_ptr + y, mask=row_mask, other=0.0).to(ACC)
         else:
             w_y = tl.full((BLOCK_R,), 1.0, ACC)
 
+        m = tl.full((BLOCK_R,), float("-inf"), ACC)
+        d = tl.zeros((BLOCK_R,), ACC)
+        sum_wt = tl.zeros((BLOCK_R,), ACC)
         if ONE_READ:
-            cols, col_mask, mask = _columns(0, C, row_mask, BLOCK_C)
-            x = _logits(x_ptr + _offsets(x_row, cols, stride_xc, CONTIGUOUS), mask, logit_scale, cap, HAS_SOFTCAP, ACC)
-            w = _class_weights(w_ptr, cols, col_mask, HAS_WEIGHT, ACC)
-            m, d, sum_wx, sum_w = _tile_stats(x, mask, w, HAS_SMOOTHING)
+            MASKED: tl.constexpr = ROW_MASKED or not EVEN_C
+            cols, mask = _columns(0, C, row_mask, BLOCK_R, BLOCK_C)
+            t, rr = _logits(x_ptr + _offsets(x_row, cols, stride_xc, CONTIGUOUS), mask, k, c1, c2, MASKED,
+                            HAS_SOFTCAP, ACC)
+            w = t
+            if HAS_WEIGHT:
+                w = _class_weights(w_ptr, cols, mask, MASKED, ACC)
+            # the row's exponentials stay in registers: p = e / d, no second exp
+            tm = t
+            if MASKED:
+                tm = tl.where(mask, t, float("-inf"))
+            m = tl.max(tm, 1)
+            m = tl.where(m == float("-inf"), 0.0, m)
+            e = tl.exp2(tm - m[:, None])
+            d = tl.sum(e, 1)
+            if HAS_SMOOTHING:
+                if HAS_WEIGHT:
+                    sum_wt = tl.sum(w * t, 1)
+                else:
+                    sum_wt = tl.sum(t, 1)
         else:
-            m = tl.full((BLOCK_R,), float("-inf"), ACC)
-            d = tl.zeros((BLOCK_R,), ACC)
-            sum_wx = tl.zeros((BLOCK_R,), ACC)
-            sum_w = tl.zeros((BLOCK_R,), ACC)
-            for start in range(0, C, BLOCK_C):
-                cols, col_mask, mask = _columns(start, C, row_mask, BLOCK_C)
-                xb = _logits(x_ptr + _offsets(x_row, cols, stride_xc, CONTIGUOUS), mask, logit_scale, cap, HAS_SOFTCAP,
-                             ACC)
-                wb = _class_weights(w_ptr, cols, col_mask, HAS_WEIGHT, ACC)
-                m_b, d_b, sum_wx_b, sum_w_b = _tile_stats(xb, mask, wb, HAS_SMOOTHING)
-                m, d = _merge(m, d, m_b, d_b)
-                sum_wx += sum_wx_b
-                sum_w += sum_w_b
-        # rows past the end of the tile's range: finite garbage, never stored
-        lse = tl.where(row_mask, m, 0.0) + tl.log(tl.where(row_mask, d, 1.0))
+            for start in range(0, full, BLOCK_C):
+                m, d, sum_wt = _stats_block(x_ptr, w_ptr, x_row, start, C, row_mask, m, d, sum_wt, k, c1, c2,
+                                            stride_xc, ROW_MASKED, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
+                                            CONTIGUOUS, ACC, BLOCK_R, BLOCK_C)
+            if not EVEN_C:
+                if full < C:
+                    m, d, sum_wt = _stats_block(x_ptr, w_ptr, x_row, full, C, row_mask, m, d, sum_wt, k, c1, c2,
+                                                stride_xc, True, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
+                                                CONTIGUOUS, ACC, BLOCK_R, BLOCK_C)
+            m = tl.where(m == float("-inf"), 0.0, m)
+        if ROW_MASKED:  # rows past the end of the tile's range: finite garbage, never stored
+            d = tl.where(row_mask, d, 1.0)
+        lse2 = m + tl.log2(d)
         ce, smooth, z, coef_p, coef_y, coef_w = _row_results(
-            lse, x_y, w_y, sum_w, sum_wx, label_on, uniform_on, scale_ptr, a, b, c, zc, logit_scale,
+            lse2, t_y, w_y, sum_w, sum_wt, label_on, uniform_on, scale_ptr, a, b, c, zc, logit_scale,
             HAS_UNIFORM_ROWS, HAS_SMOOTHING, HAS_ZLOSS)
         tl.store(loss_ptr + flat, ce, mask=row_mask)
         if HAS_UNIFORM_ROWS:
@@ -228,130 +342,59 @@ def _tiles(
 
         if COMPUTE_GRAD:
             if ONE_READ:
-                g = _grad_tile(x, lse, cols, y, w, coef_p, coef_y, coef_w, cap, HAS_SMOOTHING, HAS_SOFTCAP)
-                _store_grad(g_ptr + _offsets(g_row, cols, stride_gc, CONTIGUOUS), g, mask)
+                g = _grad_tile(e, rr, cols, y, w, coef_p / d, coef_y, coef_w, HAS_SMOOTHING, HAS_WEIGHT, HAS_SOFTCAP)
+                _store_grad(g_ptr + _offsets(g_row, cols, stride_gc, CONTIGUOUS), g, mask, MASKED)
             else:
                 # Second read. In reverse, the blocks read last in pass 1 (likeliest still in L2)
-                # come first.
-                blocks = tl.cdiv(C, BLOCK_C)
+                # come first: the partial block, then the whole ones from the last.
+                if REVERSE and not EVEN_C:
+                    if full < C:
+                        _grad_block(x_ptr, w_ptr, g_ptr, x_row, g_row, full, C, row_mask, y, lse2, coef_p, coef_y,
+                                    coef_w, k, c1, c2, stride_xc, stride_gc, True, HAS_WEIGHT, HAS_SMOOTHING,
+                                    HAS_SOFTCAP, CONTIGUOUS, ACC, BLOCK_R, BLOCK_C)
+                blocks = full // BLOCK_C
                 for i in range(0, blocks):
                     if REVERSE:
                         start = (blocks - 1 - i) * BLOCK_C
                     else:
                         start = i * BLOCK_C
-                    cols, col_mask, mask = _columns(start, C, row_mask, BLOCK_C)
-                    xb = _logits(x_ptr + _offsets(x_row, cols, stride_xc, CONTIGUOUS), mask, logit_scale, cap,
-                                 HAS_SOFTCAP, ACC)
-                    wb = _class_weights(w_ptr, cols, col_mask, HAS_WEIGHT, ACC)
-                    g = _grad_tile(xb, lse, cols, y, wb, coef_p, coef_y, coef_w, cap, HAS_SMOOTHING, HAS_SOFTCAP)
-                    _store_grad(g_ptr + _offsets(g_row, cols, stride_gc, CONTIGUOUS), g, mask)
+                    _grad_block(x_ptr, w_ptr, g_ptr, x_row, g_row, start, C, row_mask, y, lse2, coef_p, coef_y,
+                                coef_w, k, c1, c2, stride_xc, stride_gc, ROW_MASKED, HAS_WEIGHT, HAS_SMOOTHING,
+                                HAS_SOFTCAP, CONTIGUOUS, ACC, BLOCK_R, BLOCK_C)
+                if not REVERSE and not EVEN_C:
+                    if full < C:
+                        _grad_block(x_ptr, w_ptr, g_ptr, x_row, g_row, full, C, row_mask, y, lse2, coef_p, coef_y,
+                                    coef_w, k, c1, c2, stride_xc, stride_gc, True, HAS_WEIGHT, HAS_SMOOTHING,
+                                    HAS_SOFTCAP, CONTIGUOUS, ACC, BLOCK_R, BLOCK_C)
 
 
 @triton.jit
-def _slice_stats(x_ptr, w_ptr, x_row, j, C, logit_scale, cap, HAS_WEIGHT: tl.constexpr,
-                 HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Slice j of a contiguous row, as a (1, BLOCK_C) tile, and its statistics. The owner and a
-    partner standing in for it run this same code, so both get the same bits."""
-    cols, col_mask, mask = _columns(j * BLOCK_C, C, x_row >= 0, BLOCK_C)
-    x = _logits(x_ptr + _offsets(x_row, cols, 1, True), mask, logit_scale, cap, HAS_SOFTCAP, ACC)
-    w = _class_weights(w_ptr, cols, col_mask, HAS_WEIGHT, ACC)
-    m, d, sum_wx, sum_w = _tile_stats(x, mask, w, HAS_SMOOTHING)
-    return x, w, cols, mask, m, d, sum_wx, sum_w
-
-
-@triton.jit
-def _split_rows(
-    x_ptr, y_ptr, u_ptr, w_ptr, scale_ptr, loss_ptr, smooth_ptr, z_ptr, g_ptr, flags_ptr, part_ptr,
-    N, C, S,
-    stride_xn, stride_xs, stride_yn, stride_ys, stride_un, stride_us, stride_gn, stride_gs,
-    ignore_index, a, b, c, zc, cap, logit_scale,
-    HAS_IGNORE: tl.constexpr, HAS_UNIFORM_ROWS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    S_ONE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, SPIN: tl.constexpr,
-):
-    """SPLIT: P = cdiv(C, BLOCK_C) programs per row, each with one slice in registers.
-
-    Each program publishes its slice's (max, sum-exp, sum w x, sum w) to the workspace
-    (release), then reads its partners' (acquire, bypassing L1) and merges all P in slice order,
-    so every program of a row finds the same lse, and writes its slice's gradient from
-    registers: one read and one write of every logit.
-
-    Work ids come from a ticket counter (flags_ptr[0]), not program_id: a program only ever
-    waits for partners that took their tickets, i.e. started, or will start once a slot frees
-    up, so nothing deadlocks while P programs fit on the device. A partner that has not
-    published after SPIN polls is computed from memory instead (same code, same bits); under the
-    interpreter, which runs programs one after another, SPIN is 0 and that is the rule.
-    """
-    ticket = tl.atomic_add(flags_ptr, 1)
-    P = tl.cdiv(C, BLOCK_C)
-    row = ticket // P
-    j = ticket % P
-    r = row.to(tl.int64) + tl.zeros((1,), tl.int64)  # the row as a 1-row tile
-    n, s = _rows_of(r, S, S_ONE)
-    x_row = n * stride_xn + s * stride_xs
-    x, w, cols, mask, m, d, sum_wx, sum_w = _slice_stats(
-        x_ptr, w_ptr, x_row, j, C, logit_scale, cap, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC, BLOCK_C)
-    part = part_ptr + ticket.to(tl.int64) * 4 + tl.zeros((1,), tl.int64)
-    tl.store(part, m)
-    tl.store(part + 1, d)
-    tl.store(part + 2, sum_wx)
-    tl.store(part + 3, sum_w)
-    # Every thread's stores happen before the flag: the barrier orders them before the thread that
-    # releases it (release is cumulative over what that thread has synchronised with).
-    tl.debug_barrier()
-    tl.atomic_xchg(flags_ptr + 1 + ticket, 1, sem="release")
-
-    row_m = tl.full((1,), float("-inf"), ACC)
-    row_d = tl.zeros((1,), ACC)
-    row_wx = tl.zeros((1,), ACC)
-    row_w = tl.zeros((1,), ACC)
-    for q in range(0, P):
-        if q == j:
-            q_m, q_d, q_wx, q_w = m, d, sum_wx, sum_w
-        else:
-            slot = row * P + q
-            flag = tl.atomic_add(flags_ptr + 1 + slot, 0, sem="acquire")
-            polls = tl.zeros((), tl.int32)
-            while (flag == 0) & (polls < SPIN):
-                flag = tl.atomic_add(flags_ptr + 1 + slot, 0, sem="acquire")
-                polls += 1
-            tl.debug_barrier()  # the acquire happens before every thread's loads below
-            if flag != 0:
-                q_part = part_ptr + slot.to(tl.int64) * 4 + tl.zeros((1,), tl.int64)
-                q_m = tl.load(q_part, volatile=True)
-                q_d = tl.load(q_part + 1, volatile=True)
-                q_wx = tl.load(q_part + 2, volatile=True)
-                q_w = tl.load(q_part + 3, volatile=True)
-            else:
-                _x, _w, _cols, _mask, q_m, q_d, q_wx, q_w = _slice_stats(
-                    x_ptr, w_ptr, x_row, q, C, logit_scale, cap, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC,
-                    BLOCK_C)
-        row_m, row_d = _merge(row_m, row_d, q_m, q_d)
-        row_wx += q_wx
-        row_w += q_w
-    lse = row_m + tl.log(row_d)
-
-    y, y_safe, label_on, uniform_on = _row_labels(
-        y_ptr + n * stride_yn + s * stride_ys, u_ptr + n * stride_un + s * stride_us, r >= 0, C, ignore_index,
-        HAS_IGNORE, HAS_UNIFORM_ROWS, ACC)
-    x_y = _label_logit(x_ptr + x_row + y_safe, r >= 0, logit_scale, cap, HAS_SOFTCAP, ACC)
+def _stats_block(x_ptr, w_ptr, x_row, start, C, row_mask, m, d, sum_wt, k, c1, c2, stride_xc, MASKED: tl.constexpr,
+                 HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                 CONTIGUOUS: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """TWO_PASS's first read of one block: the rows' running statistics merged with it."""
+    cols, mask = _columns(start, C, row_mask, BLOCK_R, BLOCK_C)
+    t, _ = _logits(x_ptr + _offsets(x_row, cols, stride_xc, CONTIGUOUS), mask, k, c1, c2, MASKED, HAS_SOFTCAP, ACC)
+    w = t
     if HAS_WEIGHT:
-        w_y = tl.load(w_ptr + y_safe).to(ACC)
-    else:
-        w_y = tl.full((1,), 1.0, ACC)
-    ce, smooth, z, coef_p, coef_y, coef_w = _row_results(
-        lse, x_y, w_y, row_w, row_wx, label_on, uniform_on, scale_ptr, a, b, c, zc, logit_scale,
-        HAS_UNIFORM_ROWS, HAS_SMOOTHING, HAS_ZLOSS)
-    first = (r * 0 + j) == 0  # one program stores the row's results
-    tl.store(loss_ptr + r, ce, mask=first)
-    if HAS_UNIFORM_ROWS:
-        tl.store(smooth_ptr + r, smooth, mask=first)
-    if HAS_ZLOSS:
-        tl.store(z_ptr + r, z, mask=first)
-    if COMPUTE_GRAD:
-        g = _grad_tile(x, lse, cols, y, w, coef_p, coef_y, coef_w, cap, HAS_SMOOTHING, HAS_SOFTCAP)
-        g_row = n * stride_gn + s * stride_gs
-        _store_grad(g_ptr + _offsets(g_row, cols, 1, True), g, mask)
+        w = _class_weights(w_ptr, cols, mask, MASKED, ACC)
+    return _block_stats(t, w, mask, m, d, sum_wt, MASKED, HAS_SMOOTHING, HAS_WEIGHT)
+
+
+@triton.jit
+def _grad_block(x_ptr, w_ptr, g_ptr, x_row, g_row, start, C, row_mask, y, lse2, coef_p, coef_y, coef_w, k, c1, c2,
+                stride_xc, stride_gc, MASKED: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+                HAS_SOFTCAP: tl.constexpr, CONTIGUOUS: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
+                BLOCK_C: tl.constexpr):
+    """TWO_PASS's second read of one block: its gradient from the row's lse."""
+    cols, mask = _columns(start, C, row_mask, BLOCK_R, BLOCK_C)
+    t, r = _logits(x_ptr + _offsets(x_row, cols, stride_xc, CONTIGUOUS), mask, k, c1, c2, MASKED, HAS_SOFTCAP, ACC)
+    w = t
+    if HAS_WEIGHT:
+        w = _class_weights(w_ptr, cols, mask, MASKED, ACC)
+    p = tl.exp2(t - lse2[:, None])
+    g = _grad_tile(p, r, cols, y, w, coef_p, coef_y, coef_w, HAS_SMOOTHING, HAS_WEIGHT, HAS_SOFTCAP)
+    _store_grad(g_ptr + _offsets(g_row, cols, stride_gc, CONTIGUOUS), g, mask, MASKED)
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,13 +409,12 @@ def _cross_entropy_kernel(
     y_ptr,  # (N, S) labels
     u_ptr,  # (N, S) bool: rows whose smoothing term counts; read only when HAS_UNIFORM_ROWS
     w_ptr,  # (C,) class weights; read only when HAS_WEIGHT
+    wsum_ptr,  # () their sum, in ACC; read only when HAS_WEIGHT and HAS_SMOOTHING
     scale_ptr,  # (2,) gradient scales in ACC: [cross-entropy part, z part]; (3,) with uniform_rows: + smoothing part
     loss_ptr,  # (N * S,) per-row cross-entropy part, in ACC (without the smoothing part when HAS_UNIFORM_ROWS)
     smooth_ptr,  # (N * S,) per-row smoothing part, in ACC; written only when HAS_UNIFORM_ROWS
     z_ptr,  # (N * S,) per-row z part, in ACC; written only when HAS_ZLOSS
     g_ptr,  # (N, C, S) gradient; written only when COMPUTE_GRAD (may be x_ptr: in place)
-    flags_ptr,  # (1 + N * S * P,) int32, zeroed: SPLIT's ticket counter and published flags
-    part_ptr,  # (N * S * P * 4,) ACC: SPLIT's partial statistics
     # shapes
     N,
     C,
@@ -409,28 +451,24 @@ def _cross_entropy_kernel(
     ROWS_ALONG_S: tl.constexpr,
     CONTIGUOUS: tl.constexpr,
     ACC: tl.constexpr,
-    SPIN: tl.constexpr,
     # tuning (KernelConfig)
     MODE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     REVERSE: tl.constexpr,
     PROGRAMS_PER_SM: tl.constexpr,  # read by the grid only
+    EVEN_C: tl.constexpr,  # BLOCK_C divides C (set by the heuristic below)
 ):
-    if MODE == 2:  # SPLIT
-        _split_rows(
-            x_ptr, y_ptr, u_ptr, w_ptr, scale_ptr, loss_ptr, smooth_ptr, z_ptr, g_ptr, flags_ptr, part_ptr, N, C, S,
-            stride_xn, stride_xs, stride_yn, stride_ys, stride_un, stride_us, stride_gn, stride_gs,
-            ignore_index, a, b, c, zc, cap, logit_scale,
-            HAS_IGNORE, HAS_UNIFORM_ROWS, HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, HAS_SOFTCAP, COMPUTE_GRAD,
-            S_ONE, ACC, BLOCK_C, SPIN)
-    else:
-        _tiles(
-            x_ptr, y_ptr, u_ptr, w_ptr, scale_ptr, loss_ptr, smooth_ptr, z_ptr, g_ptr, N, C, S,
-            stride_xn, stride_xc, stride_xs, stride_yn, stride_ys, stride_un, stride_us, stride_gn, stride_gc,
-            stride_gs, ignore_index, a, b, c, zc, cap, logit_scale,
-            HAS_IGNORE, HAS_UNIFORM_ROWS, HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, HAS_SOFTCAP, COMPUTE_GRAD,
-            S_ONE, ROWS_ALONG_S, CONTIGUOUS, ACC, MODE == 0, BLOCK_R, BLOCK_C, REVERSE)
+    _tiles(
+        x_ptr, y_ptr, u_ptr, w_ptr, wsum_ptr, scale_ptr, loss_ptr, smooth_ptr, z_ptr, g_ptr, N, C, S,
+        stride_xn, stride_xc, stride_xs, stride_yn, stride_ys, stride_un, stride_us, stride_gn, stride_gc,
+        stride_gs, ignore_index, a, b, c, zc, cap, logit_scale,
+        HAS_IGNORE, HAS_UNIFORM_ROWS, HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, HAS_SOFTCAP, COMPUTE_GRAD,
+        S_ONE, ROWS_ALONG_S, CONTIGUOUS, ACC, MODE == 0, BLOCK_R, BLOCK_C, REVERSE, EVEN_C)
+
+
+_cross_entropy_kernel = triton.heuristics({"EVEN_C": lambda args: args["C"] % args["BLOCK_C"] == 0})(
+    _cross_entropy_kernel)
 
 
 _TUNING_KEY = ["C", "HAS_IGNORE", "HAS_UNIFORM_ROWS", "HAS_WEIGHT", "HAS_SMOOTHING", "HAS_ZLOSS", "HAS_SOFTCAP",
@@ -439,13 +477,12 @@ _TUNING_KEY = ["C", "HAS_IGNORE", "HAS_UNIFORM_ROWS", "HAS_WEIGHT", "HAS_SMOOTHI
 
 @functools.cache
 def _autotuned(in_place: bool):
-    """The kernel under triton.autotune (CUDA). Trials start from zeroed SPLIT flags; a gradient
-    written over the logits gets them back before every trial."""
+    """The kernel under triton.autotune (CUDA). A gradient written over the logits gets them back
+    before every trial."""
     return triton.autotune(
         configs=[cfg.triton_config() for cfg in tuning.candidates()],
         key=_TUNING_KEY,
-        prune_configs_by={"early_config_prune": tuning.prune_for(in_place)},
-        reset_to_zero=["flags_ptr"],
+        prune_configs_by={"early_config_prune": tuning.prune},
         restore_value=["x_ptr"] if in_place else None,
     )(_cross_entropy_kernel)
 
@@ -458,8 +495,6 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _grid(N, C, S, rows_along_s, sms, meta):
-    if meta["MODE"] == SPLIT:
-        return (N * S * triton.cdiv(C, meta["BLOCK_C"]),)
     if rows_along_s:
         tiles = N * triton.cdiv(S, meta["BLOCK_R"])
     else:
@@ -536,24 +571,15 @@ def launch_cross_entropy(x3, y2, weight, scales, ce_rows, z_rows, grad3, *, igno
     interpreted = x3.device.type != "cuda" and compile_for is None
     acc_dtype = torch.float64 if x3.dtype == torch.float64 else torch.float32
 
-    if config is not None and not config.fits(C, rows_along_s, contiguous, in_place):
-        raise ValueError(f"smoothce: kernel config {config} does not fit logits {tuple(x3.shape)} with strides "
-                         f"{x3.stride()} (in place: {in_place})")
+    if config is not None and not config.fits(C):
+        raise ValueError(f"smoothce: kernel config {config} does not fit logits {tuple(x3.shape)}")
     tune = config is None and not interpreted and N * S * C >= tuning.AUTOTUNE_MIN_ELEMENTS
-    if tune:
-        may_run = tuning.pick(tuning.candidates(), C, rows_along_s, contiguous, in_place)
-    else:
-        config = config or tuning.default_config(C, rows_along_s, contiguous, in_place)
-        may_run = [config]
-    # SPLIT's workspace, for the most slices a configuration that may run has (tiny next to the
-    # logits); a single zeroed counter otherwise.
-    slices = max((triton.cdiv(C, cfg.block_c) for cfg in may_run if cfg.mode == SPLIT), default=0)
-    flags = torch.zeros(1 + N * S * slices, dtype=torch.int32, device=x3.device)
-    parts = torch.empty(max(N * S * slices * 4, 1), dtype=acc_dtype, device=x3.device)
+    # the class weights' sum, one per call, for the smoothing term's coefficient
+    wsum = weight.sum(dtype=acc_dtype) if weight is not None and b != 0.0 else scales
 
     args = (
-        x3, y2, u, weight if weight is not None else x3, scales, ce_rows,
-        smooth_rows if smooth_rows is not None else ce_rows, z_rows, g, flags, parts,
+        x3, y2, u, weight if weight is not None else x3, wsum, scales, ce_rows,
+        smooth_rows if smooth_rows is not None else ce_rows, z_rows, g,
         N, C, S,
         x3.stride(0), x3.stride(1), x3.stride(2), y2.stride(0), y2.stride(1), u.stride(0), u.stride(1),
         g.stride(0), g.stride(1), g.stride(2),
@@ -571,13 +597,14 @@ def launch_cross_entropy(x3, y2, weight, scales, ce_rows, z_rows, grad3, *, igno
         ROWS_ALONG_S=rows_along_s,
         CONTIGUOUS=contiguous,
         ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
-        SPIN=0 if interpreted else 1 << 14,
     )
+    if not tune:
+        config = config or tuning.default_config(C, rows_along_s)
     if tune:
         kernel, launch = _autotuned(in_place), features
     else:
         kernel = _cross_entropy_kernel
-        launch = dict(features, **config.kwargs(), num_warps=config.num_warps, num_stages=config.num_stages)
+        launch = dict(features, **config.kwargs(), **config.options())
     if compile_for is not None:
         from smoothce.kernels.triton_target import compile_for as compile_kernels
 
@@ -672,23 +699,28 @@ def _row_stats_kernel(
 ):
     flat, row_mask, x_row = _stream_rows(tl.program_id(0), N, S, stride_xn, stride_xs, S_ONE, ROWS_ALONG_S,
                                          BLOCK_R)
+    ROW_MASKED: tl.constexpr = ROWS_ALONG_S or BLOCK_R > 1
+    k, c1, c2 = _constants(logit_scale, cap, ACC)
     m = tl.full((BLOCK_R,), float("-inf"), ACC)
     d = tl.zeros((BLOCK_R,), ACC)
-    sum_wx = tl.zeros((BLOCK_R,), ACC)
-    for start in range(0, C, BLOCK_C):  # one read: max and sum-exp merged online
-        cols, col_mask, mask = _columns(start, C, row_mask, BLOCK_C)
-        xb = _logits(x_ptr + _offsets(x_row, cols, stride_xc, CONTIGUOUS), mask, logit_scale, cap, HAS_SOFTCAP, ACC)
-        wb = _class_weights(w_ptr, cols, col_mask, HAS_WEIGHT, ACC)
-        m_b, d_b, sum_wx_b, _ = _tile_stats(xb, mask, wb, WEIGHTED_SUM)
-        m, d = _merge(m, d, m_b, d_b)
-        sum_wx += sum_wx_b
+    sum_wt = tl.zeros((BLOCK_R,), ACC)
+    full = C // BLOCK_C * BLOCK_C  # columns in whole blocks: no column mask there
+    for start in range(0, full, BLOCK_C):  # one read: max and sum-exp merged online
+        m, d, sum_wt = _stats_block(x_ptr, w_ptr, x_row, start, C, row_mask, m, d, sum_wt, k, c1, c2, stride_xc,
+                                    ROW_MASKED, HAS_WEIGHT, WEIGHTED_SUM, HAS_SOFTCAP, CONTIGUOUS, ACC, BLOCK_R,
+                                    BLOCK_C)
+    if full < C:
+        m, d, sum_wt = _stats_block(x_ptr, w_ptr, x_row, full, C, row_mask, m, d, sum_wt, k, c1, c2, stride_xc,
+                                    True, HAS_WEIGHT, WEIGHTED_SUM, HAS_SOFTCAP, CONTIGUOUS, ACC, BLOCK_R, BLOCK_C)
+    m = tl.where(m == float("-inf"), 0.0, m)
     local, here = _local_labels(y_ptr, flat, row_mask, S, stride_yn, stride_ys, class_offset, C)
-    x_y = _logits(x_ptr + x_row + tl.where(here, local, 0) * stride_xc, here, logit_scale, cap, HAS_SOFTCAP, ACC)
+    t_y = _label_logit(x_ptr + x_row + tl.where(here, local, 0) * stride_xc, here, k, c1, c2, HAS_SOFTCAP, ACC)
     M = N * S
-    tl.store(out_ptr + flat, m + tl.log(tl.where(row_mask, d, 1.0)), mask=row_mask)  # no log(0) past the end
-    tl.store(out_ptr + M + flat, x_y, mask=row_mask)
+    # back to natural units; no log(0) past the end
+    tl.store(out_ptr + flat, (m + tl.log2(tl.where(row_mask, d, 1.0))) * LN2, mask=row_mask)
+    tl.store(out_ptr + M + flat, t_y * LN2, mask=row_mask)
     if WEIGHTED_SUM:
-        tl.store(out_ptr + 2 * M + flat, sum_wx, mask=row_mask)
+        tl.store(out_ptr + 2 * M + flat, sum_wt * LN2, mask=row_mask)
 
 
 @triton.jit
@@ -735,7 +767,8 @@ def _row_grad_kernel(
                                          BLOCK_R)
     _, _, g_row = _stream_rows(tl.program_id(0), N, S, stride_gn, stride_gs, S_ONE, ROWS_ALONG_S, BLOCK_R)
     M = N * S
-    lse = tl.load(lse_ptr + flat, mask=row_mask, other=0.0).to(ACC)
+    k, c1, c2 = _constants(logit_scale, cap, ACC)
+    lse2 = tl.load(lse_ptr + flat, mask=row_mask, other=0.0).to(ACC) * LOG2E
     coef_p = tl.load(gs_ptr + flat, mask=row_mask, other=0.0).to(ACC) * logit_scale
     coef_y = -tl.load(gs_ptr + M + flat, mask=row_mask, other=0.0).to(ACC) * logit_scale
     if WEIGHTED_SUM:
@@ -743,11 +776,14 @@ def _row_grad_kernel(
     else:
         coef_w = tl.zeros_like(coef_p)
     local, _ = _local_labels(y_ptr, flat, row_mask, S, stride_yn, stride_ys, class_offset, C)
-    cols, col_mask, mask = _columns(tl.program_id(1) * BLOCK_C, C, row_mask, BLOCK_C)
-    x = _logits(x_ptr + _offsets(x_row, cols, stride_xc, CONTIGUOUS), mask, logit_scale, cap, HAS_SOFTCAP, ACC)
-    w = _class_weights(w_ptr, cols, col_mask, HAS_WEIGHT, ACC)
-    g = _grad_tile(x, lse, cols, local, w, coef_p, coef_y, coef_w, cap, WEIGHTED_SUM, HAS_SOFTCAP)
-    tl.store(g_ptr + _offsets(g_row, cols, stride_gc, CONTIGUOUS), g.to(g_ptr.dtype.element_ty), mask=mask)
+    cols, mask = _columns(tl.program_id(1) * BLOCK_C, C, row_mask, BLOCK_R, BLOCK_C)
+    t, r = _logits(x_ptr + _offsets(x_row, cols, stride_xc, CONTIGUOUS), mask, k, c1, c2, True, HAS_SOFTCAP, ACC)
+    w = t
+    if HAS_WEIGHT:
+        w = _class_weights(w_ptr, cols, mask, True, ACC)
+    g = _grad_tile(tl.exp2(t - lse2[:, None]), r, cols, local, w, coef_p, coef_y, coef_w, WEIGHTED_SUM, HAS_WEIGHT,
+                   HAS_SOFTCAP)
+    _store_grad(g_ptr + _offsets(g_row, cols, stride_gc, CONTIGUOUS), g, mask, True)
 
 
 def _launch_stream(kernel, pointers, x3, y2, weight, written, *, class_offset, logit_scale, softcap, weighted_sum,

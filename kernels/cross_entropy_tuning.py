@@ -1,27 +1,30 @@
 """Which Triton kernel variant runs a cross-entropy, with which block sizes: the tuning table.
 
-The kernel bodies (kernels/cross_entropy_triton.py) have three modes; this module says which
+The kernel bodies (kernels/cross_entropy_triton.py) have two modes; this module says which
 shapes each one serves, lists the configurations ``triton.autotune`` chooses among on CUDA, and
 gives the fixed choice used where nothing is measured (the interpreter, small problems).
 
 The floor the variants are measured against: one read of the logits and one write of the
 gradient at the card's copy bandwidth (on an H100, 3.02 TB/s: 1.42 ms for (8192, 131072) bf16).
-A plain two-pass kernel reached 66-70% of it at V >= 128K (its second read comes from HBM), 86%
-at V = 32K where the re-read still hits L2. What each mode is for, and what it is predicted to
-reach (predictions, not measurements):
+``python -m benchmarks.static`` compiles every configuration below for sm_90 and reads what the
+compiler made of it (benchmarks/README.md); what each mode is for:
 
 - ``ONE_PASS``: a tile of rows lives in registers whole (next_pow2(V) <= 32K). Exactly one read
-  and one write, like a copy: predicted 85-90% of copy at V <= 16K, less at 32K if its spills
-  cost more than the second read they save.
+  and one write, like a copy.
 - ``TWO_PASS``: column blocks streamed twice (statistics, then the gradient), the second pass
-  in reverse so the blocks read last come back from L2 first; optionally persistent (a few
-  programs per SM walking the rows), which keeps fewer rows in flight and so more of them in L2.
-  Any V, any layout; predicted 66-75% at V >= 128K.
-- ``SPLIT``: P programs per row each hold a slice in registers and exchange their partial
-  statistics through a small workspace, so every logit is read once at any V. Predicted to
-  approach ``ONE_PASS`` (80-90%) when P programs of a row are resident together; its cost is
-  the wait for partners. Not for gradients written over the logits (a late partner's slice
-  may already be overwritten).
+  in reverse so the blocks read last come back from L2 first. Any V, any layout. Its second
+  read comes from L2 for the share that the rows streamed at once leave there: every program
+  resident (``programs_per_sm`` 0), or a persistent grid of 1 or 2 programs per SM walking the
+  rows, which holds fewer rows in flight and so more of each in L2 (the static report gives the
+  share per V and GPU).
+
+A third mode once split a row over several programs that exchanged partial statistics, so that
+each logit was read once at any V. On paper it cannot beat TWO_PASS: with the exchange down to a
+fixed five memory round trips in sequence (ticket, slice, publish, poll, read partials), an
+8192-wide slice compiled without spills only at 2 programs per SM (1 with every feature on), and
+at about 0.7 us a round trip on a loaded H100 a program spends 3.5 us waiting for 1.4 us of
+transfer: about 45% of copy bandwidth for bf16, 60% for fp32, where TWO_PASS's bound from HBM
+traffic alone is 76-89% (bf16) and 71-76% (fp32) at V >= 128K. It was removed.
 """
 
 from __future__ import annotations
@@ -31,15 +34,21 @@ import functools
 
 import triton
 
-ONE_PASS, TWO_PASS, SPLIT = 0, 1, 2
-MODE_NAMES = {ONE_PASS: "one_pass", TWO_PASS: "two_pass", SPLIT: "split"}
+ONE_PASS, TWO_PASS = 0, 1
+MODE_NAMES = {ONE_PASS: "one_pass", TWO_PASS: "two_pass"}
 
-# Elements of a tile held in registers by one program. Compiled for sm_90 (ptxas via Triton 3.9),
-# a 16K tile over 16 warps (32 values a thread) needs no spill slot; a 32K tile spills a little
-# even over 32 warps (200 bytes of stack a thread with bf16, more with every feature on) and
-# 64K spills kilobytes. So 16K is the fixed choice's limit and 32K (32 warps) only a candidate.
+# Elements of a tile held in registers by one program. Compiled for sm_90 (Triton 3.6 and 3.9),
+# a 16K tile over 16 warps (32 values a thread) needs no spill slot with any feature; a 32K tile
+# over 32 warps none with only the logits per element (no class weights, no softcap), and
+# hundreds of bytes of stack with them. So 16K is the fixed choice's limit and 32K a candidate
+# for lean calls only.
 _MAX_RESIDENT = 1 << 15
 _SPILL_FREE = 1 << 14
+# Elements of a one-pass tile of several short rows along N. Compiled for sm_90 (Triton 3.6), 4 x
+# 1024 over 8 warps splits each row over two warps, whose reductions go through shared memory: 44
+# SASS instructions per logit for fp32 with smoothing, 59 with every feature, where 2 x 1024 over
+# 4 warps takes 29 and 42.
+_ROWS_TILE = 2048
 # Problems smaller than this (elements of the logits) use the fixed choice: their time is launch
 # overhead, and tuning them would compile every candidate for nothing.
 AUTOTUNE_MIN_ELEMENTS = 1 << 24
@@ -49,34 +58,36 @@ AUTOTUNE_MIN_ELEMENTS = 1 << 24
 class KernelConfig:
     """One choice of variant and launch parameters (the kernel's tuning constexprs)."""
 
-    mode: int  # ONE_PASS, TWO_PASS or SPLIT
-    block_r: int  # rows per tile (1 for SPLIT)
-    block_c: int  # columns per tile (the slice of a SPLIT program)
+    mode: int  # ONE_PASS or TWO_PASS
+    block_r: int  # rows per tile
+    block_c: int  # columns per tile
     reverse: bool = False  # TWO_PASS: second pass walks the blocks from last to first
-    programs_per_sm: int = 0  # ONE_PASS / TWO_PASS: > 0 runs a persistent grid of that many per SM
+    programs_per_sm: int = 0  # > 0 runs a persistent grid of that many per SM
     num_warps: int = 8
     num_stages: int = 1
+
+    @property
+    def maxnreg(self) -> int:
+        """Registers a thread may take: all that one resident program leaves it. Left to itself,
+        ptxas sometimes aims for two programs per SM and spills (the bf16 two-pass 16384/16w
+        kernel with label smoothing, Triton 3.6: 64 registers and 28 bytes of spill; capped at
+        128, 93 registers and none)."""
+        return min(255, 65536 // (32 * self.num_warps))
 
     def kwargs(self) -> dict:
         return dict(MODE=self.mode, BLOCK_R=self.block_r, BLOCK_C=self.block_c, REVERSE=self.reverse,
                     PROGRAMS_PER_SM=self.programs_per_sm)
 
+    def options(self) -> dict:
+        """Triton's launch options for this configuration."""
+        return dict(num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=self.maxnreg)
+
     def triton_config(self) -> triton.Config:
-        return triton.Config(self.kwargs(), num_warps=self.num_warps, num_stages=self.num_stages)
+        return triton.Config(self.kwargs(), **self.options())
 
-    def fits(self, C: int, rows_along_s: bool, contiguous: bool, in_place: bool) -> bool:
-        """Whether this configuration computes a correct result for these logits."""
-        if self.mode == ONE_PASS:
-            return C <= self.block_c
-        if self.mode == SPLIT:
-            slices = -(-C // self.block_c)
-            return (self.block_r == 1 and contiguous and not rows_along_s and not in_place
-                    and 2 <= slices <= _MAX_SLICES)
-        return True
-
-
-# A row split into more slices than this would need that many programs resident at once.
-_MAX_SLICES = 32
+    def fits(self, C: int) -> bool:
+        """Whether this configuration computes a correct result for rows of C classes."""
+        return self.mode != ONE_PASS or C <= self.block_c
 
 
 def _warps(elements: int) -> int:
@@ -86,7 +97,7 @@ def _warps(elements: int) -> int:
 
 @functools.cache
 def candidates() -> tuple[KernelConfig, ...]:
-    """Every configuration autotune may try; ``prune`` keeps those that fit a call."""
+    """Every configuration autotune may try; ``pick`` keeps those that fit a call."""
     out = []
     for log_c in range(4, 16):  # one pass: the whole (padded) row, several rows for short ones
         block_c = 1 << log_c
@@ -94,15 +105,13 @@ def candidates() -> tuple[KernelConfig, ...]:
             elements = block_c * block_r
             if 2048 <= elements <= _SPILL_FREE or (block_r == 1 and block_c < 2048):
                 out.append(KernelConfig(ONE_PASS, block_r, block_c, num_warps=_warps(elements)))
-    out.append(KernelConfig(ONE_PASS, 1, _MAX_RESIDENT, num_warps=32))  # a whole 32K row, spilling a little
-    for block_c in (8192, 16384):  # two passes, one row per tile
-        for programs_per_sm in (0, 2):
+    out.append(KernelConfig(ONE_PASS, 1, _MAX_RESIDENT, num_warps=32))  # a whole 32K row, lean calls only
+    for block_c, warps in ((8192, 8), (16384, 16)):  # two passes, one row per tile, 32 values a thread
+        for programs_per_sm in (0, 1, 2):
             out.append(KernelConfig(TWO_PASS, 1, block_c, reverse=True, programs_per_sm=programs_per_sm,
-                                    num_warps=16, num_stages=2))
+                                    num_warps=warps))
     # two passes over tiles along S (class dim 1); 32 x 512 spills
-    out.append(KernelConfig(TWO_PASS, 16, 256, reverse=True, num_warps=8, num_stages=2))
-    for block_c in (8192, 16384, 32768):  # split rows
-        out.append(KernelConfig(SPLIT, 1, block_c, num_warps=_warps(block_c)))
+    out.append(KernelConfig(TWO_PASS, 16, 256, reverse=True, num_warps=8))
     return tuple(out)
 
 
@@ -110,17 +119,20 @@ def _block_c(C: int) -> int:
     return triton.next_power_of_2(max(C, 1))
 
 
-def pick(configs, C: int, rows_along_s: bool, contiguous: bool, in_place: bool) -> list[KernelConfig]:
-    """The configurations worth trying for these logits (a handful, so that tuning stays short)."""
+def pick(configs, C: int, rows_along_s: bool, lean: bool) -> list[KernelConfig]:
+    """The configurations worth trying for these logits (a handful, so that tuning stays short).
+    ``lean``: the call holds only the logits per element (no class weights, no softcap)."""
     resident = _block_c(C)
     keep = []
     for cfg in configs:
-        if not cfg.fits(C, rows_along_s, contiguous, in_place):
+        if not cfg.fits(C):
             continue
         if cfg.mode == ONE_PASS:
             # one padded width per V; rows along S want a tile wide in rows, rows along N few
             if cfg.block_c != resident or (rows_along_s and cfg.block_r < 16) \
-                    or (not rows_along_s and cfg.block_r * cfg.block_c > max(resident, 8192)):
+                    or (not rows_along_s and cfg.block_r * cfg.block_c > max(resident, _ROWS_TILE)):
+                continue
+            if cfg.block_c > _SPILL_FREE and not lean:
                 continue
         elif cfg.mode == TWO_PASS:
             if resident < (2048 if rows_along_s else 16384):
@@ -128,18 +140,19 @@ def pick(configs, C: int, rows_along_s: bool, contiguous: bool, in_place: bool) 
             if (cfg.block_r > 1) != rows_along_s or cfg.block_c >= resident:
                 continue
         keep.append(cfg)
-    return keep or [default_config(C, rows_along_s, contiguous, in_place)]
+    return keep or [default_config(C, rows_along_s)]
 
 
-def prune_for(in_place: bool):
+def lean(features: dict) -> bool:
+    """Whether a call with these kernel features is lean (see ``pick``)."""
+    return not (features["HAS_WEIGHT"] or features["HAS_SOFTCAP"])
+
+
+def prune(configs, named_args, **kwargs):
     """An ``early_config_prune`` for triton.autotune (arguments by the kernel's names)."""
-
-    def prune(configs, named_args, **kwargs):
-        by_kwargs = {_from_triton(c): c for c in configs}
-        kept = pick(list(by_kwargs), named_args["C"], kwargs["ROWS_ALONG_S"], kwargs["CONTIGUOUS"], in_place)
-        return [by_kwargs[k] if k in by_kwargs else k.triton_config() for k in kept]
-
-    return prune
+    by_kwargs = {_from_triton(c): c for c in configs}
+    kept = pick(list(by_kwargs), named_args["C"], kwargs["ROWS_ALONG_S"], lean(kwargs))
+    return [by_kwargs[k] if k in by_kwargs else k.triton_config() for k in kept]
 
 
 def _from_triton(cfg: triton.Config) -> KernelConfig:
@@ -148,21 +161,18 @@ def _from_triton(cfg: triton.Config) -> KernelConfig:
                         cfg.num_warps, cfg.num_stages)
 
 
-def default_config(C: int, rows_along_s: bool, contiguous: bool, in_place: bool) -> KernelConfig:
-    """The fixed choice where nothing is measured: one pass where a tile fits, else two passes.
-
-    (SPLIT is never the default: it must first win a measurement on the device at hand.)
-    """
+def default_config(C: int, rows_along_s: bool) -> KernelConfig:
+    """The fixed choice where nothing is measured: one pass where a tile fits, else two passes."""
     block_c = _block_c(C)
     if rows_along_s:
         if block_c <= 1024:
             block_r = max(16, min(128, 8192 // block_c))
             return KernelConfig(ONE_PASS, block_r, block_c, num_warps=_warps(block_r * block_c))
-        return KernelConfig(TWO_PASS, 16, 256, reverse=True, num_warps=8, num_stages=2)
+        return KernelConfig(TWO_PASS, 16, 256, reverse=True, num_warps=8)
     if block_c <= _SPILL_FREE:
-        block_r = max(1, min(64, 4096 // block_c))
+        block_r = max(1, min(64, _ROWS_TILE // block_c))
         return KernelConfig(ONE_PASS, block_r, block_c, num_warps=_warps(block_r * block_c))
-    return KernelConfig(TWO_PASS, 1, 16384, reverse=True, num_warps=16, num_stages=2)
+    return KernelConfig(TWO_PASS, 1, 16384, reverse=True, num_warps=16)
 
 
 # --------------------------------------------------------------------------------------------

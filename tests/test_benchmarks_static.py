@@ -51,7 +51,7 @@ def test_fixed_choices_compile_for_sm90_without_spills_with_128_bit_logits_and_g
     assert len(rows) == 12 and {r["V"] for r in rows} == {1024, 4096, 131072}
     for r in rows:
         k = rec["kernels"][r["kernel"]]
-        cfg = cross_entropy_tuning.default_config(r["V"], False, True, False)
+        cfg = cross_entropy_tuning.default_config(r["V"], False)
         assert (k["mode"], k["block_r"], k["block_c"], k["num_warps"]) == (
             cross_entropy_tuning.MODE_NAMES[cfg.mode], cfg.block_r, cfg.block_c, cfg.num_warps)
         where = f"{r['dtype']} V={r['V']} {r['features']} {r['config']}"

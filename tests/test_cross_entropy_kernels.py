@@ -17,7 +17,7 @@ from reference import reference
 from smoothce.kernels import cross_entropy_triton, cross_entropy_tuning
 from smoothce.kernels.cross_entropy import fused_cross_entropy
 from smoothce.kernels.cross_entropy_triton import launch_cross_entropy
-from smoothce.kernels.cross_entropy_tuning import ONE_PASS, SPLIT, TWO_PASS, KernelConfig, Tile
+from smoothce.kernels.cross_entropy_tuning import ONE_PASS, TWO_PASS, KernelConfig, Tile
 from smoothce.kernels.form import LossForm
 from smoothce.kernels.inputs import Labels, acc_dtype
 
@@ -34,7 +34,6 @@ ROW_VARIANTS = {
     "two_pass": KernelConfig(TWO_PASS, 1, 16, num_warps=4),
     "two_pass_reverse_rows": KernelConfig(TWO_PASS, 2, 16, reverse=True, num_warps=4),
     "persistent": KernelConfig(TWO_PASS, 1, 16, reverse=True, programs_per_sm=1, num_warps=4),
-    "split": KernelConfig(SPLIT, 1, 16, num_warps=4),  # 3 programs per row
 }
 # Variants for class dim 1 inputs (2, 9, 10): tiles of 4 positions along S (the last one partial).
 ALONG_S_VARIANTS = {
@@ -192,7 +191,18 @@ def test_row_variants(variant, device, name, feature):
                                 loss_fn=loss_fn)
 
 
-@pytest.mark.parametrize("name", [n for n, cfg in ALL_ROW_VARIANTS.items() if getattr(cfg, "mode", None) != SPLIT])
+@pytest.mark.parametrize("feature", ["smoothing_weight", "z_softcap_temperature"])
+@pytest.mark.parametrize("name", ["one_pass", "two_pass", "two_pass_reverse_rows", "stream_looped"])
+def test_row_variants_on_whole_blocks(variant, device, name, feature):
+    # C = 64: the one-pass tile is the row exactly and the column blocks divide it, so every load
+    # and store of the fused kernel runs without a column mask (the rows' own mask stays with
+    # 2-row tiles), as do the statistics kernel's.
+    loss_fn = variant(ALL_ROW_VARIANTS[name])
+    x, y, kwargs = make((5, 64), torch.float32, feature, device)
+    check_against_reference(x, y, kwargs, "mean", device, loss_fn=loss_fn)
+
+
+@pytest.mark.parametrize("name", list(ALL_ROW_VARIANTS))
 def test_row_variants_on_strided_columns(variant, device, name):
     # (9, 37) logits with column-major strides: the class stride is 9 (CONTIGUOUS off).
     loss_fn = variant(ALL_ROW_VARIANTS[name])
@@ -220,10 +230,11 @@ def test_16_bit_logits(variant, device, name, dtype):
     check_against_reference(x, y, kwargs | dict(z_loss=1e-3), "mean", device, loss_fn=loss_fn)
 
 
-def _launch(x3, y2, grad3, config):
+def _launch(x3, y2, grad3, config, weight=None):
     ce_rows = torch.empty(x3.shape[0], device=x3.device)
     z_rows = torch.zeros(x3.shape[0], device=x3.device)
-    launch_cross_entropy(x3, y2, None, torch.ones(2, device=x3.device), ce_rows, z_rows, grad3, ignore_index=-100,
+    weight = None if weight is None else weight.to(x3.device)
+    launch_cross_entropy(x3, y2, weight, torch.ones(2, device=x3.device), ce_rows, z_rows, grad3, ignore_index=-100,
                          a=0.9, b=0.1 / x3.shape[1], c=0.0, z_loss=0.0, softcap=None, config=config)
     return ce_rows
 
@@ -240,7 +251,7 @@ def test_out_of_range_labels_give_a_nan_row(device, name):
     assert grad[1].isnan().all() and (grad[2] == 0).all() and grad[0].isfinite().all() and grad[3].isnan().all()
 
 
-@pytest.mark.parametrize("name", [n for n, cfg in ROW_VARIANTS.items() if cfg.mode != SPLIT])
+@pytest.mark.parametrize("name", list(ROW_VARIANTS))
 def test_gradient_written_over_the_logits(device, name):
     # The linear op's chunks: the gradient goes into the logits' own buffer.
     torch.manual_seed(3)
@@ -253,10 +264,10 @@ def test_gradient_written_over_the_logits(device, name):
     torch.testing.assert_close(x, separate)
 
 
-def test_split_refuses_a_gradient_over_the_logits(device):
+def test_a_one_pass_tile_narrower_than_the_row_is_refused(device):
     x = torch.randn(2, 37, 1, device=device)
     with pytest.raises(ValueError, match="does not fit"):
-        _launch(x, torch.zeros(2, 1, dtype=torch.long, device=device), x, ROW_VARIANTS["split"])
+        _launch(x, torch.zeros(2, 1, dtype=torch.long, device=device), x, KernelConfig(ONE_PASS, 1, 32))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,41 +276,43 @@ def test_split_refuses_a_gradient_over_the_logits(device):
 
 
 @pytest.mark.parametrize("C", [1, 2, 37, 1000, 4096, 32000, 32768, 50257, 65536, 131072, 262144])
-@pytest.mark.parametrize("layout", [(False, True), (False, False), (True, False)])  # (rows along S, contiguous)
-@pytest.mark.parametrize("in_place", [False, True])
-def test_every_tuning_choice_fits(C, layout, in_place):
-    rows_along_s, contiguous = layout
+@pytest.mark.parametrize("rows_along_s", [False, True])
+@pytest.mark.parametrize("lean", [False, True])
+def test_every_tuning_choice_fits(C, rows_along_s, lean):
     # Whether what pick() keeps computes the right result is run below; here, what it keeps at all.
-    chosen = cross_entropy_tuning.pick(cross_entropy_tuning.candidates(), C, rows_along_s, contiguous, in_place)
-    default = cross_entropy_tuning.default_config(C, rows_along_s, contiguous, in_place)
-    assert chosen and default.fits(C, rows_along_s, contiguous, in_place)
+    chosen = cross_entropy_tuning.pick(cross_entropy_tuning.candidates(), C, rows_along_s, lean)
+    default = cross_entropy_tuning.default_config(C, rows_along_s)
+    assert chosen and default.fits(C)
     assert len(chosen) <= 12  # tuning compiles every candidate once per key
-    if in_place or rows_along_s or not contiguous:
-        assert all(cfg.mode != SPLIT for cfg in chosen)
+    # a whole 32K row holds only the logits without spilling
+    assert lean or all(cfg.block_c <= 16384 for cfg in chosen if cfg.mode == ONE_PASS)
 
 
 @pytest.mark.parametrize("C", [
     37,  # one pass: single rows and tiles of up to 128 rows, all over 5 rows
     3000,  # one pass over a padded 4096-wide row, 1 or 2 rows a tile
-    40000,  # two passes (8192 and 16384 wide, persistent or not), and rows split in 2 to 5 slices
+    40000,  # two passes, 8192 and 16384 wide, every program resident or 1 or 2 per SM
 ])
 @pytest.mark.parametrize("in_place", [False, True])
-def test_every_configuration_the_tuner_keeps_computes_the_loss(monkeypatch, device, C, in_place):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_every_configuration_the_tuner_keeps_computes_the_loss(monkeypatch, device, C, in_place, weighted):
     # On CUDA the autotuner runs whichever of these it finds fastest: each must be right.
-    kept = cross_entropy_tuning.pick(cross_entropy_tuning.candidates(), C, False, True, in_place)
+    kept = cross_entropy_tuning.pick(cross_entropy_tuning.candidates(), C, False, False)  # smoothed: not lean
     assert kept
     torch.manual_seed(6)
     x = torch.randn(5, C, 1) * 3
     y = torch.randint(0, C, (5, 1))
     y[3] = -100
+    weight = torch.rand(C) + 0.5 if weighted else None
     x64 = x.double().squeeze(2).requires_grad_(True)
-    ref = reference(x64, y.squeeze(1), label_smoothing=0.1, reduction="none")
+    ref = reference(x64, y.squeeze(1), None if weight is None else weight.double(), label_smoothing=0.1,
+                    reduction="none")
     (gr,) = torch.autograd.grad(ref.sum(), x64)
     monkeypatch.setattr(cross_entropy_triton, "_sm_count", lambda device: 2)  # persistent grids walk tiles
     for cfg in kept:
         xd = x.to(device, copy=True)  # a gradient written over the logits overwrites them
         grad = xd if in_place else torch.empty_like(xd)
-        ce_rows = _launch(xd, y.to(device), grad, cfg)
+        ce_rows = _launch(xd, y.to(device), grad, cfg, weight)
         torch.testing.assert_close(ce_rows.double().cpu(), ref.detach(), **TOL[torch.float32], msg=str(cfg))
         torch.testing.assert_close(grad.squeeze(2).double().cpu(), gr, **TOL[torch.float32], msg=str(cfg))
 
@@ -312,7 +325,6 @@ GPU_VARIANTS = {
     "one_pass": KernelConfig(ONE_PASS, 1, 32768, num_warps=32),
     "two_pass": KernelConfig(TWO_PASS, 1, 8192, reverse=True, num_warps=16, num_stages=2),
     "persistent": KernelConfig(TWO_PASS, 1, 8192, reverse=True, programs_per_sm=1, num_warps=16, num_stages=2),
-    "split": KernelConfig(SPLIT, 1, 8192, num_warps=16),
     "stream": cross_entropy_tuning.stream_tile(32000, False),  # the statistics and gradient kernels
 }
 
@@ -355,7 +367,7 @@ def test_gpu_autotuned():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["two_pass", "split", "stream"])
+@pytest.mark.parametrize("name", ["two_pass", "stream"])
 def test_gpu_int64_offsets_past_2_pow_31_elements(variant, name):
     # 8193 x 262144 bf16 = 2^31 + 2^18 elements: int32 offsets would wrap for the last row.
     loss_fn = variant(GPU_VARIANTS[name] if name != "stream" else cross_entropy_tuning.stream_tile(262144, False))

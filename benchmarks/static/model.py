@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from smoothce.kernels.cross_entropy_tuning import SPLIT, TWO_PASS
+from smoothce.kernels.cross_entropy_tuning import TWO_PASS
 
 
 @dataclass(frozen=True)
@@ -99,24 +99,21 @@ def hot_loops(sass) -> list:
     return [l for l in _innermost(sass.loops) if any(l[0] <= t <= l[1] for t in tiles)]
 
 
-def per_logit(sass, mode: int, block_r: int, block_c: int, V: int, itemsize: int, threads: int) -> dict:
+def per_logit(sass, block_r: int, V: int, itemsize: int, threads: int) -> dict:
     """Instructions and MUFU ops a thread executes per logit in a row of V (see the module doc),
-    and the global accesses of the hot code by role and width."""
+    and the global accesses of the hot code by role and width. A kernel without a loop over
+    logits (one tile per program) is hot as a whole, per logit it loads."""
     owned = block_r * V / threads  # logits a thread owns in one tile
-    if mode == SPLIT:
-        # a program is one slice: everything outside its loop over partners (spin, fallback)
-        inside = {i.addr for lo, hi in sass.loops for i in sass.within(lo, hi)}
-        body = [i for i in sass.instrs if i.addr not in inside]
-        owned = block_c / threads
-        instrs, mufu, hot = len(body), _mufu(body), [(sass.instrs[0].addr, sass.instrs[-1].addr)]
+    hot = hot_loops(sass)
+    instrs = mufu = 0.0
+    if not hot:
+        hot = [(sass.instrs[0].addr, sass.instrs[-1].addr)]
+        owned = _loaded(sass, hot[0], itemsize)
+        instrs, mufu = len(sass.instrs), _mufu(sass.instrs)
     else:
-        hot = hot_loops(sass)
-        instrs = mufu = 0.0
         for lo, hi in hot:
             body = sass.within(lo, hi)
-            loaded = sum(a.bits / (8 * itemsize) for a in sass.accesses
-                         if a.role == "logits" and a.kind == "load" and lo <= a.addr <= hi)
-            runs = owned / loaded  # iterations per tile: 1 for the tile loop itself
+            runs = owned / _loaded(sass, (lo, hi), itemsize)  # iterations per tile: 1 for the tile loop itself
             instrs += len(body) * runs
             mufu += _mufu(body) * runs
         tile_loops = [o for o in sass.loops if any(_encloses(o, h) for h in hot)]
@@ -133,6 +130,13 @@ def per_logit(sass, mode: int, block_r: int, block_c: int, V: int, itemsize: int
             widths[key][a.bits] += 1
     return {"instr_per_logit": instrs / owned, "mufu_per_logit": mufu / owned, "hot_loops": len(hot),
             "hot_accesses": {k: dict(sorted(v.items())) for k, v in sorted(widths.items())}}
+
+
+def _loaded(sass, region, itemsize: int) -> float:
+    """Logits one thread loads in a region of the code."""
+    lo, hi = region
+    return sum(a.bits / (8 * itemsize) for a in sass.accesses
+               if a.role == "logits" and a.kind == "load" and lo <= a.addr <= hi)
 
 
 def _mufu(instrs) -> int:

@@ -61,7 +61,7 @@ def config_name(cfg) -> str:
 def row(call: variants.Call, arch: int, kid: str, k: dict) -> dict:
     """One variant of one call: per-logit figures at its V, traffic, the L2 plan, ceilings."""
     cfg = k["_cfg"]
-    per = model.per_logit(k["_code"], cfg.mode, cfg.block_r, cfg.block_c, call.V, call.itemsize, 32 * cfg.num_warps)
+    per = model.per_logit(k["_code"], cfg.block_r, call.V, call.itemsize, 32 * cfg.num_warps)
     out = {
         "target": f"sm_{arch}", "entry": call.entry, "dtype": call.dtype, "V": call.V, "features": call.features,
         "choice": call.choice, "rows": variants.rows(call), "kernel": kid, "config": k["config"], **per,
