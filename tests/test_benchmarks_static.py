@@ -46,9 +46,10 @@ def test_fixed_choices_compile_for_sm90_without_spills_with_128_bit_logits_and_g
     _skip_without_ptxas()
     rec = _report(tmp_path)
     rows = rec["rows"]
-    # bf16 and fp32, V = 1K (one pass over 4-row tiles), 4K (one pass), 128K (two passes), plain and
-    # with every feature on: one fixed choice each
-    assert len(rows) == 12 and {r["V"] for r in rows} == {1024, 4096, 131072}
+    # the op and the head's chunk, bf16 and fp32, V = 1K (one pass over 2-row tiles), 4K (one pass),
+    # 128K (two passes), plain and with every feature on: one fixed choice each
+    assert len(rows) == 24 and {r["V"] for r in rows} == {1024, 4096, 131072}
+    assert {r["entry"] for r in rows} == {"op", "head"}
     for r in rows:
         k = rec["kernels"][r["kernel"]]
         cfg = cross_entropy_tuning.default_config(r["V"], False)

@@ -17,9 +17,9 @@ from benchmarks.static.model import GPUS
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
 ARCHS = (90, 80, 100)
-# The few calls CI compiles: every fixed choice the launcher makes for rows (one pass over a few
-# rows, one pass over one row, two passes), plain and with every feature, with a gradient.
-CI = dict(entries=("op",), dtypes=variants.DTYPES, vs=(1024, 4096, 131072), features=("plain", "all"),
+# The few calls CI compiles: the fixed choices of the op and of the fused head's chunk (one pass
+# over a few rows, one pass over one row, two passes), plain and with every feature, with a gradient.
+CI = dict(entries=("op", "head"), dtypes=variants.DTYPES, vs=(1024, 4096, 131072), features=("plain", "all"),
           choices=("fixed",), archs=(90,))
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from smoothce.kernels.cross_entropy_tuning import TWO_PASS
 
 
 @dataclass(frozen=True)
@@ -148,7 +147,7 @@ def _mufu(instrs) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def rows_in_flight(mode: int, block_r: int, programs_per_sm: int, ctas_per_sm: int, sms: int, rows: int) -> int:
+def rows_in_flight(block_r: int, programs_per_sm: int, ctas_per_sm: int, sms: int, rows: int) -> int:
     """Rows whose tiles are being streamed at once on the whole GPU."""
     programs = sms * (min(ctas_per_sm, programs_per_sm) if programs_per_sm else ctas_per_sm)
     return min(rows, programs * block_r)
@@ -160,9 +159,10 @@ def l2_share(row_bytes: int, rows: int, l2_bytes: int, resident_bytes: int = 0) 
     return min(1.0, free / (2 * rows * row_bytes)) if rows and row_bytes else 1.0
 
 
-def traffic(mode: int, grad: bool, share: float) -> tuple[float, float]:
-    """(HBM reads, HBM writes) per logit, in logits' sizes."""
-    second = (1.0 - share) if (mode == TWO_PASS and grad) else 0.0
+def traffic(mode: str, grad: bool, share: float) -> tuple[float, float]:
+    """(HBM reads, HBM writes) per logit, in logits' sizes, of a kernel in ``mode`` (a name of
+    variants.config_of) that writes the gradient or not."""
+    second = (1.0 - share) if (mode == "two_pass" and grad) else 0.0
     return 1.0 + second, 1.0 if grad else 0.0
 
 

@@ -12,7 +12,6 @@ Targets (what a kernel variant that may run must show):
 from __future__ import annotations
 
 from benchmarks.static import model, sass, variants
-from smoothce.kernels.cross_entropy_tuning import MODE_NAMES
 
 INSTR_LIMIT = {"plain": 40, "smoothing": 40}
 INSTR_LIMIT_OTHERWISE = 50
@@ -28,7 +27,8 @@ def kernel_record(kernel, arch: int) -> dict:
     shared = kernel.metadata.shared
     return {
         "config": config_name(cfg),
-        "mode": MODE_NAMES[cfg.mode],
+        "mode": cfg.mode,
+        "writes_gradient": cfg.writes_gradient,
         "block_r": cfg.block_r,
         "block_c": cfg.block_c,
         "programs_per_sm": cfg.programs_per_sm,
@@ -48,7 +48,7 @@ def kernel_record(kernel, arch: int) -> dict:
 
 
 def config_name(cfg) -> str:
-    name = f"{MODE_NAMES[cfg.mode]} {cfg.block_r}x{cfg.block_c} {cfg.num_warps}w"
+    name = f"{cfg.mode} {cfg.block_r}x{cfg.block_c} {cfg.num_warps}w"
     if cfg.num_stages != 1:
         name += f" {cfg.num_stages}st"
     if cfg.reverse:
@@ -70,18 +70,18 @@ def row(call: variants.Call, arch: int, kid: str, k: dict) -> dict:
     if arch == 90:
         out["gpus"] = {}
         for gpu in model.GPUS:
-            in_flight = model.rows_in_flight(cfg.mode, cfg.block_r, cfg.programs_per_sm,
+            in_flight = model.rows_in_flight(cfg.block_r, cfg.programs_per_sm,
                                              k["occupancy"]["ctas_per_sm"], gpu.sms, variants.plan_rows(call))
             share = model.l2_share(call.V * call.itemsize, in_flight, gpu.l2_bytes, weights_bytes)
-            reads, writes = model.traffic(cfg.mode, call.grad, share)
+            reads, writes = model.traffic(cfg.mode, cfg.writes_gradient, share)
             out["gpus"][gpu.name] = {
                 "rows_in_flight": in_flight, "l2_share_of_second_read": share if reads > 1 or share < 1 else None,
                 "hbm_reads_per_logit": reads, "hbm_writes_per_logit": writes,
-                **model.bounds(gpu, per["instr_per_logit"], per["mufu_per_logit"], call.itemsize, call.grad,
+                **model.bounds(gpu, per["instr_per_logit"], per["mufu_per_logit"], call.itemsize, cfg.writes_gradient,
                                reads, writes),
             }
     else:
-        reads, writes = model.traffic(cfg.mode, call.grad, 0.0)
+        reads, writes = model.traffic(cfg.mode, cfg.writes_gradient, 0.0)
         out["hbm_reads_per_logit"], out["hbm_writes_per_logit"] = reads, writes
     out["checks"] = checks(call, k, out)
     return out
@@ -92,10 +92,11 @@ def checks(call: variants.Call, k: dict, r: dict) -> dict:
     acc = r["hot_accesses"]
     loads = acc.get("logits loads", {})
     stores = acc.get("gradient stores", {})
-    vector = (bool(loads) and set(loads) == {128} and (set(stores) == {128} if call.grad else not stores)
+    grad = k["_cfg"].writes_gradient
+    vector = (bool(loads) and set(loads) == {128} and (set(stores) == {128} if grad else not stores)
               and not any(key.startswith("unresolved") for key in acc))
     limit = INSTR_LIMIT.get(call.features, INSTR_LIMIT_OTHERWISE)
-    reads, writes = model.traffic(k["_cfg"].mode, call.grad, 0.0)  # the second read all from HBM
+    reads, writes = model.traffic(k["_cfg"].mode, grad, 0.0)  # the second read all from HBM
     return {
         "no_spill": k["spill_store_bytes"] == 0 and k["spill_load_bytes"] == 0,
         "vector_128": vector,

@@ -17,7 +17,6 @@ import torch
 
 from smoothce.kernels import cross_entropy_tuning as tuning
 from smoothce.kernels.cross_entropy_triton import launch_cross_entropy
-from smoothce.kernels.cross_entropy_tuning import KernelConfig
 from smoothce.kernels.form import LossForm
 from smoothce.kernels.inputs import Labels, acc_dtype
 from smoothce.kernels.linear_cross_entropy import chunk_rows
@@ -62,18 +61,18 @@ class Call:
 
 
 def calls(entries=tuple(ENTRIES), dtypes=DTYPES, vs=VS, features=tuple(FEATURES)) -> list[Call]:
-    """Every call of the grid; the op both below and above the autotuning threshold, the head at
-    the benchmark's shape (whose chunk decides)."""
+    """Every call of the grid: the fixed choice (a problem under the autotuning threshold: the op
+    on few rows, a head's last, ragged chunk), and every configuration the tuner keeps (the op on
+    many rows, the head where its chunk at the benchmark's shape tunes)."""
     out = []
     for entry in entries:
         for dtype in dtypes:
             for V in vs:
                 for f in features:
-                    if entry.startswith("op"):
-                        out += [Call(entry, dtype, V, f, "fixed"), Call(entry, dtype, V, f, "tuned")]
-                    else:
-                        rows = head_chunk_rows(V, getattr(torch, dtype).itemsize)
-                        out.append(Call(entry, dtype, V, f, "tuned" if _tunes(rows, V) else "fixed"))
+                    out.append(Call(entry, dtype, V, f, "fixed"))
+                    chunk = head_chunk_rows(V, getattr(torch, dtype).itemsize)
+                    if entry.startswith("op") or _tunes(chunk, V):
+                        out.append(Call(entry, dtype, V, f, "tuned"))
     return out
 
 
@@ -86,9 +85,12 @@ def _tunes(rows: int, V: int) -> bool:
 
 
 def rows(call: Call) -> int:
-    """Rows of the logits the call is compiled with (the op) or runs on (a head's chunk)."""
+    """Rows of the logits the call is compiled with: a head's chunk at the benchmark's shape where
+    it chooses as asked, else 16 for the fixed choice or the fewest rows that tune."""
     if call.entry.startswith("head"):
-        return head_chunk_rows(call.V, call.itemsize)
+        chunk = head_chunk_rows(call.V, call.itemsize)
+        if _tunes(chunk, call.V) == (call.choice == "tuned"):
+            return chunk
     if call.choice == "fixed":
         return 16
     n = -(-tuning.AUTOTUNE_MIN_ELEMENTS // call.V)
@@ -97,7 +99,7 @@ def rows(call: Call) -> int:
 
 def plan_rows(call: Call) -> int:
     """Rows of the problem the L2 plan is made for: the benchmark's N, or the head's chunk."""
-    return rows(call) if call.entry.startswith("head") else OP_ROWS
+    return head_chunk_rows(call.V, call.itemsize) if call.entry.startswith("head") else OP_ROWS
 
 
 def compile_call(call: Call, target) -> list:
@@ -133,12 +135,30 @@ def compile_call(call: Call, target) -> list:
     return kernels
 
 
-def config_of(kernel) -> KernelConfig:
-    """The tuning configuration a compiled kernel was built with (from its own constants)."""
+@dataclass(frozen=True)
+class Variant:
+    """What the report reads of a compiled kernel's configuration."""
+
+    mode: str  # the fused kernel's mode (tuning.MODE_NAMES), or "stats" / "grad": the op's two kernels
+    block_r: int
+    block_c: int
+    num_warps: int
+    num_stages: int
+    reverse: bool
+    programs_per_sm: int
+    writes_gradient: bool
+
+
+def config_of(kernel) -> Variant:
+    """The configuration a compiled kernel was built with (from its own constants)."""
     names = kernel.src.fn.arg_names
     const = {names[k[0]]: v for k, v in kernel.src.constants.items()}
-    return KernelConfig(const["MODE"], const["BLOCK_R"], const["BLOCK_C"], bool(const["REVERSE"]),
-                        const["PROGRAMS_PER_SM"], kernel.metadata.num_warps, kernel.metadata.num_stages)
+    warps, stages = kernel.metadata.num_warps, kernel.metadata.num_stages
+    if "MODE" in const:  # the fused kernel: loss and gradient in one launch
+        return Variant(tuning.MODE_NAMES[const["MODE"]], const["BLOCK_R"], const["BLOCK_C"], warps, stages,
+                       bool(const["REVERSE"]), const["PROGRAMS_PER_SM"], bool(const["COMPUTE_GRAD"]))
+    grad = "g_ptr" in names  # the gradient kernel writes it, the statistics kernel reads only
+    return Variant("grad" if grad else "stats", const["BLOCK_R"], const["BLOCK_C"], warps, stages, False, 0, grad)
 
 
 def specialisation(kernel) -> dict:
