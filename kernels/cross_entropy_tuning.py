@@ -39,9 +39,10 @@ MODE_NAMES = {ONE_PASS: "one_pass", TWO_PASS: "two_pass"}
 
 # Elements of a tile held in registers by one program. Compiled for sm_90 (Triton 3.6 and 3.9),
 # a 16K tile over 16 warps (32 values a thread) needs no spill slot with any feature; a 32K tile
-# over 32 warps none with only the logits per element (no class weights, no softcap), and
-# hundreds of bytes of stack with them. So 16K is the fixed choice's limit and 32K a candidate
-# for lean calls only.
+# over 32 warps none with only the logits per element and the row's max and sum (no class weights,
+# softcap or smoothing sum; with smoothing fp32 spills 40 bytes, Triton 3.6), and hundreds of bytes
+# of stack with weights or a softcap. So 16K is the fixed choice's limit and 32K a candidate for
+# lean calls only.
 _MAX_RESIDENT = 1 << 15
 _SPILL_FREE = 1 << 14
 # Elements of a one-pass tile of several short rows along N. Compiled for sm_90 (Triton 3.6), 4 x
@@ -121,7 +122,8 @@ def _block_c(C: int) -> int:
 
 def pick(configs, C: int, rows_along_s: bool, lean: bool) -> list[KernelConfig]:
     """The configurations worth trying for these logits (a handful, so that tuning stays short).
-    ``lean``: the call holds only the logits per element (no class weights, no softcap)."""
+    ``lean``: the call holds only the logits per element and the row's max and sum (no class
+    weights, softcap or smoothing)."""
     resident = _block_c(C)
     keep = []
     for cfg in configs:
@@ -145,7 +147,7 @@ def pick(configs, C: int, rows_along_s: bool, lean: bool) -> list[KernelConfig]:
 
 def lean(features: dict) -> bool:
     """Whether a call with these kernel features is lean (see ``pick``)."""
-    return not (features["HAS_WEIGHT"] or features["HAS_SOFTCAP"])
+    return not (features["HAS_WEIGHT"] or features["HAS_SOFTCAP"] or features["HAS_SMOOTHING"])
 
 
 def prune(configs, named_args, **kwargs):
