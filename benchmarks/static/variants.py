@@ -1,12 +1,13 @@
 """What the static report compiles: every kernel variant a call can run, built by the project's own
-launchers (``launch_cross_entropy``, the fused head's ``launch_chunk``) with ``compile_for``.
+launchers (the op's ``launch_row_stats`` and ``launch_row_grad``, the fused head's ``launch_chunk``)
+with ``compile_for``.
 
 A call is an entry point (the op with or without its gradient, a fused head's chunk with or
 without it), a dtype, a vocabulary size V and a feature set. Its logits are CPU tensors of the real
 shape (``torch.empty``: address space, never touched), so the launcher specialises the arguments
-exactly as it would on the GPU and decides as it would between its fixed choice (problems under
-``AUTOTUNE_MIN_ELEMENTS``) and the configurations the autotuner keeps: the report compiles both,
-each at the smallest row count that takes it.
+exactly as it would on the GPU. The op's two kernels have one tile per V; the head's fused kernel
+decides as it would between its fixed choice (problems under ``AUTOTUNE_MIN_ELEMENTS``) and the
+configurations the autotuner keeps: the report compiles both.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from smoothce.kernels import cross_entropy_tuning as tuning
-from smoothce.kernels.cross_entropy_triton import launch_cross_entropy
+from smoothce.kernels.cross_entropy_triton import launch_row_grad, launch_row_stats
 from smoothce.kernels.form import LossForm
 from smoothce.kernels.inputs import Labels, acc_dtype
 from smoothce.kernels.linear_cross_entropy import chunk_rows
@@ -33,8 +34,9 @@ FEATURES = {
     "all": dict(weight=True, label_smoothing=0.1, z_loss=1e-4, softcap=30.0),
 }
 ENTRIES = {
-    "op": "smoothce::cross_entropy with its gradient, written to a buffer of its own (a training step)",
-    "op_loss": "smoothce::cross_entropy without a gradient (evaluation)",
+    "op": "smoothce::cross_entropy in a training step: its statistics kernel in forward, its gradient "
+          "kernel in backward",
+    "op_loss": "smoothce::cross_entropy without a gradient: the statistics kernel (evaluation)",
     "head": "the fused head's kernel on one chunk of logits, the gradient written over them "
             "(N = 16384, D = 4096: the benchmark's head)",
     "head_loss": "the same without a gradient (the head's reduction='none' forward, evaluation)",
@@ -71,7 +73,7 @@ def calls(entries=tuple(ENTRIES), dtypes=DTYPES, vs=VS, features=tuple(FEATURES)
                 for f in features:
                     out.append(Call(entry, dtype, V, f, "fixed"))
                     chunk = head_chunk_rows(V, getattr(torch, dtype).itemsize)
-                    if entry.startswith("op") or _tunes(chunk, V):
+                    if entry.startswith("head") and _tunes(chunk, V):
                         out.append(Call(entry, dtype, V, f, "tuned"))
     return out
 
@@ -121,15 +123,16 @@ def compile_call(call: Call, target) -> list:
         kernels = launch_chunk(logits, tg, 0, ce_rows, z_rows, scales, call.grad, -100, a, b, c, form.z_loss,
                                form.softcap or 0.0, form.logit_scale, compile_for=target)
     else:
-        # as smoothce::cross_entropy calls it on (N, V) logits (kernels/cross_entropy.py)
-        logits = torch.empty(n, call.V, dtype=dtype)
-        target_rows = torch.zeros(n, 1, dtype=torch.long)
-        labels = Labels(target_rows, weight, -100, call.V, acc)
-        grad = torch.empty_like(logits).view(n, call.V, 1) if call.grad else None
-        kernels = launch_cross_entropy(
-            logits.view(n, call.V, 1), target_rows, weight, labels.scales("mean"), torch.empty(n, dtype=acc),
-            torch.zeros(n, dtype=acc), grad, ignore_index=-100, a=a, b=b, c=c, z_loss=form.z_loss,
-            softcap=form.softcap, logit_scale=form.logit_scale, compile_for=target)
+        # as smoothce::cross_entropy runs on (N, V) logits (kernels/cross_entropy.py): the statistics
+        # op in forward (the weighted sum only with smoothing), its gradient op in backward
+        x3 = torch.empty(n, call.V, dtype=dtype).view(n, call.V, 1)
+        y2 = torch.zeros(n, 1, dtype=torch.long)
+        stats = torch.empty(3, n, dtype=acc)
+        kw = dict(logit_scale=form.logit_scale, softcap=form.softcap, weighted_sum=b != 0.0, compile_for=target)
+        kernels = launch_row_stats(x3, y2, weight, stats, **kw)
+        if call.grad:
+            kernels = kernels + launch_row_grad(stats, x3, y2, weight, stats[0], torch.empty_like(x3), **kw)
+        return kernels
     if _tunes(n, call.V) != (call.choice == "tuned"):
         raise AssertionError(f"{call}: the launcher's choice at {n} rows is not the one asked for")
     return kernels
