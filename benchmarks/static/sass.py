@@ -24,9 +24,11 @@ import triton
 
 # jit helper -> the role of the global accesses in its body
 ROLES = {
-    "logits_of": "logits",  # a tile of the logits (kernels/triton_tiles.py)
+    "_logits": "logits",  # a tile of the logits (kernels/cross_entropy_triton.py)
+    "logits_of": "logits",  # the same in the soft-target kernel's helpers (kernels/triton_tiles.py)
     "_store_grad": "gradient",  # a tile of the gradient
-    "class_weights_of": "weights",  # a tile of the class weights (kernels/triton_tiles.py)
+    "_class_weights": "weights",  # a tile of the class weights
+    "class_weights_of": "weights",
 }
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
