@@ -12,6 +12,8 @@ _LAZY = {
     "CrossEntropyLoss": ("smoothce.kernels.cross_entropy", "CrossEntropyLoss"),
     "fused_linear_cross_entropy": ("smoothce.kernels.linear_cross_entropy", "fused_linear_cross_entropy"),
     "fused_soft_cross_entropy": ("smoothce.kernels.soft_cross_entropy", "fused_soft_cross_entropy"),
+    "fused_linear_soft_cross_entropy": ("smoothce.kernels.linear_soft_cross_entropy",
+                                        "fused_linear_soft_cross_entropy"),
     "register_patterns": ("smoothce.compiler.registration", "register_patterns"),
     "unregister_patterns": ("smoothce.compiler.registration", "unregister_patterns"),
     "move_loss_into_model": ("smoothce.compiler.trainer", "move_loss_into_model"),
