@@ -134,15 +134,16 @@ def class_split(logits, class_dim: int = 1) -> tuple[Optional[int], str]:
 def dtensor_reason(t, role: str, logits, mesh_dim: int) -> Optional[str]:
     """Why smoothce cannot read the DTensor ``t`` (the ``role`` of the loss: labels, class weights,
     a mask) next to DTensor logits whose classes mesh dim ``mesh_dim`` shards; None when it can:
-    replicated, or for class weights sharded like the classes."""
+    replicated, or for class weights and a head's bias sharded like the classes."""
     if t.device_mesh != logits.device_mesh:
         return f"{role} are a DTensor on another device mesh than the logits'"
     if all(p.is_replicate() for p in t.placements):
         return None
-    if role == "class weights" and all(p.is_shard(0) if i == mesh_dim else p.is_replicate()
+    per_class = role in ("class weights", "the bias")
+    if per_class and all(p.is_shard(0) if i == mesh_dim else p.is_replicate()
                                        for i, p in enumerate(t.placements)):
         return None
-    alike = " or sharded like the classes" if role == "class weights" else ""
+    alike = " or sharded like the classes" if per_class else ""
     return f"{role} are a DTensor placed {tuple(t.placements)}: smoothce takes them replicated{alike}"
 
 

@@ -61,6 +61,7 @@ from smoothce.kernels.inputs import (
     check_per_class,
     check_same_device,
     check_tensors,
+    is_dtensor,
     kernel_choice,
 )
 from smoothce.kernels.form import LossForm
@@ -319,12 +320,16 @@ def fused_linear_cross_entropy(
     keywords. ``reduction='none'`` returns a loss with target's shape. ``loss_dtype``: the returned
     loss's dtype (default: hidden's). ``chunk_size`` overrides the rows per chunk (default
     :func:`chunk_rows`). With ``return_z_loss`` returns ``(loss, z_term)``, z_term being the
-    (non-differentiable) z-loss part. ``process_group`` (a head whose classes are split across
-    processes) it does not take yet: it raises.
+    (non-differentiable) z-loss part.
+
+    A head whose classes are split across processes (kernels/linear_vocab_parallel.py): with
+    ``process_group``, each rank passes the same hidden states and labels and its equal slice of
+    the classes (rank r the r-th rows of the weight, and of the bias and class weights); or a
+    DTensor weight sharded on dim 0 with Replicate DTensor hidden states, whose loss comes back a
+    Replicate DTensor. Either way the loss is that of all the classes on every rank, the weight's
+    (and bias') gradient is the rank's slice, and the hidden states' gradient is the whole one
+    (backward all-reduces it over the group, as a column-parallel linear does).
     """
-    if process_group is not None:
-        raise ValueError("smoothce: fused_linear_cross_entropy does not take process_group yet; use "
-                         "fused_cross_entropy on each rank's logits")
     form = LossForm(ignore_index, reduction, label_smoothing, smoothing, scale, kl, z_loss, softcap, logit_scale)
     check_tensors(hidden=hidden, weight=weight, target=target)
     check_dtype("hidden", hidden, FLOAT_DTYPES, "float16, bfloat16, float32 or float64")
@@ -357,6 +362,18 @@ def fused_linear_cross_entropy(
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"smoothce: chunk_size={chunk_size!r} must be a positive int or None")
 
+    if process_group is not None or is_dtensor(weight) or is_dtensor(hidden):
+        from smoothce.kernels import linear_vocab_parallel as split_head
+        from smoothce.kernels.vocab_parallel import process_group_split
+
+        if process_group is None:
+            loss, z_term = split_head.dtensor_linear_cross_entropy(hidden, weight, bias, target, class_weight, form,
+                                                                   loss_dtype, chunk_size)
+        else:
+            split = process_group_split(process_group, v)
+            loss, z_term = split_head.split_linear_cross_entropy(hidden, weight, bias, target, class_weight, form,
+                                                                 loss_dtype, split, chunk_size)
+        return (loss, z_term.detach()) if return_z_loss else loss
     compute_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (hidden, weight, bias) if t is not None)
     loss, z_term, *_ = torch.ops.smoothce.linear_cross_entropy(

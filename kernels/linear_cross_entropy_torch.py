@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["torch_chunks"]
+__all__ = ["head_logits", "torch_chunks"]
 
 # With a softcap, a chunk's dozen elementwise passes run over blocks of about this many logits
 # (16 MiB in fp32, half a typical L3), so a block stays in cache across them. Blocks much smaller
@@ -266,11 +266,15 @@ def torch_chunks(hidden, weight, bias, tg, ignore_index, a, b, c, z, softcap, lo
 
 
 def _logits_of_rows(hidden, weight, bias, start, logit_scale, acc, rows):
-    """The logits of rows ``start + rows`` as the chunk loop computes them (the rounding of a
-    16-bit head's matmul included)."""
-    h = hidden[start + rows]
+    """The logits of rows ``start + rows`` as the chunk loop computes them."""
+    return head_logits(hidden[start + rows], weight, bias, acc) * logit_scale
+
+
+def head_logits(h, weight, bias, acc):
+    """h @ weight.T + bias in the accumulation dtype ``acc``, the matmul in the head's own dtype (a
+    16-bit head's logits rounded as F.linear returns them)."""
     x = torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
-    return x.to(acc) * logit_scale
+    return x.to(acc)
 
 
 def _softmax_grads_finish(hidden, grad_h, grad_w, grad_b, tg, a, b, gce, coef_rows, w_work, u):

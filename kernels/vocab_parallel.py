@@ -112,6 +112,34 @@ def _labels_in(target, offset: int, columns: int, ignore_index):
     return torch.where(inside, y, 0), inside
 
 
+def row_partials(x, target, weight, class_offset: int, ignore_index, logit_scale: float, softcap, smoothing: bool):
+    """(N S, k) per-row partials of shard columns ``x`` (N, C_r, S) of the untransformed logits, in
+    the accumulation dtype: what shard_partials sends, without its row of the shard's weight sum."""
+    x, _ = _transformed(x, logit_scale, softcap)
+    y, inside = _labels_in(target, class_offset, x.shape[1], ignore_index)
+    parts = [torch.logsumexp(x, 1), torch.where(inside, x.gather(1, y.unsqueeze(1)).squeeze(1), 0.0)]
+    if smoothing:
+        parts.append(x.sum(1) if weight is None else torch.einsum("ncs,c->ns", x, weight.to(x.dtype)))
+    if weight is not None:
+        parts.append(torch.where(inside, weight.to(x.dtype)[y], 0.0))
+    return torch.stack(parts, -1).reshape(-1, len(parts))
+
+
+def with_weight_sum(rows, weight, smoothing: bool):
+    """The partials with, when both class weights and smoothing are on, a last row holding the
+    shard's sum of class weights (Q_i needs the global sum)."""
+    if weight is None or not smoothing:
+        return rows
+    extra = rows.new_zeros(1, rows.shape[1])
+    extra[0, 0] = weight.to(rows.dtype).sum()
+    return torch.cat([rows, extra])
+
+
+def partials_shape(rows: int, has_weight: bool, smoothing: bool) -> tuple[int, int]:
+    """The shape of the partials of ``rows`` rows (the fakes' rule)."""
+    return rows + (has_weight and smoothing), 2 + smoothing + has_weight
+
+
 @torch.library.custom_op("smoothce::shard_partials", mutates_args=())
 def shard_partials(
     x: Tensor,  # (N, C_r, S) the shard: classes [class_offset, class_offset + C_r)
@@ -131,26 +159,14 @@ def shard_partials(
     raises, as the single-process op does; the labels are the same on every rank, so all raise."""
     if x.device.type == "cpu":
         check_labels_on_cpu(target, classes, ignore_index)
-    x, _ = _transformed(x, logit_scale, softcap)
-    y, inside = _labels_in(target, class_offset, x.shape[1], ignore_index)
-    parts = [torch.logsumexp(x, 1), torch.where(inside, x.gather(1, y.unsqueeze(1)).squeeze(1), 0.0)]
-    if smoothing:
-        parts.append(x.sum(1) if weight is None else torch.einsum("ncs,c->ns", x, weight.to(x.dtype)))
-    if weight is not None:
-        parts.append(torch.where(inside, weight.to(x.dtype)[y], 0.0))
-    rows = torch.stack(parts, -1).reshape(-1, len(parts))
-    if weight is None or not smoothing:
-        return rows
-    extra = rows.new_zeros(1, len(parts))
-    extra[0, 0] = weight.to(x.dtype).sum()
-    return torch.cat([rows, extra])
+    rows = row_partials(x, target, weight, class_offset, ignore_index, logit_scale, softcap, smoothing)
+    return with_weight_sum(rows, weight, smoothing)
 
 
 @shard_partials.register_fake
 def _(x, target, weight, class_offset, classes, ignore_index, logit_scale, softcap, smoothing):
-    k = 2 + smoothing + (weight is not None)
-    rows = x.shape[0] * x.shape[2] + (weight is not None and smoothing)
-    return x.new_empty((rows, k), dtype=acc_dtype(x.dtype))
+    shape = partials_shape(x.shape[0] * x.shape[2], weight is not None, smoothing)
+    return x.new_empty(shape, dtype=acc_dtype(x.dtype))
 
 
 @torch.library.custom_op("smoothce::combine_partials", mutates_args=())
@@ -234,6 +250,25 @@ def _(gathered, target, uniform_rows, world, classes, has_weight, ignore_index, 
     return loss, torch.empty_like(loss), *rows, gathered.new_empty(target.shape if smoothed else 0)
 
 
+def logits_grad(x, target, weight, lse, coef_p, coef_y, coef_w, class_offset: int, ignore_index, logit_scale: float,
+                softcap):
+    """The gradient of shard columns ``x`` (N, C_r, S) of the untransformed logits, in the
+    accumulation dtype: coef_p p - coef_w w - coef_y [j == y] with p = exp(x - lse), times the
+    softcap's derivative (the per-row coefficients hold the reduction's scale, grad_output and
+    logit_scale)."""
+    xs, t = _transformed(x, logit_scale, softcap)
+    y, inside = _labels_in(target, class_offset, x.shape[1], ignore_index)
+    # in place on one buffer: besides the transformed logits, the gradient is all this allocates
+    g = torch.sub(xs, lse.unsqueeze(1)).exp_().mul_(coef_p.unsqueeze(1))
+    if coef_w is not None:
+        w = torch.ones(x.shape[1], dtype=xs.dtype, device=x.device) if weight is None else weight.to(xs.dtype)
+        g.addcmul_(coef_w.unsqueeze(1), w.view(1, -1, 1), value=-1.0)
+    g.scatter_add_(1, y.unsqueeze(1), torch.where(inside, -coef_y, 0.0).unsqueeze(1))
+    if t is not None:
+        g.mul_(t.mul_(t).neg_().add_(1.0))
+    return g
+
+
 @torch.library.custom_op("smoothce::shard_grad", mutates_args=())
 def shard_grad(
     x: Tensor,  # (N, C_r, S) the shard: classes [class_offset, class_offset + C_r)
@@ -248,20 +283,9 @@ def shard_grad(
     logit_scale: float,
     softcap: Optional[float],
 ) -> Tensor:
-    """The shard's gradient, in its dtype: coef_p p - coef_w w - coef_y [j == y] with p = exp(x - lse),
-    times the softcap's derivative (the per-row coefficients hold the reduction's scale,
-    grad_output and logit_scale)."""
-    xs, t = _transformed(x, logit_scale, softcap)
-    y, inside = _labels_in(target, class_offset, x.shape[1], ignore_index)
-    # in place on one buffer: besides the transformed logits, the gradient is all this allocates
-    g = torch.sub(xs, lse.unsqueeze(1)).exp_().mul_(coef_p.unsqueeze(1))
-    if coef_w is not None:
-        w = torch.ones(x.shape[1], dtype=xs.dtype, device=x.device) if weight is None else weight.to(xs.dtype)
-        g.addcmul_(coef_w.unsqueeze(1), w.view(1, -1, 1), value=-1.0)
-    g.scatter_add_(1, y.unsqueeze(1), torch.where(inside, -coef_y, 0.0).unsqueeze(1))
-    if t is not None:
-        g.mul_(t.mul_(t).neg_().add_(1.0))
-    return g.to(x.dtype)
+    """The shard's gradient (:func:`logits_grad`) in its dtype."""
+    return logits_grad(x, target, weight, lse, coef_p, coef_y, coef_w, class_offset, ignore_index, logit_scale,
+                       softcap).to(x.dtype)
 
 
 @shard_grad.register_fake
@@ -336,32 +360,49 @@ def _local(t, role: str, logits, mesh_dim: int):
     return t.to_local()
 
 
+def dtensor_split(t, mesh_dim: int, dim: int) -> Split:
+    """Where this rank's slice of DTensor ``t``'s classes (its dim ``dim``, sharded over mesh dim
+    ``mesh_dim``) lies: DTensor's Shard splits as torch.chunk does, ceil(V / tp) per rank, fewer at
+    the end."""
+    mesh = t.device_mesh
+    world, rank, V = mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim), t.shape[dim]
+    local = t.to_local().shape[dim]
+    per_rank = -(-V // world)
+    offset = min(rank * per_rank, V)
+    if local != min(V, offset + per_rank) - offset:
+        raise ValueError(f"smoothce: rank {rank} holds {local} of {V} classes, not the "
+                         f"{min(V, offset + per_rank) - offset} of torch.chunk's split")
+    return Split(mesh.get_group(mesh_dim), rank, world, offset, V)
+
+
+def local_per_class(t, role: str, sharded_like, mesh_dim: int, split: Split, columns: int):
+    """This rank's slice of a per-class tensor (class weights, a bias): a plain (V,) tensor or a
+    Replicate DTensor sliced, a DTensor sharded like the classes as it is."""
+    from torch.distributed.tensor import DTensor
+
+    sharded = isinstance(t, DTensor) and not all(p.is_replicate() for p in t.placements)
+    t = _local(t, role, sharded_like, mesh_dim)
+    return t if t is None or sharded else t[split.offset:split.offset + columns]
+
+
+def replicated(mesh, *tensors):
+    """Each tensor, the same on every rank, as a Replicate DTensor on ``mesh``."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    return tuple(DTensor.from_local(t, mesh, [Replicate()] * mesh.ndim, run_check=False) for t in tensors)
+
+
 def dtensor_cross_entropy(logits, target, weight, form: LossForm, uniform_rows, loss_dtype):
     """(loss, z_term) of DTensor logits sharded on the classes, as Replicate DTensors on their mesh.
 
     The labels (and uniform_rows) are replicated: plain tensors or Replicate DTensors. Class
     weights are a plain (V,) tensor, a Replicate DTensor, or a DTensor sharded like the classes."""
-    from torch.distributed.tensor import DTensor, Replicate
-
     dim, why = class_split(logits)
     if dim is None:
         raise ValueError("smoothce: " + why)
-    mesh = logits.device_mesh
-    world, rank, V = mesh.size(dim), mesh.get_local_rank(dim), logits.shape[1]
+    split = dtensor_split(logits, dim, 1)
     local = logits.to_local()
-    # DTensor's Shard splits as torch.chunk does: ceil(V / tp) columns per rank, fewer at the end
-    per_rank = -(-V // world)
-    offset = min(rank * per_rank, V)
-    if local.shape[1] != min(V, offset + per_rank) - offset:
-        raise ValueError(f"smoothce: rank {rank} holds {local.shape[1]} of {V} classes, not the "
-                         f"{min(V, offset + per_rank) - offset} of torch.chunk's split")
-    sharded = isinstance(weight, DTensor) and not all(p.is_replicate() for p in weight.placements)
-    weight = _local(weight, "class weights", logits, dim)
-    if weight is not None and not sharded:
-        weight = weight[offset:offset + local.shape[1]]
-    split = Split(mesh.get_group(dim), rank, world, offset, V)
+    weight = local_per_class(weight, "class weights", logits, dim, split, local.shape[1])
     loss, z_term = split_cross_entropy(local, _local(target, "labels", logits, dim), weight, form,
                                        _local(uniform_rows, "uniform_rows", logits, dim), loss_dtype, split)
-    replicate = [Replicate()] * mesh.ndim
-    return (DTensor.from_local(loss, mesh, replicate, run_check=False),
-            DTensor.from_local(z_term, mesh, replicate, run_check=False))
+    return replicated(logits.device_mesh, loss, z_term)

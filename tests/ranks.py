@@ -55,6 +55,14 @@ def _serve(rank: int, world: int, port: int, timeout_s: float, tasks, results) -
     dist.destroy_process_group()
 
 
+def world_mesh():
+    """A one-dim CPU device mesh of every rank (in a rank's process)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (dist.get_world_size(),))
+
+
 class RankFailed(AssertionError):
     """A rank raised (its traceback is the message) or did not answer in time."""
 

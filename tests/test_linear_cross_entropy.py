@@ -482,7 +482,6 @@ def test_step_holds_one_chunk_above_its_gradients(device, reduction, bias):
     (dict(chunk_size=0), ValueError, "chunk_size=0 must be a positive int or None"),
     (dict(uniform_rows=torch.ones(N, dtype=torch.bool), reduction="sum"), ValueError,
      "does not take uniform_rows yet"),
-    (dict(process_group=object()), ValueError, "does not take process_group yet"),
 ])
 def test_validation(change, error, match):
     args = dict(hidden=torch.randn(N, D), weight=torch.randn(V, D), bias=None,
@@ -494,8 +493,8 @@ def test_validation(change, error, match):
 
 
 def test_takes_the_keywords_of_fused_cross_entropy():
-    # README: the same keywords, with the same defaults, and chunk_size; uniform_rows and
-    # process_group raise (above)
+    # README: the same keywords, with the same defaults, and chunk_size; uniform_rows raises (above),
+    # process_group is tests/test_linear_vocab_parallel.py's
     def keywords(fn):
         return {p.name: p.default for p in inspect.signature(fn).parameters.values() if p.kind == p.KEYWORD_ONLY}
 

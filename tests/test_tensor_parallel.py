@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ranks import world_mesh
 from reference import reference
 
 N, D_IN, D, V = 7, 8, 16, 11
@@ -123,7 +124,6 @@ def _reference_kwargs(case):
 
 
 def _step(name: str, backend: str):
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import ColwiseParallel, loss_parallel, parallelize_module
     from torch.profiler import profile
 
@@ -131,7 +131,7 @@ def _step(name: str, backend: str):
 
     rewrite_pass.clear()
     spelling, kw, options = CASES[name]
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    mesh = world_mesh()
     model = parallelize_module(_model(), mesh, {"head": ColwiseParallel(use_local_output=False)})
     x, y, w = _data(options)
     loss_fn = SPELLINGS[spelling]
@@ -209,14 +209,13 @@ def test_four_ranks(ranks4, name):
 def _placed(logits: str, labels: str):
     """A head whose logits are a DTensor placed ``logits`` ("Shard(1)": on the classes), with labels
     placed ``labels``, compiled and eager: (loss, the head's gradient) of each, and the near misses."""
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
     from smoothce.compiler.backend import rewrite_pass
 
     rewrite_pass.clear()
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    mesh = world_mesh()
     place = {"Replicate": Replicate(), "Shard(0)": Shard(0), "Shard(1)": Shard(1)}
     x, y, _ = _data({})
     x, y = torch.cat([x, x[:1]]), torch.cat([y, y[:1]])  # rows that the ranks split evenly

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ranks import world_mesh
 from reference import reference
 from smoothce.kernels.cross_entropy import fused_cross_entropy
 
@@ -112,10 +113,9 @@ def _compiled_process_group_cases(names):
 
 def _dtensor_cases(names):
     """Each case's loss (a Replicate DTensor) and the gathered gradient, through DTensor logits."""
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    mesh = world_mesh()
     V = 11
     out = {}
     for name in names:
