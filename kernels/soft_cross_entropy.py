@@ -323,7 +323,7 @@ def fused_soft_cross_entropy(
     weight: Optional[Tensor] = None,
     *,
     labels_b: Optional[Tensor] = None,
-    lam: Optional[Tensor] = None,
+    lam: Optional[Tensor | float] = None,
     target_rows: Optional[Tensor] = None,
     ignore_index: Optional[int] = -100,
     reduction: str = "mean",
@@ -350,7 +350,8 @@ def fused_soft_cross_entropy(
     ...) or None: they carry the label part, whose ``scale`` is 0 unless given, and mask the target
     part's rows (those equal to ignore_index count nowhere) unless target_rows (bool, the rows'
     shape) says which rows it counts. labels_b
-    and lam: mixup, lam * label part(labels) + (1 - lam) * label part(labels_b). ``reduction``
+    and lam (a number, or a tensor broadcastable to the rows): mixup, lam * label part(labels) +
+    (1 - lam) * label part(labels_b), each part reduced as its own loss. ``reduction``
     reduces both parts, each as PyTorch does ('mean': the target part by its rows, the label part
     by the sum of w[y] over kept rows). ``loss_dtype``: the returned loss's dtype (default: the
     logits'). Gradients flow to the logits and to a target that requires grad.
@@ -358,8 +359,10 @@ def fused_soft_cross_entropy(
     form = LossForm(ignore_index, reduction, label_smoothing, smoothing, scale, kl, z_loss, softcap, logit_scale)
     soft = SoftTargetForm(target_kind, target_logit_scale, soft_logit_scale, soft_label_smoothing, soft_scale,
                           soft_kl, reverse_kl)
+    if isinstance(lam, (int, float)) and not isinstance(lam, bool) and isinstance(logits, Tensor):
+        lam = torch.full((), float(lam), dtype=torch.float64, device=logits.device)  # one lam for every row
     _validate(logits, target, labels, labels_b, lam, weight, target_rows, loss_dtype, soft)
-    if lam is not None and lam.device != logits.device and lam.dim() > 0:
+    if isinstance(lam, Tensor) and lam.device != logits.device and lam.dim() > 0:
         raise ValueError(f"smoothce: lam is on {lam.device} but input is on {logits.device}")
     lam = None if lam is None else lam.to(logits.device)
     grads = torch.is_grad_enabled() and (logits.requires_grad or (target is not None and target.requires_grad))

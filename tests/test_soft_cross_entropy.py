@@ -264,18 +264,18 @@ def test_torchtune_kl_losses_over_valid_tokens(path, kind):
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
-@pytest.mark.parametrize("lam_shape", [(), (7,)])  # one lam per batch (timm), one per row
+@pytest.mark.parametrize("lam_shape", [None, (), (7,)])  # a number, one lam per batch (timm), one per row
 @pytest.mark.parametrize("weighted", [False, True])
 def test_mixup_two_labels(path, reduction, lam_shape, weighted):
     N, V, eps = 7, 10, 0.1
     x = _seeded(N, V, seed=19) * 2
     ya, yb = _labels(N, seed=20, classes=V), _labels(N, seed=21, classes=V)
     ya[2] = -100  # PyTorch's mean of each term divides by its own kept weights
-    lam = _seeded(*lam_shape, seed=22, fn=torch.rand)
+    lam = 0.3 if lam_shape is None else _seeded(*lam_shape, seed=22, fn=torch.rand)
     w = _seeded(V, seed=23, fn=torch.rand) + 0.5 if weighted else None
 
     def eager(x, ya, yb, lam, w):
-        if reduction != "none" and lam.dim():  # a lam per row weighs each row's term before PyTorch's reduction
+        if reduction != "none" and lam_shape:  # a lam per row weighs each row's term before PyTorch's reduction
             return soft_reference(x, None, ya, w, labels_b=yb, lam=lam, reduction=reduction, scale=1.0,
                                   label_smoothing=eps)
         ca = F.cross_entropy(x, ya, w, reduction=reduction, label_smoothing=eps)
