@@ -122,7 +122,7 @@ class LossForm:
 
         The convention is the one whose eps is the shorter decimal (what the user most likely
         wrote: 0.1 rather than 0.0999...); eps and the scale are read within a few ulps of the
-        recovered values (:func:`_shortest`). A nonzero c must be the KL term of that distribution.
+        recovered values (:func:`shortest`). A nonzero c must be the KL term of that distribution.
         """
         a, b = Fraction(a), Fraction(b)
         mass = a + b * classes
@@ -133,10 +133,10 @@ class LossForm:
             if spread <= 0 and b != 0:
                 continue
             eps = b * spread / mass if spread > 0 else Fraction(0)
-            options.append((len(repr(_shortest(eps))), smoothing, _shortest(eps)))
+            options.append((len(repr(shortest(eps))), smoothing, shortest(eps)))
         options.sort(key=lambda o: (o[0], o[1] != "all"))
         _, smoothing, eps = options[0]
-        form = cls(label_smoothing=eps, smoothing=smoothing if eps else "all", scale=_shortest(mass), **fields)
+        form = cls(label_smoothing=eps, smoothing=smoothing if eps else "all", scale=shortest(mass), **fields)
         if c:
             kl = dataclasses.replace(form, kl=True)
             expected = kl.coefficients(classes)[2]
@@ -170,7 +170,7 @@ class LossForm:
 _ULPS = 4
 
 
-def _shortest(q: Fraction) -> float:
+def shortest(q: Fraction) -> float:
     """The shortest decimal within a few ulps of q rounded to a double (0.1 for the Fraction of
     0.1, and for 0.1 / 31 * 31)."""
     raw = float(q)

@@ -137,6 +137,41 @@ class CondAtom:
         return self.key[1] if self.key[0] in ("ne", "lt", "inrange") else None
 
 
+def lam_atom(node: Node, holds: bool = True) -> CondAtom:
+    """A factor that multiplies a term, kept in its ``conds`` like a row mask: mixup's lam (a
+    float tensor, one number or one per row), or 1 - lam where it does not hold. Everything linear
+    carries it as it carries a mask (a term minus its lam-weighted copy is its (1 - lam)-weighted
+    one); ``normal_form`` takes it out again, before any condition is read as a mask."""
+    return CondAtom(("lam", node), holds, node)
+
+
+def is_lam(atom: CondAtom) -> bool:
+    return atom.key[0] == "lam"
+
+
+def lams(conds: frozenset) -> frozenset:
+    """The lam factors among a term's conditions."""
+    return frozenset(a for a in conds if is_lam(a))
+
+
+def _one_lam(c1: frozenset, c2: frozenset) -> None:
+    """Two factors' conditions meet: lam may come from one of them only (lam * lam and
+    lam * (1 - lam) are no terms of the form)."""
+    if lams(c1) and lams(c2):
+        raise Reject("a product of two terms weighted by a tensor (lam * lam) is not linear in the log-probs")
+
+
+def with_lam(v, atom: CondAtom):
+    """v times a lam factor (``lam_atom``): every term weighted by it."""
+    if isinstance(v, ScalarV):
+        return dataclasses.replace(v, parts=tuple((d, with_lam(r, atom)) for d, r in v.parts))
+    if isinstance(v, (RowV, ElemV)):
+        if any(lams(k[-1]) for k, _ in v.terms):
+            raise Reject("a loss is weighted by a tensor twice (lam * lam)")
+        return dataclasses.replace(v, terms=_clean({(*k[:-1], k[-1] | {atom}): c for k, c in v.terms}))
+    raise Reject(f"cannot weigh {_kind(v)} by a tensor")
+
+
 def _atom_verdict(atom: CondAtom, base: Node, k: int) -> Optional[bool]:
     """The atom's truth on rows where ``base == k`` (None: it does not read base)."""
     if atom.label is not base:
@@ -539,6 +574,7 @@ def elem_mul(e1: ElemV, e2: ElemV) -> ElemV:
     out: dict = {}
     for (tp1, b1, c1), k1 in e1.terms:
         for (tp2, b2, c2), k2 in e2.terms:
+            _one_lam(c1, c2)
             if b1 != "K" and b2 != "K":
                 raise Reject("a product of two logit terms is not linear in the logits")
             prod = _part_mul(tp1, tp2)
@@ -689,6 +725,7 @@ def row_times_row(r1: RowV, r2: RowV) -> RowV:
             row: dict = {}
             for c1, d1 in g1.items():
                 for c2, d2 in g2.items():
+                    _one_lam(c1, c2)
                     conds = simplify(c1 | c2)
                     if conds is not None:
                         k = (("Z",), conds)

@@ -34,7 +34,7 @@ from smoothce.patterns.interpret import Interpretation
 from smoothce.patterns.nodes import (
     describe, dtype, fake, location, mutations, reads_shape_only, shape, subclass, target_name, words,
 )
-from smoothce.patterns.normal_form import Call, normal_form, classes_of
+from smoothce.patterns.normal_form import Call, Unmixed, normal_form, classes_of
 from smoothce.patterns.ops import SEED_OPS, bind, op_name
 from smoothce.patterns.report import NearMiss
 
@@ -235,8 +235,11 @@ def _reads(plan: Plan) -> list:
     key = plan.logits
     out = [key.source, *key.layout]
     for call in plan.calls:
-        atoms = [*call.target.fold, *(call.uniform_rows or ())]
-        out += [call.target.node, call.weight, *(a.label if a.label is not None else a.node for a in atoms)]
+        atoms = [*(a for t in call.targets for a in t.fold), *(call.uniform_rows or ())]
+        out += [*(t.node for t in call.targets), call.weight,
+                *(a.label if a.label is not None else a.node for a in atoms)]
+        if call.mix is not None:
+            out.append(call.mix.lam)
         if call.divisor is not None:
             out.append(call.divisor.node)
     out += [c.label.node for c in plan.checks]
@@ -247,8 +250,10 @@ def _role(plan: Plan, node: Node) -> str:
     """What a tensor the op reads is to the loss, in a reason's words."""
     if node is plan.logits.source or node in plan.logits.layout:
         return "the logits"
-    if any(node is c.target.node for c in plan.calls):
+    if any(node is t.node for c in plan.calls for t in c.targets):
         return "the labels"
+    if any(c.mix is not None and node is c.mix.lam for c in plan.calls):
+        return "mixup's lam"
     if any(node is c.weight for c in plan.calls):
         return "the class weights"
     return words(node)
@@ -422,7 +427,7 @@ def analyze(gm: torch.fx.GraphModule) -> tuple[list[Plan], list[NearMiss], Inter
                 raise interp.rejected[focal]
             key, calls = normal_form(value)
         except Reject as err:
-            if has_seed and node not in handed_down and reader is not None:
+            if has_seed and node not in handed_down and reader is not None and not isinstance(err, Unmixed):
                 # a loss says why it is not one; log-probs say who else reads them
                 loss_like = isinstance(value, (RowV, ScalarV)) and focal is None
                 reason = str(err) if loss_like else interp.why.get(reader) or read_by(node, reader)

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.fx
 
-from smoothce.kernels.form import LossForm
+from smoothce.kernels.form import LossForm, shortest
 from smoothce.patterns.algebra import Reject
 from smoothce.patterns.analysis import Plan, analyze
 from smoothce.patterns.emit import emit
@@ -57,10 +57,10 @@ def rewrite_cross_entropy(gm: torch.fx.GraphModule, *, fuse_linear: bool = True)
     names = [(_seed(plan, order).name, location(plan.sink)) for plan in plans]  # before any node goes
     for plan, (seed, where) in zip(plans, names):
         head, why_not = find_head(plan, plan.dead) if fuse_linear else (None, None)
-        if head is not None and any(c.soft is not None for c in plan.calls):
+        if head is not None and any(c.soft is not None or c.mix is not None for c in plan.calls):
             head, why_not = None, (f"not fused with the linear layer that produces the logits "
-                                   f"({location(head.node)}): a loss against a target given as a tensor "
-                                   "keeps its logits")
+                                   f"({location(head.node)}): a loss against a target given as a tensor, "
+                                   "or mixup's two labels, keeps its logits")
         try:
             emit(gm, plan, head, fake_mode)
         except Reject as err:
@@ -146,6 +146,18 @@ def _soft_words(soft) -> dict:
     return words
 
 
+def _mix_words(call) -> dict:
+    """Mixup as the user wrote it: lam * loss(labels) + (1 - lam) * loss(labels_b), lam a tensor's
+    name or a number."""
+    lam = call.mix.lam
+    return {"labels": _label_name(call.label), "labels_b": _label_name(call.mix.label),
+            "lam": user_name(lam) if isinstance(lam, Node) else shortest(lam)}
+
+
+def _label_name(label) -> str:
+    return user_name(label.node if label.node is not None else label.base)
+
+
 def _combined_form(plan: Plan) -> LossForm:
     """The user's parameters: one form for all calls (they differ in what divides them), when
     their summed coefficients are one; else the form of the call with the label term."""
@@ -194,4 +206,7 @@ def _match(plan: Plan, head: Optional[Head], erased: tuple) -> Match:
     soft = next((c.soft for c in calls if c.soft is not None), None)
     if soft is not None:
         family, params["target"] = _soft_family(plan, soft), _soft_words(soft)
+    mix = next((c for c in calls if c.mix is not None), None)
+    if mix is not None:
+        family, params["mixup"] = "mixup " + family, _mix_words(mix)
     return Match(family, location(plan.sink), params, erased, form, coefficients, call_forms)

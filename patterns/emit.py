@@ -160,7 +160,7 @@ def _emit(plan: Plan, head: Optional[Head], b: _Builder) -> Node:
         x = b.method("reshape", x, -1, V if head is None else D)
     want = plan.loss_dtype
     # the eager label checks no call's own check covers: the first call maps their rows
-    checks = [c for c in plan.checks if not any(_implied(c, call.target, V) for call in plan.calls)]
+    checks = [c for c in plan.checks if not any(_implied(c, t, V) for call in plan.calls for t in call.targets)]
     outs = []
     for i, call in enumerate(plan.calls):
         own_checks = checks if i == 0 else ()
@@ -181,6 +181,10 @@ def _emit(plan: Plan, head: Optional[Head], b: _Builder) -> Node:
                 kwargs["target_rows"] = _mask(soft.rows, t, op_rows, V, b)
             kwargs.update(soft.form.describe(), scale=call.form.scale)
             loss = b.fn(_soft_op(), x, q, t, weight, **kwargs)
+        elif call.mix is not None:
+            kwargs["labels_b"] = _target(call.mix.target, plan, rows, op_rows, x, b, checks=())
+            kwargs.update(lam=_lam(call.mix.lam, op_rows, b), scale=call.form.scale)  # the op's label scale is 0 unless given
+            loss = b.fn(_soft_op(), x, None, t, weight, **kwargs)
         elif head is not None:
             loss = b.fn(fused_linear_ce, x, w_in, b_in, t, weight, **kwargs)
         else:
@@ -226,6 +230,13 @@ def _dense(q: Dense, b: _Builder, V: int, flatten: bool) -> Node:
     if q.logits.dtype is not None:
         t = b.method("to", t, q.logits.dtype)
     return b.method("reshape", t, -1, V) if flatten else t
+
+
+def _lam(lam, op_rows, b: _Builder):
+    """Mixup's lam as the op takes it: the user's tensor (one per row: in the op's rows) or a number."""
+    if not isinstance(lam, Node):
+        return float(lam)
+    return lam if shape(lam) == () else b.method("reshape", lam, *op_rows)
 
 
 def _as(t: Optional[Node], to, b: _Builder) -> Optional[Node]:

@@ -20,20 +20,20 @@ from __future__ import annotations
 import dataclasses
 import math
 from fractions import Fraction
-from typing import Optional
+from typing import Any, Optional
 
 import torch.fx
 
 from smoothce.kernels.form import LossForm, SoftTargetForm
 from smoothce.patterns.algebra import (
-    SOFT_ATOMS, CondAtom, Dense, Divisor, LabelV, Logits, Q, Reject, RowV, ScalarV, simplify, static_classes,
-    two_labels,
+    SOFT_ATOMS, CondAtom, Dense, Divisor, LabelV, Logits, Q, Reject, RowV, ScalarV, lam_atom, lams, simplify,
+    static_classes, two_labels,
 )
 from smoothce.patterns.nodes import fake, shape, words
 
 Node = torch.fx.Node
 
-__all__ = ["Target", "Call", "SoftPart", "normal_form", "classes_of", "logits_shape"]
+__all__ = ["Target", "Call", "Mix", "SoftPart", "Unmixed", "normal_form", "classes_of", "logits_shape"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +64,18 @@ class SoftPart:
 
 
 @dataclasses.dataclass(frozen=True)
+class Mix:
+    """Mixup's second labels in the same call: lam * loss(labels) + (1 - lam) * loss(labels_b),
+    each part reduced as its own loss (the op's labels_b and lam). ``lam``: the user's tensor (a
+    Node, one number or one per row) or a constant (a Fraction: the two losses' coefficients were
+    numbers)."""
+
+    label: LabelV
+    target: Target
+    lam: Any
+
+
+@dataclasses.dataclass(frozen=True)
 class Call:
     """One fused op call: the terms of a loss that share a divisor."""
 
@@ -81,6 +93,18 @@ class Call:
     form: LossForm  # the parameters the op gets (for V classes)
     words: LossForm  # the same loss as the user wrote it (a padding column is no class to spread over)
     soft: Optional[SoftPart] = None  # the term against a target given as data: smoothce::soft_cross_entropy
+    mix: Optional[Mix] = None  # mixup's second labels and lam: smoothce::soft_cross_entropy
+
+    @property
+    def targets(self) -> tuple:
+        """The labels the call reads: its own, and mixup's second ones."""
+        return (self.target,) if self.mix is None else (self.target, self.mix.target)
+
+
+class Unmixed(Reject):
+    """A loss weighted by a tensor that is not mixup's lam (a per-row weight, a loss scale given
+    as a tensor): left as written outside the op, whose terms are rewritten each. Multiplying a
+    loss by a tensor is no reason for a near miss."""
 
 
 def logits_shape(key: Logits) -> Optional[tuple]:
@@ -113,7 +137,9 @@ def normal_form(value) -> tuple[Logits, list[Call]]:
                      "(the op takes them at dim 1 or last)")
     if fake(key.source) is None or not fake(key.source).dtype.is_floating_point:
         raise Reject("the logits are not a floating-point tensor")
-    pairs = [(divisor, call) for divisor, row in parts if row.terms for call in _calls(row, divisor, V, key, per_row)]
+    tagged = [(divisor, lam, call) for divisor, row in parts if row.terms
+              for lam, call in _part_calls(row, divisor, V, key, per_row)]
+    pairs = _mixups(tagged, V)
     pairs.sort(key=lambda p: (p[1].a == 0, p[1].b == 0))  # the call with the label term first
     merged = _own_means(pairs, V)
     calls = [merged] if merged is not None else [c for _, c in pairs]
@@ -125,6 +151,144 @@ def normal_form(value) -> tuple[Logits, list[Call]]:
     if len(labels) > 1:
         raise Reject(two_labels(labels))
     return key, calls
+
+
+# ------------------------------------------------------------------------------------------------
+# Mixup: two labels in one call
+# ------------------------------------------------------------------------------------------------
+
+
+def _part_calls(row: RowV, divisor: Optional[Divisor], V: int, key: Logits, per_row: bool) -> list:
+    """(lam factor or None, call) for the terms that share a divisor. Terms weighted by lam and by
+    1 - lam (``algebra.lam_atom``) are read apart, each with the terms that carry no lam, which
+    are lam times themselves plus 1 - lam times themselves; terms on two labels with constant
+    coefficients (mixup's target lam * one_hot(y_a) + (1 - lam) * one_hot(y_b) with a number lam)
+    become one call per label, with the terms on no label shared in the labels' proportion."""
+    terms = _merge_masks(dict(row.terms))
+    found = {a.node for _, conds in terms for a in lams(conds)}
+    if len(found) > 1:
+        raise Reject("the loss is mixed by two different tensors; mixup mixes two losses by one lam")
+    if found:
+        (lam,) = found
+        out = []
+        for holds in (True, False):
+            atom = lam_atom(lam, holds)
+            part: dict = {}
+            for (a, conds), c in terms.items():
+                if atom in conds or not lams(conds):
+                    k = (a, conds - {atom})
+                    part[k] = part.get(k, 0) + c
+            part = _clean_terms(part)
+            if part:
+                out += [(atom, call) for call in _calls(RowV(row.key, part, row.seeds), divisor, V, key, per_row)]
+        return out
+    return [(None, call) for r in _by_label(row, terms) for call in _calls(r, divisor, V, key, per_row)]
+
+
+def _clean_terms(terms: dict) -> tuple:
+    return tuple((k, v) for k, v in terms.items() if v != 0)
+
+
+def _by_label(row: RowV, terms: dict) -> list:
+    """The row, or two rows when its terms read two labels: each label's terms, and a term on no
+    label goes with the label read on the same rows (its mask), split between the two as their
+    coefficients are when both or neither is read there (the sum of the two rows is the row)."""
+    def labels_on(items) -> dict:
+        on: dict = {}
+        for (atom, _), c in items:
+            if atom[0] in ("XG", "WG"):
+                on[atom[1]] = on.get(atom[1], Q(0)) - c
+        return on
+
+    total = labels_on(terms.items())
+    if len(total) != 2 or 0 in total.values() or sum(total.values()) == 0:
+        return [RowV(row.key, _clean_terms(terms), row.seeds)]
+    parts: dict = {label: {} for label in total}
+    for conds in {conds for _, conds in terms}:
+        group = [(k, c) for k, c in terms.items() if k[1] == conds]
+        on = labels_on(group)
+        share = on if len(on) == 2 and sum(on.values()) != 0 else total if not on else None
+        for (atom, _), c in group:
+            if atom[0] in ("XG", "WG"):
+                parts[atom[1]][(atom, conds)] = c
+            elif share is None:
+                (label,) = on
+                parts[label][(atom, conds)] = c
+            else:
+                for label in parts:
+                    parts[label][(atom, conds)] = c * share[label] / sum(share.values())
+    order = {n: i for i, n in enumerate(row.key.source.graph.nodes)}
+    first = sorted(parts, key=lambda label: order.get(label.node if label.node is not None else label.base, 0))
+    return [RowV(row.key, _clean_terms(parts[label]), row.seeds) for label in first]  # as the graph reads them
+
+
+def _mixups(tagged: list, V: int) -> list:
+    """(divisor, call) pairs, mixup's two calls made one: the call weighted by lam and the one
+    weighted by 1 - lam, or two calls on two labels whose coefficients are proportional."""
+    mixed = [(d, lam, c) for d, lam, c in tagged if lam is not None]
+    pairs = [(d, c) for d, lam, c in tagged if lam is None]
+    if mixed:
+        on = [(d, c) for d, lam, c in mixed if lam.holds]
+        off = [c for _, lam, c in mixed if not lam.holds]
+        lam = mixed[0][1].node
+        if len(on) != 1 or len(off) != 1:
+            raise Unmixed(f"a loss weighted by {words(lam)} is no mixup of two losses")
+        (d, a), (b,) = on[0], off
+        why = _unmixable(a, b, same_scale=True)
+        if why is not None:
+            raise Reject(f"mixup by {words(lam)}: {why}")
+        if fake(lam) is None or fake(lam).requires_grad:
+            raise Reject(f"mixup by {words(lam)}, which requires grad: the op does not differentiate lam "
+                         "(pass lam.detach(), or a number)")
+        return pairs + [(d, dataclasses.replace(a, mix=Mix(b.label, b.target, lam)))]
+    labelled = [i for i, (_, c) in enumerate(pairs) if c.label is not None]
+    if len(labelled) == 2 and len({pairs[i][1].label for i in labelled}) == 2:
+        i, j = labelled
+        a, b = pairs[i][1], pairs[j][1]
+        if _unmixable(a, b, same_scale=False) is None:
+            lam = a.a / (a.a + b.a)
+            merged = _proportional_mix(a, b, V, lam)
+            if merged is not None:
+                return [p for k, p in enumerate(pairs) if k != j and k != i] + [(pairs[i][0], merged)]
+    return pairs
+
+
+def _unmixable(a: Call, b: Call, same_scale: bool) -> Optional[str]:
+    """Why two calls are no mixup of two losses (None: they are): the op mixes two label terms of
+    one form, on the same class weights, each reduced as its own loss."""
+    for c in (a, b):
+        if c.label is None or c.a == 0:
+            return "a part reads no label"
+        if c.soft is not None or c.uniform_rows is not None or c.columns:
+            return "a part has a target given as a tensor, a smoothing term masked apart or padding columns"
+    if a.weight is not b.weight:
+        return "the two losses read different class weights"
+    if (a.reduction, a.divisor) != (b.reduction, b.divisor):
+        return "the two losses are reduced differently"
+    if a.target.ignore != b.target.ignore:
+        return f"the two losses ignore different labels ({a.target.ignore} and {b.target.ignore})"
+    if a.form != dataclasses.replace(b.form, scale=a.form.scale, z_loss=a.form.z_loss) \
+            or (a.z == 0) != (b.z == 0):
+        return "the two losses differ in more than their labels (label smoothing, z-loss, softcap or temperature)"
+    if same_scale and (a.form.scale, a.form.z_loss) != (b.form.scale, b.form.z_loss):
+        return f"the two losses are scaled differently ({a.form.scale!r} and {b.form.scale!r})"
+    if not same_scale and (a.a * b.b != a.b * b.a or a.a * b.c != a.c * b.a or a.a * b.z != a.z * b.a):
+        return "the two losses' coefficients are not proportional"
+    return None
+
+
+def _proportional_mix(a: Call, b: Call, V: int, lam: Fraction) -> Optional[Call]:
+    """One call for a.a L(y_a) + b.a L(y_b) (and their smoothing, z and constant terms, in the
+    same proportion): lam = a.a / (a.a + b.a), the form of their sum."""
+    f = a.form
+    try:
+        form = LossForm.from_coefficients(a.a + b.a, a.b + b.b, float(a.c + b.c), V, ignore_index=f.ignore_index,
+                                          reduction=f.reduction, z_loss=float(a.z + b.z), softcap=f.softcap,
+                                          logit_scale=f.logit_scale)
+    except ValueError:  # LossForm's "no form has these coefficients"
+        return None
+    return dataclasses.replace(a, a=a.a + b.a, b=a.b + b.b, c=a.c + b.c, z=a.z + b.z, form=form, words=form,
+                               mix=Mix(b.label, b.target, lam))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -412,9 +576,9 @@ def _target_smoothing(rest: dict, rows: frozenset, weight, cross, V: int) -> tup
 
 def _attach(call: Call, part: SoftPart, divisor) -> Call:
     """A label call and a target term that share a divisor, as one call."""
-    if call.soft is not None or call.uniform_rows is not None or call.columns:
-        raise Reject("a term against a target given as a tensor next to label terms masked apart or "
-                     "with padding columns")
+    if call.soft is not None or call.uniform_rows is not None or call.columns or call.mix is not None:
+        raise Reject("a term against a target given as a tensor next to label terms masked apart, "
+                     "with padding columns or mixed by lam")
     if call.weight is not part.weight:
         raise Reject("the label terms and the target's term read different class weights")
     if call.form.softcap is not None and part.form.soft_logit_scale != 1.0:

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from rewrite_check import (
     B, EPS, N, T, V, Recorder, assert_equals_eager_in_float64, autocast_linear, check, labels, logits, normalize,
 )
-from smoothce.patterns.algebra import TWO_LABELS
 from smoothce.patterns.cross_entropy import rewrite_cross_entropy
 
 FILE = os.path.basename(__file__)
@@ -743,10 +742,12 @@ def timm_mixup(x, y):
     return torch.sum(-target * F.log_softmax(x, dim=-1), dim=-1).mean()
 
 
-def test_mixup_is_named():
-    rec = check(timm_mixup, logits(N, V), labels(N), matches=0)
-    (miss,) = rec.result.near_misses
-    assert miss.reason.startswith("the loss reads two label tensors (a mixup target"), miss
+def test_mixup_target_built_in_the_graph_is_one_call():
+    # the two smoothed one-hots mixed by a number: one call with both labels, lam as written
+    (m,) = check(timm_mixup, logits(N, V), labels(N)).result.matches
+    assert m.family == "mixup smoothed-target"
+    assert m.params["mixup"] == {"labels": "y", "labels_b": "flip", "lam": 0.7}
+    assert m.params["eps"] == pytest.approx(EPS)
 
 
 def mixup_with_a_tensor_lam(x, y, lam):
@@ -759,16 +760,16 @@ def smoothing_by_a_tensor(x, y, eps):
     return torch.sum(-t * F.log_softmax(x, dim=-1), dim=-1).mean()
 
 
-def test_a_tensor_mixing_targets_is_named():
-    # lam a tensor: the targets are no constant mix, and the reason says where, in the code's words
-    rec = check(mixup_with_a_tensor_lam, logits(N, V), labels(N), torch.tensor(0.7), matches=0)
-    (miss,) = rec.result.near_misses
-    assert miss.reason == TWO_LABELS, miss
+def test_a_tensor_mixing_targets():
+    # lam a tensor mixing two one-hots: mixup, one call; eps a tensor: no constant smoothing, and the
+    # reason says where, in the code's words
+    (m,) = check(mixup_with_a_tensor_lam, logits(N, V), labels(N), torch.tensor(0.7)).result.matches
+    assert m.params["mixup"] == {"labels": "y", "labels_b": "flip", "lam": "lam"}
     rec = check(smoothing_by_a_tensor, logits(N, V), labels(N), torch.tensor(EPS), matches=0)
     (miss,) = rec.result.near_misses
     line = inspect.getsourcelines(smoothing_by_a_tensor)[1] + 1
     assert miss.reason == ("the log-probs are multiplied by a target distribution the detector cannot follow "
-                           f"past mul at {FILE}:{line} (where it meets sub at {FILE}:{line}, a tensor and not "
+                           f"past add at {FILE}:{line} (where it meets truediv at {FILE}:{line}, a tensor and not "
                            "a number)"), miss
 
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from expecttest import TestCase
 
-from rewrite_check import B, N, T, V, Recorder, check, fused_calls, labels, logits, normalize
+from rewrite_check import EPS, B, N, T, V, Recorder, check, fused_calls, labels, logits, normalize
 
 FILE = os.path.basename(__file__)
 TEMPERATURE = 2.0
@@ -228,16 +228,109 @@ def test_kl_written_by_hand(order):
     assert m.family == "distillation KL"
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_mixup_of_two_labels_with_a_tensor_lam(reduction):
-    # lam drawn per batch and passed as a tensor: each cross-entropy is an op call, lam mixes them
-    def fn(x, ya, yb, lam):
-        return (lam * F.cross_entropy(x, ya, reduction=reduction, label_smoothing=0.1)
-                + (1 - lam) * F.cross_entropy(x, yb, reduction=reduction, label_smoothing=0.1))
+# ------------------------------------------------------------------------------------------------
+# Mixup: lam * CE(x, y_a) + (1 - lam) * CE(x, y_b) in one call
+# ------------------------------------------------------------------------------------------------
 
-    rec = check(fn, logits(N, V), labels(N, ignore=-100, where=(3,)), labels(N, seed=7), torch.tensor(0.3),
+LAMS = {"number": lambda: 0.3, "tensor": lambda: torch.tensor(0.3), "per row": lambda: torch.rand(
+    N, generator=torch.Generator().manual_seed(2))}
+
+
+def _mixed(m, lam):
+    assert m.family == "mixup cross_entropy"
+    assert m.params["mixup"] == {"labels": "ya", "labels_b": "yb", "lam": lam}
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("lam", ["number", "tensor"])
+def test_mixup_of_two_labels_is_one_call(reduction, eps, lam):
+    # each cross-entropy ignores a row of its own: PyTorch's mean divides each by its own kept rows
+    def fn(x, ya, yb, lam):
+        return (lam * F.cross_entropy(x, ya, reduction=reduction, label_smoothing=eps)
+                + (1 - lam) * F.cross_entropy(x, yb, reduction=reduction, label_smoothing=eps))
+
+    rec = check(fn, logits(N, V), labels(N, ignore=-100, where=(3,)), labels(N, seed=7, ignore=-100, where=(0, 1)),
+                LAMS[lam]())
+    _mixed(_soft(rec), 0.3 if lam == "number" else "lam")
+
+
+def test_mixup_with_class_weights():
+    # PyTorch's weighted mean: each part by its own sum of w[y] over kept rows
+    def fn(x, ya, yb, lam, w):
+        return lam * F.cross_entropy(x, ya, w) + (1 - lam) * F.cross_entropy(x, yb, w)
+
+    w = torch.rand(V, generator=torch.Generator().manual_seed(3)) + 0.5
+    m = _soft(check(fn, logits(N, V), labels(N, ignore=-100, where=(2,)), labels(N, seed=7), 0.25, w))
+    assert m.params["weight"] == "w" and m.params["mixup"]["lam"] == 0.25
+
+
+def test_mixup_with_a_lam_per_row():
+    def fn(x, ya, yb, lam):
+        ce = lam * F.cross_entropy(x, ya, reduction="none") + (1 - lam) * F.cross_entropy(x, yb, reduction="none")
+        return ce.mean()
+
+    _mixed(_soft(check(fn, logits(N, V), labels(N), labels(N, seed=7), LAMS["per row"]())), "lam")
+
+
+def test_mixup_with_every_label_of_one_part_ignored():
+    # eager's mean over no kept row is nan, and so is the mixed loss; the gradient is the other part's
+    def fn(x, ya, yb, lam):
+        return lam * F.cross_entropy(x, ya) + (1 - lam) * F.cross_entropy(x, yb)
+
+    check(fn, logits(N, V), labels(N), torch.full((N,), -100), torch.tensor(0.3))
+
+
+@pytest.mark.parametrize("lam", ["number", "tensor"])
+def test_mixup_through_a_mixed_one_hot(lam):
+    # the target built in the graph, as timm's mixup_target writes it: smoothed one-hots mixed by lam
+    def fn(x, ya, yb, lam):
+        t = lam * F.one_hot(ya, V).float() + (1 - lam) * F.one_hot(yb, V).float()
+        t = t * (1 - EPS) + EPS / V
+        return torch.sum(-t * F.log_softmax(x, dim=-1), dim=-1).mean()
+
+    m = _soft(check(fn, logits(N, V), labels(N), labels(N, seed=7), LAMS[lam]()))
+    assert m.family == "mixup smoothed-target"
+    assert m.params["mixup"]["lam"] == (pytest.approx(0.3) if lam == "number" else "lam")
+    assert m.params["eps"] == pytest.approx(EPS)
+
+
+def test_mixup_over_classes_at_dim_1():
+    def fn(x, ya, yb, lam):
+        return lam * F.cross_entropy(x, ya, label_smoothing=EPS) + (1 - lam) * F.cross_entropy(x, yb, label_smoothing=EPS)
+
+    _mixed(_soft(check(fn, logits(B, V, T), labels(B, T, ignore=-100), labels(B, T, seed=7), torch.tensor(0.3))), "lam")
+
+
+def test_lam_that_requires_grad_is_two_calls_with_a_near_miss():
+    def fn(x, ya, yb, lam):
+        return lam * F.cross_entropy(x, ya) + (1 - lam) * F.cross_entropy(x, yb)
+
+    rec = check(fn, logits(N, V), labels(N), labels(N, seed=7), torch.tensor(0.3), grad=(0, 3), matches=2)
+    assert [nm.reason for nm in rec.result.near_misses] == [
+        "rewritten in part, the rest left as written: mixup by lam, which requires grad: the op does not "
+        "differentiate lam (pass lam.detach(), or a number)"]
+
+
+def test_mixup_of_two_different_losses_is_two_calls_with_a_near_miss():
+    def fn(x, ya, yb, lam):
+        return lam * F.cross_entropy(x, ya, label_smoothing=0.1) + (1 - lam) * F.cross_entropy(x, yb)
+
+    rec = check(fn, logits(N, V), labels(N), labels(N, seed=7), torch.tensor(0.3), matches=2)
+    assert [nm.reason for nm in rec.result.near_misses] == [
+        "rewritten in part, the rest left as written: mixup by lam: the two losses differ in more than their "
+        "labels (label smoothing, z-loss, softcap or temperature)"]
+
+
+def test_a_loss_weighted_by_a_tensor_alone_is_rewritten_without_a_near_miss():
+    # a loss scale given as a tensor, per-row weights: no mixup, the op's loss weighted as written
+    def fn(x, y, s, w):
+        return s * F.cross_entropy(x, y) + (w * F.cross_entropy(x, y, reduction="none")).mean()
+
+    rec = check(fn, logits(N, V), labels(N), torch.tensor(0.3), torch.rand(N, generator=torch.Generator().manual_seed(2)),
                 matches=2)
-    assert [m.params["eps"] for m in rec.result.matches] == [0.1, 0.1]
+    assert rec.result.near_misses == []
+    assert [m.family for m in rec.result.matches] == ["cross_entropy", "cross_entropy"]
 
 
 def test_teacher_logits_that_require_grad():

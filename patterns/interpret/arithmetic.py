@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Optional
 import torch.fx
 
 from smoothce.patterns.algebra import (
-    U, ColV, CondV, Divisor, DivisorV, ElemV, LabelV, NotCrossEntropy, Q, Reject, RowV, ScalarV, WeightAtV, add,
+    U, ColV, CondAtom, CondV, Divisor, DivisorV, ElemV, LabelV, NotCrossEntropy, Q, Reject, RowV, ScalarV, WeightAtV, add,
     carries_logits, constant, divide, elem_class_sum, elem_mul, elem_times_weight, kind, log_probs, row_times_row,
-    row_times_weight_at, scale, seeds_of, target_log_probs, with_conds,
+    row_times_weight_at, scale, seeds_of, target_log_probs, with_conds, with_lam, lam_atom,
 )
 from smoothce.patterns.interpret.arguments import as_constant, is_scalar_like, keepdim_shape
 from smoothce.patterns.nodes import describe, exact, fake, is_float, location, shape, static_shape, words
-from smoothce.patterns.ops import op_name
+from smoothce.patterns.ops import bind, op_name
 
 if TYPE_CHECKING:
     from smoothce.patterns.interpret.interpretation import Interpretation
@@ -153,6 +153,9 @@ def op_mul(interp: Interpretation, node, a, kw):
     if c is not None and (isinstance(vb, Fraction) or isinstance(va, (RowV, ScalarV, ColV))
                           or isinstance(va, ElemV) and shape(node) == shape(a)):
         return _times_constant(interp, node, a, va, c)
+    lam = _lam(interp, node, a, b, va)
+    if lam is not None:
+        return with_lam(va, lam)
     if isinstance(va, ElemV):
         if isinstance(vb, ElemV):
             if va.key is not None and shape(node) != shape(a):
@@ -195,6 +198,35 @@ def op_mul(interp: Interpretation, node, a, kw):
     if carries_logits(va):
         raise Reject(f"{kind(va)} is multiplied by {kind(vb) if vb is not None else words(b)} ({describe(node)})")
     return None
+
+
+def _lam(interp: Interpretation, node, a, b, va) -> Optional[CondAtom]:
+    """The lam factor (``algebra.lam_atom``) of a loss times ``b``, when b is a float tensor the
+    algebra has no value for, not computed from the logits, that does not change the loss's shape:
+    one number for a reduced loss or a target built from the labels, one number or one per row for
+    a per-row loss (mixup's lam). ``1 - lam`` is lam's factor where it does not hold. None: b is
+    no such tensor. Whether lam is mixup's is for ``normal_form`` to say (a loss weighted by lam
+    alone stays as written, outside the op)."""
+    if not isinstance(va, (ScalarV, RowV)) and not (isinstance(va, ElemV) and va.key is None and va.terms):
+        return None
+    if not _opaque_float(interp, b, va) or shape(node) != shape(a):
+        return None
+    if shape(b) != () and not (isinstance(va, RowV) and shape(b) == shape(a)):
+        return None
+    if op_name(b) == "sub":  # 1 - lam
+        first, kw = bind(b, "sub")
+        other = kw.get("other")
+        if exact(first) == 1 and exact(kw.get("alpha", 1)) == 1 and _opaque_float(interp, other, va) \
+                and shape(other) == shape(b):
+            return lam_atom(other, holds=False)
+    return lam_atom(b)
+
+
+def _opaque_float(interp: Interpretation, b, va) -> bool:
+    """A float tensor with no value in the algebra that is not computed from va's logits."""
+    if not isinstance(b, Node) or interp.val(b) is not None or not is_float(b) or shape(b) is None:
+        return False
+    return va.key is None or not interp.computed_from(b, va.key.source)
 
 
 def _times_constant(interp: Interpretation, node, a, va, c: Fraction):
