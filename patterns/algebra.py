@@ -452,7 +452,7 @@ def _same_key(k1, k2):
     return k1 if k1 is not None else k2
 
 
-SOFT_ATOMS = ("DS", "DE")
+SOFT_ATOMS = ("DS", "DE", "PE", "PQ")
 
 
 def _only_soft(v) -> bool:
@@ -529,9 +529,12 @@ def _part_mul(p1: tuple, p2: tuple):
         return p2, frozenset()
     if p2 == U:
         return p1, frozenset()
-    if p1[0] > p2[0]:  # order: COL, D, OH, OHW, W
+    if p1[0] > p2[0]:  # order: COL, D, OH, OHW, P, W
         p1, p2 = p2, p1
     kinds = (p1[0], p2[0])
+    if "P" in kinds:
+        raise Reject("the student's probabilities meet a one-hot, class weights or a target given as a tensor "
+                     "(a reverse KL takes none)")
     if "D" in kinds:
         return _dense_mul(p1, p2)
     if kinds == ("COL", "COL"):
@@ -623,7 +626,7 @@ def elem_class_sum(e: ElemV, V: int) -> RowV:
 
     for (tp, base, conds), c in e.terms:
         kind = tp[0]
-        if kind in ("W", "OHW", "D"):
+        if kind in ("W", "OHW", "D", "P"):
             weighted.setdefault((tp, conds), {})[base] = c
             continue
         if isinstance(base, tuple):  # a target's log-probs summed without the target
@@ -634,6 +637,10 @@ def elem_class_sum(e: ElemV, V: int) -> RowV:
         else:
             put(("LSE",) if base == "LSE" else ("K",), conds, c * V if kind == "U" else c)
     for (tp, conds), bases in weighted.items():
+        if tp[0] == "P":
+            for atom, c in _student_probs_sum(bases, e.key.scale).items():
+                put(atom, conds, c)
+            continue
         entropy = bases.pop(("LOGQ", tp[1]), 0) if tp[0] == "D" and tp[2] is None else 0
         if entropy:
             put(("DE", tp[1]), conds, entropy)
@@ -653,6 +660,33 @@ def elem_class_sum(e: ElemV, V: int) -> RowV:
             atom = ("WS", tp[1]) if tp[0] == "W" else ("WG", tp[1], tp[2])
         put(atom, conds, cx)
     return RowV(e.key, _clean(row), e.seeds)
+
+
+def _student_probs_sum(bases: dict, scale: Fraction) -> dict:
+    """sum_j p_j B_j for the student's probabilities p (part P) at ``scale``: its log-probs give
+    PE (sum_j p_j log p_j), a teacher's log-probs PQ (sum_j p_j log q_j); nothing else."""
+    out = {}
+    for base, c in bases.items():
+        if isinstance(base, tuple):
+            out[("PQ", base[1], scale)] = c
+    cx = bases.get("X", 0)
+    if bases.get("LSE", 0) != -cx or bases.get("K", 0):
+        raise Reject("the student's probabilities multiply something other than log-probs")
+    if cx:
+        out[("PE", scale)] = cx
+    return out
+
+
+def student_probs(p: "SoftmaxV", lp: ElemV) -> ElemV:
+    """p_j times log-probs, for the student's probabilities p = softmax(scale x) (a reverse KL's
+    weights): of the same logits (p log p, base X - LSE, and p log q of a teacher's log-probs
+    subtracted from them: base LOGQ), or a teacher's (p log q)."""
+    part = ("P",)
+    if lp.key == p.logits:  # its log-probs, a teacher's log-probs beside them (log p - log q) or not
+        terms = {(part, base, conds): c for (_, base, conds), c in lp.terms}
+    else:
+        terms = {(part, ("LOGQ", Dense("logits", lp.key)), frozenset()): Q(1)}
+    return ElemV(p.logits, p.logits.cd, tuple(terms.items()), p.seeds | lp.seeds)
 
 
 def elem_gather(e: ElemV, label: LabelV) -> RowV:

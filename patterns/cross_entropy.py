@@ -133,8 +133,10 @@ def _soft_family(plan: Plan, soft) -> str:
     """A loss against a target given as data: what the target is (a teacher's softmax, or data),
     the divergence, and whether a label term goes with it."""
     labels = " + labels" if any(c.a for c in plan.calls) else ""
-    return (("distillation " if soft.dense.kind == "logits" else "soft-target ")
-            + ("KL" if soft.form.soft_kl else "cross-entropy") + labels)
+    divergence = "KL" if soft.form.soft_kl else "cross-entropy"
+    if soft.form.reverse_kl:  # torchtune's names: its symmetric KL mixes the forward term and the reverse KL
+        divergence = "symmetric KL" if soft.form.soft_scale else "reverse KL"
+    return ("distillation " if soft.dense.kind == "logits" else "soft-target ") + divergence + labels
 
 
 def _soft_words(soft) -> dict:

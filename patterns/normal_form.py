@@ -492,7 +492,8 @@ def _dropped_apart(rows: frozenset, other: frozenset) -> str:
 
 def _with_soft(soft: dict, rest: dict, divisor, V: int, key: Logits, per_row: bool) -> Call:
     """A call with a term against a target given as data, next to label terms (``rest``) or not."""
-    denses = {atom[1] for atom, _ in soft}
+    reverse, student = _reverse_kl(soft)
+    denses = {atom[1] for atom, _ in soft if atom[0] != "PE"}
     if len(denses) > 1:
         raise Reject("the loss reads two target distributions given as tensors; the op takes one")
     (dense,) = denses
@@ -501,7 +502,9 @@ def _with_soft(soft: dict, rest: dict, divisor, V: int, key: Logits, per_row: bo
         raise Reject("the terms against the target distribution are masked in different ways")
     (rows,) = masks
     reads = {atom[2:] for atom, _ in soft if atom[0] == "DS"}
-    if len(reads) != 1:
+    if student is not None:
+        reads = reads or {(None, student)}
+    if len(reads) != 1 or student is not None and reads != {(None, student)}:
         raise Reject("the terms against the target distribution read the logits at different temperatures "
                      "or with different class weights")
     ((weight, student),) = reads
@@ -519,7 +522,7 @@ def _with_soft(soft: dict, rest: dict, divisor, V: int, key: Logits, per_row: bo
         cross = cross / (1 - eps)  # the term's scale: (1 - eps) of it went to the target
     soft_form = SoftTargetForm(target_kind=dense.kind, target_logit_scale=float(dense.logits.scale),
                                soft_logit_scale=float(student / key.scale), soft_label_smoothing=float(eps),
-                               soft_scale=float(cross), soft_kl=bool(entropy))
+                               soft_scale=float(cross), soft_kl=bool(entropy), reverse_kl=float(reverse))
     reduction, after = _soft_reduction(divisor, per_row, rows)
     part = SoftPart(dense, weight, rows, soft_form, reduction, after)
     if not label_terms:
@@ -528,6 +531,29 @@ def _with_soft(soft: dict, rest: dict, divisor, V: int, key: Logits, per_row: bo
         return Call(Q(0), Q(0), Q(0), Q(0), None, Target(None, None), None, weight, (), reduction, after,
                     form, form, part)
     return _attach(_call(RowV(key, tuple(label_terms.items())), divisor, V, key, per_row), part, divisor)
+
+
+ENTROPY = ("the log-probs are multiplied by a softmax of the very logits it is computed from (an entropy or a "
+           "self-distillation term, not a cross-entropy against a target)")
+
+
+def _reverse_kl(soft: dict) -> tuple:
+    """(the coefficient of KL(p || q), the student's scale or None) of the terms weighted by the
+    student's probabilities p: sum_j p_j log p_j (PE) and minus the same of sum_j p_j log q_j
+    (PQ), q a teacher's softmax, at one temperature of the student."""
+    pe = sum((c for (atom, _), c in soft.items() if atom[0] == "PE"), Q(0))
+    pq = sum((c for (atom, _), c in soft.items() if atom[0] == "PQ"), Q(0))
+    if pe == 0 and pq == 0:
+        return Q(0), None
+    if pq == 0:
+        raise Reject(ENTROPY)
+    if pe != -pq:
+        raise Reject("the student's probabilities weigh its log-probs and the teacher's differently (not a "
+                     "reverse KL divergence)")
+    scales = {atom[-1] for (atom, _), _ in soft.items() if atom[0] in ("PE", "PQ")}
+    if len(scales) > 1:
+        raise Reject("the reverse KL reads the student's logits at two temperatures")
+    return pe, next(iter(scales))
 
 
 def _target_beside_labels(calls: list, shp: tuple, cd: int) -> list:

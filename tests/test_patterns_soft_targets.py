@@ -148,6 +148,74 @@ def test_forward_kl_masked_by_labels():
     assert m.params["target"]["reduction"] == "mean"
 
 
+def _torchtune_forward(s, t, y):
+    prod = F.softmax(t, dim=-1, dtype=torch.float32) * F.log_softmax(s, dim=-1, dtype=torch.float32)
+    return _over_valid_tokens(torch.sum(prod, dim=-1).view(-1), y)
+
+
+def _torchtune_reverse(s, t, y):
+    # torchtune's ReverseKLLoss, without its inf masks (below) and its "no valid token" branch
+    student_prob = F.softmax(s, dim=-1, dtype=torch.float32)
+    prod_probs = student_prob * F.log_softmax(t, dim=-1, dtype=torch.float32)
+    prod_probs = prod_probs - student_prob * F.log_softmax(s, dim=-1, dtype=torch.float32)
+    return _over_valid_tokens(torch.sum(prod_probs, dim=-1).view(-1), y)
+
+
+def _over_valid_tokens(x, y):
+    mask = (y != -100).int().view(-1)
+    return -torch.sum(x * mask, dim=0) / torch.sum(mask, dim=0)
+
+
+TORCHTUNE_KL = {
+    "reverse": (_torchtune_reverse, "distillation reverse KL", dict(soft_scale=0.0, reverse_kl=1.0)),
+    # SymmetricKLLoss: sym_kl_ratio * forward + (1 - sym_kl_ratio) * reverse, each over the valid tokens
+    "symmetric": (lambda s, t, y: 0.3 * _torchtune_forward(s, t, y) + 0.7 * _torchtune_reverse(s, t, y),
+                  "distillation symmetric KL", dict(soft_scale=0.3, reverse_kl=0.7)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(TORCHTUNE_KL))
+def test_torchtune_reverse_and_symmetric_kl(kind):
+    fn, family, words = TORCHTUNE_KL[kind]
+    m = _soft(check(fn, logits(B, T, V), logits(B, T, V, seed=4), labels(B, T, ignore=-100, where=(1, 6))))
+    assert m.family == family
+    assert {k: m.params["target"][k] for k in words} == words
+    assert m.params["target"]["reduction"] == "mean"
+
+
+REVERSE_SPELLINGS = {
+    # p (log p - log q) at a temperature, with its T**2
+    "by hand": lambda s, t: (F.softmax(s / 2, -1) * (F.log_softmax(s / 2, -1) - F.log_softmax(t / 2, -1))
+                             ).sum(-1).mean() * 4,
+    # kl_div with the student's log-probs as its target: KL(p_student || p_teacher)
+    "kl_div": lambda s, t: F.kl_div(F.log_softmax(t, -1), F.log_softmax(s, -1), log_target=True,
+                                    reduction="batchmean"),
+}
+
+
+@pytest.mark.parametrize("spelling", sorted(REVERSE_SPELLINGS))
+def test_reverse_kl_spellings(spelling):
+    m = _soft(check(REVERSE_SPELLINGS[spelling], logits(N, V), logits(N, V, seed=4)))
+    assert m.family == "distillation reverse KL"
+    assert m.params["target"]["tensor"] == "t"
+
+
+def test_torchtune_kl_with_its_inf_masks_is_left_alone():
+    # as torchtune writes it: products zeroed where a logit is infinite, which the op does not skip
+    def fn(s, t, y):
+        inf_mask = torch.isinf(s) | torch.isinf(t)
+        student_prob = F.softmax(s, dim=-1, dtype=torch.float32)
+        prod_probs = torch.masked_fill(student_prob * F.log_softmax(t, dim=-1, dtype=torch.float32), inf_mask, 0)
+        prod_probs -= torch.masked_fill(student_prob * F.log_softmax(s, dim=-1, dtype=torch.float32), inf_mask, 0)
+        return _over_valid_tokens(torch.sum(prod_probs, dim=-1).view(-1), y)
+
+    line = inspect.getsourcelines(fn)[1] + 4  # the last of the two
+    assert _unchanged(fn, logits(B, T, V), logits(B, T, V, seed=4), labels(B, T, ignore=-100)) == [
+        f"the products are zeroed where a logit is infinite (masked_fill at {FILE}:{line}): the op keeps infinite "
+        "logits in its sums, so the loss is left as written; with finite logits this masked_fill changes nothing, "
+        "and without it the loss is rewritten"]
+
+
 # ------------------------------------------------------------------------------------------------
 # F.kl_div / nn.KLDivLoss over log_softmax, with and without log_target
 # ------------------------------------------------------------------------------------------------

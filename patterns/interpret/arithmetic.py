@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Optional
 import torch.fx
 
 from smoothce.patterns.algebra import (
-    U, ColV, CondAtom, CondV, Divisor, DivisorV, ElemV, LabelV, NotCrossEntropy, Q, Reject, RowV, ScalarV, WeightAtV, add,
+    U, ColV, CondAtom, CondV, Divisor, DivisorV, ElemV, LabelV, NotCrossEntropy, Q, Reject, RowV, ScalarV, SoftmaxV, WeightAtV, add,
     carries_logits, constant, divide, elem_class_sum, elem_mul, elem_times_weight, kind, log_probs, row_times_row,
-    row_times_weight_at, scale, seeds_of, target_log_probs, with_conds, with_lam, lam_atom,
+    row_times_weight_at, scale, seeds_of, student_probs, target_log_probs, with_conds, with_lam, lam_atom,
 )
 from smoothce.patterns.interpret.arguments import as_constant, is_scalar_like, keepdim_shape
 from smoothce.patterns.nodes import describe, exact, fake, is_float, location, shape, static_shape, words
@@ -170,6 +170,9 @@ def op_mul(interp: Interpretation, node, a, kw):
         w = _class_vector(interp, b, shape(a), va.cd) if vb is None and va.key is not None else None
         if w is not None:
             return elem_times_weight(va, w)
+        if isinstance(vb, SoftmaxV) and va.key is not None and shape(a) == shape(b) == shape(node) \
+                and _reverse_weights(va, vb):
+            return student_probs(vb, va)
         q = interp.dense(b, va, "the log-probs are multiplied by") if shape(a) == shape(b) == shape(node) else None
         if q is not None:
             return elem_mul(va, q)
@@ -198,6 +201,26 @@ def op_mul(interp: Interpretation, node, a, kw):
     if carries_logits(va):
         raise Reject(f"{kind(va)} is multiplied by {kind(vb) if vb is not None else words(b)} ({describe(node)})")
     return None
+
+
+def _reverse_weights(lp: ElemV, p: SoftmaxV) -> bool:
+    """Whether softmax probabilities times log-probs are a reverse KL's terms: the probabilities
+    are the student's (its logits require grad, no softcap) and the log-probs its own (minus a
+    teacher's: log p - log q), or those of a teacher (another tensor, without grad, no softcap,
+    classes along the same dim). The other
+    way round, a teacher's softmax times the student's log-probs, is a target given as data."""
+    student = fake(p.logits.source)
+    if p.logits.cap is not None or lp.key.cap is not None or p.logits.cd != lp.cd \
+            or student is None or not student.requires_grad:
+        return False
+    if lp.key == p.logits:  # log p, or log p - log q
+        return ("X" in {base for (_, base, _), _ in lp.terms}) and all(
+            part == U and not conds and (base in ("X", "LSE") or isinstance(base, tuple))
+            for (part, base, conds), _ in lp.terms)
+    if not lp.is_logprob():
+        return False
+    teacher = fake(lp.key.source)
+    return lp.key.source is not p.logits.source and teacher is not None and not teacher.requires_grad
 
 
 def _lam(interp: Interpretation, node, a, b, va) -> Optional[CondAtom]:

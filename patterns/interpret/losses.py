@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING, Optional
 import torch.fx
 
 from smoothce.patterns.algebra import (
-    U, CondAtom, Dense, Divisor, ElemV, LabelV, Logits, Q, Reject, RowV, ScalarV, WeightAtV, add,
+    U, CondAtom, Dense, Divisor, ElemV, LabelV, Logits, Q, Reject, RowV, ScalarV, SoftmaxV, WeightAtV, add,
     carries_logits, constant, dense_target, elem_class_sum, elem_gather, elem_mul, elem_times_weight, kind,
-    log_probs, row_times_weight_at, scale, seeds_of, static_classes, two_labels, with_conds,
+    log_probs, row_times_weight_at, scale, seeds_of, static_classes, student_probs, target_log_probs, two_labels,
+    with_conds,
 )
 from smoothce.patterns.interpret.arguments import from_end
 from smoothce.patterns.interpret.targets import one_hot
-from smoothce.patterns.nodes import describe, exact, is_float, shape, words
+from smoothce.patterns.nodes import describe, exact, fake, is_float, shape, words
 
 if TYPE_CHECKING:
     from smoothce.patterns.interpret.interpretation import Interpretation
@@ -201,6 +202,13 @@ def op_kl_div(interp: Interpretation, node, lp, kw):
     return _kl_reduced(row, reduction, shape(lp), V)
 
 
+def _reverse(target: ElemV, lp: ElemV) -> bool:
+    """kl_div(log q, log p, log_target=True) with p the student's (its logits require grad, q's do
+    not): the reverse KL, whose weights are the student's probabilities."""
+    student, teacher = fake(target.key.source), fake(lp.key.source)
+    return student is not None and teacher is not None and student.requires_grad and not teacher.requires_grad
+
+
 def _kl_reduced(row: RowV, reduction, shp: tuple, V: int):
     """kl_div's reductions of a per-row KL over input of shape ``shp``."""
     if reduction == "sum":
@@ -251,6 +259,13 @@ def _kl_div_dense(interp: Interpretation, node, lp: ElemV, target, log_target: b
                          "a temperature only")
         if v.cd != lp.cd:
             raise Reject("kl_div(log_target=True) reads log-probs over another dim than the input's classes")
+        if _reverse(v, lp):  # KL(p_student || p_teacher), the student's log-probs as kl_div's target
+            V = static_classes(shape(target)[lp.cd])
+            e = student_probs(SoftmaxV(v.key, v.seeds), add(v, target_log_probs(lp), Q(-1)))
+            row = dataclasses.replace(elem_class_sum(e, V), seeds=lp.seeds | v.seeds | {node})
+            if reduction == "none":
+                raise Reject("kl_div(reduction='none') (the op returns a loss per row, not per class)")
+            return _kl_reduced(row, reduction, shape(target), V)
         q = dense_target(Dense("logits", v.key), lp.cd)
     elif log_target:
         if v is not None or not is_float(target) or target in interp.changed_by:

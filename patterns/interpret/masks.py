@@ -103,6 +103,19 @@ def op_where(interp: Interpretation, node, c, kw):
     return _select(interp, node, c, kw.get("input"), kw.get("other"))
 
 
+def _infinite_logits(c) -> bool:
+    """Whether a mask is torch.isinf of tensors, or of several joined by | (torchtune's KL losses
+    zero their products there)."""
+    if not isinstance(c, Node) or c.op not in ("call_function", "call_method"):
+        return False
+    name = c.target if c.op == "call_method" else getattr(c.target, "__name__", "")
+    if name == "isinf":
+        return True
+    if name in ("or_", "__or__", "logical_or", "bitwise_or"):
+        return all(_infinite_logits(a) for a in c.args[:2])
+    return False
+
+
 def op_masked_fill(interp: Interpretation, node, a, kw):
     return _select(interp, node, kw["mask"], kw["value"], a)
 
@@ -117,6 +130,10 @@ def _select(interp: Interpretation, node, c, a, b):
         if ea is None or eb is None:
             return None
         return add(eb, elem_mul(add(ea, eb, Q(-1)), vc))
+    if (carries_logits(va) or carries_logits(vb)) and _infinite_logits(c):
+        raise Reject(f"the products are zeroed where a logit is infinite ({describe(node)}): the op keeps infinite "
+                     "logits in its sums, so the loss is left as written; with finite logits this masked_fill "
+                     "changes nothing, and without it the loss is rewritten")
     cond = interp.cond(c)
     if cond is None:
         if carries_logits(va) or carries_logits(vb):
