@@ -9,10 +9,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from fractions import Fraction
 from typing import Any
 
 from smoothce.compiler.render import Column, paragraph, short_location, table, terminal_width
-from smoothce.kernels.form import REDUCTIONS, LossForm
+from smoothce.kernels.form import REDUCTIONS, LossForm, shortest
 from smoothce.patterns.report import Match, NearMiss, RewriteResult
 
 __all__ = ["Report", "GraphRecord", "GraphBreak", "loss_words", "loss_sections"]
@@ -170,11 +171,54 @@ def loss_words(m: Match, verbose: bool = False) -> str:
     target = m.params.get("target")
     if target:  # a term against a target given as data: its words, and the label part's when there is one
         labelled = any(coefficients.get(k) for k in ("a", "b"))
-        parts = (parts if labelled else []) + ["target: " + ", ".join(f"{k}={_fmt_value(v)}" for k, v in target.items())]
+        parts = (parts if labelled else []) + ["target: " + _target_words(target, form)]
+    mixup = m.params.get("mixup")
+    if mixup:
+        parts.append(f"mixup: lam={_fmt_value(mixup['lam'])} on {mixup['labels']}, 1 - lam on {mixup['labels_b']}")
     if verbose:
         parts += [f"{k}={_fmt_value(v)}" for k, v in details.items() if k != "weight"]
         parts += [f"{k}={_fmt_value(v)}" for k, v in coefficients.items()]
     return ", ".join(parts)
+
+
+_TARGET_KINDS = {"probs": "probabilities", "log_probs": "log-probabilities", "logits": "teacher logits"}
+
+
+def _target_words(t: dict, form: LossForm) -> str:
+    """The term against a target given as data, as its author wrote it: what the target is, the
+    temperatures (the student's is 1 / (logit_scale * soft_logit_scale)), the target's label
+    smoothing, each divergence's weight (times T**2 at the student's temperature T where that is
+    how the weight reads shortest: Hinton's factor), and the reduction."""
+    parts = [f"{_TARGET_KINDS[t.get('target_kind', 'probs')]} {t['tensor']}"]
+    teacher = t.get("temperature", 1.0)
+    student = t.get("student_temperature", 1.0) / form.logit_scale
+    if t.get("target_kind") == "logits" and teacher == student:
+        parts[0] += f" at temperature {_fmt_value(teacher)}" if teacher != 1.0 else ""
+    else:
+        if t.get("target_kind") == "logits" and teacher != 1.0:
+            parts[0] += f" at temperature {_fmt_value(teacher)}"
+        if student != 1.0:
+            parts.append(f"student at temperature {_fmt_value(student)}")
+    if t.get("soft_label_smoothing"):
+        parts.append(f"label_smoothing={_fmt_value(t['soft_label_smoothing'])} (eps/V)")
+    forward, reverse = t.get("soft_scale", 1.0), t.get("reverse_kl", 0.0)
+    if forward and (forward != 1.0 or reverse):
+        parts.append(("KL" if t.get("soft_kl") else "cross-entropy") + " weight=" + _weight_words(forward, student))
+    if reverse:
+        parts.append("reverse KL weight=" + _weight_words(reverse, student))
+    parts.append(f"reduction={t['reduction']}")
+    return ", ".join(parts)
+
+
+def _weight_words(weight: float, temperature: float) -> str:
+    """'0.75 * T**2' when the weight is a short number times the square of the temperature, else
+    the weight itself."""
+    if temperature == 1.0:
+        return _fmt_value(weight)
+    per = shortest(Fraction(weight) / Fraction(temperature) ** 2)
+    if len(repr(per)) > len(repr(shortest(Fraction(weight)))):
+        return _fmt_value(weight)
+    return "T**2" if per == 1.0 else f"{_fmt_value(per)} * T**2"
 
 
 def _form_words(form: LossForm, weight: str | None) -> str:

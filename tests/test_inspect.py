@@ -135,6 +135,20 @@ def global_weight(x, w, y):
     return F.cross_entropy(x @ w, y, weight=GLOBAL_WEIGHT)  # L:global_weight
 
 
+def distributions(x, w, wt, y, lam, p):
+    # each loss as its author wrote it: distillation, mixup, soft targets, a symmetric KL
+    s, t = x @ w, x @ wt
+    kd = F.kl_div(F.log_softmax(s / 4, -1), F.softmax(t / 4, -1), reduction="batchmean") * 4 * 4
+    hinton = 0.25 * F.cross_entropy(s, y) + 0.75 * kd  # L:hinton
+    y_b = y.flip(0)
+    mixup = lam * F.cross_entropy(s, y, label_smoothing=0.1) + (1 - lam) * F.cross_entropy(s, y_b, label_smoothing=0.1)  # L:mixup
+    soft = F.cross_entropy(s, p, label_smoothing=0.1)  # L:soft
+    student = F.softmax(s / 2, -1)
+    reverse = (student * (F.log_softmax(s / 2, -1) - F.log_softmax(t / 2, -1))).sum(-1).mean()
+    forward = -(F.softmax(t / 2, -1) * F.log_softmax(s / 2, -1)).sum(-1).mean()
+    return hinton, mixup, soft, (0.5 * forward + 0.5 * reverse) * 4  # L:symmetric
+
+
 class TestInspect(expecttest.TestCase):
     def render(self, report):
         return normalized(report).render(width=100)
@@ -165,6 +179,36 @@ Graphs:
         self.assertIn("smoothce", after)
         self.assertIn("torch.nn.functional.cross_entropy", before)
         self.assertNotIn("torch.nn.functional.cross_entropy", after)
+
+    def test_losses_against_a_distribution_in_their_words(self):
+        x, w, y = _inputs()
+        wt, p = torch.randn(8, 16), torch.softmax(torch.randn(6, 16), -1)
+        report = smoothce.inspect(distributions, x, w, wt, y, torch.tensor(0.3), p)
+        self.assertExpectedInline(self.render(report), """\
+smoothce: 4 losses rewritten, 0 near misses, 1 graph, 0 graph breaks
+
+Rewritten losses:
+  #  location                   family                     parameters
+  1  test_inspect.py:hinton     distillation KL + labels   ignore_index=-100, reduction=mean,
+                                                           scale=0.25, target: teacher logits t at
+                                                           temperature 4, KL weight=0.75 * T**2,
+                                                           reduction=mean
+  2  test_inspect.py:mixup      mixup cross_entropy        label_smoothing=0.1 (eps/V),
+                                                           ignore_index=-100, reduction=mean, mixup:
+                                                           lam=lam on y, 1 - lam on y_b
+  3  test_inspect.py:soft       soft-target cross-entropy  target: probabilities p,
+                                                           label_smoothing=0.1 (eps/V),
+                                                           reduction=mean
+  4  test_inspect.py:symmetric  distillation symmetric KL  target: teacher logits t at temperature
+                                                           2, cross-entropy weight=0.5 * T**2,
+                                                           reverse KL weight=0.5 * T**2,
+                                                           reduction=mean
+
+Near misses: none
+
+Graphs:
+  graph  traced from    losses  near misses
+  0      distributions  4       0""")
 
     def test_hand_written_label_smoothing(self):
         report = smoothce.inspect(hand_written, *_inputs())
