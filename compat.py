@@ -22,7 +22,9 @@ What differs between the two (read from their sources):
 - ``CustomGraphPass`` exists in both (2.13 adds a ``CustomPassBase`` above it).
 
 - Traced graphs: 2.11 records ``a == b`` on a tensor as a method call (``OPERATOR_METHODS``), and
-  rejects int32 labels into ``F.one_hot`` while tracing (``one_hot_traces_int32_labels``).
+  rejects int32 labels into ``F.one_hot`` while tracing (``one_hot_traces_int32_labels``), and
+  records a DTensor's redistribute as a call of a closure where 2.13 records the method
+  (``redistributed_tensor``).
 
 - ``torch.compile(isolate_recompiles=True)``: 2.13 only. A compile with it keeps its cache entries
   in a region of their own, not counted against other compiles of the same function.
@@ -265,6 +267,18 @@ def cache_counters() -> dict[str, int]:
 # (call_method "__eq__": its handler of operator.eq hands a tensor comparison to the tensor's
 # method); 2.13 records call_function operator.eq, as both record every other comparison.
 OPERATOR_METHODS: dict[str, Callable] = {"__eq__": operator.eq}
+
+
+def redistributed_tensor(node: torch.fx.Node):
+    """The DTensor that ``node`` redistributes, when it is a redistribute in a graph Dynamo traced
+    (``ColwiseParallel``'s output hook), else None. torch 2.13 records ``x.redistribute(...)`` as
+    call_method "redistribute"; 2.11 as a call_function of a closure named "prim_redistribute"
+    with the placements inside it (its handler wraps the call so that the placements are plain
+    values)."""
+    if node.op == "call_method" and node.target == "redistribute" or (
+            node.op == "call_function" and getattr(node.target, "__name__", None) == "prim_redistribute"):
+        return node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+    return None
 
 
 def one_hot_traces_int32_labels() -> bool:

@@ -32,7 +32,7 @@ from smoothce.patterns.algebra import (
 )
 from smoothce.patterns.interpret import Interpretation
 from smoothce.patterns.nodes import (
-    describe, dtype, fake, location, mutations, reads_shape_only, shape, subclass, target_name, words,
+    describe, dtype, fake, location, mutations, reads_metadata_only, reads_shape_only, shape, subclass, target_name, words,
 )
 from smoothce.patterns.normal_form import Call, Unmixed, normal_form, classes_of
 from smoothce.patterns.ops import SEED_OPS, bind, op_name
@@ -118,8 +118,8 @@ def dead_after(interp: Interpretation, sinks: list) -> set:
         # what reads n, or reads the in-place ops on n (they return n itself)
         ops = interp.inplace.get(n, [])
         users = [u for u in n.users if u not in ops] + [v for op in ops for v in op.users if v not in ops]
-        # a read of n's size alone can read it off another tensor of its shape (emit moves it)
-        values = [u for u in users if not reads_shape_only(u)]
+        # a read of n's size or mesh alone can read it off another tensor (emit moves it)
+        values = [u for u in users if not reads_metadata_only(u)]
         if users and all(u in dead for u in values):
             dead.add(n)
             dead.update(ops)

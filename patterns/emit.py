@@ -26,7 +26,7 @@ import torch.fx
 from smoothce.patterns.algebra import CondAtom, Dense, Reject
 from smoothce.patterns.analysis import LabelCheck, Plan
 from smoothce.patterns.head import Head
-from smoothce.patterns.nodes import dtype, fake, reads_shape_only, shape
+from smoothce.patterns.nodes import dtype, fake, reads_mesh_only, reads_shape_only, shape
 from smoothce.patterns.normal_form import Call, Target, logits_shape
 from smoothce.patterns.ops import op_name
 
@@ -97,14 +97,19 @@ def emit(gm: torch.fx.GraphModule, plan: Plan, head: Optional[Head], fake_mode) 
 def _move_shape_reads(plan: Plan, head: Optional[Head], b: _Builder) -> None:
     """Nodes that read only the size of a node the rewrite removes (the sym_size Dynamo binds the
     row count of lp[keep] with) read it off that node's logits instead: the same views replayed
-    on the logits' source (x[keep]), placed before the first of them."""
+    on the logits' source (x[keep]), placed before the first of them. Reads of a DTensor's
+    device mesh read the mesh of a DTensor that stays: the head's weight, or the logits' source."""
     key = plan.logits
     order = {n: i for i, n in enumerate(b.graph.nodes)}
     added = set(b.added)
     moves = []
     for n in sorted((n for n in plan.dead if n in order), key=order.__getitem__):  # (another plan's may be gone)
+        if added.intersection(n.users):  # the op reads it too (x[keep] as it is): it stays
+            continue
+        for u in [u for u in n.users if reads_mesh_only(u)]:
+            u.replace_input_with(n, key.source if head is None else head.weight)
         readers = sorted((u for u in n.users if reads_shape_only(u)), key=order.__getitem__)
-        if not readers or added.intersection(n.users):  # the op reads it too (x[keep] as it is): it stays
+        if not readers:
             continue
         if n not in key.layout or head is not None:
             raise Reject(f"the size of {n.name} is read elsewhere, and the rewrite would remove it")

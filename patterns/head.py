@@ -3,7 +3,9 @@
 When the logits a loss reads come straight from ``F.linear(h, W, b)`` or ``h @ W.t()`` (through
 the views, slices, upcasts, constant factors and softcap that :class:`algebra.Logits` absorbs)
 and nothing else reads them, the loss becomes one ``fused_linear_cross_entropy`` call on the
-head's input: the logits never exist.
+head's input: the logits never exist. A tensor-parallel head (``ColwiseParallel``: Replicate
+hidden states, a weight sharded on its classes, logits sharded on the classes) is fused the same
+way, into the split head of kernels/linear_vocab_parallel.py.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from typing import Any, Optional
 import torch
 import torch.fx
 
-from smoothce.patterns.nodes import dtype, location, shape, subclass, target_name, words
+from smoothce.compat import redistributed_tensor
+from smoothce.kernels.inputs import class_split, dtensor_reason, is_dtensor
+from smoothce.patterns.nodes import dtype, fake, location, shape, subclass, target_name, words
 from smoothce.patterns.ops import op_name
 
 Node = torch.fx.Node
@@ -84,11 +88,46 @@ def replays_on_hidden(layout: tuple, classes: int) -> bool:
     return True
 
 
+def _placed_as_is(node: Node) -> Optional[Node]:
+    """The input of ``node`` when it is a DTensor's redistribute to the placements it already has
+    (``ColwiseParallel``'s output to Shard(-1)), else None."""
+    source = redistributed_tensor(node)
+    if source is None:
+        return None
+    before, after = fake(source), fake(node)
+    if not (is_dtensor(before) and is_dtensor(after)) or before.device_mesh != after.device_mesh:
+        return None
+    return source if tuple(before.placements) == tuple(after.placements) else None
+
+
+def _split_head_reason(head: Head, logits) -> Optional[str]:
+    """Why the fused head cannot take the DTensors of ``head`` whose logits are the DTensor
+    ``logits``; None when it can: the logits sharded on the classes, the weight (and bias) sharded
+    like them on dim 0, the hidden states replicated (kernels/linear_vocab_parallel.py)."""
+    mesh_dim, why = class_split(logits, -1)
+    if mesh_dim is None:
+        return why
+    weight = fake(head.weight)
+    if not is_dtensor(weight) or class_split(weight, 0)[0] != mesh_dim or weight.device_mesh != logits.device_mesh:
+        return f"{words(head.weight)} is not a DTensor sharded like the logits' classes"
+    for node, role in ((head.hidden, "the hidden states"), (head.bias, "the bias")):
+        if node is None:
+            continue
+        t = fake(node)
+        why = dtensor_reason(t, role, logits, mesh_dim) if is_dtensor(t) else f"{role} are not a DTensor"
+        if why is not None:
+            return why
+    return None
+
+
 def find_head(plan, dead: set) -> tuple[Optional[Head], Optional[str]]:
     """(the head to fuse, None), (None, why not) for a head that cannot be fused, or (None, None)
-    when no linear layer produces the logits."""
+    when no linear layer produces the logits (past a redistribute that changes no placement)."""
     key = plan.logits
-    head = head_call(key.source)
+    source = key.source
+    while _placed_as_is(source) is not None:
+        source = _placed_as_is(source)
+    head = head_call(source)
     if head is None:
         return None, None
     if shape(head.weight)[0] != plan.classes:
@@ -105,7 +144,13 @@ def find_head(plan, dead: set) -> tuple[Optional[Head], Optional[str]]:
                       f"{str(key.dtype).removeprefix('torch.')} before the loss")
     if not replays_on_hidden(key.layout, plan.classes):
         return None, f"not fused with {head.words}: its logits are reshaped in a way its input cannot follow"
-    foreign = next(((n, subclass(n)) for n in (head.hidden, head.weight, head.bias) if subclass(n)), None)
+    logits = fake(key.source)
+    if is_dtensor(logits):
+        why = _split_head_reason(head, logits)
+        if why is not None:
+            return None, f"not fused with {head.words}: {why}"
+    foreign = next(((n, subclass(n)) for n in (head.hidden, head.weight, head.bias)
+                    if subclass(n) and not is_dtensor(logits)), None)
     if foreign is not None:
         return None, (f"not fused with {head.words}: {words(foreign[0])} is a {foreign[1]}, a tensor subclass "
                       "the fused head has no rule for")

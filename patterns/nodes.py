@@ -175,6 +175,19 @@ def reads_shape_only(node: Node) -> bool:
     return node.op == "call_function" and node.target in _SHAPE_READS
 
 
+def reads_mesh_only(node: Node) -> bool:
+    """``getattr(t, "device_mesh")`` of a DTensor (code that places its labels on the logits'
+    mesh): it needs no values, only a DTensor on the same mesh, which every DTensor an op read or
+    made is."""
+    return (node.op == "call_function" and node.target is getattr and len(node.args) == 2
+            and node.args[1] == "device_mesh")
+
+
+def reads_metadata_only(node: Node) -> bool:
+    """A node that reads only the size or the device mesh of its input."""
+    return reads_shape_only(node) or reads_mesh_only(node)
+
+
 def mutations(graph: torch.fx.Graph) -> dict:
     """node -> the in-place ops that change it."""
     out: dict = {}

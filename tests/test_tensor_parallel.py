@@ -4,8 +4,10 @@ A two-layer model whose LM head is ``ColwiseParallel(use_local_output=False)``: 
 DTensor sharded on the classes (V = 11, so the last shard is smaller). The loss is written as
 people write it: ``F.cross_entropy`` with replicated DTensor labels, the same inside
 ``loss_parallel()`` with plain labels, label smoothing written out inside ``loss_parallel()`` (which
-refuses ``label_smoothing``), or by hand (softcap, log_softmax, nll_loss, z-loss). Each becomes the
-vocab-parallel op (kernels/vocab_parallel.py). Every rank's loss and every parameter's gradient
+refuses ``label_smoothing``), or by hand (softcap, log_softmax, nll_loss, z-loss). Each becomes,
+with the head, the split fused head (kernels/linear_vocab_parallel.py); where the logits are also
+returned, the head stays and the loss becomes the vocab-parallel op (kernels/vocab_parallel.py),
+with a near miss. Every rank's loss and every parameter's gradient
 (the head's gathered from its shards) must equal the loss of the whole model in float64 in one
 process (tests/reference.py's loss of the whole logits). DTensors placed otherwise are left to
 PyTorch with a near miss.
@@ -97,8 +99,15 @@ def smoothed_loss_parallel(model, x, y, w, kw):
     return (1 - eps) * F.nll_loss(logp, y) + eps * (-logp.mean(-1)).mean()
 
 
+def logits_returned(model, x, y, w, kw):
+    """The loss and the logits it read: the head stays, its logits feed the vocab-parallel op."""
+    logits = model(x)
+    # (detached: a returned DTensor that backward gets no gradient for fails in AOTAutograd)
+    return F.cross_entropy(logits, _replicated(y, logits.device_mesh), **kw), logits.detach()
+
+
 SPELLINGS = {"cross_entropy": cross_entropy_loss, "loss_parallel": loss_parallel_loss, "hand": hand_written_loss,
-             "smoothed_loss_parallel": smoothed_loss_parallel}
+             "smoothed_loss_parallel": smoothed_loss_parallel, "logits_returned": logits_returned}
 
 # name: (spelling, the loss's parameters in LossForm's words, data options)
 CASES = {
@@ -110,6 +119,7 @@ CASES = {
     "loss_parallel": ("loss_parallel", dict(), dict(ignore=True)),
     "hand": ("hand", dict(label_smoothing=0.1, z_loss=1e-2), dict(ignore=True)),
     "smoothed-loss_parallel": ("smoothed_loss_parallel", dict(label_smoothing=0.1), {}),
+    "logits-returned": ("logits_returned", dict(label_smoothing=0.1), dict(ignore=True)),
 }
 
 
@@ -135,10 +145,18 @@ def _step(name: str, backend: str):
     model = parallelize_module(_model(), mesh, {"head": ColwiseParallel(use_local_output=False)})
     x, y, w = _data(options)
     loss_fn = SPELLINGS[spelling]
-    step = torch.compile(lambda x, y, w: loss_fn(model, x, y, w, kw), backend=backend)
+
+    def first(out):  # the loss, of a loss returned with its logits too
+        return out[0] if isinstance(out, tuple) else out
+
+    compiled = torch.compile(lambda x, y, w: loss_fn(model, x, y, w, kw), backend=backend)
+
+    def step(x, y, w):
+        return first(compiled(x, y, w))
+
     within = loss_parallel if spelling.endswith("loss_parallel") else contextlib.nullcontext
     with within():
-        eager = loss_fn(model, x, y, w, kw).placements
+        eager = first(loss_fn(model, x, y, w, kw)).placements
         step(x, y, w).sum().backward()  # compiles
         model.zero_grad()
         with profile() as prof:
@@ -153,6 +171,7 @@ def _step(name: str, backend: str):
     return dict(loss=loss.full_tensor().detach().clone(), placed_as_eager=tuple(loss.placements) == as_eager,
                 grads=grads,
                 families=[m.family for m in rewrite_pass.matches],
+                replaced=[name for m in rewrite_pass.matches for name in m.replaced],
                 near_misses=[m.reason for m in rewrite_pass.near_misses],
                 ops=sorted({e.name for e in prof.events() if e.name.startswith("smoothce::")}))
 
@@ -176,18 +195,35 @@ def _check_numerics(name, results):
             torch.testing.assert_close(g.double(), grads[k], rtol=RTOL, atol=ATOL, msg=lambda m: f"{k}: {m}")
 
 
-# what the rewrite reports the loss as
-FAMILIES = {"cross_entropy": "cross_entropy", "loss_parallel": "cross_entropy", "hand": "log_softmax+nll",
-            "smoothed_loss_parallel": "log_softmax+nll"}
+HEAD_OPS = ["smoothce::combine_partials", "smoothce::linear_shard_grad", "smoothce::linear_shard_partials"]
+LOGITS_OPS = ["smoothce::combine_partials", "smoothce::shard_grad", "smoothce::shard_partials"]
+# what the rewrite reports the loss as, the ops that ran (the split head's, or the vocab-parallel
+# op's on logits that stay) and how the near miss that says why the head stays ends
+EXPECTED = {
+    "cross_entropy": ("linear+cross_entropy", HEAD_OPS, None),
+    "loss_parallel": ("linear+cross_entropy", HEAD_OPS, None),
+    "hand": ("linear+log_softmax+nll", HEAD_OPS, None),
+    "smoothed_loss_parallel": ("log_softmax+nll", LOGITS_OPS,
+                               "its smoothing term counts on other rows than its label term, which the fused head "
+                               "does not take"),
+    "logits_returned": ("cross_entropy", LOGITS_OPS, "(detach)"),
+}
+
+
+def _check_rewrite(name, results):
+    family, ops, why = EXPECTED[CASES[name][0]]
+    for r in results:
+        assert r["families"] == [family] and r["ops"] == ops, r
+        assert [m.endswith(why) for m in r["near_misses"]] == ([] if why is None else [True]), r["near_misses"]
+        # a fused head leaves no matmul behind (the label's placement reads the mesh off the weight)
+        assert any(n.startswith("linear") for n in r["replaced"]) == (ops == HEAD_OPS), r["replaced"]
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_tensor_parallel_loss_becomes_the_vocab_parallel_op(ranks2, name):
+def test_tensor_parallel_head_and_loss_become_the_split_head(ranks2, name):
     results = ranks2.run(_step, name, "smoothce_aot_eager")
     _check_numerics(name, results)
-    for r in results:
-        assert r["families"] == [FAMILIES[CASES[name][0]]], (r["families"], r["near_misses"])
-        assert "smoothce::shard_partials" in r["ops"], r["ops"]
+    _check_rewrite(name, results)
 
 
 @pytest.mark.inductor
@@ -195,15 +231,14 @@ def test_tensor_parallel_loss_through_inductor(ranks2):
     """backend="smoothce": Inductor compiles the graph around the ops and the functional all-gather."""
     results = ranks2.run(_step, "ignore-weight", "smoothce")
     _check_numerics("ignore-weight", results)
-    for r in results:
-        assert r["families"] == ["cross_entropy"] and "smoothce::shard_partials" in r["ops"], r
+    _check_rewrite("ignore-weight", results)
 
 
 @pytest.mark.parametrize("name", ["ignore-weight", "hand"])
 def test_four_ranks(ranks4, name):
     results = ranks4.run(_step, name, "smoothce_aot_eager")
     _check_numerics(name, results)
-    assert all(r["families"] == [FAMILIES[CASES[name][0]]] for r in results)
+    _check_rewrite(name, results)
 
 
 def _placed(logits: str, labels: str):
