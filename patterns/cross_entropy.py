@@ -24,7 +24,7 @@ from smoothce.kernels.form import LossForm, shortest
 from smoothce.patterns.algebra import Reject
 from smoothce.patterns.analysis import Plan, analyze
 from smoothce.patterns.emit import emit
-from smoothce.patterns.head import Head, find_head
+from smoothce.patterns.head import Head, find_head, find_teacher_head
 from smoothce.patterns.nodes import dtype, fake, location, user_name
 from smoothce.patterns.ops import op_name
 from smoothce.patterns.report import Match, NearMiss, RewriteResult
@@ -45,8 +45,10 @@ def rewrite_cross_entropy(gm: torch.fx.GraphModule, *, fuse_linear: bool = True)
 
     With ``fuse_linear``, a loss whose logits come only from a linear layer (F.linear or
     hidden @ W.t(), through upcasts, slicing, views, constant factors and a softcap) becomes
-    ``fused_linear_cross_entropy`` calls that never materialise the logits; a head whose logits
-    are also read elsewhere keeps the plain op and gets a near miss saying where.
+    ``fused_linear_cross_entropy`` calls that never materialise the logits (a loss against a
+    distribution: ``fused_linear_soft_cross_entropy``, with a teacher's head in the same graph and
+    without grad fused too); a head whose logits are also read elsewhere keeps the plain op and gets
+    a near miss saying where.
     """
     plans, near_misses, _ = analyze(gm)
     result = RewriteResult(near_misses=list(near_misses))
@@ -57,10 +59,12 @@ def rewrite_cross_entropy(gm: torch.fx.GraphModule, *, fuse_linear: bool = True)
     names = [(_seed(plan, order).name, location(plan.sink)) for plan in plans]  # before any node goes
     for plan, (seed, where) in zip(plans, names):
         head, why_not = find_head(plan, plan.dead) if fuse_linear else (None, None)
-        if head is not None and any(c.soft is not None or c.mix is not None for c in plan.calls):
+        if head is not None and any(c.mix is not None for c in plan.calls):
             head, why_not = None, (f"not fused with the linear layer that produces the logits "
-                                   f"({location(head.node)}): a loss against a target given as a tensor, "
-                                   "or mixup's two labels, keeps its logits")
+                                   f"({location(head.node)}): mixup's two labels keep its logits")
+        soft = next((c.soft for c in plan.calls if c.soft is not None), None)
+        # read before the rewrite erases the teacher's head (emit finds it the same way)
+        teacher = None if head is None or soft is None else find_teacher_head(soft.dense, plan.classes, plan.dead)
         try:
             emit(gm, plan, head, fake_mode)
         except Reject as err:
@@ -72,7 +76,7 @@ def rewrite_cross_entropy(gm: torch.fx.GraphModule, *, fuse_linear: bool = True)
             result.near_misses.append(NearMiss(seed, where, f"the rewrite raised {type(err).__name__} "
                                                             f"({_first_line(err)}): the loss is left as written"))
             continue
-        match = _match(plan, head, _erase_dead(gm, plan))
+        match = _match(plan, head, teacher, _erase_dead(gm, plan))
         result.matches.append(match)
         if why_not:
             result.near_misses.append(NearMiss(seed, where, why_not))
@@ -177,7 +181,7 @@ def _combined_form(plan: Plan) -> LossForm:
         return first
 
 
-def _match(plan: Plan, head: Optional[Head], erased: tuple) -> Match:
+def _match(plan: Plan, head: Optional[Head], teacher: Optional[Head], erased: tuple) -> Match:
     form = _combined_form(plan)
     calls = plan.calls
     weights = [user_name(c.weight) if c.weight is not None else None for c in calls]
@@ -204,11 +208,14 @@ def _match(plan: Plan, head: Optional[Head], erased: tuple) -> Match:
         params["padding_columns"] = [p for c in calls for p, _ in c.columns]
     if head is not None:
         params["head"] = location(head.node)
-    family = ("linear+" if head is not None else "") + _family(plan, form)
+    family = _family(plan, form)
     soft = next((c.soft for c in calls if c.soft is not None), None)
     if soft is not None:
         family, params["target"] = _soft_family(plan, soft), _soft_words(soft)
+        if teacher is not None:
+            params["teacher_head"] = location(teacher.node)
     mix = next((c for c in calls if c.mix is not None), None)
     if mix is not None:
         family, params["mixup"] = "mixup " + family, _mix_words(mix)
+    family = ("linear+" if head is not None else "") + family
     return Match(family, location(plan.sink), params, erased, form, coefficients, call_forms)

@@ -25,7 +25,7 @@ import torch.fx
 
 from smoothce.patterns.algebra import CondAtom, Dense, Reject
 from smoothce.patterns.analysis import LabelCheck, Plan
-from smoothce.patterns.head import Head
+from smoothce.patterns.head import Head, find_teacher_head
 from smoothce.patterns.nodes import dtype, fake, reads_mesh_only, reads_shape_only, shape
 from smoothce.patterns.normal_form import Call, Target, logits_shape
 from smoothce.patterns.ops import op_name
@@ -43,10 +43,11 @@ def _ops():
     return fused_cross_entropy, fused_linear_cross_entropy
 
 
-def _soft_op():
+def _soft_ops():
+    from smoothce.kernels.linear_soft_cross_entropy import fused_linear_soft_cross_entropy
     from smoothce.kernels.soft_cross_entropy import fused_soft_cross_entropy
 
-    return fused_soft_cross_entropy
+    return fused_soft_cross_entropy, fused_linear_soft_cross_entropy
 
 
 class _Builder:
@@ -181,15 +182,22 @@ def _emit(plan: Plan, head: Optional[Head], b: _Builder) -> Node:
         weight = call.weight if call.weight is not None else _column_weights(call.columns, V, x, b)
         if call.soft is not None:
             soft = call.soft
-            q = _dense(soft.dense, b, V, flatten)
             if soft.rows or t is not None:  # with labels the op would count the target's rows by them
                 kwargs["target_rows"] = _mask(soft.rows, t, op_rows, V, b)
             kwargs.update(soft.form.describe(), scale=call.form.scale)
-            loss = b.fn(_soft_op(), x, q, t, weight, **kwargs)
+            fused_soft, fused_linear_soft = _soft_ops()
+            if head is None:
+                loss = b.fn(fused_soft, x, _dense(soft.dense, b, V, flatten), t, weight, **kwargs)
+            else:
+                teacher = find_teacher_head(soft.dense, V, plan.dead)
+                q = _dense(soft.dense, b, V, flatten) if teacher is None else None
+                if teacher is not None:
+                    kwargs.update(_teacher_head(teacher, soft.dense.logits.layout, flatten, b))
+                loss = b.fn(fused_linear_soft, x, w_in, b_in, q, t, weight, **kwargs)
         elif call.mix is not None:
             kwargs["labels_b"] = _target(call.mix.target, plan, rows, op_rows, x, b, checks=())
             kwargs.update(lam=_lam(call.mix.lam, op_rows, b), scale=call.form.scale)  # the op's label scale is 0 unless given
-            loss = b.fn(_soft_op(), x, None, t, weight, **kwargs)
+            loss = b.fn(_soft_ops()[0], x, None, t, weight, **kwargs)
         elif head is not None:
             loss = b.fn(fused_linear_ce, x, w_in, b_in, t, weight, **kwargs)
         else:
@@ -242,6 +250,18 @@ def _lam(lam, op_rows, b: _Builder):
     if not isinstance(lam, Node):
         return float(lam)
     return lam if shape(lam) == () else b.method("reshape", lam, *op_rows)
+
+
+def _teacher_head(teacher: Head, layout: tuple, flatten: bool, b: _Builder) -> dict:
+    """The teacher's head as the fused op takes it: its input with the teacher's logits' views
+    replayed, detached like its weight and bias (the teacher's logits had no gradient)."""
+    D = shape(teacher.weight)[1]
+    h, w, bias = (None if t is None else b.method("detach", t)
+                  for t in (_as(t, teacher.compute_dtype, b) for t in (teacher.hidden, teacher.weight, teacher.bias)))
+    h = _replay(layout, h, b, last=D)
+    if flatten:
+        h = b.method("reshape", h, -1, D)
+    return dict(teacher_hidden=h, teacher_weight=w, teacher_bias=bias)
 
 
 def _as(t: Optional[Node], to, b: _Builder) -> Optional[Node]:

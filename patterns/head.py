@@ -5,7 +5,10 @@ the views, slices, upcasts, constant factors and softcap that :class:`algebra.Lo
 and nothing else reads them, the loss becomes one ``fused_linear_cross_entropy`` call on the
 head's input: the logits never exist. A tensor-parallel head (``ColwiseParallel``: Replicate
 hidden states, a weight sharded on its classes, logits sharded on the classes) is fused the same
-way, into the split head of kernels/linear_vocab_parallel.py.
+way, into the split head of kernels/linear_vocab_parallel.py. A loss against a distribution
+becomes ``fused_linear_soft_cross_entropy``; when its target is a teacher's logits from a linear
+layer that gives them no gradient (the teacher under ``torch.no_grad()``), and nothing else reads
+them, that head is fused as well (:func:`find_teacher_head`): neither N x V tensor exists.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from smoothce.patterns.ops import op_name
 
 Node = torch.fx.Node
 
-__all__ = ["Head", "head_call", "find_head"]
+__all__ = ["Head", "head_call", "find_head", "find_teacher_head"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +148,8 @@ def find_head(plan, dead: set) -> tuple[Optional[Head], Optional[str]]:
     if not replays_on_hidden(key.layout, plan.classes):
         return None, f"not fused with {head.words}: its logits are reshaped in a way its input cannot follow"
     logits = fake(key.source)
+    if is_dtensor(logits) and any(c.soft is not None or c.mix is not None for c in plan.calls):
+        return None, f"not fused with {head.words}: a loss against a distribution has no split fused head yet"
     if is_dtensor(logits):
         why = _split_head_reason(head, logits)
         if why is not None:
@@ -159,7 +164,28 @@ def find_head(plan, dead: set) -> tuple[Optional[Head], Optional[str]]:
         where = "returned to the caller" if reader is None or reader.op == "output" else \
             f"also read at {location(reader)} ({target_name(reader)})"
         return None, f"not fused with {head.words}: the logits are {where}"
+    target = next((c.soft.dense.logits.source for c in plan.calls if c.soft is not None
+                   and getattr(fake(c.soft.dense.logits.source), "requires_grad", False)), None)
+    if target is not None:  # mutual learning: the fused head gives its target no gradient
+        return None, (f"not fused with {head.words}: its target ({words(target)}) requires grad, and the "
+                      "fused head gives the target none")
     return head, None
+
+
+def find_teacher_head(dense, classes: int, dead: set) -> Optional[Head]:
+    """The linear layer that produces a distillation target's logits (``dense``: algebra.Dense),
+    when it can be fused with the student's head: the target is a teacher's logits straight from
+    it, in its own dtype, with the classes last, read by nothing but the loss (``dead``). That
+    they have no gradient, find_head has checked before it fused the student's head."""
+    key = dense.logits
+    head = head_call(key.source) if dense.kind == "logits" else None
+    if head is None or shape(head.weight)[0] != classes or key.cd != -1 or key.dtype is not None:
+        return None
+    if key.source not in dead:
+        return None
+    if not replays_on_hidden(key.layout, classes) or any(subclass(n) for n in (head.hidden, head.weight, head.bias)):
+        return None
+    return head
 
 
 # what logits go through on their way to a loss or to the caller

@@ -13,6 +13,7 @@ from torch._dynamo.backends.debugging import aot_eager
 from smoothce.kernels.cross_entropy import fused_cross_entropy
 from smoothce.kernels.inputs import TargetOutOfBoundsError
 from smoothce.kernels.linear_cross_entropy import fused_linear_cross_entropy
+from smoothce.kernels.linear_soft_cross_entropy import fused_linear_soft_cross_entropy
 from smoothce.kernels.soft_cross_entropy import fused_soft_cross_entropy
 from smoothce.patterns.cross_entropy import rewrite_cross_entropy
 from smoothce.patterns.ops import op_name
@@ -73,7 +74,7 @@ def normalize(code: str) -> str:
 
 
 def fused_calls(gm) -> int:
-    ops = (fused_cross_entropy, fused_linear_cross_entropy, fused_soft_cross_entropy)
+    ops = (fused_cross_entropy, fused_linear_cross_entropy, fused_soft_cross_entropy, fused_linear_soft_cross_entropy)
     return sum(n.op == "call_function" and n.target in ops for n in gm.graph.nodes)
 
 
