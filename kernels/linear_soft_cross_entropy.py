@@ -80,12 +80,13 @@ def _linear(h: Tensor, w: Tensor, b: Optional[Tensor], out: Tensor) -> Tensor:
 class _Call:
     """One call's forms, terms and per-row coefficients (for all N rows)."""
 
-    def __init__(self, hidden, weight, labels, labels_b, lam, class_weight, target_rows, form_args, soft_args):
+    def __init__(self, hidden, weight, has_target, labels, labels_b, lam, class_weight, target_rows, form_args,
+                 soft_args):
         self.form = LossForm(*form_args)
         self.soft = SoftTargetForm(*soft_args)
         n, v = hidden.shape[0], weight.shape[0]
         self.acc = acc_dtype(hidden.dtype)
-        self.terms = Terms.of(self.form, self.soft, v, labels is not None, True, labels_b is not None)
+        self.terms = Terms.of(self.form, self.soft, v, labels is not None, has_target, labels_b is not None)
         self.coefficients = RowCoefficients(self.form, self.soft, self.terms, (n,), v, labels, labels_b, lam,
                                             class_weight, self.acc, hidden.device, target_rows)
         if hidden.device.type == "cpu" and (self.terms.label or self.terms.uniform or self.terms.z):
@@ -96,7 +97,8 @@ class _Call:
     def chunks(self, hidden, weight, bias, target, teacher, labels, labels_b, class_weight, coef, grads, rows):
         """Per-row loss (acc) over chunks of ``rows`` rows, and with ``grads`` the gradients of
         sum_i loss_i (coefficients ``coef`` (N, 6)) to hidden, weight and bias, in their dtypes.
-        ``teacher``: (teacher_hidden, teacher_weight, teacher_bias) or None (``target`` given)."""
+        ``teacher``: (teacher_hidden, teacher_weight, teacher_bias) or None (``target`` given, or
+        neither: the label part alone)."""
         n, d = hidden.shape
         v = weight.shape[0]
         dev = hidden.device
@@ -116,12 +118,12 @@ class _Call:
             end = min(start + rows, n)
             c = end - start
             x = _linear(hidden[start:end], weight, bias, x_buf[:c])
-            if teacher is None:
-                t = target[start:end]
+            if teacher is not None:
+                t = _linear(teacher[0][start:end], teacher[1], teacher[2], t_buf[:c]).view(c, v, 1)
             else:
-                t = _linear(teacher[0][start:end], teacher[1], teacher[2], t_buf[:c])
+                t = None if target is None else target[start:end].view(c, v, 1)
             g = None if g_buf is None else g_buf[:c]
-            kernel(x.view(c, v, 1), t.view(c, v, 1),
+            kernel(x.view(c, v, 1), t,
                    None if labels is None else labels[start:end].view(c, 1),
                    None if labels_b is None else labels_b[start:end].view(c, 1),
                    coef[start:end], class_weight, loss_rows[start:end],
@@ -164,7 +166,7 @@ def linear_soft_cross_entropy_op(
     hidden: Tensor,  # (N, D)
     weight: Tensor,  # (V, D)
     bias: Optional[Tensor],  # (V,)
-    target: Optional[Tensor],  # (N, V) float: probabilities, log-probabilities or logits; None with a teacher head
+    target: Optional[Tensor],  # (N, V) float: probabilities, log-probabilities or logits; None: the teacher's head, or none
     teacher_hidden: Optional[Tensor],  # (N, Dt)
     teacher_weight: Optional[Tensor],  # (V, Dt)
     teacher_bias: Optional[Tensor],  # (V,)
@@ -198,7 +200,8 @@ def linear_soft_cross_entropy_op(
     """(loss, grad_hidden, grad_weight, grad_bias) with gradients for grad_output = 1, empty when
     compute_grad is False or reduction is 'none' (its backward recomputes), grad_bias empty without
     bias."""
-    call = _Call(hidden, weight, labels, labels_b, lam, class_weight, target_rows,
+    call = _Call(hidden, weight, target is not None or teacher_hidden is not None, labels, labels_b, lam,
+                 class_weight, target_rows,
                  (ignore_index, reduction, label_smoothing, smoothing, scale, kl, z_loss, softcap, logit_scale),
                  (target_kind, target_logit_scale, soft_logit_scale, soft_label_smoothing, soft_scale, soft_kl,
                   reverse_kl))
@@ -257,7 +260,8 @@ def linear_soft_cross_entropy_backward_op(
     chunk_size: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_hidden, grad_weight, grad_bias) of sum_i grad_loss_i loss_i, the chunks run again."""
-    call = _Call(hidden, weight, labels, labels_b, lam, class_weight, target_rows,
+    call = _Call(hidden, weight, target is not None or teacher_hidden is not None, labels, labels_b, lam,
+                 class_weight, target_rows,
                  (ignore_index, "none", label_smoothing, smoothing, scale, kl, z_loss, softcap, logit_scale),
                  (target_kind, target_logit_scale, soft_logit_scale, soft_label_smoothing, soft_scale, soft_kl,
                   reverse_kl))
@@ -344,7 +348,7 @@ def fused_linear_soft_cross_entropy(
     teacher_weight: Optional[Tensor] = None,
     teacher_bias: Optional[Tensor] = None,
     labels_b: Optional[Tensor] = None,
-    lam: Optional[Tensor] = None,
+    lam: Optional[Tensor | float] = None,
     target_rows: Optional[Tensor] = None,
     ignore_index: Optional[int] = -100,
     reduction: str = "mean",
@@ -371,7 +375,8 @@ def fused_linear_soft_cross_entropy(
     hidden (..., D), weight (V, D), bias (V,) or None. The target: a tensor (..., V) as
     ``target_kind`` says, or the teacher's head, ``teacher_hidden @ teacher_weight.T +
     teacher_bias`` (teacher_hidden (..., Dt), teacher_weight (V, Dt); target_kind 'logits', at
-    ``target_logit_scale``), whose logits are computed chunk by chunk too and never whole. labels
+    ``target_logit_scale``), whose logits are computed chunk by chunk too and never whole; or
+    neither, for the label part alone (mixup's two labels on a classifier's head). labels
     (...) carry the label part (``scale``, 0 unless given) and mask the target part's rows, as the
     soft op's do; labels_b and lam: mixup. ``reduction='none'`` returns a loss of the rows' shape.
     Gradients flow to hidden, weight and bias; the target (or the teacher's head) takes none, so it
@@ -384,10 +389,10 @@ def fused_linear_soft_cross_entropy(
     v, d = weight.shape
     rows = tuple(hidden.shape[:-1])
     teacher = (teacher_hidden, teacher_weight, teacher_bias)
-    if (target is None) == (teacher_hidden is None and teacher_weight is None):
+    if target is not None and (teacher_hidden is not None or teacher_weight is not None):
         raise ValueError("smoothce: give the target either as a tensor (target) or as the teacher's head "
-                         "(teacher_hidden and teacher_weight), not both and not neither")
-    if target is None:
+                         "(teacher_hidden and teacher_weight), not both")
+    if target is None and (teacher_hidden is not None or teacher_weight is not None):
         if teacher_hidden is None or teacher_weight is None:
             raise ValueError("smoothce: the teacher's head needs both teacher_hidden and teacher_weight")
         _check_head("teacher_", teacher_hidden, teacher_weight, teacher_bias, v)
@@ -397,9 +402,9 @@ def fused_linear_soft_cross_entropy(
         if soft.target_kind != "logits":
             raise ValueError(f"smoothce: the teacher's head gives logits: target_kind must be 'logits', "
                              f"got {soft.target_kind!r}")
-    else:
-        if teacher_bias is not None:
-            raise ValueError("smoothce: teacher_bias needs teacher_hidden and teacher_weight")
+    elif teacher_bias is not None:
+        raise ValueError("smoothce: teacher_bias needs teacher_hidden and teacher_weight")
+    if target is not None:
         check_tensors(target=target)
         if not target.dtype.is_floating_point or tuple(target.shape) != rows + (v,):
             raise ValueError(f"smoothce: target must be a floating-point tensor of shape {rows + (v,)}, got "
@@ -407,6 +412,8 @@ def fused_linear_soft_cross_entropy(
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (target, *teacher)):
         raise ValueError("smoothce: fused_linear_soft_cross_entropy gives the target (or the teacher's head) no "
                          "gradient: pass it detached, or use fused_soft_cross_entropy on the logits")
+    if isinstance(lam, (int, float)) and not isinstance(lam, bool):
+        lam = torch.full((), float(lam), dtype=torch.float64, device=hidden.device)  # one lam for every row
     check_mixup_labels(labels, labels_b, lam, rows)
     if target_rows is not None:
         check_target_rows(target_rows, rows)

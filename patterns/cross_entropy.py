@@ -59,9 +59,6 @@ def rewrite_cross_entropy(gm: torch.fx.GraphModule, *, fuse_linear: bool = True)
     names = [(_seed(plan, order).name, location(plan.sink)) for plan in plans]  # before any node goes
     for plan, (seed, where) in zip(plans, names):
         head, why_not = find_head(plan, plan.dead) if fuse_linear else (None, None)
-        if head is not None and any(c.mix is not None for c in plan.calls):
-            head, why_not = None, (f"not fused with the linear layer that produces the logits "
-                                   f"({location(head.node)}): mixup's two labels keep its logits")
         soft = next((c.soft for c in plan.calls if c.soft is not None), None)
         # read before the rewrite erases the teacher's head (emit finds it the same way)
         teacher = None if head is None or soft is None else find_teacher_head(soft.dense, plan.classes, plan.dead)

@@ -197,7 +197,9 @@ def _emit(plan: Plan, head: Optional[Head], b: _Builder) -> Node:
         elif call.mix is not None:
             kwargs["labels_b"] = _target(call.mix.target, plan, rows, op_rows, x, b, checks=())
             kwargs.update(lam=_lam(call.mix.lam, op_rows, b), scale=call.form.scale)  # the op's label scale is 0 unless given
-            loss = b.fn(_soft_ops()[0], x, None, t, weight, **kwargs)
+            fused_soft, fused_linear_soft = _soft_ops()
+            loss = (b.fn(fused_soft, x, None, t, weight, **kwargs) if head is None
+                    else b.fn(fused_linear_soft, x, w_in, b_in, None, t, weight, **kwargs))
         elif head is not None:
             loss = b.fn(fused_linear_ce, x, w_in, b_in, t, weight, **kwargs)
         else:

@@ -179,6 +179,23 @@ def test_mixup_labels_beside_the_target():
     check((loss, *torch.autograd.grad(loss, hw)), (ref, *torch.autograd.grad(ref, ref64)), 1e-10)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_mixup_labels_alone(reduction):
+    # no target: mixup's two labels on a classifier's head, lam a number or one per row
+    (h, w, b), _, _ = make()
+    g = torch.Generator().manual_seed(4)
+    ya, yb = torch.randint(0, V, (N,), generator=g), torch.randint(0, V, (N,), generator=g)
+    ya[3] = -100
+    for lam in (0.3, torch.rand(N, generator=g, dtype=torch.float64)):
+        words = dict(labels_b=yb, scale=1.0, label_smoothing=0.1, reduction=reduction)
+        hw = [t.clone().requires_grad_() for t in (h, w, b)]
+        loss = fused_linear_soft_cross_entropy(*hw, None, ya, lam=lam, chunk_size=CHUNK, **words)
+        ref64 = [t.clone().requires_grad_() for t in (h, w, b)]
+        ref = soft_reference(F.linear(*ref64), None, ya, lam=torch.as_tensor(lam, dtype=torch.float64), **words)
+        go = torch.rand(ref.shape, generator=g, dtype=torch.float64) + 0.5
+        check((loss, *torch.autograd.grad(loss, hw, go)), (ref, *torch.autograd.grad(ref, ref64, go)), 1e-10)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_step_holds_chunks_not_logits(reduction):
     # A step (forward and backward) holds the gradients it returns, a few chunk-sized buffers and
@@ -205,7 +222,6 @@ def test_step_holds_chunks_not_logits(reduction):
 
 
 @pytest.mark.parametrize("change,error,match", [
-    (dict(target=None), ValueError, "either as a tensor .* or as the teacher's head"),
     (dict(teacher_hidden=torch.zeros(N, DT), teacher_weight=torch.zeros(V, DT)), ValueError, "not both"),
     (dict(target=torch.zeros(N, V + 1)), ValueError, r"shape \(13, 11\), got torch.float32 \(13, 12\)"),
     (dict(target=torch.zeros(N, V, requires_grad=True)), ValueError, "gives the target .* no gradient"),

@@ -141,6 +141,29 @@ def test_a_teacher_that_trains_keeps_the_student_logits():
                            "target none")
 
 
+def test_mixup_of_two_labels_on_a_classifier_head():
+    # lam * CE(y_a) + (1 - lam) * CE(y_b) on a Linear's logits: one fused call with both labels
+    class Mixup(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.student = nn.Linear(D, V)
+
+        def forward(self, hs, ya, yb, lam):
+            x = self.student(hs)
+            return lam * F.cross_entropy(x, ya, label_smoothing=0.1) + (1 - lam) * F.cross_entropy(
+                x, yb, label_smoothing=0.1)
+
+    torch.manual_seed(0)
+    model = Mixup()
+    reference = copy.deepcopy(model).double()
+    rec = check(model, logits(N, D, seed=3), labels(N, ignore=-100, where=(2,)), labels(N, seed=7),
+                torch.tensor(0.3), reference=reference, fuse_linear=True)
+    torch.testing.assert_close(model.student.weight.grad.double(), reference.student.weight.grad, atol=1e-5, rtol=1e-5)
+    (m,) = rec.result.matches
+    assert m.family == "linear+mixup cross_entropy"
+    assert fused(rec.gm).kwargs["labels_b"] is not None
+
+
 class Goldens(TestCase):
     maxDiff = None
 
