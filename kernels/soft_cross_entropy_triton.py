@@ -38,7 +38,7 @@ from smoothce.kernels import soft_cross_entropy_tuning as tuning
 from smoothce.kernels.cross_entropy_tuning import ONE_PASS, KernelConfig
 from smoothce.kernels.soft_inputs import COEFFICIENTS, STATISTICS, Terms
 from smoothce.kernels.triton_tiles import (
-    block_start, class_weights_of, columns_of, logits_of, offsets_of, rows_of,
+    block_start, class_weights_of, columns_of, logits_of, offsets_of, rows_of, transformed_of,
 )
 
 PROBS, LOG_PROBS, LOGITS = 0, 1, 2
@@ -84,6 +84,24 @@ def _target_of(t, tau, lse_t, TARGET: tl.constexpr):
 
 
 @triton.jit
+def _target_tile(ptrs, mask, ACC: tl.constexpr):
+    """A tile of the target as stored, in ACC; masked lanes read 0."""
+    return tl.load(ptrs, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _label_logit(ptrs, mask, logit_scale, cap, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr):
+    """The transformed logit of each row's label (one per row, not a tile)."""
+    return transformed_of(tl.load(ptrs, mask=mask, other=0.0), logit_scale, cap, HAS_SOFTCAP, ACC)
+
+
+@triton.jit
+def _store_gradient(ptrs, g, mask):
+    """A tile of the gradient, in the gradient's dtype."""
+    tl.store(ptrs, g.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _load_block(x_ptr, t_ptr, w_ptr, x_row, t_row, start, C, row_mask, stride_xc, stride_tc, logit_scale, cap,
                 HAS_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 CONTIGUOUS: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -93,7 +111,7 @@ def _load_block(x_ptr, t_ptr, w_ptr, x_row, t_row, start, C, row_mask, stride_xc
     x = logits_of(x_ptr + offsets_of(x_row, cols, stride_xc, CONTIGUOUS), mask, logit_scale, cap, HAS_SOFTCAP, ACC)
     t = x
     if HAS_TARGET:
-        t = tl.load(t_ptr + offsets_of(t_row, cols, stride_tc, CONTIGUOUS), mask=mask, other=0.0).to(ACC)
+        t = _target_tile(t_ptr + offsets_of(t_row, cols, stride_tc, CONTIGUOUS), mask, ACC)
     w = class_weights_of(w_ptr, cols, col_mask, HAS_WEIGHT, ACC)
     return cols, mask, x, t, w
 
@@ -381,10 +399,11 @@ def _soft_cross_entropy_kernel(
         loss = zero
         if HARD:
             if HAS_LABEL:
-                x_y = logits_of(x_ptr + x_row + y * stride_xc, row_mask, logit_scale, cap, HAS_SOFTCAP, ACC)
+                x_y = _label_logit(x_ptr + x_row + y * stride_xc, row_mask, logit_scale, cap, HAS_SOFTCAP, ACC)
                 loss += _term(k_y, lse1 - x_y)
                 if HAS_MIXUP:
-                    x_yb = logits_of(x_ptr + x_row + yb * stride_xc, row_mask, logit_scale, cap, HAS_SOFTCAP, ACC)
+                    x_yb = _label_logit(x_ptr + x_row + yb * stride_xc, row_mask, logit_scale, cap, HAS_SOFTCAP,
+                                        ACC)
                     loss += _term(k_yb, lse1 - x_yb)
             if HAS_UNIFORM:
                 loss += _term(k_u, W * lse1 - swx)
@@ -416,7 +435,7 @@ def _soft_cross_entropy_kernel(
             g = _grad_tile(x, t, w, cols, y, yb, lse1, lse_s, lse_t, mass, rev, k_y, k_yb, k_u, k_z, k_f, k_r, W,
                            sig1, sigma, tau, alpha, beta, logit_scale, cap, TARGET, HAS_LABEL, HAS_MIXUP,
                            HAS_UNIFORM, HAS_Z, HAS_FORWARD, HAS_REVERSE, HARD, TWO_SCALES, HAS_SOFTCAP)
-            tl.store(g_ptr + offsets_of(g_row, cols, stride_gc, CONTIGUOUS), g.to(g_ptr.dtype.element_ty), mask=mask)
+            _store_gradient(g_ptr + offsets_of(g_row, cols, stride_gc, CONTIGUOUS), g, mask)
         else:
             blocks = tl.cdiv(C, BLOCK_C)
             for i in range(0, blocks):  # the second read
@@ -428,8 +447,7 @@ def _soft_cross_entropy_kernel(
                                k_r, W, sig1, sigma, tau, alpha, beta, logit_scale, cap, TARGET, HAS_LABEL,
                                HAS_MIXUP, HAS_UNIFORM, HAS_Z, HAS_FORWARD, HAS_REVERSE, HARD, TWO_SCALES,
                                HAS_SOFTCAP)
-                tl.store(g_ptr + offsets_of(g_row, cols, stride_gc, CONTIGUOUS), g.to(g_ptr.dtype.element_ty),
-                         mask=mask)
+                _store_gradient(g_ptr + offsets_of(g_row, cols, stride_gc, CONTIGUOUS), g, mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,10 +456,12 @@ def _soft_cross_entropy_kernel(
 
 
 def launch_soft_cross_entropy(x3, t3, ya, yb, coef, weight, loss_rows, grad3, stats, *, terms: Terms,
-                              from_stats: bool = False, config: Optional[KernelConfig] = None):
+                              from_stats: bool = False, config: Optional[KernelConfig] = None, compile_for=None):
     """Same contract as kernels/soft_cross_entropy_torch.py's torch_soft_cross_entropy. ``config``
     forces a variant (tests); by default CUDA autotunes large problems and everything else takes
-    the tuning table's fixed choice."""
+    the tuning table's fixed choice. ``compile_for`` (a ``triton_target.GPUTarget``) runs nothing:
+    the call compiles its fixed choice for that GPU and returns the compiled kernel (the static
+    report, on tensors never touched)."""
     N, C, S = x3.shape
     if N * S == 0:
         return
@@ -489,6 +509,13 @@ def launch_soft_cross_entropy(x3, t3, ya, yb, coef, weight, loss_rows, grad3, st
     )
     if config is not None and config.mode == ONE_PASS and config.block_c < C:
         raise ValueError(f"smoothce: kernel config {config} does not fit rows of {C} classes")
+    if compile_for is not None:
+        from smoothce.kernels.triton_target import compile_for as compile_kernels
+
+        config = config or tuning.default_config(C)
+        return compile_kernels(compile_for, _soft_cross_entropy_kernel, args,
+                               dict(features, **config.kwargs(), num_warps=config.num_warps,
+                                    num_stages=config.num_stages))
     tune = config is None and x3.device.type == "cuda" and N * S * C >= tuning.AUTOTUNE_MIN_ELEMENTS
     if tune:
         _autotuned()[lambda meta: (triton.cdiv(N * S, meta["BLOCK_R"]),)](*args, **features)

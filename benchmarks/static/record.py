@@ -66,7 +66,7 @@ def row(call: variants.Call, arch: int, kid: str, k: dict) -> dict:
         "target": f"sm_{arch}", "entry": call.entry, "dtype": call.dtype, "V": call.V, "features": call.features,
         "choice": call.choice, "rows": variants.rows(call), "kernel": kid, "config": k["config"], **per,
     }
-    weights_bytes = call.V * 4 if variants.FEATURES[call.features].get("weight") else 0
+    weights_bytes = call.V * 4 if variants.FEATURES.get(call.features, {}).get("weight") else 0
     if arch == 90:
         out["gpus"] = {}
         for gpu in model.GPUS:
@@ -74,6 +74,7 @@ def row(call: variants.Call, arch: int, kid: str, k: dict) -> dict:
                                              k["occupancy"]["ctas_per_sm"], gpu.sms, variants.plan_rows(call))
             share = model.l2_share(call.V * call.itemsize, in_flight, gpu.l2_bytes, weights_bytes)
             reads, writes = model.traffic(cfg.mode, cfg.writes_gradient, share)
+            reads *= variants.tensors_read(call)  # a soft call reads its target as often as its logits
             out["gpus"][gpu.name] = {
                 "rows_in_flight": in_flight, "l2_share_of_second_read": share if reads > 1 or share < 1 else None,
                 "hbm_reads_per_logit": reads, "hbm_writes_per_logit": writes,
@@ -82,7 +83,7 @@ def row(call: variants.Call, arch: int, kid: str, k: dict) -> dict:
             }
     else:
         reads, writes = model.traffic(cfg.mode, cfg.writes_gradient, 0.0)
-        out["hbm_reads_per_logit"], out["hbm_writes_per_logit"] = reads, writes
+        out["hbm_reads_per_logit"], out["hbm_writes_per_logit"] = reads * variants.tensors_read(call), writes
     out["checks"] = checks(call, k, out)
     return out
 

@@ -29,6 +29,8 @@ ROLES = {
     "_store_grad": "gradient",  # a tile of the gradient
     "_class_weights": "weights",  # a tile of the class weights
     "class_weights_of": "weights",
+    "_target_tile": "target",  # a tile of the target distribution (kernels/soft_cross_entropy_triton.py)
+    "_store_gradient": "gradient",  # the same kernel's gradient tile
 }
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 

@@ -1,6 +1,6 @@
 """What the static report compiles: every kernel variant a call can run, built by the project's own
-launchers (the op's ``launch_row_stats`` and ``launch_row_grad``, the fused head's ``launch_chunk``)
-with ``compile_for``.
+launchers (the op's ``launch_row_stats`` and ``launch_row_grad``, the fused head's ``launch_chunk``,
+the soft-target op's ``launch_soft_cross_entropy``) with ``compile_for``.
 
 A call is an entry point (the op with or without its gradient, a fused head's chunk with or
 without it), a dtype, a vocabulary size V and a feature set. Its logits are CPU tensors of the real
@@ -18,10 +18,12 @@ import torch
 
 from smoothce.kernels import cross_entropy_tuning as tuning
 from smoothce.kernels.cross_entropy_triton import launch_row_grad, launch_row_stats
-from smoothce.kernels.form import LossForm
+from smoothce.kernels.form import LossForm, SoftTargetForm
 from smoothce.kernels.inputs import Labels, acc_dtype
 from smoothce.kernels.linear_cross_entropy import chunk_rows
 from smoothce.kernels.linear_cross_entropy_triton import launch_chunk
+from smoothce.kernels.soft_cross_entropy_triton import launch_soft_cross_entropy
+from smoothce.kernels.soft_inputs import COEFFICIENTS, Terms
 
 VS = (1024, 4096, 32768, 131072, 262144)
 DTYPES = ("bfloat16", "float32")
@@ -33,6 +35,18 @@ FEATURES = {
     "softcap": dict(softcap=30.0),
     "all": dict(weight=True, label_smoothing=0.1, z_loss=1e-4, softcap=30.0),
 }
+# Losses against a distribution (smoothce::soft_cross_entropy), each with its own features: Hinton
+# distillation (a teacher's logits at T = 2, its KL with T**2 beside a label-smoothed CE on the
+# labels), timm's probability targets (smoothed), torchtune's symmetric KL over the valid tokens,
+# and mixup's two smoothed labels without a target.
+SOFT_FEATURES = {
+    "kd": dict(labels=True, target="logits", soft=dict(target_logit_scale=0.5, soft_logit_scale=0.5,
+                                                       soft_scale=2.8, soft_kl=True), form=dict(label_smoothing=0.1,
+                                                                                                scale=0.3)),
+    "probs": dict(target="probs", soft=dict(soft_label_smoothing=0.1)),
+    "symmetric": dict(labels=True, target="logits", soft=dict(soft_scale=0.5, reverse_kl=0.5), form=dict(scale=0.0)),
+    "mixup": dict(labels=True, mixup=True, form=dict(label_smoothing=0.1)),
+}
 ENTRIES = {
     "op": "smoothce::cross_entropy in a training step: its statistics kernel in forward, its gradient "
           "kernel in backward",
@@ -40,6 +54,10 @@ ENTRIES = {
     "head": "the fused head's kernel on one chunk of logits, the gradient written over them "
             "(N = 16384, D = 4096: the benchmark's head)",
     "head_loss": "the same without a gradient (the head's reduction='none' forward, evaluation)",
+    "soft": "smoothce::soft_cross_entropy in a training step with the gradient written in forward (the choice "
+            "for a target as wide as the logits): one launch reads the logits and the target and writes the "
+            "gradient",
+    "soft_loss": "the same without a gradient (evaluation)",
 }
 OP_ROWS = 8192  # the benchmark's N: the rows the L2 plan counts for the op
 HEAD_N, HEAD_D = 16384, 4096
@@ -68,9 +86,10 @@ def calls(entries=tuple(ENTRIES), dtypes=DTYPES, vs=VS, features=tuple(FEATURES)
     many rows, the head where its chunk at the benchmark's shape tunes)."""
     out = []
     for entry in entries:
+        own = SOFT_FEATURES if entry.startswith("soft") else FEATURES  # each entry's own feature sets
         for dtype in dtypes:
             for V in vs:
-                for f in features:
+                for f in (f for f in features if f in own):
                     out.append(Call(entry, dtype, V, f, "fixed"))
                     chunk = head_chunk_rows(V, getattr(torch, dtype).itemsize)
                     if entry.startswith("head") and _tunes(chunk, V):
@@ -104,9 +123,36 @@ def plan_rows(call: Call) -> int:
     return head_chunk_rows(call.V, call.itemsize) if call.entry.startswith("head") else OP_ROWS
 
 
+def compile_soft(call: Call, target) -> list:
+    """smoothce::soft_cross_entropy's kernel as the op launches it (its fixed choice) on (16, V)
+    logits and a target of their dtype."""
+    f = SOFT_FEATURES[call.features]
+    dtype = getattr(torch, call.dtype)
+    acc = acc_dtype(dtype)
+    form = LossForm(**f.get("form", {}))
+    soft = SoftTargetForm(target_kind=f.get("target", "probs"), **f.get("soft", {}))
+    terms = Terms.of(form, soft, call.V, f.get("labels", False), "target" in f, f.get("mixup", False))
+    n = rows(call)
+    x3 = torch.empty(n, call.V, 1, dtype=dtype)
+    t3 = torch.empty_like(x3) if "target" in f else None
+    y = torch.zeros(n, dtype=torch.long) if f.get("labels") else None
+    yb = y if f.get("mixup") else None
+    coef, loss_rows = torch.empty(n, COEFFICIENTS, dtype=acc), torch.empty(n, dtype=acc)
+    grad = torch.empty_like(x3) if call.grad else None
+    return launch_soft_cross_entropy(x3, t3, y, yb, coef, None, loss_rows, grad, None, terms=terms,
+                                     compile_for=target)
+
+
+def tensors_read(call: Call) -> int:
+    """The N x V tensors the call reads: the logits, and a soft call's target."""
+    return 2 if call.entry.startswith("soft") and "target" in SOFT_FEATURES[call.features] else 1
+
+
 def compile_call(call: Call, target) -> list:
     """The compiled kernels the call would run on ``target``: one for the fixed choice, one per
     configuration the autotuner keeps otherwise."""
+    if call.entry.startswith("soft"):
+        return compile_soft(call, target)
     f = FEATURES[call.features]
     dtype = getattr(torch, call.dtype)
     acc = acc_dtype(dtype)
