@@ -38,7 +38,12 @@ import triton.language as tl
 from smoothce.kernels import cross_entropy_tuning as tuning
 from smoothce.kernels.cross_entropy_tuning import KernelConfig
 # shared with the soft-target kernel
+from smoothce.kernels.triton_tiles import LOG2E
+from smoothce.kernels.triton_tiles import class_weights_tile as _class_weights
+from smoothce.kernels.triton_tiles import logits_tile as _logits
 from smoothce.kernels.triton_tiles import rows_of as _rows_of
+from smoothce.kernels.triton_tiles import store_gradient_tile as _store_grad
+from smoothce.kernels.triton_tiles import transformed as _transform
 
 # --------------------------------------------------------------------------------------------
 # jit helpers: logits in log2 units, per-row statistics, per-row results, a tile of gradient
@@ -48,29 +53,7 @@ from smoothce.kernels.triton_tiles import rows_of as _rows_of
 # a single special-function op (natural exp adds a multiply and a denormal guard).
 # --------------------------------------------------------------------------------------------
 
-LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-
-
-@triton.jit
-def _transform(raw, k, c1, c2, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr):
-    """(t, r): t = x log2(e) for x = softcap(logit_scale raw); with a softcap also r = 1 / (e + 1)
-    for e = exp(2 logit_scale raw / cap), so that x / cap = tanh = 1 - 2r. k, c1, c2: _constants.
-
-    1 / (e + 1) is rsqrt(e + 1)^2 (two special-function ops, a few ulp) rather than a division
-    (a guarded sequence of eight); e = inf gives r = 0, x = cap; e = 0 gives r = 1, x = -cap."""
-    u = raw.to(ACC)
-    if HAS_SOFTCAP:
-        if ACC == tl.float64:
-            r = 1.0 / (tl.exp2(u * c1) + 1.0)
-        else:
-            q = tl.math.rsqrt(tl.exp2(u * c1) + 1.0)
-            r = q * q
-        t = c2 - (2.0 * c2) * r
-    else:
-        r = u
-        t = u * k
-    return t, r
 
 
 @triton.jit
@@ -83,40 +66,10 @@ def _constants(logit_scale, cap, ACC: tl.constexpr):
 
 
 @triton.jit
-def _logits(ptrs, mask, k, c1, c2, MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr):
-    """A tile of logits in log2 units (t, r of _transform); masked lanes read 0, so t = 0."""
-    if MASKED:
-        raw = tl.load(ptrs, mask=mask, other=0.0)
-    else:
-        raw = tl.load(ptrs)
-    return _transform(raw, k, c1, c2, HAS_SOFTCAP, ACC)
-
-
-@triton.jit
 def _label_logit(ptrs, mask, k, c1, c2, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr):
     """t of each row's label column (a gather, one per row)."""
     t, _ = _transform(tl.load(ptrs, mask=mask, other=0.0), k, c1, c2, HAS_SOFTCAP, ACC)
     return t
-
-
-@triton.jit
-def _store_grad(ptrs, g, mask, MASKED: tl.constexpr):
-    """A tile of gradient, in the gradient's dtype."""
-    if MASKED:
-        tl.store(ptrs, g.to(ptrs.dtype.element_ty), mask=mask)
-    else:
-        tl.store(ptrs, g.to(ptrs.dtype.element_ty))
-
-
-@triton.jit
-def _class_weights(w_ptr, cols, mask, MASKED: tl.constexpr, ACC: tl.constexpr):
-    """The class weights of a tile's columns, in the tile's own shape (R, B): loaded where the
-    logits are, so no exchange of a (1, B) row between threads; 0 on masked lanes."""
-    if MASKED:
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    else:
-        w = tl.load(w_ptr + cols)
-    return w.to(ACC)
 
 
 @triton.jit

@@ -38,7 +38,8 @@ from smoothce.kernels import soft_cross_entropy_tuning as tuning
 from smoothce.kernels.cross_entropy_tuning import ONE_PASS, KernelConfig
 from smoothce.kernels.soft_inputs import COEFFICIENTS, STATISTICS, Terms
 from smoothce.kernels.triton_tiles import (
-    block_start, class_weights_of, columns_of, logits_of, offsets_of, rows_of, transformed_of,
+    LOG2E, block_start, class_weights_tile, columns_of, logits_tile, offsets_of, rows_of, store_gradient_tile,
+    transformed,
 )
 
 PROBS, LOG_PROBS, LOGITS = 0, 1, 2
@@ -90,30 +91,39 @@ def _target_tile(ptrs, mask, ACC: tl.constexpr):
 
 
 @triton.jit
-def _label_logit(ptrs, mask, logit_scale, cap, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr):
+def _constants(logit_scale, cap, ACC: tl.constexpr):
+    """(k, c1, c2) of triton_tiles.transformed for the logits themselves (this kernel's math is in
+    natural-log units): x = raw k without a softcap; e = exp2(raw c1), x = c2 (1 - 2r). In ACC."""
+    k = tl.zeros((), ACC) + logit_scale
+    cap = tl.zeros((), ACC) + cap
+    return k, 2.0 * k * LOG2E / cap, cap
+
+
+@triton.jit
+def _label_logit(ptrs, mask, k, c1, c2, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr):
     """The transformed logit of each row's label (one per row, not a tile)."""
-    return transformed_of(tl.load(ptrs, mask=mask, other=0.0), logit_scale, cap, HAS_SOFTCAP, ACC)
+    x, _ = transformed(tl.load(ptrs, mask=mask, other=0.0), k, c1, c2, HAS_SOFTCAP, ACC)
+    return x
 
 
 @triton.jit
-def _store_gradient(ptrs, g, mask):
-    """A tile of the gradient, in the gradient's dtype."""
-    tl.store(ptrs, g.to(ptrs.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _load_block(x_ptr, t_ptr, w_ptr, x_row, t_row, start, C, row_mask, stride_xc, stride_tc, logit_scale, cap,
+def _load_block(x_ptr, t_ptr, w_ptr, x_row, t_row, start, C, row_mask, stride_xc, stride_tc, k, c1, c2,
                 HAS_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                CONTIGUOUS: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Columns [start, start + BLOCK_C) of a tile: (cols, mask, the student's logits transformed,
-    the target as stored (the logits again without one: never read), the class weights)."""
+                CONTIGUOUS: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Columns [start, start + BLOCK_C) of a tile: (cols, mask, the student's logits transformed
+    and the softcap's r (triton_tiles.transformed), the target as stored (the logits again without
+    one: never read), the class weights in the tile's shape (or the columns' mask, (1, B)))."""
     cols, col_mask, mask = columns_of(start, C, row_mask, BLOCK_C)
-    x = logits_of(x_ptr + offsets_of(x_row, cols, stride_xc, CONTIGUOUS), mask, logit_scale, cap, HAS_SOFTCAP, ACC)
+    x, r = logits_tile(x_ptr + offsets_of(x_row, cols, stride_xc, CONTIGUOUS), mask, k, c1, c2, True, HAS_SOFTCAP,
+                       ACC)
     t = x
     if HAS_TARGET:
         t = _target_tile(t_ptr + offsets_of(t_row, cols, stride_tc, CONTIGUOUS), mask, ACC)
-    w = class_weights_of(w_ptr, cols, col_mask, HAS_WEIGHT, ACC)
-    return cols, mask, x, t, w
+    if HAS_WEIGHT:
+        w = class_weights_tile(w_ptr, tl.broadcast_to(cols[None, :], (BLOCK_R, BLOCK_C)), mask, True, ACC)
+    else:
+        w = col_mask.to(ACC)[None, :]
+    return cols, mask, x, r, t, w
 
 
 @triton.jit
@@ -171,8 +181,8 @@ def _block_stats(x, t, w, mask, sig1, sigma, tau,
 
 
 @triton.jit
-def _grad_tile(x, t, w, cols, y, yb, lse1, lse_s, lse_t, mass, rev, k_y, k_yb, k_u, k_z, k_f, k_r, W,
-               sig1, sigma, tau, alpha, beta, logit_scale, cap,
+def _grad_tile(x, r, t, w, cols, y, yb, lse1, lse_s, lse_t, mass, rev, k_y, k_yb, k_u, k_z, k_f, k_r, W,
+               sig1, sigma, tau, alpha, beta, logit_scale,
                TARGET: tl.constexpr, HAS_LABEL: tl.constexpr, HAS_MIXUP: tl.constexpr, HAS_UNIFORM: tl.constexpr,
                HAS_Z: tl.constexpr, HAS_FORWARD: tl.constexpr, HAS_REVERSE: tl.constexpr, HARD: tl.constexpr,
                TWO_SCALES: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
@@ -201,7 +211,7 @@ def _grad_tile(x, t, w, cols, y, yb, lse1, lse_s, lse_t, mass, rev, k_y, k_yb, k
         g += sigma * gs
     g *= logit_scale
     if HAS_SOFTCAP:
-        g *= 1.0 - (x / cap) * (x / cap)
+        g *= 4.0 * r * (1.0 - r)  # 1 - tanh^2
     return g
 
 
@@ -275,6 +285,7 @@ def _soft_cross_entropy_kernel(
     PROGRAMS_PER_SM: tl.constexpr,  # unused: one program per tile
 ):
     ONE_READ: tl.constexpr = MODE == 0
+    k, c1, c2 = _constants(logit_scale, cap, ACC)
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = r < N * S
     n, s = rows_of(r, S, S_ONE)
@@ -323,15 +334,15 @@ def _soft_cross_entropy_kernel(
         rev = tl.load(st_row + 3, mask=row_mask, other=0.0)
         lse_t = tl.load(st_row + 4, mask=row_mask, other=0.0)
         if ONE_READ:
-            cols, mask, x, t, w = _load_block(x_ptr, t_ptr, w_ptr, x_row, t_row, 0, C, row_mask, stride_xc, stride_tc,
-                                              logit_scale, cap, HAS_TARGET, HAS_WEIGHT, HAS_SOFTCAP, CONTIGUOUS, ACC,
-                                              BLOCK_C)
+            cols, mask, x, rx, t, w = _load_block(x_ptr, t_ptr, w_ptr, x_row, t_row, 0, C, row_mask, stride_xc,
+                                                  stride_tc, k, c1, c2, HAS_TARGET, HAS_WEIGHT, HAS_SOFTCAP,
+                                                  CONTIGUOUS, ACC, BLOCK_R, BLOCK_C)
     else:
         # pass 1: the row's statistics
         if ONE_READ:
-            cols, mask, x, t, w = _load_block(x_ptr, t_ptr, w_ptr, x_row, t_row, 0, C, row_mask, stride_xc, stride_tc,
-                                              logit_scale, cap, HAS_TARGET, HAS_WEIGHT, HAS_SOFTCAP, CONTIGUOUS, ACC,
-                                              BLOCK_C)
+            cols, mask, x, rx, t, w = _load_block(x_ptr, t_ptr, w_ptr, x_row, t_row, 0, C, row_mask, stride_xc,
+                                                  stride_tc, k, c1, c2, HAS_TARGET, HAS_WEIGHT, HAS_SOFTCAP,
+                                                  CONTIGUOUS, ACC, BLOCK_R, BLOCK_C)
             m1, d1, m2, d2, swx, m_t, d_t, mass, wqx, ent, rev = _block_stats(
                 x, t, w, mask, sig1, sigma, tau, TARGET, HAS_TARGET, HAS_KL, HAS_REVERSE, TWO_SCALES, SMOOTHING_SUM)
         else:
@@ -347,9 +358,9 @@ def _soft_cross_entropy_kernel(
             ent = zero
             rev = zero
             for start in range(0, C, BLOCK_C):
-                cols, mask, xb, tb, wb = _load_block(x_ptr, t_ptr, w_ptr, x_row, t_row, start, C, row_mask, stride_xc,
-                                                     stride_tc, logit_scale, cap, HAS_TARGET, HAS_WEIGHT, HAS_SOFTCAP,
-                                                     CONTIGUOUS, ACC, BLOCK_C)
+                cols, mask, xb, rb, tb, wb = _load_block(x_ptr, t_ptr, w_ptr, x_row, t_row, start, C, row_mask,
+                                                         stride_xc, stride_tc, k, c1, c2, HAS_TARGET, HAS_WEIGHT,
+                                                         HAS_SOFTCAP, CONTIGUOUS, ACC, BLOCK_R, BLOCK_C)
                 m1b, d1b, m2b, d2b, swxb, m_tb, d_tb, massb, wqxb, entb, revb = _block_stats(
                     xb, tb, wb, mask, sig1, sigma, tau, TARGET, HAS_TARGET, HAS_KL, HAS_REVERSE, TWO_SCALES,
                     SMOOTHING_SUM)
@@ -399,11 +410,10 @@ def _soft_cross_entropy_kernel(
         loss = zero
         if HARD:
             if HAS_LABEL:
-                x_y = _label_logit(x_ptr + x_row + y * stride_xc, row_mask, logit_scale, cap, HAS_SOFTCAP, ACC)
+                x_y = _label_logit(x_ptr + x_row + y * stride_xc, row_mask, k, c1, c2, HAS_SOFTCAP, ACC)
                 loss += _term(k_y, lse1 - x_y)
                 if HAS_MIXUP:
-                    x_yb = _label_logit(x_ptr + x_row + yb * stride_xc, row_mask, logit_scale, cap, HAS_SOFTCAP,
-                                        ACC)
+                    x_yb = _label_logit(x_ptr + x_row + yb * stride_xc, row_mask, k, c1, c2, HAS_SOFTCAP, ACC)
                     loss += _term(k_yb, lse1 - x_yb)
             if HAS_UNIFORM:
                 loss += _term(k_u, W * lse1 - swx)
@@ -432,22 +442,22 @@ def _soft_cross_entropy_kernel(
 
     if COMPUTE_GRAD:
         if ONE_READ:
-            g = _grad_tile(x, t, w, cols, y, yb, lse1, lse_s, lse_t, mass, rev, k_y, k_yb, k_u, k_z, k_f, k_r, W,
-                           sig1, sigma, tau, alpha, beta, logit_scale, cap, TARGET, HAS_LABEL, HAS_MIXUP,
+            g = _grad_tile(x, rx, t, w, cols, y, yb, lse1, lse_s, lse_t, mass, rev, k_y, k_yb, k_u, k_z, k_f, k_r,
+                           W, sig1, sigma, tau, alpha, beta, logit_scale, TARGET, HAS_LABEL, HAS_MIXUP,
                            HAS_UNIFORM, HAS_Z, HAS_FORWARD, HAS_REVERSE, HARD, TWO_SCALES, HAS_SOFTCAP)
-            _store_gradient(g_ptr + offsets_of(g_row, cols, stride_gc, CONTIGUOUS), g, mask)
+            store_gradient_tile(g_ptr + offsets_of(g_row, cols, stride_gc, CONTIGUOUS), g, mask, True)
         else:
             blocks = tl.cdiv(C, BLOCK_C)
             for i in range(0, blocks):  # the second read
                 start = block_start(i, blocks, BLOCK_C, REVERSE)
-                cols, mask, xb, tb, wb = _load_block(x_ptr, t_ptr, w_ptr, x_row, t_row, start, C, row_mask, stride_xc,
-                                                     stride_tc, logit_scale, cap, HAS_TARGET, HAS_WEIGHT, HAS_SOFTCAP,
-                                                     CONTIGUOUS, ACC, BLOCK_C)
-                g = _grad_tile(xb, tb, wb, cols, y, yb, lse1, lse_s, lse_t, mass, rev, k_y, k_yb, k_u, k_z, k_f,
-                               k_r, W, sig1, sigma, tau, alpha, beta, logit_scale, cap, TARGET, HAS_LABEL,
+                cols, mask, xb, rb, tb, wb = _load_block(x_ptr, t_ptr, w_ptr, x_row, t_row, start, C, row_mask,
+                                                         stride_xc, stride_tc, k, c1, c2, HAS_TARGET, HAS_WEIGHT,
+                                                         HAS_SOFTCAP, CONTIGUOUS, ACC, BLOCK_R, BLOCK_C)
+                g = _grad_tile(xb, rb, tb, wb, cols, y, yb, lse1, lse_s, lse_t, mass, rev, k_y, k_yb, k_u, k_z, k_f,
+                               k_r, W, sig1, sigma, tau, alpha, beta, logit_scale, TARGET, HAS_LABEL,
                                HAS_MIXUP, HAS_UNIFORM, HAS_Z, HAS_FORWARD, HAS_REVERSE, HARD, TWO_SCALES,
                                HAS_SOFTCAP)
-                _store_gradient(g_ptr + offsets_of(g_row, cols, stride_gc, CONTIGUOUS), g, mask)
+                store_gradient_tile(g_ptr + offsets_of(g_row, cols, stride_gc, CONTIGUOUS), g, mask, True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Tile helpers both Triton kernels share: rows of a flat index, a tile's columns, offsets and
-mask, its logits transformed, class weights, and the online softmax's statistics.
+"""Tile helpers the Triton kernels share: rows of a flat index, a tile's columns, offsets and
+mask, its logits transformed (softcap in rsqrt form), class weights in the tile's shape, gradient
+stores, and the online softmax's statistics.
 
 A tile is BLOCK_R rows by BLOCK_C columns of an (N, C, S) tensor whose classes are dim 1; a flat
 row r is n * S + s. Masked lanes load 0 (and weight 0); statistics mask them to -inf themselves.
@@ -11,26 +12,60 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
-def softcap_of(x, cap):
-    # cap * tanh(x / cap) through exp, which every Triton backend (and the interpreter) has;
-    # saturates to +-cap without overflow trouble: exp(+inf) gives 1 - 0, exp(-inf) gives 1 - 2.
-    return cap * (1.0 - 2.0 / (tl.exp(2.0 * x / cap) + 1.0))
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def transformed_of(x, logit_scale, cap, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr):
-    """softcap(logit_scale * x) in ACC."""
-    x = x.to(ACC) * logit_scale
+def transformed(raw, k, c1, c2, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr):
+    """(t, r): t = x k / logit_scale for x = softcap(logit_scale raw) (k = logit_scale log2(e):
+    log2 units; k = logit_scale: the logits themselves); with a softcap also r = 1 / (e + 1) for
+    e = exp(2 logit_scale raw / cap), so that x / cap = tanh = 1 - 2r and 1 - tanh^2 = 4 r (1 - r).
+    k, c1, c2: the caller's constants (c1 = 2 logit_scale log2(e) / cap, c2 = cap k / logit_scale).
+
+    1 / (e + 1) is rsqrt(e + 1)^2 (two special-function ops, a few ulp) rather than a division
+    (a guarded sequence of eight); e = inf gives r = 0, x = cap; e = 0 gives r = 1, x = -cap."""
+    u = raw.to(ACC)
     if HAS_SOFTCAP:
-        x = softcap_of(x, cap)
-    return x
+        if ACC == tl.float64:
+            r = 1.0 / (tl.exp2(u * c1) + 1.0)
+        else:
+            q = tl.math.rsqrt(tl.exp2(u * c1) + 1.0)
+            r = q * q
+        t = c2 - (2.0 * c2) * r
+    else:
+        r = u
+        t = u * k
+    return t, r
 
 
 @triton.jit
-def logits_of(ptrs, mask, logit_scale, cap, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr):
-    """The transformed logits of a tile; masked lanes read 0."""
-    return transformed_of(tl.load(ptrs, mask=mask, other=0.0), logit_scale, cap, HAS_SOFTCAP, ACC)
+def logits_tile(ptrs, mask, k, c1, c2, MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr):
+    """A tile of logits transformed (t, r of ``transformed``); masked lanes read 0, so t = 0."""
+    if MASKED:
+        raw = tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        raw = tl.load(ptrs)
+    return transformed(raw, k, c1, c2, HAS_SOFTCAP, ACC)
+
+
+@triton.jit
+def store_gradient_tile(ptrs, g, mask, MASKED: tl.constexpr):
+    """A tile of gradient, in the gradient's dtype."""
+    if MASKED:
+        tl.store(ptrs, g.to(ptrs.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ptrs, g.to(ptrs.dtype.element_ty))
+
+
+@triton.jit
+def class_weights_tile(w_ptr, cols, mask, MASKED: tl.constexpr, ACC: tl.constexpr):
+    """The class weights of a tile's columns, in the tile's own shape (R, B): loaded where the
+    logits are, so no exchange of a (1, B) row between threads; 0 on masked lanes."""
+    if MASKED:
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    else:
+        w = tl.load(w_ptr + cols)
+    return w.to(ACC)
 
 
 @triton.jit
@@ -62,16 +97,6 @@ def offsets_of(row_off, cols, stride, CONTIGUOUS: tl.constexpr):
     else:
         off = row_off[:, None] + cols.to(tl.int64)[None, :] * stride
     return off
-
-
-@triton.jit
-def class_weights_of(w_ptr, cols, col_mask, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
-    """(1, B) class weights of the columns, 0 past the last class."""
-    if HAS_WEIGHT:
-        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(ACC)
-    else:
-        w = col_mask.to(ACC)
-    return w[None, :]
 
 
 @triton.jit

@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dtypes", type=_names, default=variants.DTYPES)
     ap.add_argument("--v", type=_ints, default=variants.VS, help="vocabulary sizes")
     ap.add_argument("--features", type=_names, default=(*variants.FEATURES, *variants.SOFT_FEATURES),
-                    help="default: all (the soft entries take their own: kd, probs, symmetric, mixup)")
+                    help="default: all (the soft entries take their own: kd, probs, symmetric, mixup, probs_all)")
     ap.add_argument("--choices", type=_names, default=("fixed", "tuned"))
     ap.add_argument("--ci", action="store_true", help="the small set the test suite compiles (sm_90 only)")
     ap.add_argument("--out", default=RESULTS_DIR, help="directory of the record (default benchmarks/results/)")

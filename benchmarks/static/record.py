@@ -66,7 +66,8 @@ def row(call: variants.Call, arch: int, kid: str, k: dict) -> dict:
         "target": f"sm_{arch}", "entry": call.entry, "dtype": call.dtype, "V": call.V, "features": call.features,
         "choice": call.choice, "rows": variants.rows(call), "kernel": kid, "config": k["config"], **per,
     }
-    weights_bytes = call.V * 4 if variants.FEATURES.get(call.features, {}).get("weight") else 0
+    features = (variants.SOFT_FEATURES if call.entry.startswith("soft") else variants.FEATURES)[call.features]
+    weights_bytes = call.V * 4 if features.get("weight") else 0
     if arch == 90:
         out["gpus"] = {}
         for gpu in model.GPUS:

@@ -24,13 +24,10 @@ import triton
 
 # jit helper -> the role of the global accesses in its body
 ROLES = {
-    "_logits": "logits",  # a tile of the logits (kernels/cross_entropy_triton.py)
-    "logits_of": "logits",  # the same in the soft-target kernel's helpers (kernels/triton_tiles.py)
-    "_store_grad": "gradient",  # a tile of the gradient
-    "_class_weights": "weights",  # a tile of the class weights
-    "class_weights_of": "weights",
+    "logits_tile": "logits",  # a tile of the logits (kernels/triton_tiles.py, both ops' kernels)
+    "store_gradient_tile": "gradient",  # a tile of the gradient
+    "class_weights_tile": "weights",  # a tile of the class weights
     "_target_tile": "target",  # a tile of the target distribution (kernels/soft_cross_entropy_triton.py)
-    "_store_gradient": "gradient",  # the same kernel's gradient tile
 }
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 

@@ -38,7 +38,8 @@ FEATURES = {
 # Losses against a distribution (smoothce::soft_cross_entropy), each with its own features: Hinton
 # distillation (a teacher's logits at T = 2, its KL with T**2 beside a label-smoothed CE on the
 # labels), timm's probability targets (smoothed), torchtune's symmetric KL over the valid tokens,
-# and mixup's two smoothed labels without a target.
+# mixup's two smoothed labels without a target, and probability targets with class weights and a
+# softcap too.
 SOFT_FEATURES = {
     "kd": dict(labels=True, target="logits", soft=dict(target_logit_scale=0.5, soft_logit_scale=0.5,
                                                        soft_scale=2.8, soft_kl=True), form=dict(label_smoothing=0.1,
@@ -46,6 +47,7 @@ SOFT_FEATURES = {
     "probs": dict(target="probs", soft=dict(soft_label_smoothing=0.1)),
     "symmetric": dict(labels=True, target="logits", soft=dict(soft_scale=0.5, reverse_kl=0.5), form=dict(scale=0.0)),
     "mixup": dict(labels=True, mixup=True, form=dict(label_smoothing=0.1)),
+    "probs_all": dict(target="probs", weight=True, soft=dict(soft_label_smoothing=0.1), form=dict(softcap=30.0)),
 }
 ENTRIES = {
     "op": "smoothce::cross_entropy in a training step: its statistics kernel in forward, its gradient "
@@ -139,7 +141,8 @@ def compile_soft(call: Call, target) -> list:
     yb = y if f.get("mixup") else None
     coef, loss_rows = torch.empty(n, COEFFICIENTS, dtype=acc), torch.empty(n, dtype=acc)
     grad = torch.empty_like(x3) if call.grad else None
-    return launch_soft_cross_entropy(x3, t3, y, yb, coef, None, loss_rows, grad, None, terms=terms,
+    weight = torch.ones(call.V, dtype=acc) if f.get("weight") else None
+    return launch_soft_cross_entropy(x3, t3, y, yb, coef, weight, loss_rows, grad, None, terms=terms,
                                      compile_for=target)
 
 
