@@ -30,9 +30,11 @@ from smoothce.kernels.inputs import class_split, dtensor_reason, is_dtensor
 from smoothce.patterns.algebra import (
     ArangeV, ElemV, LabelV, Logits, NotCrossEntropy, Reject, RowV, ScalarV, carries_logits, kind, seeds_of,
 )
+from smoothce.patterns.collectives import hand_written_vocab_parallel
 from smoothce.patterns.interpret import Interpretation
 from smoothce.patterns.nodes import (
-    describe, dtype, fake, location, mutations, reads_metadata_only, reads_shape_only, shape, subclass, target_name, words,
+    describe, dtype, fake, location, mutations, reads_metadata_only, reads_shape_only, shape, subclass,
+    target_name, words,
 )
 from smoothce.patterns.normal_form import Call, Unmixed, normal_form, classes_of
 from smoothce.patterns.ops import SEED_OPS, bind, op_name
@@ -465,4 +467,5 @@ def analyze(gm: torch.fx.GraphModule) -> tuple[list[Plan], list[NearMiss], Inter
             m = NearMiss(m.node, m.location, f"rewritten in part, the rest left as written: {m.reason}")
         if s not in best or rank > best[s][0]:
             best[s] = (rank, m)
-    return plans, [m for _, m in sorted(best.values(), key=lambda t: t[0])], interp
+    ranked = [m for _, m in sorted(best.values(), key=lambda t: t[0])]
+    return plans, ranked + hand_written_vocab_parallel(gm.graph), interp

@@ -160,7 +160,8 @@ def _check(results, V: int, names, gathered: bool):
                 assert all(r[name][k] is None for r in results)
                 continue
             got = results[0][name][k] if gathered else torch.cat([r[name][k] for r in results])
-            torch.testing.assert_close(got.double(), want[k], rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}, {what}: {m}")
+            torch.testing.assert_close(got.double(), want[k], rtol=RTOL, atol=ATOL,
+                                       msg=lambda m: f"{name}, {what}: {m}")
 
 
 def test_process_group_slices(ranks2):

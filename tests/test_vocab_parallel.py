@@ -180,3 +180,54 @@ def test_four_ranks(ranks4):
     names = ["weight-eps", "none", "softcap-logit_scale"]
     _check(ranks4.run(_process_group_cases, names), 12, names, gathered=False)
     _check(ranks4.run(_dtensor_cases, names), 11, names, gathered=True)
+
+
+def megatron_style_loss(local, y, rank: int):
+    """The vocab-parallel loss as Megatron-LM and torchtitan write it, with functional collectives:
+    the row max (detached: a max all_reduce has no backward), the sum of exponentials and the
+    label's logit, each all-reduced over the group; rank r holds classes [r C, (r + 1) C)."""
+    import torch.distributed._functional_collectives as funcol
+
+    group, C = dist.group.WORLD, local.shape[1]
+    m = funcol.all_reduce(local.max(-1).values.detach(), "max", group)
+    x = local - m.unsqueeze(-1)
+    sum_exp = funcol.all_reduce(x.exp().sum(-1), "sum", group)
+    inside = (y >= rank * C) & (y < (rank + 1) * C)
+    x_y = torch.where(inside, x.gather(-1, torch.where(inside, y - rank * C, 0).unsqueeze(-1)).squeeze(-1), 0.0)
+    return (sum_exp.log() - funcol.all_reduce(x_y, "sum", group)).mean()
+
+
+def _megatron_style():
+    """The loss and gradient of megatron_style_loss eager and compiled by smoothce, and what the
+    rewrite reported."""
+    from smoothce.compiler.backend import rewrite_pass
+
+    rank, C = dist.get_rank(), 12 // dist.get_world_size()
+    x, y, _, _ = _inputs(12, {})
+    out = []
+    for backend in (None, "smoothce_aot_eager"):
+        rewrite_pass.clear()
+        local = x[:, rank * C:(rank + 1) * C].clone().requires_grad_()
+        fn = megatron_style_loss if backend is None else torch.compile(megatron_style_loss, backend=backend)
+        loss = fn(local, y, rank)
+        loss.backward()
+        out.append((loss.detach(), local.grad))
+    return out, [m.family for m in rewrite_pass.matches], [m.reason for m in rewrite_pass.near_misses]
+
+
+def test_megatron_style_loss_gets_a_near_miss(ranks2):
+    """Not rewritten: its eager gradient is tp times the loss's own (the functional all_reduce's
+    backward sums the ranks' gradients of the same loss), which the rewrite would not keep; the near
+    miss says so and what to write instead."""
+    want, want_grad = _expected(12, {})
+    results = ranks2.run(_megatron_style)
+    for rank, ((eager, compiled), families, reasons) in enumerate(results):
+        torch.testing.assert_close(eager[0].double(), want, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(eager[1].double(), 2 * want_grad[:, rank * 6:(rank + 1) * 6], rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-7)
+        assert families == [] and len(reasons) == 1, (families, reasons)
+        assert reasons[0].startswith("a cross-entropy over classes split across processes, written with "
+                                     "collectives (the sum of exponentials all-reduced at test_vocab_parallel.py:"), reasons
+        assert "the row max all-reduced at test_vocab_parallel.py:" in reasons[0], reasons
+        assert "in eager PyTorch its gradient is tp times the loss's own" in reasons[0], reasons
+        assert "Write smoothce.cross_entropy(local_logits, labels, process_group=group)" in reasons[0], reasons
