@@ -8,8 +8,12 @@ Every rank holds the hidden states (N, D) and its rows of the head's weight: the
 (N x V / tp per rank). The step is ``F.cross_entropy(logits, labels, label_smoothing=eps)`` and its
 backward (gradients for the hidden states and the head), compiled. Methods:
 
-    smoothce        backend="smoothce": the loss becomes the vocab-parallel op (one all-gather of a
-                    few floats per row, kernels/vocab_parallel.py)
+    smoothce        backend="smoothce": the head and the loss become the fused column-parallel head
+                    (kernels/linear_vocab_parallel.py): no rank's logits beyond a chunk of rows, one
+                    all-gather of a few floats per row, the logits recomputed chunk by chunk in
+                    backward
+    smoothce_logits backend="smoothce" with options={"smoothce.fuse_linear": False}: the head stays
+                    and the loss becomes the vocab-parallel op on its logits (kernels/vocab_parallel.py)
     gathered        Inductor on the same code: DTensor all-gathers the logits (N x V per rank) and
                     computes F.cross_entropy on them
     loss_parallel   Inductor inside PyTorch's loss_parallel() with plain labels (eps 0 only: it
@@ -34,7 +38,7 @@ import statistics
 import sys
 import time
 
-METHODS = ("smoothce", "gathered", "loss_parallel")
+METHODS = ("smoothce", "smoothce_logits", "gathered", "loss_parallel")
 
 
 def _step_fn(method: str, eps: float, mesh, model):
@@ -52,7 +56,11 @@ def _step_fn(method: str, eps: float, mesh, model):
         def loss_fn(h, y):
             return F.cross_entropy(model(h), DTensor.from_local(y, mesh, [Replicate()], run_check=False),
                                    label_smoothing=eps)
-    compiled = torch.compile(loss_fn, backend="smoothce" if method == "smoothce" else "inductor")
+    if method.startswith("smoothce"):
+        compiled = torch.compile(loss_fn, backend="smoothce",
+                                 options={"smoothce.fuse_linear": method == "smoothce"})
+    else:
+        compiled = torch.compile(loss_fn, backend="inductor")
     within = loss_parallel if method == "loss_parallel" else contextlib.nullcontext
 
     def step(h, y):
@@ -214,7 +222,7 @@ def main(argv=None):
                              "rewritten": ranks[0]["rewritten"], "memory_method": ranks[0]["memory_method"]})
                 r = rows[-1]
                 comm = ", ".join(f"{k.split('::')[1]} {v:.0f}" for k, v in sorted(r["sent_bytes_per_row"].items()))
-                print(f"eps {eps:<4} {method:<14} peak {r['peak_mib']:8.1f} MiB  median {r['median_s']:.3f} s  "
+                print(f"eps {eps:<4} {method:<15} peak {r['peak_mib']:8.1f} MiB  median {r['median_s']:.3f} s  "
                       f"loss {r['loss']:.6f}  bytes sent per row: {comm or 'none'}  rewritten: {r['rewritten']}")
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.json:
