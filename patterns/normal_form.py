@@ -397,7 +397,10 @@ def _calls(row: RowV, divisor: Optional[Divisor], V: int, key: Logits, per_row: 
     """The op calls for the terms that share a divisor: one, or two when the z-loss term is
     masked apart from the cross-entropy terms (a mask of padding that is a valid class, next to
     nll_loss's ignore_index -100 that only the label term has): the z term then gets a call of
-    its own on its own rows, and each call is exact."""
+    its own on its own rows, and each call is exact. Two as well when the target leaves out a
+    padding column p but rows labelled p count (the op would weigh their label term by the
+    column's weight 0): the label term with the z and constant terms, and the uniform term with
+    its padding columns, each on its own rows and with the row's divisor; their sum is the row."""
     try:
         return [_call(row, divisor, V, key, per_row)]
     except _ZMaskedApart:
@@ -405,10 +408,41 @@ def _calls(row: RowV, divisor: Optional[Divisor], V: int, key: Logits, per_row: 
         rest = {t: k for t, k in row.terms if t[0] != ("Z",)}
         return [_call(RowV(row.key, tuple(rest.items()), row.seeds), divisor, V, key, per_row),
                 _call(RowV(row.key, tuple(z.items()), row.seeds), divisor, V, key, per_row)]
+    except _PaddingRowsKept as err:
+        label, uniform = _label_apart_from_uniform(row)
+        try:
+            return [_call(label, divisor, V, key, per_row), _call(uniform, divisor, V, key, per_row)]
+        except Reject:
+            raise err from None
+
+
+def _label_apart_from_uniform(row: RowV) -> tuple[RowV, RowV]:
+    """The row's label term (with its share of lse, the z and constant terms) and its uniform term
+    (the sum over classes, the padding columns and the rest of lse), per mask."""
+    label_lse: dict = {}  # conds -> the label term's mass, its share of lse there
+    for (atom, conds), k in row.terms:
+        if atom[0] in ("XG", "WG"):
+            label_lse[conds] = label_lse.get(conds, Q(0)) - k
+    label, uniform = [], []
+    for (atom, conds), k in row.terms:
+        if atom[0] == "LSE":
+            share = label_lse.get(conds, Q(0))
+            label.append(((atom, conds), share))
+            uniform.append(((atom, conds), k - share))
+        elif atom[0] in ("XS", "WS", "XC"):
+            uniform.append(((atom, conds), k))
+        else:  # the label's log-prob, z and constants
+            label.append(((atom, conds), k))
+    return (RowV(row.key, tuple(t for t in label if t[1] != 0), row.seeds),
+            RowV(row.key, tuple(t for t in uniform if t[1] != 0), row.seeds))
 
 
 class _ZMaskedApart(Reject):
     """The z-loss term is masked differently from the cross-entropy terms."""
+
+
+class _PaddingRowsKept(Reject):
+    """The target leaves out a padding column but keeps rows labelled with it."""
 
 
 def _call(row: RowV, divisor: Optional[Divisor], V: int, key: Logits, per_row: bool) -> Call:
@@ -456,7 +490,7 @@ def _call(row: RowV, divisor: Optional[Divisor], V: int, key: Logits, per_row: b
     # the op weighs the label term by w[y] too: a padding column p needs rows with label p dropped
     for p, w in columns:
         if w != 1 and a != 0 and not _drops_label(target, label, m_a, p):
-            raise Reject(f"the target leaves out class {p} but keeps rows whose label is {p}")
+            raise _PaddingRowsKept(f"the target leaves out class {p} but keeps rows whose label is {p}")
     uniform = None if gb is None or ga is None or m_b == m_a else m_b
     if uniform is not None and c:
         raise Reject("a KL divergence whose smoothing term is masked apart from its label term")
@@ -607,6 +641,8 @@ def _attach(call: Call, part: SoftPart, divisor) -> Call:
                      "with padding columns or mixed by lam")
     if call.weight is not part.weight:
         raise Reject("the label terms and the target's term read different class weights")
+    if call.z and call.label is None:  # the op counts a z term on the labels' rows: it has none
+        raise Reject("a z-loss term next to a target given as a tensor, with no label term to count its rows")
     if call.form.softcap is not None and part.form.soft_logit_scale != 1.0:
         raise Reject("a softcap with the logits at two temperatures")
     reduction, after = call.reduction, call.divisor

@@ -205,12 +205,16 @@ def test_a_padding_column_is_a_class_weight_of_zero(g):
     assert call.columns == ((0, 0),) and call.target.ignore == 0
 
 
-def test_a_padding_column_with_its_rows_kept_is_rejected(g):
+def test_a_padding_column_with_its_rows_kept_is_two_calls(g):
+    # rows labelled 0 count: the op would weigh their label term by column 0's weight 0, so the
+    # label term (with the z term) is one call and the smooth term with its padding column another
     lp = log_probs(key(g))
     others = add(scale(elem_class_sum(lp, V), Q(-1)), elem_column(lp, 0))
-    row = add(scale(elem_gather(lp, lab(g)), Q(-1)), scale(others, Q(1, 100)))
-    with pytest.raises(Reject, match="leaves out class 0 but keeps rows whose label is 0"):
-        normal_form(row)
+    row = add(add(scale(elem_gather(lp, lab(g)), Q(-1)), scale(others, Q(1, 100))),
+              RowV.make(key(g), {("Z",): Q(1, 10000)}))
+    _, (label, smooth) = normal_form(row)
+    assert (label.a, label.b, label.z, label.columns, label.target.ignore) == (1, 0, Q(1, 10000), (), None)
+    assert (smooth.a, smooth.b, smooth.z, smooth.columns) == (0, Q(1, 100), 0, ((0, 0),))
 
 
 def test_lse_that_is_not_the_target_mass_is_not_log_probs(g):

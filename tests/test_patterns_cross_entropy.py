@@ -493,9 +493,10 @@ def test_softcap():
     assert not any(op_name(n) == "tanh" for n in rec.gm.graph.nodes)
 
 
-def test_z_loss_beside_a_padding_column_is_rewritten_in_part():
-    # eps over every class but the padding column 0, rows labelled 0 kept: the label and smooth
-    # terms become two calls, and the z term of their rows stays as written beside them
+def test_z_loss_beside_a_padding_column_is_two_calls():
+    # eps over every class but the padding column 0, rows labelled 0 kept: the label term with the
+    # z term of its rows is one call, the smooth term with its padding column another, and
+    # nothing of the row stays beside them
     def fn(x, y):
         lp = F.log_softmax(x, -1)
         nll = -lp.gather(-1, y[:, None]).squeeze(-1)
@@ -503,10 +504,27 @@ def test_z_loss_beside_a_padding_column_is_rewritten_in_part():
         row = (1 - EPS) * nll + EPS / (V - 1) * smooth + 1e-4 * torch.logsumexp(x, -1) ** 2
         return row.mean()
 
-    rec = check(fn, logits(N, V), labels(N), kept={"logsumexp"}, matches=2)
-    line = inspect.getsourcelines(fn)[1] + 5  # the loss the two calls are part of
-    assert [(m.location, m.reason) for m in rec.result.near_misses] == [(f"{FILE}:{line}", (
-        "rewritten in part, the rest left as written: the target leaves out class 0 but keeps rows whose label is 0"))]
+    y = labels(N)
+    y[1] = 0  # a row labelled with the padding class
+    rec = check(fn, logits(N, V), y, calls=2)
+    (m,) = rec.result.matches
+    assert (m.params["calls"], m.params["z_loss"], rec.result.near_misses) == (2, 1e-4, [])
+
+
+def test_padding_column_rows_kept_under_a_weight_mask():
+    # one weight mask (given as data, not made from the labels) over label term, smooth term with
+    # its padding column and z term: rows labelled 0 keep their weight
+    def fn(x, y, m):
+        lp = F.log_softmax(x, -1)
+        nll = -lp.gather(1, y[:, None]).squeeze(1)
+        smooth = -lp.sum(-1) + lp[:, 0]
+        row = (1 - EPS - EPS / (V - 2)) * nll + EPS / (V - 2) * smooth + 1e-4 * torch.logsumexp(x, -1) ** 2
+        return (row * m).sum() / m.sum()
+
+    y = labels(N)
+    y[1] = y[3] = 0
+    rec = check(fn, logits(N, V), y, torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, 1.0]), calls=2)
+    assert rec.result.near_misses == []
 
 
 # ------------------------------------------------------------------------------------------------

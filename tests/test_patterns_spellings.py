@@ -22,10 +22,11 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch._dynamo.backends.debugging import aot_eager
 
 import spellings
-from rewrite_check import fused_calls
+from rewrite_check import N, V, check, fused_calls, logits
 from smoothce.patterns.cross_entropy import rewrite_cross_entropy
 from smoothce.patterns.ops import op_name
 
@@ -144,28 +145,22 @@ def test_spelling(draw):
     check_spelling(s, draw, describe(draw, s))
 
 
-def partial_rewrite(reason, **axes):
-    """A spelling ``draw`` never makes (it moves one axis away, quoting the detector): the detector
-    rewrites its cross-entropy terms and leaves the rest beside the op."""
-    s = dataclasses.replace(PARTIAL_BASE, **axes)
-    return pytest.param(s, marks=pytest.mark.xfail(raises=LeftInTheGraph, strict=True, reason=reason),
-                        id="-".join(f"{k}={v}" for k, v in axes.items()))
-
-
 # masked_fill over a flat batch, with a z-loss: what each case below changes
-PARTIAL_BASE = spellings.Spelling(logprobs="F", nll="gather", uniform="sum", convention="all", eps=0.1,
-                                  mask="masked_fill", labels="clamp", reduction="mean", order="rows", dtype="float32",
-                                  layout="flat", extra="z_loss", target="product", transpose="none",
-                                  shapes="static", select="after")
-Z_BESIDE_TWO_CALLS = ("the label and smooth terms of a padding column become two calls: the z term of their row "
-                      "stays in the graph")
+BASE = spellings.Spelling(logprobs="F", nll="gather", uniform="sum", convention="all", eps=0.1, mask="masked_fill",
+                          labels="clamp", reduction="mean", order="rows", dtype="float32", layout="flat",
+                          extra="z_loss", target="product", transpose="none", shapes="static", select="after")
 
 
-@pytest.mark.parametrize("s", [
-    partial_rewrite(Z_BESIDE_TWO_CALLS, convention="pad", mask="none"),
-    partial_rewrite(Z_BESIDE_TWO_CALLS, convention="pad", mask="boolean", reduction="token"),
-])
-def test_known_partial_rewrite(s):
+@pytest.mark.parametrize("axes", [
+    dict(convention="pad", mask="none"),
+    dict(convention="pad", mask="boolean", reduction="token"),
+], ids=lambda axes: "-".join(f"{k}={v}" for k, v in axes.items()))
+def test_padding_column_with_its_rows_kept_and_a_z_term(axes):
+    """Rows labelled with the padding class count (no mask, or one after the graph break): the
+    label term (with the z term of the row) and the smooth term with its padding column are two
+    calls, and nothing of the row stays beside them."""
+    s = dataclasses.replace(BASE, **axes)
+    assert s.calls == 2
     check_spelling(s, 0, f"{s}\n{s.source()}")
 
 
@@ -179,7 +174,7 @@ def test_known_partial_rewrite(s):
 def test_z_term_on_rows_the_label_term_drops(axes):
     """The z term counts on rows the label term drops (labels matching no class, or rows nll_loss
     ignores before any mask): it gets an op call of its own, and nothing stays in the graph."""
-    s = dataclasses.replace(PARTIAL_BASE, **axes)
+    s = dataclasses.replace(BASE, **axes)
     assert s.z_apart
     check_spelling(s, 0, f"{s}\n{s.source()}")
 
@@ -189,3 +184,17 @@ def test_every_value_of_every_axis_is_drawn(axis):
     """The CI draws alone may miss a value; a few hundred draws (no compiling) cover them all."""
     seen = {getattr(spellings.draw(random.Random(i)), axis) for i in range(400)}
     assert seen == set(spellings.AXES[axis])
+
+
+def test_z_term_next_to_a_target_given_as_data():
+    """The op counts a z term on the rows of its labels: next to a target given as a tensor alone it
+    is left beside the op, and a near miss says so (the op once dropped it)."""
+    def fn(x, t):
+        lp = F.log_softmax(x, -1)
+        return (-(t * lp).sum(-1) + 1e-4 * torch.logsumexp(x, dim=-1) ** 2).mean()
+
+    t = torch.softmax(logits(N, V, seed=3), -1)
+    rec = check(fn, logits(N, V), t, kept={"logsumexp"})
+    assert [m.reason for m in rec.result.near_misses] == [
+        "rewritten in part, the rest left as written: a z-loss term next to a target given as a tensor, with no label "
+        "term to count its rows"]
