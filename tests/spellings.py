@@ -26,9 +26,15 @@ bfloat16 logits to float64 (the reference).
     shapes       static | B and T dynamic (torch._dynamo.maybe_mark_dynamic)
     select       boolean indexing (mask) of the per-row loss | of the logits and the labels first
                  (x[keep]) | of the log-probs and the labels (log_softmax(x)[keep])
+    kept         the one-hot target built in the loss | a table of one-hots (or of one-hots scaled
+                 by the label term's coefficient) in a module buffer filled in __init__, indexed
+                 by the labels | built before a graph break (a host count, .item()), used after it
+    reads        the labels read once | the label term read a second time, the same labels through
+                 take_along_dim or nll_loss, half of it each way
 
-The last four axes came later: they are drawn after the others, so the values a seed draws on
-the first twelve axes stay what they were.
+The axes after the twelfth came later: they are drawn after the others, so the values a seed
+draws on the earlier axes stay what they were (and the source of a draw whose later axes are at
+their first value is the source it had before they came).
 """
 
 from __future__ import annotations
@@ -54,6 +60,8 @@ AXES = {
     "transpose": ["none", "classes_last"],
     "shapes": ["static", "dynamic"],
     "select": ["after", "logits", "log_probs"],
+    "kept": ["inline", "buffer", "graph_break"],
+    "reads": ["one", "take_along_dim", "nll_loss"],
 }
 
 N, B, T, V = 6, 2, 3, 11  # V odd: eps / V, eps / (V - 1) and eps / (V - 2) differ visibly
@@ -78,6 +86,8 @@ class Spelling:
     transpose: str
     shapes: str
     select: str
+    kept: str = "inline"
+    reads: str = "one"
 
     # -- what the draw needs ------------------------------------------------------------------
 
@@ -112,6 +122,12 @@ class Spelling:
     def target_carries_a(self) -> bool:
         """The label target is scaled by the label term's coefficient in place."""
         return self.target in ("mul_", "imul")
+
+    @property
+    def later(self) -> bool:
+        """A value off the first on an axis the call count (``calls``) does not model: the target
+        kept in a buffer or across a graph break, the labels read twice."""
+        return self.kept != "inline" or self.reads != "one"
 
     @property
     def calls(self) -> int:
@@ -165,6 +181,7 @@ class Spelling:
         lines = ["def loss_fn(x, y, w):"]
         add = lines.append
         cd = self.class_dim
+        lcd = -1 if self.transpose == "classes_last" else cd  # where lp has its classes
         if self.layout == "flattened":
             add(f"    x = x.view(-1, {V})")
             add("    y = y.view(-1)")
@@ -172,6 +189,14 @@ class Spelling:
             add(f"    keep = y != {self.ignored}")
             x = "x.transpose(1, 2)" if self.layout == "cd1" else "x"  # rows of (B, T, V) logits
             add(f"    x, y = {x}[keep], y[keep]  # the kept rows, one flat batch")
+        nll = self._nll(lcd)
+        if self.kept == "graph_break":  # the target first, then a count on the host, then the loss
+            if self.mask != "none":
+                add(f"    keep = y != {self.ignored}")
+            add(f"    y_ = {self._safe_labels()}")
+            lines += nll[:-1]
+            add("    rows = (y_ >= 0).sum().item()  # a count on the host (logged): Dynamo breaks the graph here")
+            nll = nll[-1:]
         if self.dtype == "bfloat16":
             add("    x = " + {"float32": "x.float()", "float64": "x.double()"}[upcast])
         if self.extra == "softcap":
@@ -181,13 +206,15 @@ class Spelling:
         add(f"    lp = {self._logprobs(cd, upcast)}")
         if self.transpose == "classes_last":
             add("    lp = lp.transpose(1, 2)  # (B, T, V)")
-        lcd = -1 if self.transpose == "classes_last" else cd  # where lp has its classes
-        if self.mask != "none" and self.select != "logits":
-            add(f"    keep = y != {self.ignored}")
-        if self.select == "log_probs":
-            add("    lp, y = lp[keep], y[keep]  # the kept rows, one flat batch")
-        add(f"    y_ = {self._safe_labels()}")
-        lines += self._nll(lcd)
+        if self.kept != "graph_break":
+            if self.mask != "none" and self.select != "logits":
+                add(f"    keep = y != {self.ignored}")
+            if self.select == "log_probs":
+                add("    lp, y = lp[keep], y[keep]  # the kept rows, one flat batch")
+            add(f"    y_ = {self._safe_labels()}")
+        lines += nll
+        if self.reads != "one":
+            lines += self._second_read(lcd)
         if self.extra == "weight" and not self.nll.startswith("nll_"):  # nll_loss takes weight= itself
             add("    nll = nll * w[y_]")
         add(f"    smooth = {self._uniform(lcd)}")
@@ -219,7 +246,51 @@ class Spelling:
                 parts.append(f"{coef} * {name}_r")
             add("    loss = " + " + ".join(parts))
         add("    return loss")
+        if self.kept == "buffer":
+            lines = self._module(lines, upcast)
         return "\n".join(lines) + "\n"
+
+    def _module(self, lines: list[str], upcast: str) -> list[str]:
+        """The loss as the forward of a module whose buffer holds a one-hot per class, built in
+        __init__ the way the drawn label term builds its one-hot (scaled there, in place, where
+        the target carries the label term's coefficient)."""
+        classes = f"torch.arange({V})"
+        table = {
+            "one_hot": f"F.one_hot({classes}, {V}).to(torch.{upcast})",
+            "scatter": f"torch.zeros({V}, {V}, dtype=torch.{upcast}).scatter_(1, {classes}[:, None], 1.0)",
+            "arange": f"({classes}[:, None] == {classes}).to(torch.{upcast})",
+        }[self.nll]
+        init = ["class Loss(torch.nn.Module):", "    def __init__(self):", "        super().__init__()",
+                f"        table = {table}  # row c: the target of label c"]
+        if self.target_carries_a:
+            a, _ = self._coefficients()
+            init.append(f"        table.mul_({a})" if self.target == "mul_" else f"        table *= {a}")
+        init += ['        self.register_buffer("table", table)', "",
+                 "    def forward(self, x, y, w):"]
+        return init + ["    " + line for line in lines[1:]] + ["", "", "loss_fn = Loss()"]
+
+    def _second_read(self, cd) -> list[str]:
+        """Half the label term read again from the same labels, through take_along_dim or nll_loss."""
+        unsq = "[..., None]" if cd == -1 else "[:, None]"
+        if self.reads == "take_along_dim":
+            again = f"-lp.take_along_dim(y_{unsq}, {cd}).squeeze({cd})"
+            if self.nll == "nll_none" and self.extra == "weight":  # nll_loss weighted its own half
+                again += " * w[y_]"
+        else:
+            again = self._nll_loss("y_", "none")
+        return [f"    nll = 0.5 * nll + 0.5 * {again}"]
+
+    def _nll_loss(self, y: str, reduction: str) -> str:
+        """F.nll_loss of the log-probs and labels ``y``, as the layout they are read in needs."""
+        w = ", weight=w" if self.extra == "weight" and y == "y" else ""
+        flat = "view" if self.transpose == "none" else "reshape"  # transposed log-probs are no view
+        bt = self.lp_layout == "bt"
+        lp = f"lp.{flat}(-1, {V})" if bt else "lp"
+        y = f"{y}.view(-1)" if bt else y
+        out = f"F.nll_loss({lp}, {y}, ignore_index={self.ignored}, reduction='{reduction}'{w})"
+        if reduction == "none" and bt:
+            out += f".view({B}, {T})"
+        return out
 
     def _coefficients(self) -> tuple[str, str]:
         """(a, b) multiplying the per-row nll and the per-row (smooth) term, as written."""
@@ -242,7 +313,8 @@ class Spelling:
         }[self.logprobs]
 
     def _safe_labels(self) -> str:
-        reads = self.nll not in ("nll_none", "nll_sum", "nll_mean", "arange") or self.extra == "weight"
+        reads = (self.nll not in ("nll_none", "nll_sum", "nll_mean", "arange") or self.extra == "weight"
+                 or self.kept == "buffer" or self.reads != "one")  # table[y], take_along_dim(y) read every label
         if self.mask == "none" or self.selected_before or self.ignored >= 0 or not reads:
             return "y"
         return {"clamp": "y.clamp(min=0)", "where": "torch.where(keep, y, 0)",
@@ -250,23 +322,13 @@ class Spelling:
 
     def _nll(self, cd) -> list[str]:
         """The lines that compute the per-row label term ``nll`` (lp has its classes at cd)."""
-        ign = self.ignored
-        w = ", weight=w" if self.extra == "weight" else ""
-        layout = self.lp_layout
         if self.nll.startswith("nll_"):
-            reduction = self.nll[4:]
-            flat = "view" if self.transpose == "none" else "reshape"  # transposed log-probs are no view
-            lp = "lp" if layout != "bt" else f"lp.{flat}(-1, {V})"
-            y = "y" if layout != "bt" else "y.view(-1)"
-            out = f"F.nll_loss({lp}, {y}, ignore_index={ign}, reduction='{reduction}'{w})"
-            if reduction == "none" and layout == "bt":
-                out += f".view({B}, {T})"
-            return [f"    nll = {out}"]
+            return [f"    nll = {self._nll_loss('y', self.nll[4:])}"]
         unsq = "[..., None]" if cd == -1 else "[:, None]"
         index = {  # the label's entry of each row: torch.arange at every dim but the classes'
             "cd1": f"lp[torch.arange({B})[:, None], y_, torch.arange({T})]",
             "bt": f"lp[torch.arange({B})[:, None], torch.arange({T}), y_]",
-        }.get(layout, "lp[torch.arange(lp.shape[0]), y_]")
+        }.get(self.lp_layout, "lp[torch.arange(lp.shape[0]), y_]")
         if self.nll in ("gather", "index"):
             return [f"    nll = -lp.gather({cd}, y_{unsq}).squeeze({cd})" if self.nll == "gather" else f"    nll = -{index}"]
         classes = f"torch.arange({V})" if cd == -1 else f"torch.arange({V})[:, None]"
@@ -275,15 +337,19 @@ class Spelling:
             "scatter": f"torch.zeros_like(lp).scatter_({cd}, y_{unsq}, 1.0)",
             "arange": f"({classes} == y_{unsq}).float()",
         }[self.nll]
-        if self.target == "product":
+        if self.kept == "buffer":  # the module's table, one row per label (its classes last)
+            target = "self.table[y_]" if cd == -1 else "self.table[y_].movedim(-1, 1)"
+        if self.target == "product" and self.kept == "inline":
             return [f"    nll = -({target} * lp).sum({cd})"]
         lines = [f"    t = {target}"]
         a, _ = self._coefficients()
-        if self.target == "mul_":
+        if self.kept == "buffer" and self.target_carries_a:
+            pass  # scaled in __init__
+        elif self.target == "mul_":
             lines.append(f"    t.mul_({a})")
         elif self.target == "imul":
             lines.append(f"    t *= {a}")
-        else:  # the masked rows' target cleared against a 0-dim tensor
+        elif self.target == "where_0dim":  # the masked rows' target cleared against a 0-dim tensor
             lines.append(f"    t = torch.where(keep{unsq}, t, torch.tensor(0.0))")
         return lines + [f"    nll = -(t * lp).sum({cd})"]
 
@@ -361,10 +427,6 @@ def draw(rng: random.Random) -> Spelling:
         # a padding column is a class weight of the smooth term alone: "weighted and unweighted
         # log-prob terms are mixed" (left alone on purpose)
         c["extra"] = "none"
-    if c["convention"] == "pad" and c["extra"] == "z_loss" and c["mask"] in ("none", "boolean") and c["order"] == "rows":
-        # the label term and the smooth term become two calls (Spelling.calls): the detector
-        # leaves the z term of their row in the graph, logsumexp and all (a near miss says so)
-        c["mask"] = "masked_fill"
     if c["mask"] != "boolean":
         c["select"] = "after"  # rows are selected only by boolean indexing
     if c["select"] != "after" and c["extra"] == "z_loss":
@@ -384,6 +446,23 @@ def draw(rng: random.Random) -> Spelling:
             c["mask"] == "none" or c["select"] != "after"):
         # no target tensor (gather, index, nll_loss), or no masked row left to clear
         c["target"] = "product"
+    # -- the later axes move themselves only ------------------------------------------------------
+    if c["nll"] not in ("one_hot", "scatter", "arange"):
+        c["kept"] = "inline"  # no one-hot to keep
+    if c["kept"] == "graph_break" and (c["nll"] == "scatter" or c["select"] != "after"):
+        # zeros_like(lp).scatter_ needs the log-probs, lp[keep] reselects the labels after the break
+        c["kept"] = "buffer" if c["nll"] == "scatter" else "inline"
+    if c["layout"] == "cd1":
+        # a target given as data against (B, V, T) logits: "the rewrite raised ValueError
+        # (smoothce: target shape (2, 3, 11) must equal the logits' shape (2, 11, 3))"
+        c["kept"] = "inline"
+    if c["nll"] in ("nll_sum", "nll_mean") or c["nll"] == "nll_none" and c["reads"] == "nll_loss":
+        # a reduced nll_loss has no per-row term to halve; nll_loss read twice is one way
+        c["reads"] = "one" if c["nll"] != "nll_none" else "take_along_dim"
+    if c["reads"] == "take_along_dim" and c["select"] != "after":
+        # take_along_dim of rows selected by a boolean mask: Dynamo breaks the graph there, and
+        # the log-probs are "also returned from the graph"
+        c["reads"] = "nll_loss" if c["nll"] != "nll_none" else "one"
     return Spelling(**c)
 
 

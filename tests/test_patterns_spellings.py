@@ -11,6 +11,11 @@ its reference is the same program upcasting to float64 instead, on the same bflo
 bfloat16 run is held to float64 (its loss as closely as float32 math allows, its bfloat16 gradient
 within bfloat16 rounding), not to a float32 reference.
 
+A draw with a target kept in a module buffer or across a graph break, or with its labels read two
+ways (``Spelling.later``), has no modelled call count: it must equal eager all the same, take
+at most two calls more than its inline spelling, and say in a near miss (``NEAR_MISSES``) what
+it leaves beside the op.
+
 CI runs a fixed number of draws. ``SMOOTHCE_SPELLINGS=N`` draws N (e.g. 2000), and
 ``SMOOTHCE_SPELLINGS_SEED=S`` starts at draw S; a failure names its draw, the command that reruns
 it alone, and prints its program.
@@ -19,6 +24,7 @@ it alone, and prints its program.
 import dataclasses
 import os
 import random
+import re
 
 import pytest
 import torch
@@ -95,6 +101,20 @@ def describe(draw: int, s: spellings.Spelling) -> str:
     return text
 
 
+# The near misses a draw may give, each in the user's words: a failure of the rewrite itself, or a
+# reason no draw should meet, fails the draw
+NEAR_MISSES = [
+    r"^rewritten in part, the rest left as written: the target leaves out class 0 but keeps rows whose label is 0$",
+    # the labels read two ways (gather or nll_loss next to take_along_dim or advanced indexing)
+    r"^rewritten in part, the rest left as written: the loss reads the labels .* in 2 ways \(",
+    r"^rewritten in part, the rest left as written: the label terms are masked in 2 different ways$",
+    # a target kept in a buffer or passed across a graph break is a target given as data
+    r"^rewritten in part, the rest left as written: a term against a target given as a tensor next to label terms "
+    r"masked apart",
+    r"^rewritten in part, the rest left as written: a z-loss term next to a target given as a tensor",
+]
+
+
 class LeftInTheGraph(AssertionError):
     """Part of the loss (a log-prob op, or what built the target) is still computed beside the op,
     and a near miss says so."""
@@ -117,7 +137,10 @@ def check_spelling(s: spellings.Spelling, seed: int, context: str):
         misses = [n for r in rec.results for n in r.near_misses]
         assert matches, f"not rewritten: {misses}\n{context}"
         calls = sum(fused_calls(gm) for gm in rec.graphs)
-        assert calls == s.calls, f"{calls} op calls, expected {s.calls}\n{context}"
+        if s.later:  # a call per way the labels are read, the target's apart from the label terms
+            assert 1 <= calls <= s.calls + 2, f"{calls} op calls, expected 1 to {s.calls + 2}\n{context}"
+        else:
+            assert calls == s.calls, f"{calls} op calls, expected {s.calls}\n{context}"
         # the loss as the user's code returned it: same dtype, eager's value
         with torch.no_grad():
             eager = fn(x, y, w)
@@ -133,9 +156,17 @@ def check_spelling(s: spellings.Spelling, seed: int, context: str):
                 else dict(rtol=1e-4, atol=1e-6)
             torch.testing.assert_close(gx.double(), gref, **tol, msg=lambda m: f"{m}\n{context}")
         ops, targets = rec.left()
-        # what the detector leaves beside the op, and only that, it says it left
+        if s.kept == "graph_break":
+            targets = []  # built before the break: the graph of the loss gets it as data
+        # what the detector leaves beside the op, and only that, it says it left (or, where the
+        # labels are read two ways, that the calls are one per way)
         partial = [n for n in misses if n.reason.startswith("rewritten in part")]
-        assert bool(partial) == bool(ops or targets), f"left: {ops or ''} {targets or ''}, near misses: {misses}\n{context}"
+        unexpected = [n.reason for n in misses if not any(re.search(w, n.reason) for w in NEAR_MISSES)]
+        assert not unexpected, f"near misses: {unexpected}\n{context}"
+        assert bool(partial) == bool(ops or targets) or s.later and partial, \
+            f"left: {ops or ''} {targets or ''}, near misses: {misses}\n{context}"
+        if s.later and s.extra == "z_loss" and partial and ops <= {"logsumexp"} and not targets:
+            return  # the z term left beside the op, and a near miss that says why
         if ops or targets:
             raise LeftInTheGraph(f"left in the graph: {ops or ''} {targets or ''} (near misses: {misses})\n{context}")
 
@@ -184,6 +215,31 @@ def test_every_value_of_every_axis_is_drawn(axis):
     """The CI draws alone may miss a value; a few hundred draws (no compiling) cover them all."""
     seen = {getattr(spellings.draw(random.Random(i)), axis) for i in range(400)}
     assert seen == set(spellings.AXES[axis])
+
+
+def _draws_with(axis: str, value, count: int) -> list[int]:
+    """The first ``count`` draws with ``value`` on ``axis`` (the CI's few draws may have none)."""
+    found = (i for i in range(10_000) if getattr(spellings.draw(random.Random(i)), axis) == value)
+    return [next(found) for _ in range(count)]
+
+
+@pytest.mark.parametrize("seed", _draws_with("kept", "buffer", 3) + _draws_with("kept", "graph_break", 3))
+def test_target_kept_in_a_buffer_or_across_a_graph_break(seed):
+    """A one-hot table in a module buffer, or a target built before a graph break, reaches the loss as
+    data: a target given as a tensor, rewritten as one, equal to eager."""
+    s = spellings.draw(random.Random(seed))
+    check_spelling(s, seed, describe(seed, s))
+
+
+@pytest.mark.xfail(raises=AssertionError, strict=True,
+                   reason="a target given as data against (B, V, T) logits: the rewrite raises (target shape (2, 3, 11) "
+                          "must equal the logits' shape (2, 11, 3)) and the loss is left as written")
+@pytest.mark.parametrize("kept", ["buffer", "graph_break"])
+def test_target_given_as_data_against_classes_at_dim_1(kept):
+    # (B, V, T) logits, their log-probs transposed to (B, T, V) and a (B, T, V) target
+    s = dataclasses.replace(BASE, nll="one_hot", layout="cd1", extra="none", transpose="classes_last",
+                            kept=kept)
+    check_spelling(s, 0, f"{s}\n{s.source()}")
 
 
 def test_z_term_next_to_a_target_given_as_data():
