@@ -3,6 +3,7 @@
 Shapes are tiny (N=6 rows, V=11 classes: odd, so eps/V and eps/(V-1) differ visibly).
 """
 
+import os
 import re
 
 import pytest
@@ -196,3 +197,12 @@ def assert_equals_eager_in_float64(compiled, fn, *inputs):
     torch.testing.assert_close(out.double(), ref.double(), **tolerance(out.dtype, ref.abs().item()))
     torch.testing.assert_close(x.grad.double(), xr.grad, **tolerance(x.dtype, xr.grad.abs().max().item()))
     return out
+
+
+def parametrize_draws(metafunc, env: str, ci_draws: int):
+    """A generator test's ``draw`` parameter: the CI's ``ci_draws`` draws, or ``$env`` of them
+    from ``${env}_SEED`` (a failure names the command that reruns it alone)."""
+    if "draw" in metafunc.fixturenames:
+        n = int(os.environ.get(env, ci_draws))
+        start = int(os.environ.get(f"{env}_SEED", 0))
+        metafunc.parametrize("draw", range(start, start + n))

@@ -22,7 +22,6 @@ it alone, and prints its program.
 """
 
 import dataclasses
-import os
 import random
 import re
 
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from torch._dynamo.backends.debugging import aot_eager
 
 import spellings
-from rewrite_check import N, V, check, fused_calls, logits
+from rewrite_check import N, V, check, fused_calls, logits, parametrize_draws
 from smoothce.patterns.cross_entropy import rewrite_cross_entropy
 from smoothce.patterns.ops import op_name
 
@@ -43,10 +42,7 @@ BF16_ROUNDING = torch.finfo(torch.bfloat16).eps / 2
 
 
 def pytest_generate_tests(metafunc):
-    if "draw" in metafunc.fixturenames:
-        n = int(os.environ.get("SMOOTHCE_SPELLINGS", CI_DRAWS))
-        start = int(os.environ.get("SMOOTHCE_SPELLINGS_SEED", 0))
-        metafunc.parametrize("draw", range(start, start + n))
+    parametrize_draws(metafunc, "SMOOTHCE_SPELLINGS", CI_DRAWS)
 
 
 def builds_target(n) -> bool:
