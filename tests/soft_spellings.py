@@ -62,9 +62,11 @@ class Spelling:
         if self.divergence == "kl_by_hand" and self.target != "teacher":
             # p.log() of a target given as data: "log at ... and log-probs are added"
             return "log at "
-        if self.target == "mixup_target" and (self.divergence == "kl_div" or self.labels == "beside"):
+        if self.target == "mixup_target" and (self.divergence == "kl_div"
+                                              or self.labels == "beside" and self.layout != "bt"):
             # timm's target is two one-hots: the op reads one label tensor (or a mixup of label
-            # cross-entropies), and a KL against it has their entropy too
+            # cross-entropies), and a KL against it has their entropy too. (A (B, T, V) target
+            # next to the labels' cross-entropy of x.view(-1, V) is read as data: two calls.)
             return ("rewritten in part, the rest left as written: " if self.labels == "beside" and not self.kl
                     else "") + "the loss reads two label tensors"
         if self.divergence == "kl_div" and self.reduction == "rows_mean":
