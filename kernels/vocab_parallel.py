@@ -137,7 +137,8 @@ def with_weight_sum(rows, weight, smoothing: bool):
 
 def partials_shape(rows: int, has_weight: bool, smoothing: bool) -> tuple[int, int]:
     """The shape of the partials of ``rows`` rows (the fakes' rule)."""
-    return rows + (has_weight and smoothing), 2 + smoothing + has_weight
+    # ints, not bools: torch 2.11's symbolic shapes cannot add a bool to a dynamic size
+    return rows + int(has_weight and smoothing), 2 + int(smoothing) + int(has_weight)
 
 
 @torch.library.custom_op("smoothce::shard_partials", mutates_args=())
